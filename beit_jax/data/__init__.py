@@ -1,0 +1,1 @@
+"""Input: image sources, host-side augmentation and the Grain pipeline."""

@@ -1,0 +1,1 @@
+"""Flax Linen models: the dVAE tokenizer (and, later, the BEiT ViT)."""

@@ -1,0 +1,1 @@
+"""Jobs selected by `config.task` in `beit_jax.main`."""

@@ -1,0 +1,1 @@
+"""Trainer machinery shared by every task: mesh, optimizer, checkpoints, metrics, loop."""
