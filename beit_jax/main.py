@@ -1,0 +1,58 @@
+r"""Entry point: `python -m beit_jax.main --config=configs/FILE.py[:ARGS] --workdir=DIR`.
+
+The config's `task` field picks the job:
+  dvae      train a Gumbel-softmax dVAE visual tokenizer (beit_jax/tasks/dvae.py)
+
+Any config value can be overridden: `--config.total_steps=100 --config.data.source=folder`.
+A key that does not exist, or a value of the wrong type, stops the run before anything
+starts; values are checked by the task before anything is compiled or written.
+"""
+
+from __future__ import annotations
+
+import importlib
+import os
+
+from absl import app, flags, logging
+from ml_collections import config_flags
+
+TASKS = {
+    "dvae": "beit_jax.tasks.dvae",
+}
+
+_CONFIG = config_flags.DEFINE_config_file(
+    "config", None, "Path to a config file in configs/ (optionally FILE.py:ARGS).",
+    lock_config=True)
+_WORKDIR = flags.DEFINE_string(
+    "workdir", None, "Directory for checkpoints, metrics and exports "
+    "(default: runs/<config file name>). Re-running in the same workdir resumes.")
+flags.mark_flag_as_required("config")
+
+
+def default_workdir(config_path: str) -> str:
+  name = os.path.splitext(os.path.basename(config_path.split(":")[0]))[0]
+  return os.path.join("runs", name)
+
+
+def run_task(config, workdir: str) -> None:
+  """Dispatches to `train_and_evaluate(config, workdir)` of the task's module."""
+  task = config.get("task")
+  if task not in TASKS:
+    raise ValueError(f"config.task={task!r} is not a known task; choose one of {sorted(TASKS)}.")
+  importlib.import_module(TASKS[task]).train_and_evaluate(config, workdir)
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  import jax  # pylint: disable=g-import-not-at-top
+  workdir = _WORKDIR.value or default_workdir(
+      config_flags.get_config_filename(flags.FLAGS["config"]))
+  logging.info("JAX %s | process %d/%d | %d devices (%s) | workdir %s", jax.__version__,
+               jax.process_index(), jax.process_count(), jax.device_count(),
+               jax.devices()[0].platform, workdir)
+  run_task(_CONFIG.value, workdir)
+
+
+if __name__ == "__main__":
+  app.run(main)

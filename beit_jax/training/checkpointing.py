@@ -1,0 +1,104 @@
+"""Orbax checkpointing, written once for every task.
+
+* `Checkpointer`: the train state and the Grain iterator state saved together under
+  `workdir/checkpoints/<step>/{state,data}` (async, keep N), restored into the current
+  mesh's shardings whatever mesh wrote them.
+* `export_params` / `load_params`: a params-only Orbax checkpoint plus a `metadata.json`
+  (model config and provenance) — the hand-off between stages (tokenizer -> MIM ->
+  fine-tuning) and the format users move weights in.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any
+
+import grain
+import jax
+import orbax.checkpoint as ocp
+from etils import epath
+
+METADATA_FILE = "metadata.json"
+PARAMS_DIR = "params"
+
+
+def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
+  """ShapeDtypeStructs carrying the target shardings (restore targets)."""
+  return jax.tree.map(
+      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+
+
+class Checkpointer:
+  """Train state + data iterator under one Orbax `CheckpointManager`."""
+
+  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
+               save_interval_steps: int = 1000, async_save: bool = True):
+    self.directory = epath.Path(directory).absolute()
+    self._manager = ocp.CheckpointManager(
+        self.directory,
+        item_names=("state", "data"),
+        options=ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep,
+            save_interval_steps=save_interval_steps,
+            enable_async_checkpointing=async_save,
+            create=True))
+
+  def latest_step(self) -> int | None:
+    return self._manager.latest_step()
+
+  def all_steps(self) -> list[int]:
+    return list(self._manager.all_steps())
+
+  def save(self, step: int, state: Any, data_iter: Any = None, *, force: bool = False) -> bool:
+    """Saves if the interval policy (or `force`) says so; returns whether it saved."""
+    items = {"state": ocp.args.StandardSave(state)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointSave(data_iter)
+    return self._manager.save(step, args=ocp.args.Composite(**items), force=force)
+
+  def restore(self, step: int, target: Any, data_iter: Any = None) -> Any:
+    """Restores the state into `target` (ShapeDtypeStructs with shardings); the data
+    iterator, if given, is restored in place."""
+    items = {"state": ocp.args.StandardRestore(target)}
+    if data_iter is not None:
+      items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
+    restored = self._manager.restore(step, args=ocp.args.Composite(**items))
+    return restored["state"]
+
+  def wait(self) -> None:
+    self._manager.wait_until_finished()
+
+  def close(self) -> None:
+    self._manager.wait_until_finished()
+    self._manager.close()
+
+
+def export_params(directory: str | os.PathLike, params: Any, metadata: dict[str, Any]) -> str:
+  """Writes `directory/params` (Orbax, params only) and `directory/metadata.json`."""
+  directory = epath.Path(directory).absolute()
+  directory.mkdir(parents=True, exist_ok=True)
+  with ocp.StandardCheckpointer() as ckptr:
+    ckptr.save(directory / PARAMS_DIR, params, force=True)
+    ckptr.wait_until_finished()
+  if jax.process_index() == 0:
+    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
+  return str(directory)
+
+
+def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
+  path = epath.Path(directory) / METADATA_FILE
+  if not path.exists():
+    raise FileNotFoundError(
+        f"{path} not found: {directory} is not a beit_jax params export "
+        f"(expected '{PARAMS_DIR}/' and '{METADATA_FILE}' written by a finished run).")
+  return json.loads(path.read_text())
+
+
+def load_params(directory: str | os.PathLike, target: Any) -> Any:
+  """Restores exported params into `target` (a pytree of ShapeDtypeStructs with shardings)."""
+  path = epath.Path(directory).absolute() / PARAMS_DIR
+  if not path.exists():
+    raise FileNotFoundError(f"No exported params at {path}.")
+  with ocp.StandardCheckpointer() as ckptr:
+    return ckptr.restore(path, target)

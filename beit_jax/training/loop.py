@@ -1,0 +1,68 @@
+"""The step loop shared by every task.
+
+The hot path does no host syncs: metrics are accumulated on the device and fetched
+only every `log_every` steps; the skipped-image counts are host numpy from the input
+pipeline. Checkpoints (state + data iterator) follow the `Checkpointer`'s interval, and
+the last step is always saved.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator, Mapping, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import logging
+from jax.sharding import NamedSharding
+
+from beit_jax.training import mesh as mesh_lib
+from beit_jax.training.checkpointing import Checkpointer
+from beit_jax.training.metrics import MetricWriter
+
+StepFn = Callable[[Any, Mapping[str, jax.Array]], tuple[Any, Mapping[str, jax.Array]]]
+Summarize = Callable[[Mapping[str, np.ndarray], int], dict[str, float]]
+
+
+def mean_scalars(sums: Mapping[str, np.ndarray], num_steps: int) -> dict[str, float]:
+  """Interval means of the scalar metrics (non-scalars are left to the task)."""
+  return {k: float(v) / num_steps for k, v in sums.items() if np.ndim(v) == 0}
+
+
+def run(*, state: Any, train_step: StepFn, data_iter: Iterator[dict[str, np.ndarray]],
+        batch_keys: Sequence[str], batch_sharding: NamedSharding, total_steps: int,
+        writer: MetricWriter, checkpointer: Checkpointer, log_every: int,
+        summarize: Summarize = mean_scalars, eval_every: int = 0,
+        eval_fn: Callable[[Any], dict[str, float]] | None = None) -> Any:
+  """Runs `train_step` from the state's step to `total_steps`; returns the final state."""
+  step = int(jax.device_get(state.step))  # One sync before the loop.
+  if step >= total_steps:
+    logging.info("Already at step %d of %d: nothing to train.", step, total_steps)
+    return state
+  sums, num, skipped, images = None, 0, 0, 0
+  t_interval = time.time()
+  while step < total_steps:
+    host_batch = next(data_iter)
+    skipped += int(np.sum(host_batch["num_skipped"]))
+    images += len(host_batch[batch_keys[0]])
+    batch = mesh_lib.global_batch({k: host_batch[k] for k in batch_keys}, batch_sharding)
+    state, metrics = train_step(state, batch)
+    sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+    num += 1
+    step += 1
+
+    if step % log_every == 0 or step == total_steps:
+      scalars = summarize(jax.device_get(sums), num)
+      elapsed = time.time() - t_interval
+      scalars["images_per_s"] = images * jax.process_count() / max(elapsed, 1e-9)
+      scalars["skipped_images"] = skipped
+      writer.write(step, scalars)
+      sums, num, images = None, 0, 0
+      t_interval = time.time()
+    if eval_fn is not None and eval_every and (step % eval_every == 0 or step == total_steps):
+      writer.write(step, eval_fn(state), split="eval")
+      t_interval = time.time()
+    checkpointer.save(step, state, data_iter, force=step == total_steps)
+  checkpointer.wait()
+  return state

@@ -1,0 +1,79 @@
+"""Metrics: a progress line with ETA, `workdir/metrics.jsonl` and TensorBoard events.
+
+Only process 0 writes. TensorBoard event files are written with tensorboardX (no
+TensorFlow needed); `tensorboard --logdir WORKDIR/tb` reads them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from typing import Any, Mapping
+
+import jax
+from absl import logging
+
+
+def format_duration(seconds: float) -> str:
+  if not math.isfinite(seconds):
+    return "?"
+  seconds = int(seconds)
+  h, rem = divmod(seconds, 3600)
+  m, s = divmod(rem, 60)
+  return f"{h}h{m:02d}m" if h else (f"{m}m{s:02d}s" if m else f"{s}s")
+
+
+def format_value(v: Any) -> str:
+  if isinstance(v, float):
+    if v != 0 and (abs(v) < 1e-3 or abs(v) >= 1e5):
+      return f"{v:.3e}"
+    return f"{v:.4f}"
+  return str(v)
+
+
+class MetricWriter:
+  """Writes scalars to stdout (progress line), metrics.jsonl and TensorBoard."""
+
+  def __init__(self, workdir: str, total_steps: int, tensorboard: bool = True):
+    self.total_steps = total_steps
+    self._active = jax.process_index() == 0
+    self._jsonl = None
+    self._tb = None
+    self._t0 = time.time()
+    self._start_step = None
+    if self._active:
+      os.makedirs(workdir, exist_ok=True)
+      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      if tensorboard:
+        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+
+  def write(self, step: int, scalars: Mapping[str, float], split: str = "train") -> None:
+    """Appends one record and prints the progress line."""
+    if not self._active:
+      return
+    scalars = {k: (float(v) if not isinstance(v, (int, str)) else v) for k, v in scalars.items()}
+    self._jsonl.write(json.dumps({"step": int(step), "split": split, **scalars}) + "\n")
+    self._jsonl.flush()
+    if self._tb is not None:
+      for k, v in scalars.items():
+        if isinstance(v, (int, float)):
+          self._tb.add_scalar(f"{split}/{k}", v, step)
+      self._tb.flush()
+    logging.info("%s", self._progress_line(step, scalars, split))
+
+  def _progress_line(self, step: int, scalars: Mapping[str, Any], split: str) -> str:
+    if self._start_step is None:
+      self._start_step, self._t0 = step, time.time()
+    done = step - self._start_step
+    eta = (time.time() - self._t0) / done * (self.total_steps - step) if done > 0 else float("nan")
+    body = " | ".join(f"{k} {format_value(v)}" for k, v in scalars.items())
+    return f"[{split}] step {step}/{self.total_steps} | {body} | ETA {format_duration(eta)}"
+
+  def close(self) -> None:
+    if self._jsonl is not None:
+      self._jsonl.close()
+    if self._tb is not None:
+      self._tb.close()

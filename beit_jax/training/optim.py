@@ -1,0 +1,79 @@
+"""Schedules and optimizers shared by every task.
+
+`warmup_cosine` is unilm's `utils.cosine_scheduler` evaluated per step (warmup from 0 by
+`linspace`, endpoint included, then a cosine over the remaining steps); `cosine_ramp` is
+the annealing schedule of the DALL-E paper (App. A.2) for tau, beta and the lr.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import flax
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+
+Schedule = Callable[[jax.Array], jax.Array]
+
+
+def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int = 0) -> Schedule:
+  """unilm `cosine_scheduler` as a function of the step (clamped at `final` after the end).
+
+  Warmup is `linspace(0, base, warmup_steps)[step]`, i.e. it reaches `base` at step
+  warmup_steps - 1; step warmup_steps + i then takes
+  `final + 0.5 (base - final)(1 + cos(pi i / (total - warmup)))`.
+  """
+  if warmup_steps > total_steps:
+    raise ValueError(f"warmup_steps={warmup_steps} exceeds total_steps={total_steps}.")
+  decay_steps = max(total_steps - warmup_steps, 1)
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    warm = base * step / max(warmup_steps - 1, 1) if warmup_steps > 1 else jnp.zeros_like(step)
+    i = jnp.clip(step - warmup_steps, 0, decay_steps)
+    cos = final + 0.5 * (base - final) * (1 + jnp.cos(jnp.pi * i / decay_steps))
+    return jnp.where(step < warmup_steps, warm, cos)
+
+  return schedule
+
+
+def cosine_ramp(start: float, end: float, steps: int) -> Schedule:
+  """Half-cosine from `start` (step 0) to `end` (step >= `steps`)."""
+
+  def schedule(step):
+    t = jnp.clip(jnp.asarray(step, jnp.float32) / max(steps, 1), 0.0, 1.0)
+    return end + (start - end) * 0.5 * (1 + jnp.cos(jnp.pi * t))
+
+  return schedule
+
+
+def weight_decay_mask(params: Any, skip: Sequence[str] = ()) -> Any:
+  """True where weight decay applies: unilm's rule (no decay on 1-D leaves, biases, skip list)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+  mask = {
+      k: v.ndim > 1 and not k.endswith("bias") and not any(s in k.split("/") for s in skip)
+      for k, v in flat.items()
+  }
+  return flax.traverse_util.unflatten_dict(mask, sep="/")
+
+
+def make_optimizer(optim_config: ml_collections.ConfigDict, lr: Schedule,
+                   wd_skip: Sequence[str] = ()) -> optax.GradientTransformation:
+  """AdamW (decoupled wd, masked) behind optional global-norm clipping."""
+  if optim_config.name != "adamw":
+    raise ValueError(f"optim.name={optim_config.name!r} is not supported; use 'adamw'.")
+  parts = []
+  if optim_config.clip_grad_norm and optim_config.clip_grad_norm > 0:
+    parts.append(optax.clip_by_global_norm(optim_config.clip_grad_norm))
+  parts.append(optax.adamw(
+      learning_rate=lr, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+      weight_decay=optim_config.weight_decay,
+      mask=lambda p: weight_decay_mask(p, wd_skip)))
+  return optax.chain(*parts)
+
+
+def ema_update(ema_params: Any, params: Any, decay: float | jax.Array) -> Any:
+  """Parameter EMA: decay * ema + (1 - decay) * params."""
+  return jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p.astype(e.dtype), ema_params, params)

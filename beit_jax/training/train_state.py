@@ -1,0 +1,48 @@
+"""The train state every task uses, and its sharded initialisation."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import flax
+import jax
+import jax.numpy as jnp
+import optax
+from jax.sharding import Mesh
+
+from beit_jax.training import mesh as mesh_lib
+
+
+@flax.struct.dataclass
+class TrainState:
+  """Step counter, params, optimizer state, base RNG and (optional) parameter EMA.
+
+  The per-step RNG is `fold_in(rng, step)`, so it never needs a host round trip and
+  continues exactly after a resume.
+  """
+  step: jax.Array
+  params: Any
+  opt_state: Any
+  rng: jax.Array
+  ema_params: Any = None
+
+  @classmethod
+  def create(cls, params: Any, tx: optax.GradientTransformation, rng: jax.Array,
+             use_ema: bool = False) -> "TrainState":
+    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
+               ema_params=jax.tree.map(jnp.copy, params) if use_ema else None)
+
+  def step_rng(self) -> jax.Array:
+    return jax.random.fold_in(self.rng, self.step)
+
+
+def init_sharded(init_fn: Callable[[], TrainState], mesh: Mesh) -> tuple[TrainState, Any]:
+  """Initialises the state directly into its shardings (never whole on one device).
+
+  Returns the state and its shardings (a pytree of NamedSharding with the state's
+  structure) for use as jit in/out shardings and Orbax restore targets.
+  """
+  abstract = jax.eval_shape(init_fn)
+  shardings = mesh_lib.state_shardings(abstract, mesh)
+  state = jax.jit(init_fn, out_shardings=shardings)()
+  return state, shardings

@@ -1,0 +1,59 @@
+"""Schedules equal unilm's `cosine_scheduler`; the weight-decay mask follows its rule."""
+
+import math
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from beit_jax.training import optim
+
+
+def unilm_cosine_scheduler(base_value, final_value, total_iters, warmup_iters, start_warmup_value=0):
+  """unilm beit/utils.py cosine_scheduler, written out per iteration (numpy)."""
+  warmup = np.array([])
+  if warmup_iters > 0:
+    warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
+  iters = np.arange(total_iters - warmup_iters)
+  schedule = np.array([final_value + 0.5 * (base_value - final_value) *
+                       (1 + math.cos(math.pi * i / (len(iters)))) for i in iters])
+  return np.concatenate((warmup, schedule))
+
+
+@pytest.mark.parametrize("total,warmup", [(100, 10), (57, 0), (40, 39), (30, 1)])
+def test_warmup_cosine_equals_unilm(total, warmup):
+  expected = unilm_cosine_scheduler(1.5e-3, 1e-5, total, warmup)
+  fn = optim.warmup_cosine(1.5e-3, 1e-5, total, warmup)
+  got = np.array([float(fn(i)) for i in range(total)])
+  np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-9)
+  assert float(fn(total + 50)) == pytest.approx(1e-5, rel=1e-5)  # Clamped after the end.
+
+
+def test_cosine_ramp_endpoints_and_monotone():
+  fn = optim.cosine_ramp(1.0, 1 / 16, 150)
+  values = np.array([float(fn(i)) for i in range(200)])
+  assert values[0] == pytest.approx(1.0)
+  assert values[75] == pytest.approx((1 + 1 / 16) / 2, rel=1e-5)
+  assert np.all(values[150:] == pytest.approx(1 / 16))
+  assert np.all(np.diff(values[:151]) < 0)
+  up = optim.cosine_ramp(0.0, 6.6, 5000)
+  assert float(up(0)) == 0.0 and float(up(5000)) == pytest.approx(6.6)
+
+
+def test_weight_decay_mask_rule():
+  params = {"blocks": {"attn": {"qkv": {"kernel": jnp.ones((4, 12))}, "q_bias": jnp.ones(4)},
+                       "norm1": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
+                       "conv": {"w": jnp.ones((3, 3, 2, 4)), "b": jnp.ones(4)}},
+            "pos_embed": jnp.ones((1, 5, 4)), "mask_token": jnp.ones((1, 1, 4))}
+  mask = optim.weight_decay_mask(params, skip=("pos_embed",))
+  assert mask["blocks"]["attn"]["qkv"]["kernel"] is True
+  assert mask["blocks"]["conv"]["w"] is True
+  assert mask["mask_token"] is True  # unilm decays mask_token in pretraining.
+  for leaf in (mask["blocks"]["attn"]["q_bias"], mask["blocks"]["norm1"]["scale"],
+               mask["blocks"]["norm1"]["bias"], mask["blocks"]["conv"]["b"], mask["pos_embed"]):
+    assert leaf is False
+
+
+def test_ema_update():
+  ema = optim.ema_update({"a": jnp.zeros(3)}, {"a": jnp.ones(3)}, 0.9)
+  np.testing.assert_allclose(ema["a"], 0.1)
