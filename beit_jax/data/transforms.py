@@ -1,0 +1,416 @@
+"""Host-side image augmentation (numpy/PIL) and device-side normalisation.
+
+The random transforms are callables ``(image, rng) -> dict`` taking an
+``(H, W, 3)`` uint8 array and the ``np.random.Generator`` that Grain's
+``random_map`` supplies for the element; they draw randomness from that
+generator only, so results are reproducible per seed and element. They return
+uint8 arrays: images travel to the device as uint8 and are normalised there
+with :func:`normalize` (which works on numpy and JAX arrays, inside ``jit``).
+
+The pre-training transform reproduces unilm BEiT's ``DataAugmentationForBEiT``
+(``ColorJitter(0.4, 0.4, 0.4)`` -> ``RandomHorizontalFlip(0.5)`` ->
+``RandomResizedCropAndInterpolationWithTwoPic``: one crop box resized twice,
+bicubic to 224 for the ViT and lanczos to 112 for the tokenizer) with the same
+PIL operations as torchvision 0.8 / timm 0.3.2 (the versions unilm pins).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from PIL import Image
+from PIL import ImageEnhance
+
+INTERPOLATIONS = {
+    'nearest': Image.Resampling.NEAREST,
+    'bilinear': Image.Resampling.BILINEAR,
+    'bicubic': Image.Resampling.BICUBIC,
+    'lanczos': Image.Resampling.LANCZOS,
+    'box': Image.Resampling.BOX,
+    'hamming': Image.Resampling.HAMMING,
+}
+
+
+def pil_interpolation(name: str) -> Image.Resampling:
+  """The PIL resampling filter for an interpolation name."""
+  try:
+    return INTERPOLATIONS[name.lower()]
+  except KeyError:
+    raise ValueError(
+        f'Unknown interpolation {name!r}; expected one of'
+        f' {sorted(INTERPOLATIONS)}.'
+    ) from None
+
+
+def _as_pil(image: np.ndarray | Image.Image) -> Image.Image:
+  if isinstance(image, Image.Image):
+    return image if image.mode == 'RGB' else image.convert('RGB')
+  array = np.asarray(image)
+  if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
+    raise ValueError(
+        f'Expected an (H, W, 3) uint8 image, got {array.shape} {array.dtype}.'
+    )
+  return Image.fromarray(array)
+
+
+# ----------------------------------------------------------------------------
+# Colour jitter.
+# ----------------------------------------------------------------------------
+
+
+def _jitter_range(value: float, name: str) -> tuple[float, float] | None:
+  """torchvision ``ColorJitter._check_input`` for a non-negative scalar."""
+  if value < 0:
+    raise ValueError(f'{name} jitter must be non-negative, got {value}.')
+  lo, hi = max(0.0, 1.0 - value), 1.0 + value
+  if lo == hi == 1.0:
+    return None  # torchvision skips the op entirely.
+  return (lo, hi)
+
+
+class ColorJitter:
+  """torchvision's ``ColorJitter(brightness, contrast, saturation)`` on PIL.
+
+  Per call (torchvision >= 0.8 ``ColorJitter.get_params``): a random
+  permutation of the four ops (brightness 0, contrast 1, saturation 2, hue 3),
+  then one factor per enabled op drawn from ``U[max(0, 1 - x), 1 + x]`` (in the
+  order brightness, contrast, saturation); the enabled ops are applied in the
+  permuted order with ``ImageEnhance.Brightness`` / ``Contrast`` / ``Color``
+  (torchvision's ``functional_pil.adjust_*``). An op with strength 0 is
+  disabled and draws no factor. Hue is not supported (BEiT uses none).
+  """
+
+  def __init__(
+      self, brightness: float = 0.0, contrast: float = 0.0,
+      saturation: float = 0.0):
+    self.ranges = (
+        _jitter_range(float(brightness), 'brightness'),
+        _jitter_range(float(contrast), 'contrast'),
+        _jitter_range(float(saturation), 'saturation'),
+    )
+
+  @property
+  def enabled(self) -> bool:
+    return any(r is not None for r in self.ranges)
+
+  def get_params(
+      self, rng: np.random.Generator
+  ) -> tuple[list[int], list[float | None]]:
+    """Draws ``(order, factors)``; ``factors[i]`` is None for disabled ops."""
+    order = [int(i) for i in rng.permutation(4)]
+    factors = [
+        None if r is None else float(rng.uniform(r[0], r[1]))
+        for r in self.ranges
+    ]
+    return order, factors
+
+  @staticmethod
+  def apply(
+      img: Image.Image, order: Sequence[int], factors: Sequence[float | None]
+  ) -> Image.Image:
+    """Applies the ops in ``order`` with ``factors`` (PIL in, PIL out)."""
+    enhancers = (
+        ImageEnhance.Brightness,
+        ImageEnhance.Contrast,
+        ImageEnhance.Color,
+    )
+    for op in order:
+      if op < 3 and factors[op] is not None:
+        img = enhancers[op](img).enhance(factors[op])
+    return img
+
+  def jitter_pil(
+      self, img: Image.Image, rng: np.random.Generator
+  ) -> Image.Image:
+    if not self.enabled:
+      return img
+    order, factors = self.get_params(rng)
+    return self.apply(img, order, factors)
+
+  def __call__(
+      self, image: np.ndarray, rng: np.random.Generator
+  ) -> np.ndarray:
+    """Jitters an ``(H, W, 3)`` uint8 image; returns uint8."""
+    return np.asarray(self.jitter_pil(_as_pil(image), rng), dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------
+# Random resized crop.
+# ----------------------------------------------------------------------------
+
+
+def random_resized_crop_box(
+    height: int,
+    width: int,
+    rng: np.random.Generator,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+) -> tuple[int, int, int, int]:
+  """torchvision/timm ``RandomResizedCrop.get_params``: ``(top, left, h, w)``.
+
+  Up to 10 attempts: ``target_area = area * U(scale)``, ``aspect =
+  exp(U(log ratio))``, ``w = int(round(sqrt(target_area * aspect)))``, ``h =
+  int(round(sqrt(target_area / aspect)))``; the first box that fits is placed
+  at ``top ~ randint[0, H - h]``, ``left ~ randint[0, W - w]`` (inclusive).
+  Otherwise a centre crop of the whole image, clamped to the ratio range.
+
+  Draw order per attempt: scale uniform, log-ratio uniform, then (if it fits)
+  top and left integers, as in torchvision. A box must also be non-empty
+  (torchvision's ``0 < w``, ``0 < h``; timm 0.3.2 omits that check, which only
+  differs for images of a few pixels where timm would return an empty box).
+
+  Args:
+    height: Image height H.
+    width: Image width W.
+    rng: Random generator.
+    scale: Range of the crop area as a fraction of the image area.
+    ratio: Range of the crop aspect ratio (width / height).
+
+  Returns:
+    ``(top, left, h, w)`` in pixels.
+  """
+  area = height * width
+  log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+  for _ in range(10):
+    target_area = area * float(rng.uniform(scale[0], scale[1]))
+    aspect_ratio = math.exp(float(rng.uniform(log_ratio[0], log_ratio[1])))
+    w = int(round(math.sqrt(target_area * aspect_ratio)))
+    h = int(round(math.sqrt(target_area / aspect_ratio)))
+    if 0 < w <= width and 0 < h <= height:
+      top = int(rng.integers(0, height - h + 1))
+      left = int(rng.integers(0, width - w + 1))
+      return top, left, h, w
+  in_ratio = float(width) / float(height)
+  if in_ratio < min(ratio):
+    w = width
+    h = int(round(w / min(ratio)))
+  elif in_ratio > max(ratio):
+    h = height
+    w = int(round(h * max(ratio)))
+  else:
+    w = width
+    h = height
+  top = (height - h) // 2
+  left = (width - w) // 2
+  return top, left, h, w
+
+
+def _resized_crop(
+    img: Image.Image, box: tuple[int, int, int, int], size: int,
+    resample: Image.Resampling) -> np.ndarray:
+  """torchvision ``F.resized_crop`` on PIL: crop, then resize to size x size."""
+  top, left, h, w = box
+  cropped = img.crop((left, top, left + w, top + h))
+  return np.asarray(cropped.resize((size, size), resample), dtype=np.uint8)
+
+
+# ----------------------------------------------------------------------------
+# Training views.
+# ----------------------------------------------------------------------------
+
+
+class TwoViewTransform:
+  """BEiT's pre-training augmentation: one crop box, two resized views.
+
+  unilm ``DataAugmentationForBEiT``: ``ColorJitter(cj, cj, cj)`` on the whole
+  image (skipped when ``color_jitter`` is 0) -> horizontal flip with
+  probability ``flip_prob`` -> one :func:`random_resized_crop_box` -> the box
+  cropped and resized (PIL) to ``size`` with ``interpolation`` for the ViT view
+  and to ``second_size`` with ``second_interpolation`` for the tokenizer view.
+  Randomness is drawn in that order from the given generator.
+
+  Returns ``{'image': uint8 (size, size, 3), 'tokenizer_image': uint8
+  (second_size, second_size, 3)}``; only ``'image'`` when ``second_size`` is
+  None. No normalisation happens here.
+  """
+
+  def __init__(
+      self,
+      size: int,
+      second_size: int | None = None,
+      scale: Sequence[float] = (0.08, 1.0),
+      ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+      interpolation: str = 'bicubic',
+      second_interpolation: str = 'lanczos',
+      color_jitter: float = 0.4,
+      flip_prob: float = 0.5,
+      *,
+      key: str = 'image',
+      second_key: str = 'tokenizer_image',
+  ):
+    self.size = int(size)
+    self.second_size = None if second_size is None else int(second_size)
+    self.scale = tuple(float(s) for s in scale)
+    self.ratio = tuple(float(r) for r in ratio)
+    if not 0.0 < self.scale[0] <= self.scale[1]:
+      raise ValueError(f'Invalid crop scale range {self.scale}.')
+    if not 0.0 < self.ratio[0] <= self.ratio[1]:
+      raise ValueError(f'Invalid crop ratio range {self.ratio}.')
+    self.interpolation = pil_interpolation(interpolation)
+    self.second_interpolation = pil_interpolation(second_interpolation)
+    self.jitter = ColorJitter(color_jitter, color_jitter, color_jitter)
+    self.flip_prob = float(flip_prob)
+    self.key = key
+    self.second_key = second_key
+
+  def output_keys(self) -> tuple[str, ...]:
+    if self.second_size is None:
+      return (self.key,)
+    return (self.key, self.second_key)
+
+  def __call__(
+      self, image: np.ndarray, rng: np.random.Generator
+  ) -> dict[str, np.ndarray]:
+    img = self.jitter.jitter_pil(_as_pil(image), rng)
+    if rng.random() < self.flip_prob:
+      img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+    box = random_resized_crop_box(
+        img.height, img.width, rng, self.scale, self.ratio)
+    out = {self.key: _resized_crop(img, box, self.size, self.interpolation)}
+    if self.second_size is not None:
+      out[self.second_key] = _resized_crop(
+          img, box, self.second_size, self.second_interpolation)
+    return out
+
+
+class SingleViewTransform:
+  """Random-resized-crop + horizontal flip (+ optional jitter) to one size.
+
+  Used to train the dVAE on ``'tokenizer_image'``. The same op sequence as
+  :class:`TwoViewTransform` (jitter -> flip -> crop box -> resize); flipping
+  before or after the crop gives the same distribution as torchvision's
+  ``RandomResizedCrop -> RandomHorizontalFlip``.
+  """
+
+  def __init__(
+      self,
+      size: int,
+      key: str = 'image',
+      scale: Sequence[float] = (0.08, 1.0),
+      ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+      interpolation: str = 'bicubic',
+      flip_prob: float = 0.5,
+      color_jitter: float = 0.0,
+  ):
+    self.key = key
+    self._two_view = TwoViewTransform(
+        size, None, scale, ratio, interpolation,
+        color_jitter=color_jitter, flip_prob=flip_prob, key=key)
+
+  def output_keys(self) -> tuple[str, ...]:
+    return (self.key,)
+
+  def __call__(
+      self, image: np.ndarray, rng: np.random.Generator
+  ) -> dict[str, np.ndarray]:
+    return self._two_view(image, rng)
+
+
+class CenterCropTransform:
+  """Deterministic eval view (timm/torchvision eval style).
+
+  Resize the shorter side to ``int(size / crop_pct)`` keeping the aspect
+  (torchvision 0.8 ``F.resize`` with an int: the longer side is
+  ``int(new_short * long / short)``), then centre-crop ``size x size`` with
+  torchvision's ``CenterCrop`` offsets (``int(round((H - size) / 2))``).
+  BEiT's ImageNet eval is ``size=224, crop_pct=224/256``.
+  """
+
+  def __init__(
+      self,
+      size: int,
+      key: str = 'image',
+      interpolation: str = 'bicubic',
+      crop_pct: float = 1.0,
+  ):
+    if not 0.0 < crop_pct <= 1.0:
+      raise ValueError(f'crop_pct must be in (0, 1], got {crop_pct}.')
+    self.size = int(size)
+    self.key = key
+    self.interpolation = pil_interpolation(interpolation)
+    self.crop_pct = float(crop_pct)
+    self.resize_size = int(math.floor(self.size / self.crop_pct))
+
+  def output_keys(self) -> tuple[str, ...]:
+    return (self.key,)
+
+  def __call__(
+      self, image: np.ndarray, rng: np.random.Generator | None = None
+  ) -> dict[str, np.ndarray]:
+    del rng  # Deterministic.
+    img = _as_pil(image)
+    w, h = img.size
+    target = self.resize_size
+    if not ((w <= h and w == target) or (h <= w and h == target)):
+      if w < h:
+        ow, oh = target, int(target * h / w)
+      else:
+        oh, ow = target, int(target * w / h)
+      img = img.resize((ow, oh), self.interpolation)
+    w, h = img.size
+    top = int(round((h - self.size) / 2.0))
+    left = int(round((w - self.size) / 2.0))
+    crop = img.crop((left, top, left + self.size, top + self.size))
+    return {self.key: np.asarray(crop, dtype=np.uint8)}
+
+
+# ----------------------------------------------------------------------------
+# Normalisation (numpy or JAX; used on the device inside jitted steps).
+# ----------------------------------------------------------------------------
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _affine(kind: str) -> tuple[np.ndarray, np.ndarray]:
+  """``(scale, shift)``: ``normalize(x) = x * scale + shift``, x in 0..255."""
+  if kind == 'half':  # (x / 255 - 0.5) / 0.5
+    scale, shift = (2.0 / 255.0,) * 3, (-1.0,) * 3
+  elif kind == 'imagenet':  # (x / 255 - mean) / std
+    scale = tuple(1.0 / (255.0 * s) for s in IMAGENET_STD)
+    shift = tuple(-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
+  elif kind == 'dall_e':  # DALL-E map_pixels: 0.8 * x / 255 + 0.1
+    scale, shift = (0.8 / 255.0,) * 3, (0.1,) * 3
+  elif kind == 'unit':  # x / 255
+    scale, shift = (1.0 / 255.0,) * 3, (0.0,) * 3
+  else:
+    raise ValueError(
+        f"Unknown normalisation {kind!r}; expected 'half', 'imagenet',"
+        " 'dall_e' or 'unit'."
+    )
+  return np.asarray(scale, np.float32), np.asarray(shift, np.float32)
+
+
+def _to_float32(x: Any) -> Any:
+  if not hasattr(x, 'astype'):
+    x = np.asarray(x)
+  return x.astype(np.float32)
+
+
+def normalize(x: Any, kind: str) -> Any:
+  """Maps pixel values (0..255, uint8 or float) to the model's input range.
+
+  ``x * scale + shift`` per channel (last axis of size 3), so it works on numpy
+  and JAX arrays alike (inside ``jit`` too) and returns float32 of the same
+  array type.
+
+  Args:
+    x: ``(..., 3)`` pixels in 0..255, any integer or float dtype.
+    kind: ``'half'`` (mean = std = 0.5 on x/255, BEiT's default), ``'imagenet'``
+      (ImageNet mean/std on x/255), ``'dall_e'`` (DALL-E ``map_pixels``:
+      ``0.8 * x/255 + 0.1``) or ``'unit'`` (x/255).
+
+  Returns:
+    float32 normalised values.
+  """
+  scale, shift = _affine(kind)
+  return _to_float32(x) * scale + shift
+
+
+def denormalize(x: Any, kind: str) -> Any:
+  """Inverse of :func:`normalize`: float32 pixels in 0..255 (not clipped)."""
+  scale, shift = _affine(kind)
+  return (_to_float32(x) - shift) / scale
