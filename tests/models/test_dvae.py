@@ -726,3 +726,27 @@ def test_tiny_compact_dvae_overfits():
   assert np.isfinite(losses).all()
   assert last < 0.25 * first, (first, last)
   assert float(aux['psnr']) > 25.0
+
+
+@pytest.mark.parametrize('k,s,pad', [(1, 1, 0), (3, 1, 1), (4, 2, 1), (7, 1, 3), (4, 2, 0)])
+def test_matmul_correlate_equals_xla_conv(k, s, pad):
+  rng = np.random.default_rng(k * 10 + s)
+  x = jnp.asarray(rng.normal(size=(2, 9, 10, 5)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, 5, 6)), jnp.float32)
+  padding = ((pad, pad), (pad, pad))
+  expected = jax.lax.conv_general_dilated(x, w, (s, s), padding,
+                                          dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  np.testing.assert_allclose(dvae.correlate(x, w, s, padding), expected, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize('k,s', [(4, 2), (2, 2), (3, 1), (6, 2), (8, 4)])
+def test_subpixel_transposed_correlate_equals_xla(k, s):
+  pad = k - 1 - (k - s) // 2
+  rng = np.random.default_rng(k + s)
+  x = jnp.asarray(rng.normal(size=(2, 5, 7, 4)), jnp.float32)
+  w = jnp.asarray(rng.normal(size=(k, k, 4, 3)), jnp.float32)
+  expected = jax.lax.conv_transpose(x, w, (s, s), ((pad, pad), (pad, pad)),
+                                    dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  got = dvae.transposed_correlate(x, w, s, pad)
+  assert got.shape == expected.shape == (2, 5 * s, 7 * s, 3)
+  np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
