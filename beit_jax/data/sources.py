@@ -97,7 +97,7 @@ def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
 
 
 def decode_image(
-    data: bytes, *, max_pixels: int = DEFAULT_MAX_PIXELS
+    data: bytes | np.ndarray, *, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> np.ndarray | None:
   """Decodes an encoded image file to an RGB uint8 array, or ``None``.
 
@@ -116,7 +116,8 @@ def decode_image(
     images are scaled by their value range.
 
   Args:
-    data: The encoded file content.
+    data: The encoded file content, or an already decoded (H, W, 3) uint8
+      array (returned as is; sources that hold few images decode them once).
     max_pixels: Images with more pixels than this are rejected (decompression
       bomb guard). PIL also rejects images above 2 * ``Image.MAX_IMAGE_PIXELS``
       by itself, so larger values only take effect if that is raised too.
@@ -126,6 +127,9 @@ def decode_image(
     not an image, too large, or cannot be decoded for any other reason. Bad
     data never raises.
   """
+  if isinstance(data, np.ndarray):
+    ok = data.dtype == np.uint8 and data.ndim == 3 and data.shape[2] == 3
+    return data if ok and 0 < data.shape[0] * data.shape[1] <= max_pixels else None
   if not data:
     return None
   try:
@@ -343,7 +347,9 @@ class BuiltinPhotosSource:
   :data:`SKLEARN_PHOTOS` from ``sklearn/datasets/images`` (18 photos with both
   packages installed). The label of each photo is its index, and
   ``class_names`` are the file stems (``'astronaut'``, ..., ``'flower'``).
-  Images are grayscale or RGB; the shorter side is at least 256 px.
+  Images are grayscale or RGB files; the shorter side is at least 256 px. They
+  are decoded to RGB uint8 arrays once, at construction, and elements carry
+  the arrays (which `decode_image` passes through).
   """
 
   def __init__(self):
@@ -356,6 +362,8 @@ class BuiltinPhotosSource:
       )
     self._class_names = [name for name, _ in found]
     self._paths = [path for _, path in found]
+    # 18 photos: decode once, not at every epoch.
+    self._images = [decode_image(_read_bytes(path)) for path in self._paths]
 
   @property
   def paths(self) -> list[str]:
@@ -373,7 +381,7 @@ class BuiltinPhotosSource:
     return len(self._paths)
 
   def __getitem__(self, index: int) -> Element:
-    return {'image': _read_bytes(self._paths[index]), 'label': np.int32(index)}
+    return {'image': self._images[index], 'label': np.int32(index)}
 
   def __repr__(self) -> str:
     return f'BuiltinPhotosSource(num_images={len(self)})'

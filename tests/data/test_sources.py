@@ -279,3 +279,11 @@ def test_tfds_missing_dataset_or_split_errors(tmp_path):
       'tiny_only_train', data_dir, {'train': [(_noise(0), 0)]}, num_classes=2)
   with pytest.raises(ValueError, match="'validation'.*train"):
     sources.tfds_source('tiny_only_train', 'validation', data_dir)
+
+
+def test_decode_image_passes_decoded_rgb_arrays_through():
+  rgb = np.zeros((4, 5, 3), np.uint8)
+  assert sources.decode_image(rgb) is rgb
+  assert sources.decode_image(np.zeros((4, 5), np.uint8)) is None
+  assert sources.decode_image(np.zeros((4, 5, 3), np.float32)) is None
+  assert sources.decode_image(rgb, max_pixels=10) is None
