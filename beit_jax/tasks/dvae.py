@@ -1,0 +1,282 @@
+"""Task `dvae`: train the Gumbel-softmax dVAE visual tokenizer, export it to Orbax.
+
+The DALL-E recipe (paper App. A.2): the ELB with a logit-Laplace (or MSE)
+reconstruction term and a KL to the uniform prior weighted by beta; cosine schedules for
+the Gumbel temperature (1 -> 1/16), beta (0 -> 6.6) and the lr (1e-4 -> 1.25e-6);
+AdamW; optional parameter EMA. Images are the tokenizer view (random-resized crop +
+flip, lanczos) of the data source. Evaluation: reconstruction PSNR from the hard
+(argmax) tokens, next to a per-patch-mean-colour baseline at the same grid, and codebook
+usage. At the end the params go to `<workdir>/export/tokenizer` (Orbax params +
+metadata.json), which the masked-image-modeling stage loads.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from beit_jax import config_lib
+from beit_jax.data import pipeline, sources, transforms
+from beit_jax.models import dvae
+from beit_jax.training import checkpointing, loop, metrics as metrics_lib
+from beit_jax.training import mesh as mesh_lib
+from beit_jax.training import optim
+from beit_jax.training.train_state import TrainState, init_sharded
+
+IMAGE_KEY = "tokenizer_image"
+EXPORT_KIND = "dvae"
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+# ----------------------------------------------------------------------------------
+# Config checks (before anything is compiled or written).
+# ----------------------------------------------------------------------------------
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad value and what to change."""
+  config_lib.check_choice(config, "task", ("dvae",))
+  config_lib.check_data(config)
+  config_lib.check_choice(config, "model.arch", ("dall_e", "compact"))
+  config_lib.check_choice(config, "model.recon_loss", ("logit_laplace", "mse"))
+  config_lib.check_choice(config, "model.input_norm", ("dall_e", "half"))
+  config_lib.check_choice(config, "model.dtype", tuple(DTYPES))
+  config_lib.check_choice(config, "input.interpolation",
+                          ("lanczos", "bicubic", "bilinear", "box", "hamming", "nearest"))
+  config_lib.check_positive(config, "total_steps", "input.batch_size", "input.image_size",
+                            "model.vocab_size", "log_every", "ckpt.every", "ckpt.keep",
+                            "loss.tau_end", "optim.lr")
+  config_lib.check_positive(config, "eval_every", "loss.beta_end", "ema_decay", allow_zero=True)
+  if config.model.arch == "dall_e" and config.model.recon_loss != "logit_laplace":
+    raise ValueError("config.model.arch='dall_e' has a logit-Laplace decoder (6 output "
+                     "channels): set config.model.recon_loss='logit_laplace'.")
+  lo, hi = config.input.crop_scale
+  if not 0 < lo <= hi <= 1:
+    raise ValueError(f"config.input.crop_scale={tuple(config.input.crop_scale)} must satisfy "
+                     "0 < lo <= hi <= 1.")
+  down = make_model(config.model).downsample
+  if config.input.image_size % down:
+    raise ValueError(
+        f"config.input.image_size={config.input.image_size} is not divisible by the dVAE's "
+        f"downsampling factor {down}; use a multiple of {down} (e.g. "
+        f"{max(down, config.input.image_size // down * down)}).")
+  if not 0 <= config.ema_decay < 1:
+    raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1) (0 = no EMA).")
+
+
+def make_model(model_config: ml_collections.ConfigDict | Mapping[str, Any]) -> dvae.DiscreteVAE:
+  kwargs = dict(model_config)
+  kwargs["dtype"] = DTYPES[kwargs.get("dtype", "float32")]
+  return dvae.DiscreteVAE(**kwargs)
+
+
+# ----------------------------------------------------------------------------------
+# Steps.
+# ----------------------------------------------------------------------------------
+def to_unit(images_uint8: jax.Array) -> jax.Array:
+  return images_uint8.astype(jnp.float32) / 255.0
+
+
+def make_train_step(model: dvae.DiscreteVAE, tx: optax.GradientTransformation,
+                    lr_fn: optim.Schedule, config: ml_collections.ConfigDict):
+  """One jitted update: ELB loss with annealed tau/beta, AdamW, optional EMA."""
+  tau_fn = optim.cosine_ramp(config.loss.tau_start, config.loss.tau_end, config.loss.tau_steps)
+  beta_fn = optim.cosine_ramp(config.loss.beta_start, config.loss.beta_end, config.loss.beta_steps)
+
+  @chex.assert_max_traces(n=1)
+  def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
+    images = to_unit(batch[IMAGE_KEY])
+    tau, beta = tau_fn(state.step), beta_fn(state.step)
+
+    def loss_fn(params):
+      return dvae.elbo_loss(model, {"params": params}, images, state.step_rng(), tau, beta,
+                            config.loss.hard)
+
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    ema = (optim.ema_update(state.ema_params, params, config.ema_decay)
+           if state.ema_params is not None else None)
+    metrics = dict(loss=loss, recon_loss=aux["recon_loss"], kl=aux["kl"], mse=aux["mse"],
+                   psnr=aux["psnr"], token_counts=aux["token_counts"], tau=tau, beta=beta,
+                   lr=lr_fn(state.step), grad_norm=optax.global_norm(grads))
+    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
+                              ema_params=ema)
+    return new_state, metrics
+
+  return train_step
+
+
+def summarize_train(sums: Mapping[str, np.ndarray], num_steps: int) -> dict[str, float]:
+  scalars = loop.mean_scalars(sums, num_steps)
+  scalars.update(dvae.codebook_stats(sums["token_counts"]))
+  return scalars
+
+
+def make_eval_step(model: dvae.DiscreteVAE):
+  """Sums over a batch: PSNR of the hard-token reconstruction and of the patch-mean baseline."""
+  down = model.downsample
+
+  def eval_step(params, batch):
+    images = to_unit(batch[IMAGE_KEY])
+    valid = batch["valid"].astype(jnp.float32)
+    variables = {"params": params}
+    ids = dvae.tokenize(model, variables, images)
+    recon = dvae.decode(model, variables, ids)
+    b, h, w, c = images.shape
+    patches = images.reshape(b, h // down, down, w // down, down, c)
+    baseline = jnp.broadcast_to(patches.mean(axis=(2, 4), keepdims=True), patches.shape)
+    baseline = baseline.reshape(images.shape)
+
+    def psnr(x):
+      mse = jnp.mean((x - images) ** 2, axis=(1, 2, 3))
+      return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10)), mse
+
+    psnr_model, mse_model = psnr(recon)
+    psnr_base, _ = psnr(baseline)
+    vocab = model.vocab_size
+    counts = jnp.zeros((vocab,), jnp.int32).at[ids.reshape(b, -1)].add(
+        jnp.broadcast_to(batch["valid"][:, None], (b, ids[0].size)).astype(jnp.int32))
+    return dict(psnr=jnp.sum(psnr_model * valid), baseline_psnr=jnp.sum(psnr_base * valid),
+                mse=jnp.sum(mse_model * valid), num_images=jnp.sum(valid), token_counts=counts)
+
+  return eval_step
+
+
+def evaluate(eval_step, params, make_iter, batch_sharding) -> dict[str, float]:
+  """Runs over the whole eval split once; returns per-image means and codebook stats."""
+  sums = None
+  for host_batch in make_iter():
+    batch = mesh_lib.global_batch({k: host_batch[k] for k in (IMAGE_KEY, "valid")}, batch_sharding)
+    out = eval_step(params, batch)
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  if sums is None:
+    return {}
+  sums = jax.device_get(sums)
+  n = max(float(sums["num_images"]), 1.0)
+  result = dict(psnr=sums["psnr"] / n, baseline_psnr=sums["baseline_psnr"] / n,
+                mse=sums["mse"] / n, num_images=int(sums["num_images"]))
+  result["psnr_gain_over_baseline"] = result["psnr"] - result["baseline_psnr"]
+  result.update(dvae.codebook_stats(sums["token_counts"]))
+  return {k: float(v) if k != "num_images" else v for k, v in result.items()}
+
+
+# ----------------------------------------------------------------------------------
+# The job.
+# ----------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
+  """Trains (or resumes) in `workdir`, evaluates, exports; returns the final eval metrics."""
+  validate_config(config)
+
+  # --- Mesh ---------------------------------------------------------------------
+  mesh = mesh_lib.make_mesh(config.mesh)
+  mesh_lib.check_batch_size(config.input.batch_size, mesh)
+  mesh_lib.check_batch_size(config.eval_batch_size, mesh)
+  batch_sh = mesh_lib.batch_sharding(mesh)
+
+  # --- Input --------------------------------------------------------------------
+  train_source = sources.make_source(config.data, config.data.train_split)
+  eval_source = sources.make_source(config.data, config.data.eval_split)
+  train_transform = transforms.SingleViewTransform(
+      size=config.input.image_size, key=IMAGE_KEY, scale=tuple(config.input.crop_scale),
+      ratio=tuple(config.input.crop_ratio), interpolation=config.input.interpolation,
+      flip_prob=config.input.flip_prob, color_jitter=config.input.color_jitter)
+  eval_transform = transforms.CenterCropTransform(
+      size=config.input.image_size, key=IMAGE_KEY, interpolation=config.input.interpolation)
+  data_iter = pipeline.make_train_iterator(
+      train_source, train_transform, global_batch_size=config.input.batch_size,
+      seed=config.seed, num_workers=config.data.num_workers)
+  logging.info("Train source: %s (%d images); eval: %s", config.data.source, len(train_source),
+               "none" if eval_source is None else f"{len(eval_source)} images")
+
+  # --- Model, schedules and optimizer ---------------------------------------------
+  model = make_model(config.model)
+  lr_fn = config_lib.lr_schedule(config)
+  tx = optim.make_optimizer(config.optim, lr_fn)
+  size = config.input.image_size
+
+  def init_fn():
+    rng = jax.random.PRNGKey(config.seed)
+    init_rng, state_rng = jax.random.split(rng)
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+    params = model.init(init_rng, dummy, rng=init_rng, tau=1.0, hard=False)["params"]
+    return TrainState.create(params, tx, state_rng, use_ema=config.ema_decay > 0)
+
+  state, state_sh = init_sharded(init_fn, mesh)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("dVAE %s: %s params", config.model.arch, f"{num_params:,}")
+
+  # --- Resume ---------------------------------------------------------------------
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), max_to_keep=config.ckpt.keep,
+      save_interval_steps=config.ckpt.every, async_save=config.ckpt.async_save)
+  if (last := ckpt.latest_step()) is not None:
+    target = checkpointing.abstract_with_shardings(state, state_sh)
+    state = ckpt.restore(last, target, data_iter)
+    logging.info("Resumed from %s at step %d.", ckpt.directory, last)
+
+  # --- Compiled steps -------------------------------------------------------------
+  repl = mesh_lib.replicated(mesh)
+  train_step = jax.jit(make_train_step(model, tx, lr_fn, config), in_shardings=(state_sh, batch_sh),
+                       out_shardings=(state_sh, repl), donate_argnums=(0,))
+  eval_params_sh = state_sh.ema_params if config.ema_decay > 0 else state_sh.params
+  eval_step = jax.jit(make_eval_step(model), in_shardings=(eval_params_sh, batch_sh),
+                      out_shardings=repl)
+
+  def make_eval_iter():
+    return pipeline.make_eval_iterator(eval_source, eval_transform,
+                                       batch_size=config.eval_batch_size)
+
+  def eval_fn(s: TrainState) -> dict[str, float]:
+    return evaluate(eval_step, s.ema_params if s.ema_params is not None else s.params,
+                    make_eval_iter, batch_sh)
+
+  # --- Train ----------------------------------------------------------------------
+  writer = metrics_lib.MetricWriter(workdir, config.total_steps, tensorboard=config.tensorboard)
+  try:
+    state = loop.run(
+        state=state, train_step=train_step, data_iter=data_iter, batch_keys=(IMAGE_KEY,),
+        batch_sharding=batch_sh, total_steps=config.total_steps, writer=writer,
+        checkpointer=ckpt, log_every=config.log_every, summarize=summarize_train,
+        eval_every=config.eval_every if eval_source is not None else 0, eval_fn=eval_fn)
+
+    # --- Final evaluation and export ----------------------------------------------
+    final = eval_fn(state) if eval_source is not None else {}
+    if final:
+      writer.write(config.total_steps, final, split="final_eval")
+    params = state.ema_params if state.ema_params is not None else state.params
+    export_dir = config.export_dir or os.path.join(workdir, "export", "tokenizer")
+    checkpointing.export_params(export_dir, params, metadata=dict(
+        kind=EXPORT_KIND, model=config.model.to_dict(), image_size=size,
+        grid=size // model.downsample, step=int(jax.device_get(state.step)),
+        ema=state.ema_params is not None, eval=final))
+    logging.info("Exported tokenizer params to %s", export_dir)
+  finally:
+    ckpt.close()
+    writer.close()
+    if hasattr(data_iter, "close"):
+      data_iter.close()
+  return final
+
+
+def load_tokenizer(export_dir: str, sharding=None) -> tuple[dvae.DiscreteVAE, Any, dict]:
+  """Loads an exported tokenizer: (model, variables {'params': ...}, metadata)."""
+  meta = checkpointing.read_metadata(export_dir)
+  if meta.get("kind") != EXPORT_KIND:
+    raise ValueError(f"{export_dir} holds a {meta.get('kind')!r} export, not a dVAE tokenizer.")
+  model = make_model(meta["model"])
+  size = meta["image_size"]
+  abstract = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
+                         rng=jax.random.PRNGKey(0), tau=1.0, hard=False)["params"])
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                        abstract)
+  params = checkpointing.load_params(export_dir, target)
+  return model, {"params": params}, meta

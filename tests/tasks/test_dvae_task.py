@@ -1,0 +1,111 @@
+"""The tokenizer job end to end: CLI run, checkpoint, resume, export that reloads; config errors."""
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from beit_jax.tasks import dvae as dvae_task
+from beit_jax.models import dvae
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CONFIG = os.path.join(ROOT, "configs", "dvae_small.py")
+TINY = ["--config.input.batch_size=8", "--config.eval_batch_size=8", "--config.model.hidden=16",
+        "--config.model.codebook_dim=16", "--config.model.vocab_size=64", "--config.log_every=2",
+        "--config.ckpt.every=2", "--config.ckpt.async_save=False", "--config.tensorboard=False",
+        "--config.input.image_size=16"]
+
+
+def run_main(*args, devices=8):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  return subprocess.run([sys.executable, "-m", "beit_jax.main", *args], cwd=ROOT, env=env,
+                        capture_output=True, text=True, timeout=600)
+
+
+def get_config(arg=None):
+  sys.path.insert(0, os.path.dirname(CONFIG))
+  try:
+    import dvae_small  # pylint: disable=g-import-not-at-top
+    return dvae_small.get_config(arg)
+  finally:
+    sys.path.pop(0)
+
+
+def test_cli_train_checkpoint_resume_export(tmp_path):
+  workdir = str(tmp_path / "run")
+  first = run_main(f"--config={CONFIG}:steps=4", f"--workdir={workdir}", *TINY)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  train = [r for r in records if r["split"] == "train"]
+  assert [r["step"] for r in train] == [2, 4]
+  for key in ("loss", "mse", "psnr", "kl", "perplexity", "usage", "tau", "beta", "lr",
+              "grad_norm", "images_per_s"):
+    assert np.isfinite(train[-1][key]), key
+  final = [r for r in records if r["split"] == "final_eval"]
+  assert final and final[0]["num_images"] > 0 and "baseline_psnr" in final[0]
+
+  # Resume in the same workdir: continues from step 4 to 6, does not restart.
+  second = run_main(f"--config={CONFIG}:steps=6", f"--workdir={workdir}", *TINY)
+  assert second.returncode == 0, second.stderr[-3000:]
+  assert "Resumed from" in second.stderr and "at step 4" in second.stderr
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
+
+  # The export reloads and tokenizes.
+  model, variables, meta = dvae_task.load_tokenizer(os.path.join(workdir, "export", "tokenizer"))
+  assert meta["step"] == 6 and meta["grid"] == 4 and meta["model"]["vocab_size"] == 64
+  images = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 16, 16, 3)), jnp.float32)
+  ids = dvae.tokenize(model, variables, images)
+  assert ids.shape == (2, 4, 4) and ids.dtype == jnp.int32
+  assert int(ids.max()) < 64
+
+
+def test_cli_rejects_unknown_key_and_bad_value(tmp_path):
+  bad_key = run_main(f"--config={CONFIG}", f"--workdir={tmp_path}", "--config.model.widht=3",
+                     devices=1)
+  assert bad_key.returncode != 0 and "widht" in bad_key.stderr
+  bad_value = run_main(f"--config={CONFIG}", f"--workdir={tmp_path}/w",
+                       "--config.data.source=imagenet", devices=1)
+  assert bad_value.returncode != 0 and "data.source" in bad_value.stderr
+  assert not os.path.exists(f"{tmp_path}/w")  # Nothing written before the check.
+
+
+@pytest.mark.parametrize("key,value,match", [
+    ("model.arch", "vqgan", "model.arch"),
+    ("input.image_size", 30, "divisible"),
+    ("input.crop_scale", (0.5, 0.2), "crop_scale"),
+    ("total_steps", 0, "total_steps"),
+    ("ema_decay", 1.0, "ema_decay"),
+    ("data.source", "folder", "data.path"),
+])
+def test_validate_config(key, value, match):
+  config = get_config()
+  node = config
+  *parents, leaf = key.split(".")
+  for p in parents:
+    node = node[p]
+  node[leaf] = value
+  with pytest.raises(ValueError, match=match):
+    dvae_task.validate_config(config)
+
+
+def test_configs_are_valid():
+  dvae_task.validate_config(get_config())
+  dvae_task.validate_config(get_config("image_size=64,vocab_size=8192,steps=10"))
+  sys.path.insert(0, os.path.dirname(CONFIG))
+  try:
+    import dvae_dalle  # pylint: disable=g-import-not-at-top
+    config = dvae_dalle.get_config()
+  finally:
+    sys.path.pop(0)
+  dvae_task.validate_config(config)
+  assert config.model.arch == "dall_e" and config.input.image_size == 112
+  assert config.loss.beta_end == 6.6 and config.loss.tau_end == 1 / 16
+  assert config.optim.lr == 1e-4 and config.optim.min_lr == 1.25e-6
