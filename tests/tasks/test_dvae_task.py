@@ -109,3 +109,23 @@ def test_configs_are_valid():
   assert config.model.arch == "dall_e" and config.input.image_size == 112
   assert config.loss.beta_end == 6.6 and config.loss.tau_end == 1 / 16
   assert config.optim.lr == 1e-4 and config.optim.min_lr == 1.25e-6
+
+
+def test_dall_e_architecture_with_ema_in_process(tmp_path):
+  """The DALL-E dVAE (tiny width) + logit-Laplace + EMA through the task on 8 devices."""
+  config = get_config("image_size=16,vocab_size=32,steps=2")
+  config.model.update(arch="dall_e", recon_loss="logit_laplace", input_norm="dall_e", n_hid=8,
+                      n_init=8, n_blk_per_group=1)
+  config.input.batch_size = 8
+  config.eval_batch_size = 8
+  config.ema_decay = 0.5
+  config.log_every = 1
+  config.tensorboard = False
+  final = dvae_task.train_and_evaluate(config, str(tmp_path))
+  assert final["num_images"] > 0 and np.isfinite(final["psnr"])
+  model, variables, meta = dvae_task.load_tokenizer(str(tmp_path / "export" / "tokenizer"))
+  assert meta["ema"] is True and meta["grid"] == 2 and model.downsample == 8
+  assert set(variables["params"]) == {"encoder", "decoder"}
+  assert "group_4" in variables["params"]["encoder"]["blocks"]
+  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]
