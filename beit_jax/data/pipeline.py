@@ -255,20 +255,13 @@ def make_train_dataset(
 
 
 def make_train_iterator(
-    source: Any,
-    transform: Transform,
-    *,
-    global_batch_size: int,
-    seed: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    num_workers: int = 0,
-    max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES,
-    read_threads: int = 16,
-    prefetch_buffer_size: int = 256,
-    max_pixels: int = sources.DEFAULT_MAX_PIXELS,
+    source: Any, transform: Transform, **kwargs: Any
 ) -> grain.DatasetIterator:
   """An infinite, deterministic, checkpointable training batch iterator.
+
+  ``iter(make_train_dataset(source, transform, **kwargs))``; the keyword
+  arguments (global_batch_size and seed required) are those of
+  :func:`make_train_dataset`:
 
   Args:
     source: Random-access source of ``{'image': bytes, 'label': int}``.
@@ -298,21 +291,7 @@ def make_train_iterator(
     ValueError: The batch size does not divide by the process count, or the
       source is empty.
   """
-  return iter(
-      make_train_dataset(
-          source,
-          transform,
-          global_batch_size=global_batch_size,
-          seed=seed,
-          process_index=process_index,
-          process_count=process_count,
-          num_workers=num_workers,
-          max_consecutive_failures=max_consecutive_failures,
-          read_threads=read_threads,
-          prefetch_buffer_size=prefetch_buffer_size,
-          max_pixels=max_pixels,
-      )
-  )
+  return iter(make_train_dataset(source, transform, **kwargs))
 
 
 class _EvalElement:
