@@ -388,16 +388,12 @@ class EvalIterable:
 
 
 def make_eval_iterator(
-    source: Any,
-    transform: Transform,
-    *,
-    batch_size: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    read_threads: int = 16,
-    max_pixels: int = sources.DEFAULT_MAX_PIXELS,
+    source: Any, transform: Transform, **kwargs: Any
 ) -> EvalIterable:
   """A finite iterable over this process's slice of ``source``, once.
+
+  ``EvalIterable(source, transform, **kwargs)``; the keyword arguments
+  (batch_size required) are:
 
   Args:
     source: Random-access source of ``{'image': bytes, 'label': int}``.
@@ -414,12 +410,4 @@ def make_eval_iterator(
   Returns:
     An :class:`EvalIterable` of padded batches with a boolean ``valid`` mask.
   """
-  return EvalIterable(
-      source,
-      transform,
-      batch_size=batch_size,
-      process_index=process_index,
-      process_count=process_count,
-      read_threads=read_threads,
-      max_pixels=max_pixels,
-  )
+  return EvalIterable(source, transform, **kwargs)

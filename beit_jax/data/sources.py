@@ -183,7 +183,25 @@ def _list_files(directory: str) -> list[str]:
   return sorted(files)
 
 
-class ImageFolderSource:
+class _ListedSource:
+  """Accessors shared by sources that list their files and class names."""
+
+  _paths: list[str]
+  _class_names: list[str]
+
+  @property
+  def num_classes(self) -> int:
+    return len(self._class_names)
+
+  @property
+  def class_names(self) -> list[str]:
+    return list(self._class_names)
+
+  def __len__(self) -> int:
+    return len(self._paths)
+
+
+class ImageFolderSource(_ListedSource):
   """Images stored as files in an ImageNet-style folder tree.
 
   Layout: ``root/<class_name>/<any/sub/path>/<file>``. Classes are the sorted
@@ -255,17 +273,6 @@ class ImageFolderSource:
   def labels(self) -> np.ndarray:
     """int32 labels, in element order."""
     return self._labels.copy()
-
-  @property
-  def num_classes(self) -> int:
-    return len(self._class_names)
-
-  @property
-  def class_names(self) -> list[str]:
-    return list(self._class_names)
-
-  def __len__(self) -> int:
-    return len(self._paths)
 
   def __getitem__(self, index: int) -> Element:
     return {
@@ -339,7 +346,7 @@ def builtin_photo_paths() -> list[tuple[str, str]]:
   return found
 
 
-class BuiltinPhotosSource:
+class BuiltinPhotosSource(_ListedSource):
   """The real photos shipped inside the installed scikit-image/-learn wheels.
 
   Files are located from the installed packages' directories (no download, no
@@ -368,17 +375,6 @@ class BuiltinPhotosSource:
   @property
   def paths(self) -> list[str]:
     return list(self._paths)
-
-  @property
-  def num_classes(self) -> int:
-    return len(self._class_names)
-
-  @property
-  def class_names(self) -> list[str]:
-    return list(self._class_names)
-
-  def __len__(self) -> int:
-    return len(self._paths)
 
   def __getitem__(self, index: int) -> Element:
     return {'image': self._images[index], 'label': np.int32(index)}
