@@ -59,9 +59,50 @@ def weight_decay_mask(params: Any, skip: Sequence[str] = ()) -> Any:
   return flax.traverse_util.unflatten_dict(mask, sep="/")
 
 
+def vit_layer_id(path: str, depth: int) -> int:
+  """unilm `get_num_layer_for_vit` for a '/'-joined param path of `models.vit.BEiT`.
+
+  cls/mask/pos tokens and the patch embedding -> 0; `blocks_i` -> i + 1; the shared
+  rel-pos table and everything else (norms, heads) -> depth + 1.
+  """
+  top = path.split("/")[0]
+  if top in ("cls_token", "mask_token", "pos_embed", "patch_embed"):
+    return 0
+  if top.startswith("blocks_"):
+    return int(top[len("blocks_"):]) + 1
+  return depth + 1
+
+
+def layerwise_lr_scales(params: Any, decay: float, depth: int) -> Any:
+  """Per-leaf lr multipliers `decay ** (depth + 1 - layer_id)` (unilm LayerDecayValueAssigner)."""
+  flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
+  scales = {k: float(decay ** (depth + 1 - vit_layer_id(k, depth))) for k in flat}
+  return flax.traverse_util.unflatten_dict(scales, sep="/")
+
+
+def scale_by_tree(scales: Any) -> optax.GradientTransformation:
+  """Multiplies each update leaf by a fixed per-leaf scale (layer-wise lr decay).
+
+  Placed after AdamW it scales the whole step, lr · (adam + wd · p), exactly as unilm's
+  per-group `lr_scale` does.
+  """
+
+  def update_fn(updates, state, params=None):
+    del params
+    return jax.tree.map(lambda u, s: u * jnp.asarray(s, u.dtype), updates, scales), state
+
+  return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
+
+
 def make_optimizer(optim_config: ml_collections.ConfigDict, lr: Schedule,
-                   wd_skip: Sequence[str] = ()) -> optax.GradientTransformation:
-  """AdamW (decoupled wd, masked) behind optional global-norm clipping."""
+                   wd_skip: Sequence[str] = (),
+                   lr_scales: Any = None) -> optax.GradientTransformation:
+  """AdamW (decoupled wd, masked) behind optional global-norm clipping.
+
+  `wd_skip` names extra params without weight decay (unilm's `no_weight_decay()`);
+  `lr_scales` (a pytree like the params, e.g. from `layerwise_lr_scales`) multiplies
+  each leaf's step.
+  """
   if optim_config.name != "adamw":
     raise ValueError(f"optim.name={optim_config.name!r} is not supported; use 'adamw'.")
   parts = []
@@ -71,6 +112,8 @@ def make_optimizer(optim_config: ml_collections.ConfigDict, lr: Schedule,
       learning_rate=lr, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
       weight_decay=optim_config.weight_decay,
       mask=lambda p: weight_decay_mask(p, wd_skip)))
+  if lr_scales is not None:
+    parts.append(scale_by_tree(lr_scales))
   return optax.chain(*parts)
 
 

@@ -57,3 +57,55 @@ def test_weight_decay_mask_rule():
 def test_ema_update():
   ema = optim.ema_update({"a": jnp.zeros(3)}, {"a": jnp.ones(3)}, 0.9)
   np.testing.assert_allclose(ema["a"], 0.1)
+
+
+def unilm_layer_id(var_name, num_max_layer):
+  """unilm optim_factory.get_num_layer_for_vit, on torch-style names."""
+  if var_name in ("cls_token", "mask_token", "pos_embed"):
+    return 0
+  elif var_name.startswith("patch_embed"):
+    return 0
+  elif var_name.startswith("rel_pos_bias"):
+    return num_max_layer - 1
+  elif var_name.startswith("blocks"):
+    return int(var_name.split(".")[1]) + 1
+  return num_max_layer - 1
+
+
+def test_layer_ids_and_scales_match_unilm():
+  from beit_jax.models import vit  # pylint: disable=g-import-not-at-top
+  depth = 4
+  model = vit.BEiT(image_size=16, patch_size=8, embed_dim=16, depth=depth, num_heads=2,
+                   use_abs_pos_emb=True, vocab_size=10, num_classes=3)
+  params = vit.abstract_params(model)
+  scales = optim.layerwise_lr_scales(params, 0.65, depth)
+  flat = jax_flatten(scales)
+  assert len(flat) > 30
+  for path, scale in flat.items():
+    torch_name = path.replace("blocks_", "blocks.").replace("/", ".")
+    lid = unilm_layer_id(torch_name, depth + 2)
+    assert lid == optim.vit_layer_id(path, depth), path
+    assert scale == pytest.approx(0.65 ** (depth + 1 - lid)), path
+  assert flat["blocks_0/attn/qkv/kernel"] == pytest.approx(0.65 ** 4)
+  assert flat["head/kernel"] == 1.0 and flat["rel_pos_bias/relative_position_bias_table"] == 1.0
+
+
+def jax_flatten(tree):
+  import flax  # pylint: disable=g-import-not-at-top
+  return flax.traverse_util.flatten_dict(tree, sep="/")
+
+
+def test_lr_scales_scale_the_whole_adamw_step():
+  from beit_jax import config_lib  # pylint: disable=g-import-not-at-top
+  params = {"blocks_0": {"w": jnp.ones((3, 3))}, "head": {"kernel": jnp.full((3, 2), 2.0)}}
+  grads = {"blocks_0": {"w": jnp.full((3, 3), 0.5)}, "head": {"kernel": jnp.full((3, 2), -1.0)}}
+  cfg = config_lib.adamw_config(lr=0.1, weight_decay=0.05)
+  plain = optim.make_optimizer(cfg, lambda s: 0.1)
+  scales = {"blocks_0": {"w": 0.25}, "head": {"kernel": 1.0}}
+  decayed = optim.make_optimizer(cfg, lambda s: 0.1, lr_scales=scales)
+  u_plain, _ = plain.update(grads, plain.init(params), params)
+  u_dec, _ = decayed.update(grads, decayed.init(params), params)
+  np.testing.assert_allclose(u_dec["blocks_0"]["w"], 0.25 * u_plain["blocks_0"]["w"], rtol=1e-6)
+  np.testing.assert_allclose(u_dec["head"]["kernel"], u_plain["head"]["kernel"], rtol=1e-6)
+  # Step includes the decoupled weight decay: -lr * (adam + wd * p), adam = sign-ish 1.
+  np.testing.assert_allclose(u_plain["blocks_0"]["w"], -0.1 * (1.0 + 0.05), rtol=1e-4)
