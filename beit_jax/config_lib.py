@@ -8,6 +8,7 @@ key and says what to change, before anything is compiled or written.
 
 from __future__ import annotations
 
+import os
 from typing import Any, Iterable
 
 import ml_collections
@@ -111,3 +112,20 @@ def check_data(config: ml_collections.ConfigDict) -> None:
     raise ValueError("config.data.source='tfds' needs config.data.name=<dataset name> "
                      "(prepared as ArrayRecord; see README).")
   check_positive(config, "data.num_workers", allow_zero=True)
+
+
+def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """`get_config(arg)` of another config file (configs build on each other by path)."""
+  import importlib.util  # pylint: disable=g-import-not-at-top
+  name = "beit_jax_config_" + os.path.splitext(os.path.basename(path))[0]
+  spec = importlib.util.spec_from_file_location(name, path)
+  if spec is None or spec.loader is None:
+    raise FileNotFoundError(f"Cannot load config file {path}.")
+  module = importlib.util.module_from_spec(spec)
+  spec.loader.exec_module(module)
+  return module.get_config(arg)
+
+
+def sibling_config(this_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
+  """The config of `name` (e.g. 'dvae_small.py') in the same folder as `this_file`."""
+  return load_config_file(os.path.join(os.path.dirname(os.path.abspath(this_file)), name), arg)

@@ -2,6 +2,7 @@ r"""Entry point: `python -m beit_jax.main --config=configs/FILE.py[:ARGS] --work
 
 The config's `task` field picks the job:
   dvae      train a Gumbel-softmax dVAE visual tokenizer (beit_jax/tasks/dvae.py)
+  pretrain  BEiT masked image modeling against a frozen tokenizer (beit_jax/tasks/pretrain.py)
 
 Any config value can be overridden: `--config.total_steps=100 --config.data.source=folder`.
 A key that does not exist, or a value of the wrong type, stops the run before anything
@@ -18,6 +19,7 @@ from ml_collections import config_flags
 
 TASKS = {
     "dvae": "beit_jax.tasks.dvae",
+    "pretrain": "beit_jax.tasks.pretrain",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

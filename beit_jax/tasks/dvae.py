@@ -86,6 +86,9 @@ def to_unit(images_uint8: jax.Array) -> jax.Array:
 def make_train_step(model: dvae.DiscreteVAE, tx: optax.GradientTransformation,
                     lr_fn: optim.Schedule, config: ml_collections.ConfigDict):
   """One jitted update: ELB loss with annealed tau/beta, AdamW, optional EMA."""
+  # A fresh step may be built again in one process (a notebook re-running a job): its
+  # trace count starts from zero; within a run it must be traced once (static shapes).
+  chex.clear_trace_counter()
   tau_fn = optim.cosine_ramp(config.loss.tau_start, config.loss.tau_end, config.loss.tau_steps)
   beta_fn = optim.cosine_ramp(config.loss.beta_start, config.loss.beta_end, config.loss.beta_steps)
 

@@ -1,0 +1,369 @@
+"""Task `pretrain`: BEiT masked image modeling against a frozen visual tokenizer.
+
+unilm `run_beit_pretraining.py` / `engine_for_pretraining.py`, as one jitted step:
+
+  tokenizer view (uint8, e.g. 112 px) -> frozen dVAE -> argmax token ids (no gradient)
+  ViT view (uint8, e.g. 224 px) -> normalise -> patch embeddings, masked ones replaced
+      by the mask token -> blocks (shared rel-pos bias) -> norm -> lm_head, evaluated
+      only at the masked positions (gathered to a static K = mask.num_patches, with
+      weights for the padding) -> cross-entropy averaged over every masked token of the
+      global batch.
+
+Masks are made on the host inside the Grain pipeline (`beit_jax/data/masking.py`), from
+the same per-element generator as the crop. Optimizer: AdamW with unilm's no-decay rule
+(1-D params, biases, `pos_embed`, `cls_token`), per-step cosine with linear warmup from
+0, global-norm clipping. Metrics: loss, mlm_acc, grad_norm, lr, masked patches per
+image. At the end the MIM model's params go to `<workdir>/export/beit` (Orbax + metadata).
+
+The tokenizer comes from an Orbax export by path (`config.tokenizer.path`: one trained
+with the `dvae` task, or the official DALL-E dVAE converted to the same format). If the
+path is empty and the config holds a `tokenizer.train` section (the quick start), that
+tokenizer is trained first in `<workdir>/tokenizer` and then used.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import optax
+from absl import logging
+
+from beit_jax import config_lib
+from beit_jax.data import masking, pipeline, sources, transforms
+from beit_jax.models import dvae, vit
+from beit_jax.tasks import dvae as dvae_task
+from beit_jax.training import checkpointing, loop, metrics as metrics_lib
+from beit_jax.training import mesh as mesh_lib
+from beit_jax.training import optim
+from beit_jax.training.train_state import TrainState, init_sharded
+
+EXPORT_KIND = "beit_mim"
+IMAGE_KEY = "image"
+TOKENIZER_KEY = "tokenizer_image"
+MASK_KEY = "mask"
+BATCH_KEYS = (IMAGE_KEY, TOKENIZER_KEY, MASK_KEY)
+WD_SKIP = ("pos_embed", "cls_token")  # unilm `no_weight_decay()`; mask_token is decayed.
+INTERPOLATIONS = ("bicubic", "bilinear", "lanczos", "box", "hamming", "nearest")
+
+
+# ----------------------------------------------------------------------------------
+# Config checks and the resolved pieces (before anything is compiled or written).
+# ----------------------------------------------------------------------------------
+def compute_dtype(name: str) -> Any:
+  """'auto' -> bfloat16 on GPU/TPU, float32 on CPU."""
+  if name == "auto":
+    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
+  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
+
+
+def make_model(model_config: Mapping[str, Any], image_size: int, vocab_size: int,
+               dtype: Any = jnp.float32) -> vit.BEiT:
+  """The MIM model from `config.model` (a named variant plus overrides)."""
+  m = dict(model_config)
+  return vit.mim_model(
+      m["variant"], image_size=image_size, patch_size=m["patch_size"], vocab_size=vocab_size,
+      init_values=m["init_values"], drop_path_rate=m["drop_path_rate"],
+      use_abs_pos_emb=m["use_abs_pos_emb"], use_shared_rel_pos_bias=m["use_shared_rel_pos_bias"],
+      use_rel_pos_bias=not m["use_shared_rel_pos_bias"], remat=m["remat"], dtype=dtype)
+
+
+def mask_counts(config: ml_collections.ConfigDict) -> tuple[int, int]:
+  """(num masked patches, min block) — unilm's 75 / 16 of 196 scaled to the grid if 0."""
+  grid = config.input.image_size // config.model.patch_size
+  default_num, default_min = masking.default_mask_counts(grid, grid)
+  return (config.mask.num_patches or default_num, config.mask.min_patches or default_min)
+
+
+def tokenizer_train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
+  """The `dvae` config to train first (quick start), reading the same data; else None."""
+  train = config.tokenizer.get("train")
+  if train is None or config.tokenizer.path:
+    return None
+  train = ml_collections.ConfigDict(train.to_dict())
+  train.data = ml_collections.ConfigDict(config.data.to_dict())
+  return train
+
+
+def tokenizer_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Grid, vocabulary and view size of the tokenizer the config points to."""
+  train = tokenizer_train_config(config)
+  if train is not None:
+    dvae_task.validate_config(train)
+    down = dvae_task.make_model(train.model).downsample
+    return dict(grid=train.input.image_size // down, vocab_size=train.model.vocab_size,
+                image_size=train.input.image_size)
+  meta = checkpointing.read_metadata(config.tokenizer.path)
+  if meta.get("kind") != dvae_task.EXPORT_KIND:
+    raise ValueError(f"config.tokenizer.path={config.tokenizer.path!r} holds a "
+                     f"{meta.get('kind')!r} export, not a dVAE tokenizer.")
+  return dict(grid=meta["grid"], vocab_size=meta["model"]["vocab_size"],
+              image_size=meta["image_size"])
+
+
+def missing_inputs_message(config: ml_collections.ConfigDict) -> str | None:
+  """What is missing (tokenizer, data set) and how to get it; None if all is there."""
+  problems = []
+  if not config.tokenizer.path and tokenizer_train_config(config) is None:
+    problems.append(
+        "config.tokenizer.path is empty. Pass the export of a trained tokenizer "
+        "(--config.tokenizer.path=RUN/export/tokenizer, written by e.g. `python -m "
+        "beit_jax.main --config=configs/dvae_dalle.py`) or the official DALL-E dVAE "
+        "converted to that format.")
+  elif config.tokenizer.path and not os.path.exists(
+      os.path.join(config.tokenizer.path, checkpointing.METADATA_FILE)):
+    problems.append(f"config.tokenizer.path={config.tokenizer.path!r} is not a tokenizer "
+                    "export (no metadata.json there).")
+  try:
+    sources.make_source(config.data, config.data.train_split)
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    problems.append(f"Training data: {e}")
+  if not problems:
+    return None
+  return ("Cannot start pretraining:\n  - " + "\n  - ".join(problems) +
+          "\nTo try BEiT without any download, run the quick start: python -m beit_jax.main "
+          "--config=configs/pretrain_small.py (tokenizer + MIM on built-in photos).")
+
+
+def validate_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
+  """Raises ValueError naming the first bad value; returns the tokenizer spec."""
+  config_lib.check_choice(config, "task", ("pretrain",))
+  config_lib.check_data(config)
+  config_lib.check_choice(config, "model.variant", tuple(vit.VARIANTS))
+  config_lib.check_choice(config, "model.dtype", ("auto", "float32", "bfloat16"))
+  config_lib.check_choice(config, "mask.kind", ("blockwise", "random"))
+  config_lib.check_choice(config, "input.norm", ("half", "imagenet"))
+  config_lib.check_choice(config, "input.interpolation", INTERPOLATIONS)
+  config_lib.check_choice(config, "input.second_interpolation", INTERPOLATIONS)
+  config_lib.check_positive(config, "total_steps", "input.batch_size", "input.image_size",
+                            "input.second_size", "model.patch_size", "log_every", "ckpt.every",
+                            "ckpt.keep", "optim.lr")
+  config_lib.check_positive(config, "mask.num_patches", "mask.min_patches",
+                            "model.drop_path_rate", "model.init_values", "optim.warmup_steps",
+                            "model.vocab_size", allow_zero=True)
+  size, patch = config.input.image_size, config.model.patch_size
+  if size % patch:
+    raise ValueError(f"config.input.image_size={size} is not divisible by "
+                     f"config.model.patch_size={patch}; use a multiple of {patch}.")
+  grid = size // patch
+  num, min_block = mask_counts(config)
+  if num > grid * grid:
+    raise ValueError(f"config.mask.num_patches={num} exceeds the {grid}x{grid}={grid * grid} "
+                     "patches of the image; lower it (unilm: 75 of 196).")
+  if config.mask.kind == "blockwise" and min_block > num:
+    raise ValueError(f"config.mask.min_patches={min_block} is above "
+                     f"config.mask.num_patches={num}; a block cannot be larger than the mask.")
+  message = missing_inputs_message(config)
+  if message:
+    raise FileNotFoundError(message)
+  spec = tokenizer_spec(config)
+  if spec["grid"] != grid:
+    raise ValueError(
+        f"The tokenizer makes a {spec['grid']}x{spec['grid']} token grid but the ViT has "
+        f"{grid}x{grid} patches (image_size {size} / patch {patch}); they must match "
+        f"(e.g. input.second_size = tokenizer image size, image_size = patch * {spec['grid']}).")
+  if config.input.second_size != spec["image_size"]:
+    raise ValueError(f"config.input.second_size={config.input.second_size} but the tokenizer "
+                     f"was trained on {spec['image_size']} px views; set them equal.")
+  if config.model.vocab_size and config.model.vocab_size != spec["vocab_size"]:
+    raise ValueError(f"config.model.vocab_size={config.model.vocab_size} but the tokenizer has "
+                     f"{spec['vocab_size']} tokens; set it to {spec['vocab_size']} (or 0 to "
+                     "take the tokenizer's).")
+  return spec
+
+
+# ----------------------------------------------------------------------------------
+# The MIM step.
+# ----------------------------------------------------------------------------------
+def masked_positions(mask: jax.Array, max_masked: int) -> tuple[jax.Array, jax.Array]:
+  """(B, N) bool -> positions (B, K) of the masked patches (in order, padded) and weights.
+
+  Static shapes: K = `max_masked`, an upper bound of the per-image count (the blockwise
+  generator never exceeds its target). Padding slots point at unmasked patches and get
+  weight 0.
+  """
+  order = jnp.argsort(jnp.logical_not(mask), axis=1, stable=True)[:, :max_masked]
+  weights = jnp.take_along_axis(mask, order, axis=1).astype(jnp.float32)
+  return order.astype(jnp.int32), weights
+
+
+def mim_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array):
+  """Mean cross-entropy and argmax accuracy over the weighted (masked) tokens."""
+  logits = logits.astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+  count = jnp.maximum(jnp.sum(weights), 1.0)
+  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+  return jnp.sum(ce * weights) / count, jnp.sum(correct * weights) / count
+
+
+def make_train_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, tx: optax.GradientTransformation,
+                    lr_fn: optim.Schedule, max_masked: int, input_norm: str):
+  """`train_step(state, batch, tokenizer_params) -> (state, metrics)`, for `jax.jit`."""
+  # A fresh step may be built again in one process (a notebook re-running a job): its
+  # trace count starts from zero; within a run it must be traced once (static shapes).
+  chex.clear_trace_counter()
+
+  @chex.assert_max_traces(n=1)
+  def train_step(state: TrainState, batch: Mapping[str, jax.Array], tokenizer_params: Any):
+    images = transforms.normalize(batch[IMAGE_KEY], input_norm)
+    token_view = batch[TOKENIZER_KEY].astype(jnp.float32) / 255.0
+    ids = dvae.tokenize(tokenizer, tokenizer_params, token_view)
+    ids = jax.lax.stop_gradient(ids.reshape(ids.shape[0], -1))
+    mask = batch[MASK_KEY].astype(bool)
+    positions, weights = masked_positions(mask, max_masked)
+    targets = jnp.take_along_axis(ids, positions, axis=1)
+
+    def loss_fn(params):
+      logits = model.apply({"params": params}, images, mask, positions, train=True,
+                           rngs={"dropout": state.step_rng()}, method=vit.BEiT.mim_logits)
+      return mim_loss(logits, targets, weights)
+
+    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    metrics = dict(loss=loss, mlm_acc=acc, grad_norm=optax.global_norm(grads),
+                   lr=lr_fn(state.step), masked_per_image=jnp.mean(jnp.sum(weights, axis=1)))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+# ----------------------------------------------------------------------------------
+# The job.
+# ----------------------------------------------------------------------------------
+def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str:
+  """The tokenizer export path; trains the quick-start tokenizer first if asked to."""
+  train = tokenizer_train_config(config)
+  if train is None:
+    return config.tokenizer.path
+  tok_workdir = os.path.join(workdir, "tokenizer")
+  export = train.export_dir or os.path.join(tok_workdir, "export", "tokenizer")
+  if os.path.exists(os.path.join(export, checkpointing.METADATA_FILE)):
+    logging.info("Using the tokenizer already trained in %s.", export)
+    return export
+  logging.info("Stage 1/2: training the tokenizer in %s (config.tokenizer.train).", tok_workdir)
+  dvae_task.train_and_evaluate(train, tok_workdir)
+  logging.info("Stage 2/2: masked image modeling.")
+  return export
+
+
+def make_input(config: ml_collections.ConfigDict):
+  """The training source and the two-view + mask transform."""
+  size, patch = config.input.image_size, config.model.patch_size
+  num, min_block = mask_counts(config)
+  views = transforms.TwoViewTransform(
+      size, config.input.second_size, scale=tuple(config.input.crop_scale),
+      ratio=tuple(config.input.crop_ratio), interpolation=config.input.interpolation,
+      second_interpolation=config.input.second_interpolation,
+      color_jitter=config.input.color_jitter, flip_prob=config.input.flip_prob,
+      key=IMAGE_KEY, second_key=TOKENIZER_KEY)
+  generator = masking.make_mask_generator(config.mask.kind, size // patch, num, min_block)
+  return masking.MaskedViewsTransform(views, generator, mask_key=MASK_KEY), num
+
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Pretrains (or resumes) in `workdir` and exports; returns the last logged metrics."""
+  spec = validate_config(config)
+
+  # --- Mesh ---------------------------------------------------------------------
+  mesh = mesh_lib.make_mesh(config.mesh)
+  mesh_lib.check_batch_size(config.input.batch_size, mesh)
+  batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
+
+  # --- Tokenizer (trained first in the quick start) -------------------------------
+  tokenizer_path = prepare_tokenizer(config, workdir)
+  tokenizer, tok_vars, tok_meta = dvae_task.load_tokenizer(tokenizer_path, sharding=repl)
+  tok_params = {"params": tok_vars["params"]}
+  vocab = spec["vocab_size"]
+
+  # --- Input --------------------------------------------------------------------
+  train_source = sources.make_source(config.data, config.data.train_split)
+  transform, max_masked = make_input(config)
+  data_iter = pipeline.make_train_iterator(
+      train_source, transform, global_batch_size=config.input.batch_size, seed=config.seed,
+      num_workers=config.data.num_workers)
+  logging.info("Train source: %s (%d images); tokenizer %s (%d tokens, %dx%d grid)",
+               config.data.source, len(train_source), tokenizer_path, vocab, spec["grid"],
+               spec["grid"])
+
+  # --- Model and optimizer --------------------------------------------------------
+  dtype = compute_dtype(config.model.dtype)
+  model = make_model(config.model, config.input.image_size, vocab, dtype)
+  lr_fn = config_lib.lr_schedule(config)
+  tx = optim.make_optimizer(config.optim, lr_fn, wd_skip=WD_SKIP)
+  size = config.input.image_size
+
+  def init_fn():
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    params = model.init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+    return TrainState.create(params, tx, state_rng)
+
+  state, state_sh = init_sharded(init_fn, mesh)
+  num_params = sum(x.size for x in jax.tree.leaves(state.params))
+  logging.info("BEiT-%s MIM: %s params, %d patches, %d masked (%s), compute %s",
+               config.model.variant, f"{num_params:,}", model.num_patches, max_masked,
+               config.mask.kind, jnp.dtype(dtype).name)
+
+  # --- Resume ---------------------------------------------------------------------
+  ckpt = checkpointing.Checkpointer(
+      os.path.join(workdir, "checkpoints"), max_to_keep=config.ckpt.keep,
+      save_interval_steps=config.ckpt.every, async_save=config.ckpt.async_save)
+  if (last := ckpt.latest_step()) is not None:
+    state = ckpt.restore(last, checkpointing.abstract_with_shardings(state, state_sh), data_iter)
+    logging.info("Resumed from %s at step %d.", ckpt.directory, last)
+
+  # --- Compiled step --------------------------------------------------------------
+  tok_sh = jax.tree.map(lambda _: repl, tok_params)
+  step_fn = jax.jit(make_train_step(model, tokenizer, tx, lr_fn, max_masked, config.input.norm),
+                    in_shardings=(state_sh, batch_sh, tok_sh), out_shardings=(state_sh, repl),
+                    donate_argnums=(0,))
+
+  def train_step(s, batch):
+    return step_fn(s, batch, tok_params)
+
+  # --- Train ----------------------------------------------------------------------
+  writer = metrics_lib.MetricWriter(workdir, config.total_steps, tensorboard=config.tensorboard)
+  last_metrics: dict[str, Any] = {}
+
+  def summarize(sums, num_steps):
+    scalars = loop.mean_scalars(sums, num_steps)
+    last_metrics.clear()
+    last_metrics.update(scalars)
+    return scalars
+
+  try:
+    state = loop.run(
+        state=state, train_step=train_step, data_iter=data_iter, batch_keys=BATCH_KEYS,
+        batch_sharding=batch_sh, total_steps=config.total_steps, writer=writer,
+        checkpointer=ckpt, log_every=config.log_every, summarize=summarize)
+
+    # --- Export ---------------------------------------------------------------------
+    export_dir = config.export_dir or os.path.join(workdir, "export", "beit")
+    checkpointing.export_params(export_dir, state.params, metadata=dict(
+        kind=EXPORT_KIND, model=config.model.to_dict(), vocab_size=vocab, image_size=size,
+        patch_size=config.model.patch_size, input_norm=config.input.norm,
+        tokenizer=os.path.abspath(tokenizer_path), tokenizer_image_size=tok_meta["image_size"],
+        step=int(jax.device_get(state.step)), final_train=dict(last_metrics)))
+    logging.info("Exported BEiT MIM params to %s", export_dir)
+  finally:
+    ckpt.close()
+    writer.close()
+    if hasattr(data_iter, "close"):
+      data_iter.close()
+  return dict(last_metrics)
+
+
+def load_pretrained(export_dir: str, sharding=None, dtype=jnp.float32) -> tuple[vit.BEiT, Any, dict]:
+  """Loads a pretraining export: (MIM model, params, metadata)."""
+  meta = checkpointing.read_metadata(export_dir)
+  if meta.get("kind") != EXPORT_KIND:
+    raise ValueError(f"{export_dir} holds a {meta.get('kind')!r} export, not BEiT MIM params.")
+  model = make_model(meta["model"], meta["image_size"], meta["vocab_size"], dtype)
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
+                        vit.abstract_params(model))
+  return model, checkpointing.load_params(export_dir, target), meta

@@ -1,0 +1,252 @@
+"""The MIM step and the pretraining job: loss at init, overfitting, sharding invariance,
+no retrace, config errors, the quick start's two stages, kill + resume."""
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+import pytest
+
+from beit_jax import config_lib
+from beit_jax.models import dvae, vit
+from beit_jax.tasks import pretrain
+from beit_jax.training import mesh as mesh_lib
+from beit_jax.training import optim
+from beit_jax.training.train_state import TrainState, init_sharded
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+SMALL = os.path.join(ROOT, "configs", "pretrain_small.py")
+BASE = os.path.join(ROOT, "configs", "pretrain_base.py")
+# Quick-start config shrunk for tests: ViT 32 px / patch 8 (4x4), tokenizer 16 px (4x4).
+TINY = ["--config.input.batch_size=8", "--config.input.image_size=32",
+        "--config.input.second_size=16", "--config.log_every=2", "--config.ckpt.every=2",
+        "--config.ckpt.async_save=False", "--config.tensorboard=False",
+        "--config.tokenizer.train.input.batch_size=8",
+        "--config.tokenizer.train.input.image_size=16",
+        "--config.tokenizer.train.eval_batch_size=8", "--config.tokenizer.train.model.hidden=16",
+        "--config.tokenizer.train.model.codebook_dim=16",
+        "--config.tokenizer.train.model.vocab_size=64", "--config.tokenizer.train.log_every=2",
+        "--config.tokenizer.train.ckpt.async_save=False",
+        "--config.tokenizer.train.tensorboard=False"]
+VOCAB = 64
+
+
+def run_main(*args, devices=8, wait=True):
+  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+             JAX_PLATFORMS="cpu")
+  cmd = [sys.executable, "-m", "beit_jax.main", *args]
+  if not wait:
+    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+
+
+# ----------------------------------------------------------------------------------
+# In-process pieces: a tiny ViT (16 px, patch 4 -> 4x4) and a tiny random dVAE (4x4).
+# ----------------------------------------------------------------------------------
+def tiny_setup(mesh, seed=0, lr=3e-3, drop_path=0.0):
+  model = vit.mim_model("test", image_size=16, patch_size=4, vocab_size=VOCAB,
+                        drop_path_rate=drop_path)
+  tokenizer = dvae.DiscreteVAE(arch="compact", vocab_size=VOCAB, recon_loss="mse",
+                               input_norm="half", num_layers=2, hidden=8, num_resblocks=0,
+                               codebook_dim=8)
+  tok_params = tokenizer.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)),
+                              rng=jax.random.PRNGKey(2), tau=1.0, hard=False)
+  cfg = config_lib.adamw_config(lr=lr, weight_decay=0.05, clip_grad_norm=3.0)
+  lr_fn = optim.warmup_cosine(lr, 1e-5, 1000, 0)
+  tx = optim.make_optimizer(cfg, lr_fn, wd_skip=pretrain.WD_SKIP)
+
+  def init_fn():
+    params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 16, 16, 3)))["params"]
+    return TrainState.create(params, tx, jax.random.PRNGKey(seed + 1))
+
+  state, state_sh = init_sharded(init_fn, mesh)
+  batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
+  step = jax.jit(pretrain.make_train_step(model, tokenizer, tx, lr_fn, max_masked=6,
+                                          input_norm="half"),
+                 in_shardings=(state_sh, batch_sh, jax.tree.map(lambda _: repl, tok_params)),
+                 out_shardings=(state_sh, repl), donate_argnums=(0,))
+  return state, step, tok_params, batch_sh
+
+
+def tiny_batch(n=8, seed=0):
+  rng = np.random.default_rng(seed)
+  images = rng.integers(0, 256, (n, 16, 16, 3), dtype=np.uint8)
+  mask = np.zeros((n, 16), bool)
+  for i in range(n):
+    mask[i, rng.choice(16, size=rng.integers(3, 7), replace=False)] = True
+  return {"image": images, "tokenizer_image": images, "mask": mask}
+
+
+def test_masked_positions_static_and_weighted():
+  mask = jnp.array([[False, True, False, True, True],
+                    [False, False, False, False, True]])
+  positions, weights = pretrain.masked_positions(mask, 3)
+  np.testing.assert_array_equal(positions, [[1, 3, 4], [4, 0, 1]])
+  np.testing.assert_array_equal(weights, [[1, 1, 1], [1, 0, 0]])
+
+
+def test_mim_loss_matches_direct_formula():
+  rng = np.random.default_rng(0)
+  logits = rng.normal(size=(2, 3, 7)).astype(np.float32)
+  targets = rng.integers(0, 7, (2, 3))
+  weights = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
+  loss, acc = pretrain.mim_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
+  logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+  picked = [(0, 0), (0, 1), (1, 0)]
+  expected = -np.mean([logp[b, k, targets[b, k]] for b, k in picked])
+  np.testing.assert_allclose(loss, expected, rtol=1e-5)
+  expected_acc = np.mean([logits[b, k].argmax() == targets[b, k] for b, k in picked])
+  np.testing.assert_allclose(acc, expected_acc)
+
+
+def test_loss_at_init_is_log_vocab_and_overfits_a_few_images():
+  mesh = mesh_lib.make_mesh(config_lib.mesh_config())
+  state, step, tok_params, batch_sh = tiny_setup(mesh)
+  batch = mesh_lib.global_batch(tiny_batch(), batch_sh)
+  state, metrics = step(state, batch, tok_params)
+  first = float(metrics["loss"])
+  assert abs(first - math.log(VOCAB)) < 0.5, first
+  assert 0 < float(metrics["masked_per_image"]) <= 6
+  for _ in range(150):
+    state, metrics = step(state, batch, tok_params)
+  last, acc = float(metrics["loss"]), float(metrics["mlm_acc"])
+  assert last < 0.3 * math.log(VOCAB), (first, last)
+  assert acc > 0.8, acc
+  assert int(state.step) == 151
+
+
+def test_step_same_on_8_devices_as_on_1():
+  batch_np = tiny_batch(seed=3)
+  out = {}
+  for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
+    mesh = mesh_lib.make_mesh(config_lib.mesh_config(), devices=devices)
+    state, step, tok_params, batch_sh = tiny_setup(mesh, drop_path=0.1)
+    for _ in range(2):
+      state, metrics = step(state, mesh_lib.global_batch(batch_np, batch_sh), tok_params)
+    out[name] = (jax.device_get(metrics), jax.device_get(state.params))
+  assert len(jax.devices()) == 8
+  np.testing.assert_allclose(out["one"][0]["loss"], out["eight"][0]["loss"], rtol=1e-5)
+  np.testing.assert_allclose(out["one"][0]["grad_norm"], out["eight"][0]["grad_norm"], rtol=1e-4)
+  # Params after two AdamW steps (lr 3e-3): Adam's normalisation amplifies reduction-order
+  # differences of near-zero gradients, so compare at 2% of one step.
+  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=6e-5),
+               out["one"][1], out["eight"][1])
+
+
+def test_no_retrace_across_steps():
+  mesh = mesh_lib.make_mesh(config_lib.mesh_config())
+  state, step, tok_params, batch_sh = tiny_setup(mesh)
+  for seed in range(4):  # New data each step (including a different mask count).
+    state, _ = step(state, mesh_lib.global_batch(tiny_batch(seed=seed), batch_sh), tok_params)
+  assert step._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_weight_decay_follows_unilm_no_weight_decay():
+  model = vit.mim_model("test", image_size=16, patch_size=4, vocab_size=VOCAB,
+                        use_abs_pos_emb=True)
+  mask = optim.weight_decay_mask(vit.abstract_params(model), pretrain.WD_SKIP)
+  assert mask["mask_token"] and mask["rel_pos_bias"]["relative_position_bias_table"]
+  assert not mask["cls_token"] and not mask["pos_embed"]
+  assert not mask["blocks_0"]["attn"]["q_bias"] and not mask["blocks_0"]["gamma_1"]
+  assert mask["blocks_0"]["attn"]["qkv"]["kernel"] and not mask["lm_head"]["bias"]
+
+
+# ----------------------------------------------------------------------------------
+# Configs and the job.
+# ----------------------------------------------------------------------------------
+def load(path, arg=None):
+  return config_lib.load_config_file(path, arg)
+
+
+def test_base_config_is_the_paper_recipe():
+  c = load(BASE)
+  assert c.total_steps == 800 * 625 and c.optim.warmup_steps == 10 * 625
+  assert (c.input.batch_size, c.optim.lr, c.optim.min_lr, c.optim.clip_grad_norm) == (
+      2048, 1.5e-3, 1e-5, 3.0)
+  assert (c.model.drop_path_rate, c.model.init_values, c.optim.weight_decay) == (0.1, 0.1, 0.05)
+  assert (c.input.image_size, c.input.second_size, c.model.patch_size) == (224, 112, 16)
+  assert pretrain.mask_counts(c) == (75, 16)
+  assert c.data.name == "imagenet2012" and c.model.use_shared_rel_pos_bias
+  large = load(os.path.join(ROOT, "configs", "pretrain_large.py"))
+  assert large.model.variant == "large" and large.model.init_values == 1e-5
+  assert large.optim.clip_grad_norm == 1.0
+
+
+def test_main_job_without_imagenet_or_tokenizer_says_what_to_do(tmp_path):
+  workdir = tmp_path / "run"
+  result = run_main(f"--config={BASE}", f"--workdir={workdir}",
+                    f"--config.data.data_dir={tmp_path / 'no_tfds'}", devices=1)
+  assert result.returncode != 0
+  assert "config.tokenizer.path is empty" in result.stderr
+  assert "imagenet2012" in result.stderr and "tfds build" in result.stderr
+  assert "configs/pretrain_small.py" in result.stderr
+  assert not workdir.exists()
+
+
+@pytest.mark.parametrize("override,message", [
+    ("--config.input.image_size=36", "not divisible by config.model.patch_size"),
+    ("--config.mask.num_patches=17", "exceeds the 4x4=16 patches"),
+    ("--config.model.patch_size=4", "token grid but the ViT has"),
+    ("--config.input.second_size=32", "trained on 16 px views"),
+    ("--config.model.vocab_size=100", "config.model.vocab_size=100 but the tokenizer"),
+    ("--config.tokenizer.path=/nonexistent", "is not a tokenizer export"),
+])
+def test_bad_settings_rejected_before_anything_is_written(tmp_path, override, message):
+  workdir = tmp_path / "run"
+  result = run_main(f"--config={SMALL}:steps=2", f"--workdir={workdir}", *TINY, override,
+                    devices=1)
+  assert result.returncode != 0
+  assert message in result.stderr, result.stderr[-2000:]
+  assert not workdir.exists()
+
+
+def test_quick_start_two_stages_then_kill_and_resume(tmp_path):
+  workdir = str(tmp_path / "run")
+  first = run_main(f"--config={SMALL}:steps=4,tokenizer_steps=2,variant=test",
+                   f"--workdir={workdir}", *TINY)
+  assert first.returncode == 0, first.stderr[-3000:]
+  assert os.path.exists(os.path.join(workdir, "tokenizer", "export", "tokenizer",
+                                     "metadata.json"))
+  assert "Stage 2/2" in first.stderr
+  assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
+  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  train = [r for r in records if r["split"] == "train"]
+  assert [r["step"] for r in train] == [2, 4]
+  for key in ("loss", "mlm_acc", "grad_norm", "lr", "masked_per_image", "images_per_s"):
+    assert np.isfinite(train[-1][key]), key
+  assert abs(train[0]["loss"] - math.log(VOCAB)) < 1.0
+  model, params, meta = pretrain.load_pretrained(os.path.join(workdir, "export", "beit"))
+  assert meta["step"] == 4 and model.vocab_size == VOCAB and model.image_size == 32
+  assert params["lm_head"]["kernel"].shape == (32, VOCAB)
+
+  # Kill a longer run after its first new checkpoint; the rerun resumes from it.
+  proc = run_main(f"--config={SMALL}:steps=400,tokenizer_steps=2,variant=test",
+                  f"--workdir={workdir}", *TINY, wait=False)
+  ckpt_dir = os.path.join(workdir, "checkpoints")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    steps = [int(s) for s in os.listdir(ckpt_dir) if s.isdigit()]
+    if max(steps) >= 8:
+      break
+    time.sleep(0.2)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  saved = max(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+  assert 8 <= saved < 400
+  resumed = run_main(f"--config={SMALL}:steps={saved + 2},tokenizer_steps=2,variant=test",
+                     f"--workdir={workdir}", *TINY)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert "Using the tokenizer already trained" in resumed.stderr
+  assert f"at step {saved}" in resumed.stderr
+  steps = [json.loads(l)["step"] for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert steps[-1] == saved + 2
