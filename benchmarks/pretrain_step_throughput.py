@@ -3,7 +3,7 @@ r"""Train-step throughput of BEiT MIM pretraining (tokenizer + ViT + AdamW in on
   python benchmarks/pretrain_step_throughput.py --variants=tiny,base --batch_size=8
 
 Times the compiled `pretrain.make_train_step` (the exact step the `pretrain` task runs)
-on random uint8 views and blockwise masks at 224 px (patch 16, 75 of 196 masked), with a
+on random uint8 views and blockwise masks (default 224 px, patch 16: 75 of 196 masked), with a
 frozen tokenizer of the given architecture on the 112 px view: 'dall_e' (the DALL-E dVAE
 BEiT uses, 54M-param encoder, 8192 tokens) or 'compact' (a small dVAE). Prints one row
 per variant: compile time, seconds per step, images per second, and the ViT's share
@@ -28,12 +28,16 @@ from beit_jax.training import optim
 from beit_jax.training.train_state import TrainState, init_sharded
 
 
-def make_tokenizer(arch: str) -> dvae.DiscreteVAE:
+def make_tokenizer(arch: str, downsample: int, vocab_size: int) -> dvae.DiscreteVAE:
+  """The frozen tokenizer: DALL-E's dVAE (x8) or a compact one with the given downsampling."""
   if arch == "dall_e":
-    return dvae.DiscreteVAE(arch="dall_e", vocab_size=8192, recon_loss="logit_laplace",
+    if downsample != 8:
+      raise ValueError("The DALL-E dVAE downsamples by 8: use --patch_size=16.")
+    return dvae.DiscreteVAE(arch="dall_e", vocab_size=vocab_size, recon_loss="logit_laplace",
                             input_norm="dall_e")
-  return dvae.DiscreteVAE(arch="compact", vocab_size=8192, recon_loss="mse", input_norm="half",
-                          num_layers=3, hidden=64, num_resblocks=1, codebook_dim=64)
+  return dvae.DiscreteVAE(arch="compact", vocab_size=vocab_size, recon_loss="mse",
+                          input_norm="half", num_layers=int(np.log2(downsample)), hidden=64,
+                          num_resblocks=1, codebook_dim=64)
 
 
 def time_steps(step, state, batch, extra, num_steps: int) -> tuple[float, float, object]:
@@ -54,6 +58,8 @@ def main() -> None:
   parser.add_argument("--batch_size", type=int, default=8)
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--image_size", type=int, default=224)
+  parser.add_argument("--patch_size", type=int, default=16)
+  parser.add_argument("--vocab_size", type=int, default=8192)
   parser.add_argument("--tokenizer", default="dall_e", choices=("dall_e", "compact"))
   parser.add_argument("--dtype", default="float32", choices=("float32", "bfloat16"))
   args = parser.parse_args()
@@ -61,7 +67,7 @@ def main() -> None:
   mesh = mesh_lib.make_mesh(config_lib.mesh_config())
   batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
   size, second = args.image_size, args.image_size // 2
-  grid = size // 16
+  grid = size // args.patch_size
   num, min_block = masking.default_mask_counts(grid, grid)
   gen = masking.BlockwiseMaskGenerator(grid, num, min_block)
   rng = np.random.default_rng(0)
@@ -70,19 +76,20 @@ def main() -> None:
                                           dtype=np.uint8),
           "mask": np.stack([gen(rng).reshape(-1) for _ in range(args.batch_size)])}
   batch = mesh_lib.global_batch(host, batch_sh)
-  tokenizer = make_tokenizer(args.tokenizer)
+  tokenizer = make_tokenizer(args.tokenizer, second // grid, args.vocab_size)
   tok_params = jax.jit(lambda: tokenizer.init(
       jax.random.PRNGKey(0), jnp.zeros((1, second, second, 3)), rng=jax.random.PRNGKey(1),
       tau=1.0, hard=False))()
   dtype = jnp.dtype(args.dtype)
 
   print(f"device: {jax.devices()[0].device_kind} x{jax.device_count()} | batch "
-        f"{args.batch_size} | {size} px, patch 16, {num} masked | tokenizer {args.tokenizer} "
+        f"{args.batch_size} | {size} px, patch {args.patch_size}, {num} masked | tokenizer {args.tokenizer} "
         f"@ {second} px | {args.dtype}")
   print(f"{'variant':8s} {'params':>12s} {'compile s':>10s} {'s/step':>8s} {'img/s':>8s} "
         f"{'ViT-only img/s':>15s}")
   for variant in args.variants.split(","):
-    model = vit.mim_model(variant, image_size=size, vocab_size=8192, dtype=dtype)
+    model = vit.mim_model(variant, image_size=size, patch_size=args.patch_size,
+                          vocab_size=args.vocab_size, dtype=dtype)
     lr_fn = optim.warmup_cosine(1.5e-3, 1e-5, 1000, 10)
     tx = optim.make_optimizer(config_lib.adamw_config(lr=1.5e-3, weight_decay=0.05,
                                                       clip_grad_norm=3.0), lr_fn,

@@ -357,6 +357,32 @@ class CenterCropTransform:
     return {self.key: np.asarray(crop, dtype=np.uint8)}
 
 
+class ParallelViews:
+  """Several transforms of the same image, outputs merged into one dict.
+
+  E.g. the MIM eval views: a centre crop at the ViT size and one at the
+  tokenizer size. Each transform is called with the same ``rng`` (in order);
+  output keys must not collide.
+  """
+
+  def __init__(self, *views: Any):
+    keys = [k for v in views for k in v.output_keys()]
+    if len(set(keys)) != len(keys):
+      raise ValueError(f'Views produce colliding keys: {keys}.')
+    self.views = views
+
+  def output_keys(self) -> tuple[str, ...]:
+    return tuple(k for v in self.views for k in v.output_keys())
+
+  def __call__(
+      self, image: np.ndarray, rng: np.random.Generator | None = None
+  ) -> dict[str, np.ndarray]:
+    out = {}
+    for view in self.views:
+      out.update(view(image, rng))
+    return out
+
+
 # ----------------------------------------------------------------------------
 # Normalisation (numpy or JAX; used on the device inside jitted steps).
 # ----------------------------------------------------------------------------

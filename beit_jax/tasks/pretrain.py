@@ -13,7 +13,7 @@ Masks are made on the host inside the Grain pipeline (`beit_jax/data/masking.py`
 the same per-element generator as the crop. Optimizer: AdamW with unilm's no-decay rule
 (1-D params, biases, `pos_embed`, `cls_token`), per-step cosine with linear warmup from
 0, global-norm clipping. Metrics: loss, mlm_acc, grad_norm, lr, masked patches per
-image. At the end the MIM model's params go to `<workdir>/export/beit` (Orbax + metadata).
+image; on the eval split (centre crops, a fixed mask per image): loss and mlm_acc. At the end the MIM model's params go to `<workdir>/export/beit` (Orbax + metadata).
 
 The tokenizer comes from an Orbax export by path (`config.tokenizer.path`: one trained
 with the `dvae` task, or the official DALL-E dVAE converted to the same format). If the
@@ -142,7 +142,8 @@ def validate_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   config_lib.check_positive(config, "total_steps", "input.batch_size", "input.image_size",
                             "input.second_size", "model.patch_size", "log_every", "ckpt.every",
                             "ckpt.keep", "optim.lr")
-  config_lib.check_positive(config, "mask.num_patches", "mask.min_patches",
+  config_lib.check_positive(config, "eval_batch_size")
+  config_lib.check_positive(config, "mask.num_patches", "mask.min_patches", "eval_every",
                             "model.drop_path_rate", "model.init_values", "optim.warmup_steps",
                             "model.vocab_size", allow_zero=True)
   size, patch = config.input.image_size, config.model.patch_size
@@ -232,6 +233,46 @@ def make_train_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, tx: optax.Grad
   return train_step
 
 
+def make_eval_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, max_masked: int,
+                   input_norm: str):
+  """Sums over a padded eval batch: masked-token cross-entropy, correct, count, images."""
+
+  def eval_step(params: Any, batch: Mapping[str, jax.Array], tokenizer_params: Any):
+    images = transforms.normalize(batch[IMAGE_KEY], input_norm)
+    ids = dvae.tokenize(tokenizer, tokenizer_params,
+                        batch[TOKENIZER_KEY].astype(jnp.float32) / 255.0)
+    ids = ids.reshape(ids.shape[0], -1)
+    valid = batch["valid"]
+    mask = jnp.logical_and(batch[MASK_KEY].astype(bool), valid[:, None])
+    positions, weights = masked_positions(mask, max_masked)
+    targets = jnp.take_along_axis(ids, positions, axis=1)
+    logits = model.apply({"params": params}, images, mask, positions, train=False,
+                         method=vit.BEiT.mim_logits).astype(jnp.float32)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
+    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
+    return dict(loss_sum=jnp.sum(ce * weights), correct=jnp.sum(correct * weights),
+                count=jnp.sum(weights), num_images=jnp.sum(valid.astype(jnp.float32)))
+
+  return eval_step
+
+
+def evaluate(eval_step, params: Any, tokenizer_params: Any, eval_iter,
+             batch_sharding) -> dict[str, float]:
+  """MIM loss and accuracy over one pass of the eval split (masks fixed per image)."""
+  sums = None
+  for host_batch in eval_iter:
+    keys = BATCH_KEYS + ("valid",)
+    batch = mesh_lib.global_batch({k: host_batch[k] for k in keys}, batch_sharding)
+    out = eval_step(params, batch, tokenizer_params)
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  if sums is None:
+    return {}
+  sums = jax.device_get(sums)
+  count = max(float(sums["count"]), 1.0)
+  return dict(loss=float(sums["loss_sum"]) / count, mlm_acc=float(sums["correct"]) / count,
+              num_images=int(sums["num_images"]))
+
+
 # ----------------------------------------------------------------------------------
 # The job.
 # ----------------------------------------------------------------------------------
@@ -251,8 +292,9 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str:
   return export
 
 
-def make_input(config: ml_collections.ConfigDict):
-  """The training source and the two-view + mask transform."""
+def make_transforms(config: ml_collections.ConfigDict):
+  """(train, eval) transforms and K: two views + mask; eval uses centre crops and a mask
+  drawn from a generator seeded by the image index (the same masks at every eval)."""
   size, patch = config.input.image_size, config.model.patch_size
   num, min_block = mask_counts(config)
   views = transforms.TwoViewTransform(
@@ -262,16 +304,25 @@ def make_input(config: ml_collections.ConfigDict):
       color_jitter=config.input.color_jitter, flip_prob=config.input.flip_prob,
       key=IMAGE_KEY, second_key=TOKENIZER_KEY)
   generator = masking.make_mask_generator(config.mask.kind, size // patch, num, min_block)
-  return masking.MaskedViewsTransform(views, generator, mask_key=MASK_KEY), num
+  eval_views = transforms.ParallelViews(
+      transforms.CenterCropTransform(size, key=IMAGE_KEY, interpolation=config.input.interpolation),
+      transforms.CenterCropTransform(config.input.second_size, key=TOKENIZER_KEY,
+                                     interpolation=config.input.second_interpolation))
+  return (masking.MaskedViewsTransform(views, generator, mask_key=MASK_KEY),
+          masking.MaskedViewsTransform(eval_views, generator, mask_key=MASK_KEY), num)
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Pretrains (or resumes) in `workdir` and exports; returns the last logged metrics."""
+  """Pretrains (or resumes) in `workdir`, evaluates, exports.
+
+  Returns {'train': last logged train means, 'eval': final eval (if an eval split)}.
+  """
   spec = validate_config(config)
 
   # --- Mesh ---------------------------------------------------------------------
   mesh = mesh_lib.make_mesh(config.mesh)
   mesh_lib.check_batch_size(config.input.batch_size, mesh)
+  mesh_lib.check_batch_size(config.eval_batch_size, mesh)
   batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
 
   # --- Tokenizer (trained first in the quick start) -------------------------------
@@ -282,13 +333,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- Input --------------------------------------------------------------------
   train_source = sources.make_source(config.data, config.data.train_split)
-  transform, max_masked = make_input(config)
+  eval_source = sources.make_source(config.data, config.data.eval_split)
+  transform, eval_transform, max_masked = make_transforms(config)
   data_iter = pipeline.make_train_iterator(
       train_source, transform, global_batch_size=config.input.batch_size, seed=config.seed,
       num_workers=config.data.num_workers)
-  logging.info("Train source: %s (%d images); tokenizer %s (%d tokens, %dx%d grid)",
-               config.data.source, len(train_source), tokenizer_path, vocab, spec["grid"],
-               spec["grid"])
+  logging.info("Train source: %s (%d images); eval: %s; tokenizer %s (%d tokens, %dx%d grid)",
+               config.data.source, len(train_source),
+               "none" if eval_source is None else f"{len(eval_source)} images", tokenizer_path,
+               vocab, spec["grid"], spec["grid"])
 
   # --- Model and optimizer --------------------------------------------------------
   dtype = compute_dtype(config.model.dtype)
@@ -325,6 +378,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   def train_step(s, batch):
     return step_fn(s, batch, tok_params)
 
+  eval_step = jax.jit(make_eval_step(model, tokenizer, max_masked, config.input.norm),
+                      in_shardings=(state_sh.params, batch_sh, tok_sh), out_shardings=repl)
+
+  def eval_fn(s: TrainState) -> dict[str, float]:
+    eval_iter = pipeline.make_eval_iterator(eval_source, eval_transform,
+                                            batch_size=config.eval_batch_size)
+    return evaluate(eval_step, s.params, tok_params, eval_iter, batch_sh)
+
   # --- Train ----------------------------------------------------------------------
   writer = metrics_lib.MetricWriter(workdir, config.total_steps, tensorboard=config.tensorboard)
   last_metrics: dict[str, Any] = {}
@@ -339,7 +400,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     state = loop.run(
         state=state, train_step=train_step, data_iter=data_iter, batch_keys=BATCH_KEYS,
         batch_sharding=batch_sh, total_steps=config.total_steps, writer=writer,
-        checkpointer=ckpt, log_every=config.log_every, summarize=summarize)
+        checkpointer=ckpt, log_every=config.log_every, summarize=summarize,
+        eval_every=config.eval_every if eval_source is not None else 0, eval_fn=eval_fn)
+    final = eval_fn(state) if eval_source is not None else {}
+    if final:
+      writer.write(config.total_steps, final, split="final_eval")
 
     # --- Export ---------------------------------------------------------------------
     export_dir = config.export_dir or os.path.join(workdir, "export", "beit")
@@ -347,14 +412,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         kind=EXPORT_KIND, model=config.model.to_dict(), vocab_size=vocab, image_size=size,
         patch_size=config.model.patch_size, input_norm=config.input.norm,
         tokenizer=os.path.abspath(tokenizer_path), tokenizer_image_size=tok_meta["image_size"],
-        step=int(jax.device_get(state.step)), final_train=dict(last_metrics)))
+        step=int(jax.device_get(state.step)), final_train=dict(last_metrics), eval=final))
     logging.info("Exported BEiT MIM params to %s", export_dir)
   finally:
     ckpt.close()
     writer.close()
     if hasattr(data_iter, "close"):
       data_iter.close()
-  return dict(last_metrics)
+  return {"train": dict(last_metrics), "eval": final}
 
 
 def load_pretrained(export_dir: str, sharding=None, dtype=jnp.float32) -> tuple[vit.BEiT, Any, dict]:

@@ -369,3 +369,19 @@ def test_normalize_values():
       atol=1e-5)
   with pytest.raises(ValueError, match='normalisation'):
     transforms.normalize(x, 'bogus')
+
+
+def test_parallel_views_merges_center_crops():
+  rng = np.random.default_rng(0)
+  image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
+  views = transforms.ParallelViews(
+      transforms.CenterCropTransform(32, key='image'),
+      transforms.CenterCropTransform(16, key='tokenizer_image', interpolation='lanczos'))
+  out = views(image)
+  assert views.output_keys() == ('image', 'tokenizer_image')
+  np.testing.assert_array_equal(out['image'],
+                                transforms.CenterCropTransform(32)(image)['image'])
+  assert out['tokenizer_image'].shape == (16, 16, 3)
+  with pytest.raises(ValueError, match='colliding'):
+    transforms.ParallelViews(transforms.CenterCropTransform(32),
+                             transforms.CenterCropTransform(16))

@@ -27,7 +27,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)
 SMALL = os.path.join(ROOT, "configs", "pretrain_small.py")
 BASE = os.path.join(ROOT, "configs", "pretrain_base.py")
 # Quick-start config shrunk for tests: ViT 32 px / patch 8 (4x4), tokenizer 16 px (4x4).
-TINY = ["--config.input.batch_size=8", "--config.input.image_size=32",
+TINY = ["--config.input.batch_size=8", "--config.eval_batch_size=8", "--config.input.image_size=32",
         "--config.input.second_size=16", "--config.log_every=2", "--config.ckpt.every=2",
         "--config.ckpt.async_save=False", "--config.tensorboard=False",
         "--config.tokenizer.train.input.batch_size=8",
@@ -225,6 +225,9 @@ def test_quick_start_two_stages_then_kill_and_resume(tmp_path):
   for key in ("loss", "mlm_acc", "grad_norm", "lr", "masked_per_image", "images_per_s"):
     assert np.isfinite(train[-1][key]), key
   assert abs(train[0]["loss"] - math.log(VOCAB)) < 1.0
+  final = [r for r in records if r["split"] == "final_eval"]
+  assert final and final[0]["num_images"] == 18 and 0 <= final[0]["mlm_acc"] <= 1
+  assert abs(final[0]["loss"] - math.log(VOCAB)) < 1.5
   model, params, meta = pretrain.load_pretrained(os.path.join(workdir, "export", "beit"))
   assert meta["step"] == 4 and model.vocab_size == VOCAB and model.image_size == 32
   assert params["lm_head"]["kernel"].shape == (32, VOCAB)
