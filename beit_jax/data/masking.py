@@ -90,7 +90,24 @@ def _check_num_masking_patches(num_masking_patches: int, num_patches: int):
     )
 
 
-class BlockwiseMaskGenerator:
+class _PatchGrid:
+  """The patch grid a generator masks (``height``, ``width`` set by subclasses)."""
+
+  height: int
+  width: int
+
+  @property
+  def num_patches(self) -> int:
+    """Number of patches of the grid, ``height * width``."""
+    return self.height * self.width
+
+  @property
+  def shape(self) -> tuple[int, int]:
+    """The mask shape ``(height, width)``."""
+    return (self.height, self.width)
+
+
+class BlockwiseMaskGenerator(_PatchGrid):
   """unilm BEiT's blockwise ``MaskingGenerator``, seeded by a passed rng.
 
   See the module docstring for the algorithm. ``__call__(rng)`` returns a bool
@@ -156,16 +173,6 @@ class BlockwiseMaskGenerator:
       raise ValueError(f'max_aspect must be > 0 (or None), got {max_aspect}.')
     self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
 
-  @property
-  def num_patches(self) -> int:
-    """Number of patches of the grid, ``height * width``."""
-    return self.height * self.width
-
-  @property
-  def shape(self) -> tuple[int, int]:
-    """The mask shape ``(height, width)``."""
-    return (self.height, self.width)
-
   def __repr__(self) -> str:
     lo, hi = self.log_aspect_ratio
     return (
@@ -225,7 +232,7 @@ class BlockwiseMaskGenerator:
     return mask
 
 
-class RandomMaskGenerator:
+class RandomMaskGenerator(_PatchGrid):
   """Uniform random masking: exactly ``num_masking_patches`` masked patches.
 
   The positions are drawn uniformly without replacement from the passed
@@ -247,16 +254,6 @@ class RandomMaskGenerator:
     self.height, self.width = _grid_size(input_size)
     self.num_masking_patches = int(num_masking_patches)
     _check_num_masking_patches(self.num_masking_patches, self.num_patches)
-
-  @property
-  def num_patches(self) -> int:
-    """Number of patches of the grid, ``height * width``."""
-    return self.height * self.width
-
-  @property
-  def shape(self) -> tuple[int, int]:
-    """The mask shape ``(height, width)``."""
-    return (self.height, self.width)
 
   def __repr__(self) -> str:
     return (

@@ -152,16 +152,12 @@ def make_eval_step(model: dvae.DiscreteVAE):
   return eval_step
 
 
-def evaluate(eval_step, params, make_iter, batch_sharding) -> dict[str, float]:
+def evaluate(eval_step, params, eval_iter, batch_sharding) -> dict[str, float]:
   """Runs over the whole eval split once; returns per-image means and codebook stats."""
-  sums = None
-  for host_batch in make_iter():
-    batch = mesh_lib.global_batch({k: host_batch[k] for k in (IMAGE_KEY, "valid")}, batch_sharding)
-    out = eval_step(params, batch)
-    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  sums = loop.sum_over_batches(eval_step, eval_iter, (IMAGE_KEY, "valid"), batch_sharding,
+                               params)
   if sums is None:
     return {}
-  sums = jax.device_get(sums)
   n = max(float(sums["num_images"]), 1.0)
   result = dict(psnr=sums["psnr"] / n, baseline_psnr=sums["baseline_psnr"] / n,
                 mse=sums["mse"] / n, num_images=int(sums["num_images"]))
@@ -216,13 +212,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("dVAE %s: %s params", config.model.arch, f"{num_params:,}")
 
   # --- Resume ---------------------------------------------------------------------
-  ckpt = checkpointing.Checkpointer(
-      os.path.join(workdir, "checkpoints"), max_to_keep=config.ckpt.keep,
-      save_interval_steps=config.ckpt.every, async_save=config.ckpt.async_save)
-  if (last := ckpt.latest_step()) is not None:
-    target = checkpointing.abstract_with_shardings(state, state_sh)
-    state = ckpt.restore(last, target, data_iter)
-    logging.info("Resumed from %s at step %d.", ckpt.directory, last)
+  ckpt = checkpointing.make_checkpointer(workdir, config.ckpt)
+  state = ckpt.restore_latest(state, state_sh, data_iter)
 
   # --- Compiled steps -------------------------------------------------------------
   repl = mesh_lib.replicated(mesh)
@@ -232,27 +223,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_step = jax.jit(make_eval_step(model), in_shardings=(eval_params_sh, batch_sh),
                       out_shardings=repl)
 
-  def make_eval_iter():
-    return pipeline.make_eval_iterator(eval_source, eval_transform,
-                                       batch_size=config.eval_batch_size)
-
   def eval_fn(s: TrainState) -> dict[str, float]:
+    eval_iter = pipeline.make_eval_iterator(eval_source, eval_transform,
+                                            batch_size=config.eval_batch_size)
     return evaluate(eval_step, s.ema_params if s.ema_params is not None else s.params,
-                    make_eval_iter, batch_sh)
+                    eval_iter, batch_sh)
 
   # --- Train ----------------------------------------------------------------------
   writer = metrics_lib.MetricWriter(workdir, config.total_steps, tensorboard=config.tensorboard)
   try:
-    state = loop.run(
+    state, final = loop.run(
         state=state, train_step=train_step, data_iter=data_iter, batch_keys=(IMAGE_KEY,),
         batch_sharding=batch_sh, total_steps=config.total_steps, writer=writer,
         checkpointer=ckpt, log_every=config.log_every, summarize=summarize_train,
-        eval_every=config.eval_every if eval_source is not None else 0, eval_fn=eval_fn)
+        eval_every=config.eval_every, eval_fn=eval_fn if eval_source is not None else None)
 
-    # --- Final evaluation and export ----------------------------------------------
-    final = eval_fn(state) if eval_source is not None else {}
-    if final:
-      writer.write(config.total_steps, final, split="final_eval")
+    # --- Export ---------------------------------------------------------------------
     params = state.ema_params if state.ema_params is not None else state.params
     export_dir = config.export_dir or os.path.join(workdir, "export", "tokenizer")
     checkpointing.export_params(export_dir, params, metadata=dict(

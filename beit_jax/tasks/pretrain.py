@@ -259,15 +259,10 @@ def make_eval_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, max_masked: int
 def evaluate(eval_step, params: Any, tokenizer_params: Any, eval_iter,
              batch_sharding) -> dict[str, float]:
   """MIM loss and accuracy over one pass of the eval split (masks fixed per image)."""
-  sums = None
-  for host_batch in eval_iter:
-    keys = BATCH_KEYS + ("valid",)
-    batch = mesh_lib.global_batch({k: host_batch[k] for k in keys}, batch_sharding)
-    out = eval_step(params, batch, tokenizer_params)
-    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  sums = loop.sum_over_batches(eval_step, eval_iter, BATCH_KEYS + ("valid",), batch_sharding,
+                               params, tokenizer_params)
   if sums is None:
     return {}
-  sums = jax.device_get(sums)
   count = max(float(sums["count"]), 1.0)
   return dict(loss=float(sums["loss_sum"]) / count, mlm_acc=float(sums["correct"]) / count,
               num_images=int(sums["num_images"]))
@@ -362,12 +357,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                config.mask.kind, jnp.dtype(dtype).name)
 
   # --- Resume ---------------------------------------------------------------------
-  ckpt = checkpointing.Checkpointer(
-      os.path.join(workdir, "checkpoints"), max_to_keep=config.ckpt.keep,
-      save_interval_steps=config.ckpt.every, async_save=config.ckpt.async_save)
-  if (last := ckpt.latest_step()) is not None:
-    state = ckpt.restore(last, checkpointing.abstract_with_shardings(state, state_sh), data_iter)
-    logging.info("Resumed from %s at step %d.", ckpt.directory, last)
+  ckpt = checkpointing.make_checkpointer(workdir, config.ckpt)
+  state = ckpt.restore_latest(state, state_sh, data_iter)
 
   # --- Compiled step --------------------------------------------------------------
   tok_sh = jax.tree.map(lambda _: repl, tok_params)
@@ -397,14 +388,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return scalars
 
   try:
-    state = loop.run(
+    state, final = loop.run(
         state=state, train_step=train_step, data_iter=data_iter, batch_keys=BATCH_KEYS,
         batch_sharding=batch_sh, total_steps=config.total_steps, writer=writer,
         checkpointer=ckpt, log_every=config.log_every, summarize=summarize,
-        eval_every=config.eval_every if eval_source is not None else 0, eval_fn=eval_fn)
-    final = eval_fn(state) if eval_source is not None else {}
-    if final:
-      writer.write(config.total_steps, final, split="final_eval")
+        eval_every=config.eval_every, eval_fn=eval_fn if eval_source is not None else None)
 
     # --- Export ---------------------------------------------------------------------
     export_dir = config.export_dir or os.path.join(workdir, "export", "beit")

@@ -15,6 +15,7 @@ import os
 from typing import Any
 
 import grain
+from absl import logging
 import jax
 import orbax.checkpoint as ocp
 from etils import epath
@@ -66,12 +67,27 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
 
+  def restore_latest(self, state: Any, shardings: Any, data_iter: Any = None) -> Any:
+    """The latest checkpoint restored into `shardings` (and `data_iter`), or `state` as is."""
+    last = self.latest_step()
+    if last is None:
+      return state
+    state = self.restore(last, abstract_with_shardings(state, shardings), data_iter)
+    logging.info("Resumed from %s at step %d.", self.directory, last)
+    return state
+
   def wait(self) -> None:
     self._manager.wait_until_finished()
 
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def make_checkpointer(workdir: str, ckpt_config: Any) -> Checkpointer:
+  """`workdir/checkpoints` with a config's `ckpt` section (every, keep, async_save)."""
+  return Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=ckpt_config.keep,
+                      save_interval_steps=ckpt_config.every, async_save=ckpt_config.async_save)
 
 
 def export_params(directory: str | os.PathLike, params: Any, metadata: dict[str, Any]) -> str:

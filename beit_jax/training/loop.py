@@ -9,7 +9,7 @@ the last step is always saved.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -25,6 +25,22 @@ StepFn = Callable[[Any, Mapping[str, jax.Array]], tuple[Any, Mapping[str, jax.Ar
 Summarize = Callable[[Mapping[str, np.ndarray], int], dict[str, float]]
 
 
+def sum_over_batches(step_fn: Callable[..., Mapping[str, jax.Array]],
+                     batches: Iterable[Mapping[str, np.ndarray]], keys: Sequence[str],
+                     batch_sharding: NamedSharding, *args: Any) -> dict[str, np.ndarray] | None:
+  """Sums `step_fn(*args[:1], batch, *args[1:])` outputs over host batches (eval passes).
+
+  Each host batch is restricted to `keys` and made global; the sums stay on the device
+  until the end (one fetch). Returns None when there was no batch.
+  """
+  sums = None
+  for host_batch in batches:
+    batch = mesh_lib.global_batch({k: host_batch[k] for k in keys}, batch_sharding)
+    out = step_fn(*args[:1], batch, *args[1:])
+    sums = out if sums is None else jax.tree.map(jnp.add, sums, out)
+  return None if sums is None else jax.device_get(sums)
+
+
 def mean_scalars(sums: Mapping[str, np.ndarray], num_steps: int) -> dict[str, float]:
   """Interval means of the scalar metrics (non-scalars are left to the task)."""
   return {k: float(v) / num_steps for k, v in sums.items() if np.ndim(v) == 0}
@@ -34,12 +50,15 @@ def run(*, state: Any, train_step: StepFn, data_iter: Iterator[dict[str, np.ndar
         batch_keys: Sequence[str], batch_sharding: NamedSharding, total_steps: int,
         writer: MetricWriter, checkpointer: Checkpointer, log_every: int,
         summarize: Summarize = mean_scalars, eval_every: int = 0,
-        eval_fn: Callable[[Any], dict[str, float]] | None = None) -> Any:
-  """Runs `train_step` from the state's step to `total_steps`; returns the final state."""
+        eval_fn: Callable[[Any], dict[str, float]] | None = None) -> tuple[Any, dict[str, Any]]:
+  """Runs `train_step` from the state's step to `total_steps`, then `eval_fn` once more.
+
+  Returns the final state and the final eval metrics ({} without `eval_fn`), which are
+  also written with split 'final_eval'.
+  """
   step = int(jax.device_get(state.step))  # One sync before the loop.
   if step >= total_steps:
     logging.info("Already at step %d of %d: nothing to train.", step, total_steps)
-    return state
   sums, num, skipped, images = None, 0, 0, 0
   t_interval = time.time()
   while step < total_steps:
@@ -60,9 +79,12 @@ def run(*, state: Any, train_step: StepFn, data_iter: Iterator[dict[str, np.ndar
       writer.write(step, scalars)
       sums, num, images = None, 0, 0
       t_interval = time.time()
-    if eval_fn is not None and eval_every and (step % eval_every == 0 or step == total_steps):
+    if eval_fn is not None and eval_every and step % eval_every == 0 and step < total_steps:
       writer.write(step, eval_fn(state), split="eval")
       t_interval = time.time()
     checkpointer.save(step, state, data_iter, force=step == total_steps)
   checkpointer.wait()
-  return state
+  final = eval_fn(state) if eval_fn is not None else {}
+  if final:
+    writer.write(total_steps, final, split="final_eval")
+  return state, final

@@ -11,9 +11,7 @@ import time
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
-import optax
 import pytest
 
 from beit_jax import config_lib
