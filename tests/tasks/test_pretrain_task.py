@@ -51,9 +51,9 @@ def run_main(*args, devices=8, wait=True):
 # ----------------------------------------------------------------------------------
 # In-process pieces: a tiny ViT (16 px, patch 4 -> 4x4) and a tiny random dVAE (4x4).
 # ----------------------------------------------------------------------------------
-def tiny_setup(mesh, seed=0, lr=3e-3, drop_path=0.0):
+def tiny_setup(mesh, seed=0, lr=3e-3, drop_path=0.0, dtype=jnp.float32):
   model = vit.mim_model("test", image_size=16, patch_size=4, vocab_size=VOCAB,
-                        drop_path_rate=drop_path)
+                        drop_path_rate=drop_path, dtype=dtype)
   tokenizer = dvae.DiscreteVAE(arch="compact", vocab_size=VOCAB, recon_loss="mse",
                                input_norm="half", num_layers=2, hidden=8, num_resblocks=0,
                                codebook_dim=8)
@@ -147,6 +147,38 @@ def test_no_retrace_across_steps():
   for seed in range(4):  # New data each step (including a different mask count).
     state, _ = step(state, mesh_lib.global_batch(tiny_batch(seed=seed), batch_sh), tok_params)
   assert step._cache_size() == 1  # pylint: disable=protected-access
+
+
+def test_bfloat16_step_matches_float32_at_init():
+  mesh = mesh_lib.make_mesh(config_lib.mesh_config(), devices=jax.devices()[:1])
+  losses = {}
+  for dtype in (jnp.float32, jnp.bfloat16):
+    state, step, tok_params, batch_sh = tiny_setup(mesh, dtype=dtype)
+    state, metrics = step(state, mesh_lib.global_batch(tiny_batch(), batch_sh), tok_params)
+    assert all(x.dtype == jnp.float32 for x in jax.tree.leaves(state.params))
+    losses[dtype] = float(metrics["loss"])
+  assert losses[jnp.float32] != losses[jnp.bfloat16]
+  assert abs(losses[jnp.float32] - losses[jnp.bfloat16]) < 0.02, losses
+
+
+@pytest.mark.parametrize("kind", ["blockwise", "random"])
+def test_transforms_make_two_views_and_masks(kind):
+  c = load(SMALL)
+  c.mask.kind = kind
+  train, evaluation, max_masked = pretrain.make_transforms(c)
+  assert max_masked == 24  # round(64 * 75 / 196) for the 8x8 grid.
+  image = np.random.default_rng(0).integers(0, 256, (80, 100, 3), dtype=np.uint8)
+  counts = []
+  for seed in range(50):
+    out = train(image, np.random.default_rng(seed))
+    assert out["image"].shape == (64, 64, 3) and out["tokenizer_image"].shape == (32, 32, 3)
+    assert out["mask"].shape == (64,) and out["mask"].dtype == bool
+    counts.append(int(out["mask"].sum()))
+  assert max(counts) <= 24 and (kind == "blockwise" or min(counts) == 24)
+  first = evaluation(image, np.random.default_rng(7))
+  again = evaluation(image, np.random.default_rng(7))
+  for key in ("image", "tokenizer_image", "mask"):
+    np.testing.assert_array_equal(first[key], again[key])
 
 
 def test_weight_decay_follows_unilm_no_weight_decay():
