@@ -1,0 +1,1 @@
+"""Weights in and out: official checkpoints <-> this project's Flax params."""

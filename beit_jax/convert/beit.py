@@ -1,0 +1,169 @@
+"""unilm / timm BEiT state dicts <-> `beit_jax.models.vit.BEiT` params (pure numpy).
+
+The key map (reference §1.12): Linear `weight` (out, in) <-> Flax `kernel` (in, out);
+patch-embedding conv `weight` OIHW <-> `patch_embed/kernel` HWIO; LayerNorm
+`weight`/`bias` <-> `scale`/`bias`; `blocks.i.` <-> `blocks_i/`; `q_bias`, `v_bias`,
+`gamma_{1,2}`, tokens and relative-position tables keep their names and shapes.
+`relative_position_index` buffers (recomputed by the model) and timm's non-persistent
+`k_bias` are dropped. Checkpoint containers (`model` / `state_dict` / `module`) and
+`backbone.` / `module.` prefixes (segmentation and DDP checkpoints) are unwrapped.
+
+The architecture is read from the keys and shapes (`infer_model_kwargs`): width from
+`cls_token`, depth from `blocks.*`, patch size from the conv kernel, grid from
+`pos_embed` or the relative-position table, heads from the table (or, for the vanilla
+`pt1k_800ep` layout without any table, from the standard variant of that width), and
+which heads and position terms exist.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from typing import Any, Mapping
+
+import numpy as np
+
+from beit_jax.models import vit
+
+CONTAINER_KEYS = ("model", "state_dict", "module")
+PREFIXES = ("module.", "backbone.", "encoder.")
+DROPPED_SUFFIXES = ("relative_position_index", "attn.k_bias")
+_HEADS_BY_WIDTH = {d: h for d, _, h in vit.VARIANTS.values()}
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The flat {key: numpy array} of a checkpoint: containers unwrapped, prefixes and
+  recomputed buffers dropped."""
+  sd = checkpoint
+  for _ in range(3):
+    inner = next((k for k in CONTAINER_KEYS if isinstance(sd.get(k), Mapping)), None)
+    if inner is None:
+      break
+    sd = sd[inner]
+  out = {}
+  for key, value in sd.items():
+    for prefix in PREFIXES:
+      if key.startswith(prefix):
+        key = key[len(prefix):]
+    if key.endswith(DROPPED_SUFFIXES):
+      continue
+    out[key] = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+  if "cls_token" not in out:
+    raise ValueError("Not a BEiT state dict: no 'cls_token' (keys start with "
+                     f"{sorted(out)[:5]}).")
+  return out
+
+
+def _grid_from_table(rows: int) -> int:
+  side = math.isqrt(rows - 3)
+  if side * side != rows - 3 or side % 2 == 0:
+    raise ValueError(f"A relative-position table with {rows} rows is not (2W-1)^2 + 3.")
+  return (side + 1) // 2
+
+
+def infer_model_kwargs(sd: Mapping[str, np.ndarray], num_heads: int | None = None
+                       ) -> dict[str, Any]:
+  """`vit.BEiT` keyword arguments that reproduce the state dict's architecture."""
+  d = sd["cls_token"].shape[-1]
+  patch = sd["patch_embed.proj.weight"].shape[-1]
+  depth = 1 + max(int(m.group(1)) for k in sd if (m := re.match(r"blocks\.(\d+)\.", k)))
+  shared = "rel_pos_bias.relative_position_bias_table" in sd
+  per_block = "blocks.0.attn.relative_position_bias_table" in sd
+  table = sd.get("rel_pos_bias.relative_position_bias_table",
+                 sd.get("blocks.0.attn.relative_position_bias_table"))
+  if "pos_embed" in sd:
+    grid = math.isqrt(sd["pos_embed"].shape[1] - 1)
+  elif table is not None:
+    grid = _grid_from_table(table.shape[0])
+  else:
+    raise ValueError("Cannot tell the image size: neither 'pos_embed' nor a relative-position "
+                     "table is in the state dict.")
+  if table is not None:
+    if num_heads is not None and num_heads != table.shape[1]:
+      raise ValueError(f"num_heads={num_heads} disagrees with the relative-position table "
+                       f"({table.shape[1]} heads).")
+    num_heads = table.shape[1]
+  elif num_heads is None:
+    if d not in _HEADS_BY_WIDTH:
+      raise ValueError(f"Cannot infer the number of heads of a {d}-wide model without a "
+                       "relative-position table; pass num_heads.")
+    num_heads = _HEADS_BY_WIDTH[d]
+  mlp_ratio = sd["blocks.0.mlp.fc1.weight"].shape[0] / d
+  return dict(
+      image_size=grid * patch, patch_size=patch, embed_dim=d, depth=depth,
+      num_heads=num_heads, mlp_ratio=mlp_ratio,
+      init_values=0.1 if "blocks.0.gamma_1" in sd else 0.0,  # > 0 creates the gammas.
+      use_abs_pos_emb="pos_embed" in sd, use_shared_rel_pos_bias=shared,
+      use_rel_pos_bias=per_block, use_mask_token="mask_token" in sd,
+      vocab_size=sd["lm_head.weight"].shape[0] if "lm_head.weight" in sd else 0,
+      num_classes=sd["head.weight"].shape[0] if "head.weight" in sd else 0,
+      use_mean_pooling="fc_norm.weight" in sd)
+
+
+def _to_flax_leaf(key: str, value: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
+  if key.startswith("patch_embed.proj."):
+    key = "patch_embed." + key[len("patch_embed.proj."):]
+  if key.startswith("blocks."):
+    _, i, rest = key.split(".", 2)
+    key = f"blocks_{i}.{rest}"
+  path = key.split(".")
+  if path[-1] == "weight":
+    if value.ndim == 4:
+      return tuple(path[:-1]) + ("kernel",), value.transpose(2, 3, 1, 0)
+    if value.ndim == 2:
+      return tuple(path[:-1]) + ("kernel",), value.T
+    return tuple(path[:-1]) + ("scale",), value
+  return tuple(path), value
+
+
+def unilm_to_flax(checkpoint: Mapping[str, Any], num_heads: int | None = None
+                  ) -> tuple[dict[str, Any], dict[str, Any]]:
+  """(params, model kwargs) from a unilm / timm BEiT checkpoint or state dict.
+
+  The params tree is checked against the inferred model's (`jax.eval_shape`): a missing,
+  extra or mis-shaped key raises ValueError naming the first one.
+  """
+  import flax  # pylint: disable=g-import-not-at-top
+  sd = unwrap_state_dict(checkpoint)
+  kwargs = infer_model_kwargs(sd, num_heads)
+  flat = dict(_to_flax_leaf(k, v.astype(np.float32)) for k, v in sd.items())
+  expected = flax.traverse_util.flatten_dict(vit.abstract_params(vit.BEiT(**kwargs)))
+  for path, leaf in expected.items():
+    if path not in flat:
+      raise ValueError(f"The checkpoint has no weights for {'/'.join(path)} "
+                       f"(architecture inferred: {kwargs}).")
+    if tuple(flat[path].shape) != tuple(leaf.shape):
+      raise ValueError(f"{'/'.join(path)}: checkpoint shape {flat[path].shape} but the "
+                       f"inferred model expects {leaf.shape}.")
+  extra = sorted("/".join(p) for p in flat if p not in expected)
+  if extra:
+    raise ValueError(f"Checkpoint keys with no place in the model: {extra[:5]}.")
+  return flax.traverse_util.unflatten_dict(flat), kwargs
+
+
+def flax_to_unilm(params: Mapping[str, Any], *, with_index: bool = True,
+                  grid: int | None = None) -> dict[str, np.ndarray]:
+  """A unilm-layout state dict (numpy) from `BEiT` params; `with_index` adds the
+  `relative_position_index` buffers unilm's modules expect (needs the grid)."""
+  import flax  # pylint: disable=g-import-not-at-top
+  sd = {}
+  for path, value in flax.traverse_util.flatten_dict(dict(params)).items():
+    value = np.asarray(value, np.float32)
+    parts = list(path)
+    if parts[0].startswith("blocks_"):
+      parts = ["blocks", parts[0][len("blocks_"):]] + parts[1:]
+    if parts[0] == "patch_embed":
+      parts = ["patch_embed", "proj"] + parts[1:]
+    if parts[-1] == "kernel":
+      parts[-1] = "weight"
+      value = value.transpose(3, 2, 0, 1) if value.ndim == 4 else value.T
+    elif parts[-1] == "scale":
+      parts[-1] = "weight"
+    key = ".".join(parts)
+    sd[key] = np.ascontiguousarray(value)
+    if with_index and key.endswith("relative_position_bias_table"):
+      if grid is None:
+        grid = _grid_from_table(value.shape[0])
+      sd[key.replace("relative_position_bias_table", "relative_position_index")] = (
+          vit.relative_position_index((grid, grid)).astype(np.int64))
+  return sd
