@@ -25,10 +25,39 @@ import numpy as np
 
 from beit_jax.models import vit
 
+EXPORT_KIND = "beit"  # metadata.json `kind` of converted BEiT params.
 CONTAINER_KEYS = ("model", "state_dict", "module")
 PREFIXES = ("module.", "backbone.", "encoder.")
 DROPPED_SUFFIXES = ("relative_position_index", "attn.k_bias")
 _HEADS_BY_WIDTH = {d: h for d, _, h in vit.VARIANTS.values()}
+
+
+def load_torch_checkpoint(path: str) -> Mapping[str, Any]:
+  """A `.pth` / `.bin` file read with `torch.load(weights_only=True)`: tensors and plain
+  containers only, no code runs (needs the `convert` extra: `pip install -e ".[convert]"`)."""
+  try:
+    import torch  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ImportError('Reading PyTorch checkpoints needs torch: pip install -e ".[convert]".') from e
+  try:
+    return torch.load(path, map_location="cpu", weights_only=True)
+  except FileNotFoundError:
+    raise
+  except Exception as e:  # UnpicklingError for anything but tensors and containers.
+    raise ValueError(
+        f"{path} could not be read as a weights-only PyTorch checkpoint ({type(e).__name__}: "
+        f"{str(e).splitlines()[0] if str(e) else ''}). It may hold pickled code, which is not "
+        "loaded; re-save its state_dict with torch.save(model.state_dict(), path).") from e
+
+
+def export(directory: str, params: Mapping[str, Any], kwargs: Mapping[str, Any],
+           source: str) -> str:
+  """Writes converted params as an Orbax params export (`load_pretrained` reads it)."""
+  from beit_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
+  return checkpointing.export_params(directory, params, metadata=dict(
+      kind=EXPORT_KIND, model_kwargs=dict(kwargs), image_size=kwargs["image_size"],
+      patch_size=kwargs["patch_size"], vocab_size=kwargs["vocab_size"],
+      num_classes=kwargs["num_classes"], source=source))
 
 
 def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, np.ndarray]:

@@ -34,6 +34,7 @@ MIM / classifier logits are float32 whatever `dtype` is.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -420,6 +421,13 @@ def classifier_model(variant: str, num_classes: int, **overrides: Any) -> BEiT:
             use_mean_pooling=True, init_values=0.1, init_truncation=100.0)
   kw.update(overrides)
   return BEiT(**model_kwargs(variant, **kw))
+
+
+def architecture(model: BEiT) -> dict[str, Any]:
+  """The model's constructor arguments except `dtype` (JSON-able; `BEiT(**a)` rebuilds it)."""
+  skip = ("parent", "name", "dtype")
+  return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
+          if f.name not in skip}
 
 
 def param_count(model: BEiT, batch: int = 1) -> int:

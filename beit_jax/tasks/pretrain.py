@@ -34,6 +34,7 @@ import optax
 from absl import logging
 
 from beit_jax import config_lib
+from beit_jax.convert import beit as convert_beit
 from beit_jax.data import masking, pipeline, sources, transforms
 from beit_jax.models import dvae, vit
 from beit_jax.tasks import dvae as dvae_task
@@ -397,7 +398,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     # --- Export ---------------------------------------------------------------------
     export_dir = config.export_dir or os.path.join(workdir, "export", "beit")
     checkpointing.export_params(export_dir, state.params, metadata=dict(
-        kind=EXPORT_KIND, model=config.model.to_dict(), vocab_size=vocab, image_size=size,
+        kind=EXPORT_KIND, model=config.model.to_dict(), model_kwargs=vit.architecture(model),
+        vocab_size=vocab, image_size=size,
         patch_size=config.model.patch_size, input_norm=config.input.norm,
         tokenizer=os.path.abspath(tokenizer_path), tokenizer_image_size=tok_meta["image_size"],
         step=int(jax.device_get(state.step)), final_train=dict(last_metrics), eval=final))
@@ -411,11 +413,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
 
 def load_pretrained(export_dir: str, sharding=None, dtype=jnp.float32) -> tuple[vit.BEiT, Any, dict]:
-  """Loads a pretraining export: (MIM model, params, metadata)."""
+  """Loads BEiT params exported by this task or converted (`python -m beit_jax.convert`):
+  (model, params, metadata)."""
   meta = checkpointing.read_metadata(export_dir)
-  if meta.get("kind") != EXPORT_KIND:
-    raise ValueError(f"{export_dir} holds a {meta.get('kind')!r} export, not BEiT MIM params.")
-  model = make_model(meta["model"], meta["image_size"], meta["vocab_size"], dtype)
+  if meta.get("kind") not in (EXPORT_KIND, convert_beit.EXPORT_KIND):
+    raise ValueError(f"{export_dir} holds a {meta.get('kind')!r} export, not BEiT params.")
+  model = vit.BEiT(**meta["model_kwargs"], dtype=dtype)
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
   target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                         vit.abstract_params(model))

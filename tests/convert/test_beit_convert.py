@@ -132,3 +132,42 @@ def test_mismatches_name_the_key():
     convert.unilm_to_flax({**sd, "decoder.weight": np.zeros((2, 2))})
   with pytest.raises(ValueError, match="Not a BEiT state dict"):
     convert.unwrap_state_dict({"state_dict": {"conv.weight": np.zeros(3)}})
+
+
+class NotWeights:
+  """A pickled object that is not a tensor: weights-only loading must refuse it."""
+
+  def __reduce__(self):
+    return (print, ("this would run at load time",))
+
+
+def test_cli_converts_a_torch_checkpoint_to_a_loadable_export(tmp_path):
+  import os  # pylint: disable=g-import-not-at-top
+  import subprocess  # pylint: disable=g-import-not-at-top
+  import sys  # pylint: disable=g-import-not-at-top
+  import torch  # pylint: disable=g-import-not-at-top
+  from beit_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
+  model = vit.mim_model("test", image_size=16, patch_size=4, vocab_size=30)
+  sd = random_unilm_state_dict(model, seed=5)
+  src = tmp_path / "beit.pth"
+  torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},
+              "epoch": 3}, src)
+  out = tmp_path / "converted"
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  result = subprocess.run([sys.executable, "-m", "beit_jax.convert", "beit", str(src), str(out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "Converted" in result.stdout
+  loaded, params, meta = pretrain.load_pretrained(str(out))
+  assert meta["kind"] == "beit" and loaded.vocab_size == 30 and loaded.depth == 2
+  images = np.random.default_rng(4).normal(size=(2, 16, 16, 3)).astype(np.float32)
+  positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
+  got = loaded.apply({"params": params}, images, jnp.zeros((2, 16), bool), positions,
+                     method=vit.BEiT.mim_logits)
+  expected = unilm_forward(sd, images.astype(np.float64), 2)
+  assert np.max(np.abs(np.asarray(got) - expected)) <= 1e-4
+
+  bad = tmp_path / "code.pth"
+  torch.save({"model": NotWeights()}, bad)
+  with pytest.raises(ValueError, match="pickled code"):
+    convert.load_torch_checkpoint(str(bad))

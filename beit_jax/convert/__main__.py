@@ -1,0 +1,40 @@
+r"""Convert PyTorch weights to this project's Orbax params exports.
+
+  python -m beit_jax.convert beit SRC.pth OUT_DIR [--num_heads=N]
+
+`beit`: a unilm BEiT checkpoint (`beit_{base,large}_patch16_*_pt22k*.pth`,
+`beit_base_patch16_224_pt1k_800ep.pth`, segmentation checkpoints with `backbone.`), a timm
+BEiT state dict, or a `.pth` written by `torch.save(model.state_dict())`. The file is read
+with `torch.load(weights_only=True)` (no code runs), the architecture is inferred from its
+keys and shapes, and OUT_DIR gets `params/` (Orbax) + `metadata.json`, which
+`beit_jax.tasks.pretrain.load_pretrained(OUT_DIR)` loads. `--num_heads` is only needed for
+a layout without relative-position tables and a non-standard width.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+from beit_jax.convert import beit
+
+
+def main(argv=None) -> None:
+  parser = argparse.ArgumentParser(prog="python -m beit_jax.convert",
+                                   description=__doc__.split("\n\n")[0])
+  sub = parser.add_subparsers(dest="kind", required=True)
+  p = sub.add_parser("beit", help="unilm / timm BEiT .pth -> Orbax params export")
+  p.add_argument("src")
+  p.add_argument("out")
+  p.add_argument("--num_heads", type=int, default=None)
+  args = parser.parse_args(argv)
+
+  t0 = time.perf_counter()
+  params, kwargs = beit.unilm_to_flax(beit.load_torch_checkpoint(args.src), args.num_heads)
+  beit.export(args.out, params, kwargs, source=args.src)
+  print(f"Converted {args.src} -> {args.out} in {time.perf_counter() - t0:.1f} s; "
+        f"architecture: {kwargs}")
+
+
+if __name__ == "__main__":
+  main()
