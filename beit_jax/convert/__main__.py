@@ -1,6 +1,8 @@
 r"""Convert PyTorch weights to this project's Orbax params exports.
 
   python -m beit_jax.convert beit SRC.pth OUT_DIR [--num_heads=N]
+  python -m beit_jax.convert dalle --encoder=encoder.pkl --decoder=decoder.pkl OUT_DIR \
+      [--image_size=112] --trust_pickle
 
 `beit`: a unilm BEiT checkpoint (`beit_{base,large}_patch16_*_pt22k*.pth`,
 `beit_base_patch16_224_pt1k_800ep.pth`, segmentation checkpoints with `backbone.`), a timm
@@ -9,6 +11,11 @@ with `torch.load(weights_only=True)` (no code runs), the architecture is inferre
 keys and shapes, and OUT_DIR gets `params/` (Orbax) + `metadata.json`, which
 `beit_jax.tasks.pretrain.load_pretrained(OUT_DIR)` loads. `--num_heads` is only needed for
 a layout without relative-position tables and a non-standard width.
+
+`dalle`: OpenAI's DALL-E dVAE into this project's DALL-E-architecture dVAE, written as a
+tokenizer export (`--config.tokenizer.path=OUT_DIR`; 112 px -> 14x14 tokens, 8192 codes).
+DALL-E's files are pickled modules: they load only with --trust_pickle (it runs code from
+the file and needs the `dall_e` package); state dicts saved with torch.save load without it.
 """
 
 from __future__ import annotations
@@ -16,7 +23,7 @@ from __future__ import annotations
 import argparse
 import time
 
-from beit_jax.convert import beit
+from beit_jax.convert import beit, dalle
 
 
 def main(argv=None) -> None:
@@ -27,9 +34,21 @@ def main(argv=None) -> None:
   p.add_argument("src")
   p.add_argument("out")
   p.add_argument("--num_heads", type=int, default=None)
+  d = sub.add_parser("dalle", help="DALL-E encoder/decoder -> tokenizer export")
+  d.add_argument("out")
+  d.add_argument("--encoder", required=True)
+  d.add_argument("--decoder", required=True)
+  d.add_argument("--image_size", type=int, default=112)
+  d.add_argument("--trust_pickle", action="store_true")
   args = parser.parse_args(argv)
 
   t0 = time.perf_counter()
+  if args.kind == "dalle":
+    params, config = dalle.convert(dalle.load_dalle_state_dict(args.encoder, args.trust_pickle),
+                                   dalle.load_dalle_state_dict(args.decoder, args.trust_pickle))
+    dalle.export(args.out, params, config, args.image_size, source=args.encoder)
+    print(f"Converted DALL-E dVAE -> {args.out} in {time.perf_counter() - t0:.1f} s; {config}")
+    return
   params, kwargs = beit.unilm_to_flax(beit.load_torch_checkpoint(args.src), args.num_heads)
   beit.export(args.out, params, kwargs, source=args.src)
   print(f"Converted {args.src} -> {args.out} in {time.perf_counter() - t0:.1f} s; "
