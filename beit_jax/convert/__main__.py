@@ -3,6 +3,7 @@ r"""Convert PyTorch weights to this project's Orbax params exports.
   python -m beit_jax.convert beit SRC.pth OUT_DIR [--num_heads=N]
   python -m beit_jax.convert dalle --encoder=encoder.pkl --decoder=decoder.pkl OUT_DIR \
       [--image_size=112] --trust_pickle
+  python -m beit_jax.convert to_pth EXPORT_DIR OUT.pth
 
 `beit`: a unilm BEiT checkpoint (`beit_{base,large}_patch16_*_pt22k*.pth`,
 `beit_base_patch16_224_pt1k_800ep.pth`, segmentation checkpoints with `backbone.`), a timm
@@ -16,6 +17,12 @@ a layout without relative-position tables and a non-standard width.
 tokenizer export (`--config.tokenizer.path=OUT_DIR`; 112 px -> 14x14 tokens, 8192 codes).
 DALL-E's files are pickled modules: they load only with --trust_pickle (it runs code from
 the file and needs the `dall_e` package); state dicts saved with torch.save load without it.
+
+`to_pth`: the other direction. A BEiT params export of this project (pretraining
+`<workdir>/export/beit`, or a converted one) -> a unilm-layout PyTorch checkpoint
+`{'model': state_dict}` (with `relative_position_index` buffers), loadable by unilm's
+`modeling_pretrain` / `modeling_finetune` models and timm's `beit` (strict=False there
+for the index buffers).
 """
 
 from __future__ import annotations
@@ -40,9 +47,20 @@ def main(argv=None) -> None:
   d.add_argument("--decoder", required=True)
   d.add_argument("--image_size", type=int, default=112)
   d.add_argument("--trust_pickle", action="store_true")
+  t = sub.add_parser("to_pth", help="BEiT params export -> unilm-layout .pth")
+  t.add_argument("export_dir")
+  t.add_argument("out")
   args = parser.parse_args(argv)
 
   t0 = time.perf_counter()
+  if args.kind == "to_pth":
+    import torch  # pylint: disable=g-import-not-at-top
+    from beit_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
+    _, params, meta = pretrain.load_pretrained(args.export_dir)
+    sd = beit.flax_to_unilm(params, grid=meta["image_size"] // meta["patch_size"])
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, args.out)
+    print(f"Wrote {len(sd)} tensors to {args.out} in {time.perf_counter() - t0:.1f} s.")
+    return
   if args.kind == "dalle":
     params, config = dalle.convert(dalle.load_dalle_state_dict(args.encoder, args.trust_pickle),
                                    dalle.load_dalle_state_dict(args.decoder, args.trust_pickle))

@@ -167,6 +167,16 @@ def test_cli_converts_a_torch_checkpoint_to_a_loadable_export(tmp_path):
   expected = unilm_forward(sd, images.astype(np.float64), 2)
   assert np.max(np.abs(np.asarray(got) - expected)) <= 1e-4
 
+  # And back: export -> unilm-layout .pth equal to the original state dict.
+  back = tmp_path / "back.pth"
+  result = subprocess.run([sys.executable, "-m", "beit_jax.convert", "to_pth", str(out),
+                           str(back)], capture_output=True, text=True, env=env, timeout=300)
+  assert result.returncode == 0, result.stderr[-2000:]
+  returned = torch.load(back, weights_only=True)["model"]
+  assert set(returned) == set(sd)
+  for key, value in sd.items():
+    np.testing.assert_array_equal(returned[key].numpy(), value)
+
   bad = tmp_path / "code.pth"
   torch.save({"model": NotWeights()}, bad)
   with pytest.raises(ValueError, match="pickled code"):
