@@ -264,8 +264,5 @@ def load_tokenizer(export_dir: str, sharding=None) -> tuple[dvae.DiscreteVAE, An
   abstract = jax.eval_shape(
       lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
                          rng=jax.random.PRNGKey(0), tau=1.0, hard=False)["params"])
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                        abstract)
-  params = checkpointing.load_params(export_dir, target)
+  params = checkpointing.load_params_onto(export_dir, abstract, sharding)
   return model, {"params": params}, meta

@@ -419,7 +419,5 @@ def load_pretrained(export_dir: str, sharding=None, dtype=jnp.float32) -> tuple[
   if meta.get("kind") not in (EXPORT_KIND, convert_beit.EXPORT_KIND):
     raise ValueError(f"{export_dir} holds a {meta.get('kind')!r} export, not BEiT params.")
   model = vit.BEiT(**meta["model_kwargs"], dtype=dtype)
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
-  target = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                        vit.abstract_params(model))
-  return model, checkpointing.load_params(export_dir, target), meta
+  params = checkpointing.load_params_onto(export_dir, vit.abstract_params(model), sharding)
+  return model, params, meta
