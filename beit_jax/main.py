@@ -1,8 +1,10 @@
 r"""Entry point: `python -m beit_jax.main --config=configs/FILE.py[:ARGS] --workdir=DIR`.
 
 The config's `task` field picks the job:
-  dvae      train a Gumbel-softmax dVAE visual tokenizer (beit_jax/tasks/dvae.py)
-  pretrain  BEiT masked image modeling against a frozen tokenizer (beit_jax/tasks/pretrain.py)
+  dvae          train a Gumbel-softmax dVAE visual tokenizer (beit_jax/tasks/dvae.py)
+  pretrain      BEiT masked image modeling against a frozen tokenizer (beit_jax/tasks/pretrain.py)
+  finetune      classification fine-tuning of a (pretrained) backbone (beit_jax/tasks/finetune.py)
+  linear_probe  linear probes on every block of a frozen backbone (beit_jax/tasks/linear_probe.py)
 
 Any config value can be overridden: `--config.total_steps=100 --config.data.source=folder`.
 A key that does not exist, or a value of the wrong type, stops the run before anything
@@ -20,6 +22,8 @@ from ml_collections import config_flags
 TASKS = {
     "dvae": "beit_jax.tasks.dvae",
     "pretrain": "beit_jax.tasks.pretrain",
+    "finetune": "beit_jax.tasks.finetune",
+    "linear_probe": "beit_jax.tasks.linear_probe",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

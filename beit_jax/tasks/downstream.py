@@ -1,0 +1,201 @@
+"""What the downstream tasks (`finetune`, `linear_probe`) share.
+
+* the backbone: a BEiT classifier built from `config.model` (random init) or from a
+  pretrained export (`config.pretrained`: this project's MIM export, a converted unilm /
+  timm checkpoint, or another fine-tuned model) with unilm's loading rules
+  (`beit_jax/models/transfer.py`: drop a mismatched head, shared -> per-block rel-pos,
+  rel-pos / abs-pos resized to the new grid);
+* labelled data: the train / eval sources of `config.data` and their number of classes;
+* evaluation sums over padded batches (cross-entropy, top-1, top-5) and the
+  "best so far" export that keeps the params of the best evaluation.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from beit_jax import config_lib
+from beit_jax.data import sources
+from beit_jax.models import transfer, vit
+from beit_jax.training import checkpointing
+
+# The architecture of a pretrained backbone wins over `config.model` for these.
+ARCHITECTURE_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size")
+
+
+# ----------------------------------------------------------------------------------
+# Data.
+# ----------------------------------------------------------------------------------
+def labelled_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, int]:
+  """(train source, eval source or None, number of classes read from the data)."""
+  train = sources.make_source(config.data, config.data.train_split)
+  evals = sources.make_source(config.data, config.data.eval_split)
+  num_classes = int(train.num_classes)
+  if evals is not None and int(evals.num_classes) != num_classes:
+    raise ValueError(f"The eval split has {evals.num_classes} classes but the train split "
+                     f"{num_classes}; they must share one label set.")
+  return train, evals, num_classes
+
+
+def check_data_exists(config: ml_collections.ConfigDict, task: str) -> None:
+  """A missing data set stops the run with what to do, before anything is written."""
+  try:
+    sources.make_source(config.data, config.data.train_split)
+  except (FileNotFoundError, ValueError, KeyError) as e:
+    raise FileNotFoundError(
+        f"Cannot start {task}: training data: {e}\nTry it without any download on the "
+        f"built-in photos: python -m beit_jax.main --config=configs/{task}_small.py "
+        "--config.data.source=builtin") from e
+
+
+def check_pretrained(path: str) -> dict[str, Any] | None:
+  """The metadata of `config.pretrained` (None when empty); a clear error when it is not a
+  BEiT params export."""
+  if not path:
+    return None
+  if not os.path.exists(os.path.join(path, checkpointing.METADATA_FILE)):
+    raise FileNotFoundError(
+        f"config.pretrained={path!r} is not a params export (no metadata.json). Pass the "
+        "`export/beit` folder of a `pretrain` run, the output of `python -m beit_jax.convert "
+        "beit CKPT.pth OUT`, or an `export/best` of a fine-tuning run; or '' to start from "
+        "random init.")
+  meta = checkpointing.read_metadata(path)
+  if "model_kwargs" not in meta:
+    raise ValueError(f"config.pretrained={path!r} holds a {meta.get('kind')!r} export, "
+                     "not BEiT params.")
+  return meta
+
+
+# ----------------------------------------------------------------------------------
+# The backbone.
+# ----------------------------------------------------------------------------------
+def backbone_model(config: ml_collections.ConfigDict, num_classes: int,
+                   pretrained_meta: Mapping[str, Any] | None, dtype: Any) -> vit.BEiT:
+  """The classifier BEiT of the task: `config.model` for random init; with a pretrained
+  export its width/depth/heads/patch, LayerScale presence and absolute position
+  embedding, at `config.input.image_size` with per-block rel-pos (unilm fine-tuning)."""
+  m = config.model
+  overrides = dict(
+      image_size=config.input.image_size, patch_size=m.patch_size,
+      drop_path_rate=m.drop_path_rate, init_values=m.init_values,
+      use_abs_pos_emb=m.use_abs_pos_emb, use_rel_pos_bias=m.use_rel_pos_bias,
+      use_mean_pooling=m.use_mean_pooling, init_scale=m.init_scale, remat=m.remat,
+      dtype=dtype)
+  if pretrained_meta is not None:
+    src = pretrained_meta["model_kwargs"]
+    overrides.update({k: src[k] for k in ARCHITECTURE_KEYS})
+    overrides["use_abs_pos_emb"] = bool(src["use_abs_pos_emb"])
+    src_rel = bool(src["use_rel_pos_bias"] or src["use_shared_rel_pos_bias"])
+    overrides["use_rel_pos_bias"] = src_rel and m.use_rel_pos_bias
+    if not src_rel and m.use_rel_pos_bias:
+      logging.info("The pretrained backbone has no relative position bias (vanilla ViT): "
+                   "fine-tuning without it, as unilm does.")
+      overrides["use_rel_pos_bias"] = False
+    # LayerScale exists iff the checkpoint has gammas (their values are loaded).
+    overrides["init_values"] = (m.init_values or 0.1) if src["init_values"] > 0 else 0.0
+  return vit.classifier_model(m.variant, num_classes, **overrides)
+
+
+def init_params(model: vit.BEiT, seed: int) -> Any:
+  """Random-init params of `model` (numpy, on the host)."""
+  size = model.image_size
+  params = jax.jit(lambda: model.init(jax.random.PRNGKey(seed),
+                                      jnp.zeros((1, size, size, 3), jnp.float32))["params"])()
+  return jax.tree.map(np.asarray, params)
+
+
+def backbone_params(model: vit.BEiT, pretrained: str, seed: int) -> tuple[Any, dict]:
+  """Host params for `model`: random init, with the pretrained export loaded over them by
+  unilm's rules. Returns (params, report of loaded / kept / dropped / resized keys)."""
+  params = init_params(model, seed)
+  if not pretrained:
+    return params, {}
+  meta = checkpointing.read_metadata(pretrained)
+  src_model = vit.BEiT(**meta["model_kwargs"])
+  src = checkpointing.load_params_onto(pretrained, vit.abstract_params(src_model))
+  params, report = transfer.transfer_params(jax.tree.map(np.asarray, src), model, params)
+  for key, names in report.items():
+    if names:
+      logging.info("Pretrained %s: %d (%s)", key, len(names),
+                   ", ".join(map(str, list(names)[:8])) + (" ..." if len(names) > 8 else ""))
+  return params, report
+
+
+# ----------------------------------------------------------------------------------
+# Evaluation.
+# ----------------------------------------------------------------------------------
+def classification_sums(logits: jax.Array, labels: jax.Array, valid: jax.Array
+                        ) -> dict[str, jax.Array]:
+  """Sums over the valid rows: cross-entropy, top-1 and top-5 hits, and the row count."""
+  logits = logits.astype(jnp.float32)
+  w = valid.astype(jnp.float32)
+  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
+  k = min(5, logits.shape[-1])
+  top = jax.lax.top_k(logits, k)[1]
+  hits = top == labels[:, None]
+  return dict(loss_sum=jnp.sum(ce * w), top1=jnp.sum(hits[:, 0] * w),
+              top5=jnp.sum(jnp.any(hits, axis=1) * w), count=jnp.sum(w))
+
+
+def summarize_sums(sums: Mapping[str, np.ndarray] | None, prefix: str = "") -> dict[str, float]:
+  """{loss, top1, top5, num_images} from `classification_sums` totals."""
+  if sums is None:
+    return {}
+  count = max(float(sums["count"]), 1.0)
+  return {f"{prefix}loss": float(sums["loss_sum"]) / count,
+          f"{prefix}top1": float(sums["top1"]) / count,
+          f"{prefix}top5": float(sums["top5"]) / count,
+          f"{prefix}num_images": int(sums["count"])}
+
+
+class BestExport:
+  """Keeps `<dir>` holding the params of the best evaluation so far (unilm's
+  `checkpoint-best`); the best value survives a resume through the export's metadata."""
+
+  def __init__(self, directory: str, metric: str = "top1"):
+    self.directory = directory
+    self.metric = metric
+    self.best = -np.inf
+    if os.path.exists(os.path.join(directory, checkpointing.METADATA_FILE)):
+      self.best = float(checkpointing.read_metadata(directory)["eval"][metric])
+
+  def update(self, step: int, params: Any, scalars: Mapping[str, float],
+             metadata: Mapping[str, Any]) -> bool:
+    """Exports `params` if `scalars[metric]` beats the best so far."""
+    value = scalars.get(self.metric)
+    if value is None or value <= self.best:
+      return False
+    self.best = float(value)
+    checkpointing.export_params(self.directory, params, metadata=dict(
+        metadata, step=int(step), eval=dict(scalars)))
+    logging.info("New best %s %.4f at step %d -> %s", self.metric, value, step, self.directory)
+    return True
+
+
+def common_checks(config: ml_collections.ConfigDict, tasks: tuple[str, ...]) -> None:
+  """Checks shared by the downstream configs (before anything is compiled or written)."""
+  config_lib.check_choice(config, "task", tasks)
+  config_lib.check_data(config)
+  config_lib.check_choice(config, "model.variant", tuple(vit.VARIANTS))
+  config_lib.check_choice(config, "model.dtype", ("auto", "float32", "bfloat16"))
+  config_lib.check_choice(config, "input.norm", ("half", "imagenet"))
+  config_lib.check_positive(config, "total_steps", "input.batch_size", "input.image_size",
+                            "model.patch_size", "log_every", "ckpt.every", "ckpt.keep",
+                            "optim.lr", "eval_batch_size")
+  config_lib.check_positive(config, "eval_every", "optim.warmup_steps", allow_zero=True)
+  if not 0.0 < config.input.eval_crop_pct <= 1.0:
+    raise ValueError(f"config.input.eval_crop_pct={config.input.eval_crop_pct} must be in "
+                     "(0, 1] (224/256 = 0.875 for ImageNet at 224 px, 1.0 at 384).")
+  meta = check_pretrained(config.pretrained)
+  patch = meta["model_kwargs"]["patch_size"] if meta else config.model.patch_size
+  if config.input.image_size % patch:
+    raise ValueError(f"config.input.image_size={config.input.image_size} is not divisible by "
+                     f"the patch size {patch}; use a multiple of {patch}.")

@@ -1,0 +1,279 @@
+"""Task `linear_probe`: BEiT's linear-probing protocol on every block (unilm
+`run_linear_eval.py`, reference §1.10), plus a k-NN evaluation of the same features.
+
+The backbone is frozen (its params are a replicated argument of the step, never updated
+and never donated). For every block l the feature is `[h_cls, mean(h_patches)]` of that
+block's raw output (no final norm), 2D wide; one linear classifier per block (init
+N(0, 0.01), bias 0) is trained on all of them at once from ONE backbone forward per
+batch: the loss is the sum of the per-block cross-entropies, and each classifier only
+receives the gradient of its own term. AdamW (wd on the weights and biases, as
+`AdamW(linear_classifier.parameters())`), cosine to 0 with optional warmup;
+random-resized crop + flip; eval resize 256 -> centre crop 224.
+
+Reported per block on the eval split: top-1 / top-5 (`top1_block_<l>`, 1-based as in the
+paper: BEiT-B is best at block 9, BEiT-L at 14), the best block and its accuracy. With
+`knn.k > 0`, a weighted k-NN (cosine similarity on L2-normalised features, weights
+exp(sim / T), DINO's protocol) on the best block's features of up to
+`knn.max_train_images` centre-cropped training images. The probes go to
+`<workdir>/export/final` (params + metadata with every figure).
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Mapping
+
+import chex
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+from absl import logging
+
+from beit_jax import config_lib
+from beit_jax.data import pipeline, transforms
+from beit_jax.models import vit
+from beit_jax.tasks import downstream
+from beit_jax.tasks.pretrain import compute_dtype
+from beit_jax.training import checkpointing, loop, metrics as metrics_lib
+from beit_jax.training import mesh as mesh_lib
+from beit_jax.training import optim
+from beit_jax.training.train_state import TrainState, init_sharded
+
+EXPORT_KIND = "beit_linear_probe"
+IMAGE_KEY, LABEL_KEY = "image", "label"
+BATCH_KEYS = (IMAGE_KEY, LABEL_KEY)
+EVAL_KEYS = (IMAGE_KEY, LABEL_KEY, "valid")
+PROBE_INIT_STD = 0.01
+
+
+def validate_config(config: ml_collections.ConfigDict) -> None:
+  downstream.common_checks(config, ("linear_probe",))
+  config_lib.check_positive(config, "knn.k", "knn.max_train_images", allow_zero=True)
+  config_lib.check_positive(config, "knn.temperature")
+  downstream.check_data_exists(config, "linear_probe")
+
+
+def block_features(model: vit.BEiT, backbone_params: Any, images: jax.Array) -> jax.Array:
+  """(depth, B, 2D) float32: `[h_cls, mean(h_patches)]` of every block's output."""
+  _, layers = model.apply({"params": backbone_params}, images, train=False, return_layers=True,
+                          method=vit.BEiT.encode)
+  feats = [jnp.concatenate([h[:, 0], jnp.mean(h[:, 1:], axis=1)], axis=-1) for h in layers]
+  return jax.lax.stop_gradient(jnp.stack(feats).astype(jnp.float32))
+
+
+def init_probes(rng: jax.Array, depth: int, dim: int, num_classes: int) -> dict[str, jax.Array]:
+  """One Linear(dim, classes) per block, stacked: kernel (depth, dim, C), bias (depth, C)."""
+  return dict(kernel=PROBE_INIT_STD * jax.random.normal(rng, (depth, dim, num_classes)),
+              bias=jnp.zeros((depth, num_classes)))
+
+
+def probe_logits(probes: Mapping[str, jax.Array], feats: jax.Array) -> jax.Array:
+  """(depth, B, C) logits of every block's classifier on its own features."""
+  return jnp.einsum("lbd,ldc->lbc", feats, probes["kernel"]) + probes["bias"][:, None]
+
+
+def probe_loss(probes: Mapping[str, jax.Array], feats: jax.Array, labels: jax.Array):
+  """Sum over blocks of each block's mean cross-entropy (each probe gets only its own
+  term's gradient); aux: (per-block losses (depth,), logits (depth, B, C))."""
+  logits = probe_logits(probes, feats)
+  ce = optax.softmax_cross_entropy_with_integer_labels(
+      logits, jnp.broadcast_to(labels, logits.shape[:2]))
+  per_block = jnp.mean(ce, axis=1)
+  return jnp.sum(per_block), (per_block, logits)
+
+
+def make_train_step(model: vit.BEiT, tx: optax.GradientTransformation, lr_fn: optim.Schedule,
+                    norm: str):
+  """`train_step(state, batch, backbone_params) -> (state, metrics)`."""
+  chex.clear_trace_counter()
+
+  @chex.assert_max_traces(n=1)
+  def train_step(state: TrainState, batch: Mapping[str, jax.Array], backbone_params: Any):
+    feats = block_features(model, backbone_params, transforms.normalize(batch[IMAGE_KEY], norm))
+    labels = batch[LABEL_KEY]
+
+    (_, (per_block, logits)), grads = jax.value_and_grad(probe_loss, has_aux=True)(
+        state.params, feats, labels)
+    updates, opt_state = tx.update(grads, state.opt_state, state.params)
+    params = optax.apply_updates(state.params, updates)
+    acc = jnp.mean(jnp.argmax(logits, -1) == labels[None], axis=1)
+    metrics = dict(loss=jnp.mean(per_block), loss_last_block=per_block[-1],
+                   train_top1_best_block=jnp.max(acc), lr=lr_fn(state.step))
+    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return train_step
+
+
+def make_eval_step(model: vit.BEiT, norm: str):
+  """Per-block sums (arrays of length depth) over a padded eval batch."""
+
+  def eval_step(probes: Any, batch: Mapping[str, jax.Array], backbone_params: Any):
+    feats = block_features(model, backbone_params, transforms.normalize(batch[IMAGE_KEY], norm))
+    logits = probe_logits(probes, feats)
+    return jax.vmap(downstream.classification_sums, in_axes=(0, None, None))(
+        logits, batch[LABEL_KEY], batch["valid"])
+
+  return eval_step
+
+
+def summarize_blocks(sums: Mapping[str, np.ndarray] | None) -> dict[str, Any]:
+  """Per-block top-1 / top-5 and the best block (1-based)."""
+  if sums is None:
+    return {}
+  count = max(float(sums["count"][0]), 1.0)
+  top1, top5 = sums["top1"] / count, sums["top5"] / count
+  out: dict[str, Any] = {f"top1_block_{l + 1}": float(v) for l, v in enumerate(top1)}
+  out.update({f"top5_block_{l + 1}": float(v) for l, v in enumerate(top5)})
+  best = int(np.argmax(top1))
+  out.update(best_layer=best + 1, best_top1=float(top1[best]), best_top5=float(top5[best]),
+             loss_best_block=float(sums["loss_sum"][best]) / count, num_images=int(count))
+  return out
+
+
+# ----------------------------------------------------------------------------------
+# k-NN on the frozen features (DINO's weighted vote).
+# ----------------------------------------------------------------------------------
+def knn_predict(train_feats: jax.Array, train_labels: jax.Array, query: jax.Array, k: int,
+                temperature: float, num_classes: int) -> jax.Array:
+  """Class scores (Q, C): the k most cosine-similar training features vote with weight
+  exp(sim / T)."""
+  a = train_feats / jnp.linalg.norm(train_feats, axis=-1, keepdims=True).clip(1e-12)
+  q = query / jnp.linalg.norm(query, axis=-1, keepdims=True).clip(1e-12)
+  sims, idx = jax.lax.top_k(q @ a.T, k)
+  votes = jax.nn.one_hot(train_labels[idx], num_classes) * jnp.exp(sims / temperature)[..., None]
+  return jnp.sum(votes, axis=1)
+
+
+def extract_block_features(model, backbone_params, source, transform, batch_size, block,
+                           norm, sharding, max_images=0):
+  """(features (N, 2D), labels (N,)) of one block over a source (centre crops), host numpy."""
+  @jax.jit
+  def features(params, images):
+    return block_features(model, params, transforms.normalize(images, norm))[block]
+
+  feats, labels = [], []
+  for host_batch in pipeline.make_eval_iterator(source, transform, batch_size=batch_size):
+    batch = mesh_lib.global_batch({k: host_batch[k] for k in EVAL_KEYS}, sharding)
+    f = np.asarray(jax.device_get(features(backbone_params, batch[IMAGE_KEY])))
+    valid = host_batch["valid"]
+    feats.append(f[valid])
+    labels.append(host_batch[LABEL_KEY][valid])
+    if max_images and sum(len(x) for x in labels) >= max_images:
+      break
+  feats, labels = np.concatenate(feats), np.concatenate(labels)
+  if max_images:
+    feats, labels = feats[:max_images], labels[:max_images]
+  return feats, labels
+
+
+def knn_eval(config, model, backbone_params, train_source, eval_source, eval_transform,
+             block: int, num_classes: int, sharding) -> dict[str, float]:
+  kw = dict(batch_size=config.eval_batch_size, block=block, norm=config.input.norm,
+            sharding=sharding)
+  train_f, train_y = extract_block_features(model, backbone_params, train_source, eval_transform,
+                                            max_images=config.knn.max_train_images, **kw)
+  eval_f, eval_y = extract_block_features(model, backbone_params, eval_source, eval_transform,
+                                          **kw)
+  k = min(config.knn.k, len(train_y))
+  predict = jax.jit(lambda q: jnp.argmax(knn_predict(
+      jnp.asarray(train_f), jnp.asarray(train_y), q, k, config.knn.temperature,
+      num_classes), axis=-1))
+  correct = 0
+  for start in range(0, len(eval_y), 512):
+    correct += int(np.sum(np.asarray(predict(jnp.asarray(eval_f[start:start + 512])))
+                          == eval_y[start:start + 512]))
+  return dict(knn_top1=correct / max(len(eval_y), 1), knn_k=k, knn_train_images=len(train_y),
+              knn_block=block + 1)
+
+
+# ----------------------------------------------------------------------------------
+# The job.
+# ----------------------------------------------------------------------------------
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
+  """Trains (or resumes) the per-block probes in `workdir`; returns {'train', 'eval'}."""
+  validate_config(config)
+  pretrained_meta = downstream.check_pretrained(config.pretrained)
+
+  mesh = mesh_lib.make_mesh(config.mesh)
+  mesh_lib.check_batch_size(config.input.batch_size, mesh)
+  mesh_lib.check_batch_size(config.eval_batch_size, mesh)
+  batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
+  train_source, eval_source, num_classes = downstream.labelled_sources(config)
+  i = config.input
+  transform = transforms.SingleViewTransform(
+      i.image_size, key=IMAGE_KEY, scale=tuple(i.crop_scale), ratio=tuple(i.crop_ratio),
+      interpolation=i.interpolation, flip_prob=i.flip_prob)
+  eval_transform = transforms.CenterCropTransform(i.image_size, key=IMAGE_KEY,
+                                                  interpolation=i.interpolation,
+                                                  crop_pct=i.eval_crop_pct)
+  data_iter = pipeline.make_train_iterator(
+      train_source, transform, global_batch_size=i.batch_size, seed=config.seed,
+      num_workers=config.data.num_workers)
+
+  # --- Frozen backbone and the probes ----------------------------------------------
+  dtype = compute_dtype(config.model.dtype)
+  model = downstream.backbone_model(config, num_classes, pretrained_meta, dtype)
+  host_backbone, _ = downstream.backbone_params(model, config.pretrained, config.seed)
+  backbone = jax.device_put(host_backbone, repl)
+  backbone_sh = jax.tree.map(lambda _: repl, backbone)
+  lr_fn = config_lib.lr_schedule(config)
+  tx = optim.make_optimizer(config.optim, lr_fn)
+  dim = 2 * model.embed_dim
+
+  def init_fn():
+    rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed + 1))
+    return TrainState.create(init_probes(rng, model.depth, dim, num_classes), tx, state_rng)
+
+  state, state_sh = init_sharded(init_fn, mesh)
+  logging.info("Linear probes on %d blocks (%d-d features, %d classes) of a frozen backbone "
+               "from %s", model.depth, dim, num_classes, config.pretrained or "random init")
+  ckpt = checkpointing.make_checkpointer(workdir, config.ckpt)
+  state = ckpt.restore_latest(state, state_sh, data_iter)
+
+  step_fn = jax.jit(make_train_step(model, tx, lr_fn, i.norm),
+                    in_shardings=(state_sh, batch_sh, backbone_sh),
+                    out_shardings=(state_sh, repl), donate_argnums=(0,))
+  eval_step = jax.jit(make_eval_step(model, i.norm),
+                      in_shardings=(state_sh.params, batch_sh, backbone_sh), out_shardings=repl)
+
+  def eval_fn(s: TrainState) -> dict[str, Any]:
+    batches = pipeline.make_eval_iterator(eval_source, eval_transform,
+                                          batch_size=config.eval_batch_size)
+    scalars = summarize_blocks(loop.sum_over_batches(eval_step, batches, EVAL_KEYS, batch_sh,
+                                                     s.params, backbone))
+    if scalars and config.knn.k > 0 and int(jax.device_get(s.step)) >= config.total_steps:
+      scalars.update(knn_eval(config, model, backbone, train_source, eval_source,
+                              eval_transform, scalars["best_layer"] - 1, num_classes, batch_sh))
+    return scalars
+
+  writer = metrics_lib.MetricWriter(workdir, config.total_steps, tensorboard=config.tensorboard)
+  last: dict[str, Any] = {}
+
+  def summarize(sums, num_steps):
+    last.clear()
+    last.update(loop.mean_scalars(sums, num_steps))
+    return dict(last)
+
+  try:
+    state, final = loop.run(
+        state=state, train_step=lambda s, b: step_fn(s, b, backbone), data_iter=data_iter,
+        batch_keys=BATCH_KEYS, batch_sharding=batch_sh, total_steps=config.total_steps,
+        writer=writer, checkpointer=ckpt, log_every=config.log_every, summarize=summarize,
+        eval_every=config.eval_every, eval_fn=eval_fn if eval_source is not None else None)
+    export_dir = config.export_dir or os.path.join(workdir, "export", "final")
+    checkpointing.export_params(export_dir, state.params, metadata=dict(
+        kind=EXPORT_KIND, backbone=config.pretrained, backbone_kwargs=vit.architecture(model),
+        num_classes=num_classes, image_size=i.image_size, input_norm=i.norm,
+        step=int(jax.device_get(state.step)), final_train=dict(last), eval=final))
+    if final:
+      logging.info("Linear probe: best block %d, top-1 %.4f (per block: %s)",
+                   final["best_layer"], final["best_top1"],
+                   ", ".join(f"{final[f'top1_block_{l + 1}']:.3f}" for l in range(model.depth)))
+  finally:
+    ckpt.close()
+    writer.close()
+    if hasattr(data_iter, "close"):
+      data_iter.close()
+  return {"train": dict(last), "eval": final}
