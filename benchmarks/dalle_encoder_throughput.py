@@ -1,11 +1,8 @@
 r"""DALL-E encoder at 112 px: this project's jitted tokenizer vs OpenAI's `dall_e` PyTorch
 encoder, same weights, same CPU, one run.
 
-  pip install -e ".[convert]" && pip install --no-deps dall-e==0.1
+  pip install -e ".[torch_refs]"    # torch 2.14.1, torchvision 0.29.1, timm, dall-e (in ".[test]")
   python benchmarks/dalle_encoder_throughput.py --batch_size=8 --steps=3
-
-(`--no-deps`: dall-e 0.1 declares torchvision, blobfile, mypy and requests, none of which
-the encoder needs; PyPI's torchvision does not import beside the CPU torch wheel.)
 
 `dall_e.Encoder()` / `Decoder()` are built with their own random init, converted with
 `beit_jax.convert.dalle`, and both encoders run on the built-in photos (centre-cropped,
