@@ -26,7 +26,7 @@ from absl import logging
 from beit_jax import config_lib
 from beit_jax.data import pipeline, sources, transforms
 from beit_jax.models import dvae
-from beit_jax.training import checkpointing, loop, metrics as metrics_lib
+from beit_jax.training import checkpointing, loop
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training import optim
 from beit_jax.training.train_state import TrainState, init_sharded
@@ -229,28 +229,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     return evaluate(eval_step, s.ema_params if s.ema_params is not None else s.params,
                     eval_iter, batch_sh)
 
-  # --- Train ----------------------------------------------------------------------
-  writer = metrics_lib.MetricWriter(workdir, config.total_steps, tensorboard=config.tensorboard)
-  try:
-    state, final = loop.run(
-        state=state, train_step=train_step, data_iter=data_iter, batch_keys=(IMAGE_KEY,),
-        batch_sharding=batch_sh, total_steps=config.total_steps, writer=writer,
-        checkpointer=ckpt, log_every=config.log_every, summarize=summarize_train,
-        eval_every=config.eval_every, eval_fn=eval_fn if eval_source is not None else None)
-
-    # --- Export ---------------------------------------------------------------------
-    params = state.ema_params if state.ema_params is not None else state.params
+  # --- Train, then export ------------------------------------------------------------
+  def export(s: TrainState, last: dict, final: dict) -> None:
+    del last
+    params = s.ema_params if s.ema_params is not None else s.params
     export_dir = config.export_dir or os.path.join(workdir, "export", "tokenizer")
     checkpointing.export_params(export_dir, params, metadata=dict(
         kind=EXPORT_KIND, model=config.model.to_dict(), image_size=size,
-        grid=size // model.downsample, step=int(jax.device_get(state.step)),
-        ema=state.ema_params is not None, eval=final))
+        grid=size // model.downsample, step=int(jax.device_get(s.step)),
+        ema=s.ema_params is not None, eval=final))
     logging.info("Exported tokenizer params to %s", export_dir)
-  finally:
-    ckpt.close()
-    writer.close()
-    if hasattr(data_iter, "close"):
-      data_iter.close()
+
+  _, _, final = loop.run_job(
+      config=config, workdir=workdir, state=state, train_step=train_step, data_iter=data_iter,
+      batch_keys=(IMAGE_KEY,), batch_sharding=batch_sh, checkpointer=ckpt,
+      eval_fn=eval_fn if eval_source is not None else None, summarize=summarize_train,
+      finish=export)
   return final
 
 

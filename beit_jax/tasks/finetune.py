@@ -35,7 +35,7 @@ from beit_jax.data import augment, mixup, pipeline, transforms
 from beit_jax.models import vit
 from beit_jax.tasks import downstream
 from beit_jax.tasks.pretrain import compute_dtype
-from beit_jax.training import checkpointing, loop, metrics as metrics_lib
+from beit_jax.training import checkpointing, loop
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training import optim
 from beit_jax.training.train_state import TrainState, init_sharded
@@ -215,35 +215,23 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     scalars["best_top1"] = best.best
     return scalars
 
-  # --- Train ----------------------------------------------------------------------
-  writer = metrics_lib.MetricWriter(workdir, config.total_steps, tensorboard=config.tensorboard)
-  last: dict[str, Any] = {}
-
-  def summarize(sums, num_steps):
-    last.clear()
-    last.update(loop.mean_scalars(sums, num_steps))
-    return dict(last)
-
-  try:
-    state, final = loop.run(
-        state=state, train_step=train_step, data_iter=data_iter, batch_keys=BATCH_KEYS,
-        batch_sharding=batch_sh, total_steps=config.total_steps, writer=writer,
-        checkpointer=ckpt, log_every=config.log_every, summarize=summarize,
-        eval_every=config.eval_every, eval_fn=eval_fn if eval_source is not None else None)
+  # --- Train, then export ------------------------------------------------------------
+  def export(s: TrainState, last: dict, final: dict) -> None:
     final_dir = os.path.join(config.export_dir or os.path.join(workdir, "export"), "final")
-    checkpointing.export_params(final_dir, state.params, metadata=dict(
-        export_meta, step=int(jax.device_get(state.step)), final_train=dict(last), eval=final,
+    step = int(jax.device_get(s.step))
+    checkpointing.export_params(final_dir, s.params, metadata=dict(
+        export_meta, step=step, final_train=last, eval=final,
         pretrained_report={k: list(map(str, v)) for k, v in report.items()}))
-    if state.ema_params is not None:
-      checkpointing.export_params(final_dir + "_ema", state.ema_params, metadata=dict(
-          export_meta, step=int(jax.device_get(state.step)), eval=final))
+    if s.ema_params is not None:
+      checkpointing.export_params(final_dir + "_ema", s.ema_params, metadata=dict(
+          export_meta, step=step, eval=final))
     logging.info("Exported the fine-tuned classifier to %s", final_dir)
-  finally:
-    ckpt.close()
-    writer.close()
-    if hasattr(data_iter, "close"):
-      data_iter.close()
-  return {"train": dict(last), "eval": final}
+
+  _, last, final = loop.run_job(
+      config=config, workdir=workdir, state=state, train_step=train_step, data_iter=data_iter,
+      batch_keys=BATCH_KEYS, batch_sharding=batch_sh, checkpointer=ckpt,
+      eval_fn=eval_fn if eval_source is not None else None, finish=export)
+  return {"train": last, "eval": final}
 
 
 def load_classifier(export_dir: str, sharding=None, dtype=jnp.float32):

@@ -36,7 +36,7 @@ from beit_jax.data import pipeline, transforms
 from beit_jax.models import vit
 from beit_jax.tasks import downstream
 from beit_jax.tasks.pretrain import compute_dtype
-from beit_jax.training import checkpointing, loop, metrics as metrics_lib
+from beit_jax.training import checkpointing, loop
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training import optim
 from beit_jax.training.train_state import TrainState, init_sharded
@@ -248,32 +248,20 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                               eval_transform, scalars["best_layer"] - 1, num_classes, batch_sh))
     return scalars
 
-  writer = metrics_lib.MetricWriter(workdir, config.total_steps, tensorboard=config.tensorboard)
-  last: dict[str, Any] = {}
-
-  def summarize(sums, num_steps):
-    last.clear()
-    last.update(loop.mean_scalars(sums, num_steps))
-    return dict(last)
-
-  try:
-    state, final = loop.run(
-        state=state, train_step=lambda s, b: step_fn(s, b, backbone), data_iter=data_iter,
-        batch_keys=BATCH_KEYS, batch_sharding=batch_sh, total_steps=config.total_steps,
-        writer=writer, checkpointer=ckpt, log_every=config.log_every, summarize=summarize,
-        eval_every=config.eval_every, eval_fn=eval_fn if eval_source is not None else None)
+  def export(s: TrainState, last: dict, final: dict) -> None:
     export_dir = config.export_dir or os.path.join(workdir, "export", "final")
-    checkpointing.export_params(export_dir, state.params, metadata=dict(
+    checkpointing.export_params(export_dir, s.params, metadata=dict(
         kind=EXPORT_KIND, backbone=config.pretrained, backbone_kwargs=vit.architecture(model),
         num_classes=num_classes, image_size=i.image_size, input_norm=i.norm,
-        step=int(jax.device_get(state.step)), final_train=dict(last), eval=final))
+        step=int(jax.device_get(s.step)), final_train=last, eval=final))
     if final:
       logging.info("Linear probe: best block %d, top-1 %.4f (per block: %s)",
                    final["best_layer"], final["best_top1"],
                    ", ".join(f"{final[f'top1_block_{l + 1}']:.3f}" for l in range(model.depth)))
-  finally:
-    ckpt.close()
-    writer.close()
-    if hasattr(data_iter, "close"):
-      data_iter.close()
-  return {"train": dict(last), "eval": final}
+
+  _, last, final = loop.run_job(
+      config=config, workdir=workdir, state=state,
+      train_step=lambda s, b: step_fn(s, b, backbone), data_iter=data_iter,
+      batch_keys=BATCH_KEYS, batch_sharding=batch_sh, checkpointer=ckpt,
+      eval_fn=eval_fn if eval_source is not None else None, finish=export)
+  return {"train": last, "eval": final}

@@ -38,7 +38,7 @@ from beit_jax.convert import beit as convert_beit
 from beit_jax.data import masking, pipeline, sources, transforms
 from beit_jax.models import dvae, vit
 from beit_jax.tasks import dvae as dvae_task
-from beit_jax.training import checkpointing, loop, metrics as metrics_lib
+from beit_jax.training import checkpointing, loop
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training import optim
 from beit_jax.training.train_state import TrainState, init_sharded
@@ -378,38 +378,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                                             batch_size=config.eval_batch_size)
     return evaluate(eval_step, s.params, tok_params, eval_iter, batch_sh)
 
-  # --- Train ----------------------------------------------------------------------
-  writer = metrics_lib.MetricWriter(workdir, config.total_steps, tensorboard=config.tensorboard)
-  last_metrics: dict[str, Any] = {}
-
-  def summarize(sums, num_steps):
-    scalars = loop.mean_scalars(sums, num_steps)
-    last_metrics.clear()
-    last_metrics.update(scalars)
-    return scalars
-
-  try:
-    state, final = loop.run(
-        state=state, train_step=train_step, data_iter=data_iter, batch_keys=BATCH_KEYS,
-        batch_sharding=batch_sh, total_steps=config.total_steps, writer=writer,
-        checkpointer=ckpt, log_every=config.log_every, summarize=summarize,
-        eval_every=config.eval_every, eval_fn=eval_fn if eval_source is not None else None)
-
-    # --- Export ---------------------------------------------------------------------
+  # --- Train, then export ------------------------------------------------------------
+  def export(s: TrainState, last: dict, final: dict) -> None:
     export_dir = config.export_dir or os.path.join(workdir, "export", "beit")
-    checkpointing.export_params(export_dir, state.params, metadata=dict(
+    checkpointing.export_params(export_dir, s.params, metadata=dict(
         kind=EXPORT_KIND, model=config.model.to_dict(), model_kwargs=vit.architecture(model),
         vocab_size=vocab, image_size=size,
         patch_size=config.model.patch_size, input_norm=config.input.norm,
         tokenizer=os.path.abspath(tokenizer_path), tokenizer_image_size=tok_meta["image_size"],
-        step=int(jax.device_get(state.step)), final_train=dict(last_metrics), eval=final))
+        step=int(jax.device_get(s.step)), final_train=last, eval=final))
     logging.info("Exported BEiT MIM params to %s", export_dir)
-  finally:
-    ckpt.close()
-    writer.close()
-    if hasattr(data_iter, "close"):
-      data_iter.close()
-  return {"train": dict(last_metrics), "eval": final}
+
+  _, last, final = loop.run_job(
+      config=config, workdir=workdir, state=state, train_step=train_step, data_iter=data_iter,
+      batch_keys=BATCH_KEYS, batch_sharding=batch_sh, checkpointer=ckpt,
+      eval_fn=eval_fn if eval_source is not None else None, finish=export)
+  return {"train": last, "eval": final}
 
 
 def load_pretrained(export_dir: str, sharding=None, dtype=jnp.float32) -> tuple[vit.BEiT, Any, dict]:

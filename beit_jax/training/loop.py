@@ -88,3 +88,39 @@ def run(*, state: Any, train_step: StepFn, data_iter: Iterator[dict[str, np.ndar
   if final:
     writer.write(total_steps, final, split="final_eval")
   return state, final
+
+
+def run_job(*, config: Any, workdir: str, state: Any, train_step: StepFn,
+            data_iter: Iterator[dict[str, np.ndarray]], batch_keys: Sequence[str],
+            batch_sharding: NamedSharding, checkpointer: Checkpointer,
+            eval_fn: Callable[[Any], dict[str, Any]] | None = None,
+            summarize: Summarize = mean_scalars,
+            finish: Callable[[Any, dict[str, float], dict[str, Any]], None] | None = None,
+            ) -> tuple[Any, dict[str, float], dict[str, Any]]:
+  """A task's whole training run: metric writer, `run`, then `finish(state, last train
+  means, final eval)` (the export); the checkpointer, writer and data iterator are closed
+  whatever happens. Reads `total_steps`, `log_every`, `eval_every`, `tensorboard` from
+  `config`. Returns (state, last logged train means, final eval)."""
+  writer = MetricWriter(workdir, config.total_steps, tensorboard=config.tensorboard)
+  last: dict[str, float] = {}
+
+  def summarize_and_keep(sums, num_steps):
+    scalars = summarize(sums, num_steps)
+    last.clear()
+    last.update(scalars)
+    return dict(scalars)
+
+  try:
+    state, final = run(
+        state=state, train_step=train_step, data_iter=data_iter, batch_keys=batch_keys,
+        batch_sharding=batch_sharding, total_steps=config.total_steps, writer=writer,
+        checkpointer=checkpointer, log_every=config.log_every, summarize=summarize_and_keep,
+        eval_every=config.eval_every, eval_fn=eval_fn)
+    if finish is not None:
+      finish(state, dict(last), final)
+  finally:
+    checkpointer.close()
+    writer.close()
+    if hasattr(data_iter, "close"):
+      data_iter.close()
+  return state, dict(last), final

@@ -116,7 +116,10 @@ def test_loss_at_init_is_log_vocab_and_overfits_a_few_images():
   assert abs(first - math.log(VOCAB)) < 0.5, first
   assert 0 < float(metrics["masked_per_image"]) <= 6
   for _ in range(150):
-    state, metrics = step(state, batch, tok_params)
+    # Synced every step: with 8 fake devices on a loaded 2-core machine, XLA:CPU can
+    # deadlock when many multi-device steps are in flight (an all-reduce waits for a
+    # device whose work is queued behind blocked pool threads).
+    state, metrics = jax.block_until_ready(step(state, batch, tok_params))
   last, acc = float(metrics["loss"]), float(metrics["mlm_acc"])
   assert last < 0.3 * math.log(VOCAB), (first, last)
   assert acc > 0.8, acc
