@@ -173,3 +173,24 @@ def test_fine_tunes_a_converted_unilm_checkpoint_at_a_new_resolution(tmp_path):
   assert {"head/kernel", "fc_norm/scale"} <= set(report["kept_from_init"])
   assert "lm_head/kernel" in report["dropped"]
   assert meta["model_kwargs"]["image_size"] == 48 and meta["model_kwargs"]["use_rel_pos_bias"]
+
+
+@pytest.mark.parametrize("arg, expected", [
+    ("", dict(lr=4e-3, layer_decay=0.65, drop_path=0.1, batch=1024, mixup=1.0, crop=224 / 256)),
+    ("variant=large", dict(lr=1e-3, layer_decay=0.75, drop_path=0.2, batch=1024, mixup=1.0,
+                           crop=224 / 256)),
+    ("setting=ft22k,image_size=384", dict(lr=2e-5, layer_decay=0.85, drop_path=0.1, batch=512,
+                                          mixup=0.0, crop=1.0)),
+    ("variant=large,setting=ft22k", dict(lr=2e-5, layer_decay=0.9, drop_path=0.4, batch=512,
+                                         mixup=0.0, crop=224 / 256)),
+])
+def test_paper_recipes_are_valid_configs(arg, expected):
+  config = config_lib.load_config_file(os.path.join(ROOT, "configs", "finetune_base.py"), arg)
+  got = dict(lr=config.optim.lr, layer_decay=config.optim.layer_decay,
+             drop_path=config.model.drop_path_rate, batch=config.input.batch_size,
+             mixup=config.mixup.prob, crop=config.input.eval_crop_pct)
+  assert got == expected
+  assert config.input.auto_augment == "rand-m9-mstd0.5-inc1" and config.input.reprob == 0.25
+  assert config.label_smoothing == 0.1 and config.optim.min_lr == 1e-6
+  config.data = config_lib.data_config()  # Built-in photos: the checks run without ImageNet.
+  finetune.validate_config(config)
