@@ -140,10 +140,10 @@ def main() -> None:
   parser.add_argument("--workdir", default="runs/learning_quality")
   parser.add_argument("--stages", default=",".join(STAGES),
                       help=f"comma-separated subset of {','.join(STAGES)}")
-  parser.add_argument("--tokenizer_steps", type=int, default=800)
-  parser.add_argument("--mim_steps", type=int, default=1000)
-  parser.add_argument("--finetune_steps", type=int, default=1000)
-  parser.add_argument("--probe_steps", type=int, default=800)
+  parser.add_argument("--tokenizer_steps", type=int, default=1500)
+  parser.add_argument("--mim_steps", type=int, default=2500)
+  parser.add_argument("--finetune_steps", type=int, default=1500)
+  parser.add_argument("--probe_steps", type=int, default=1000)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument("--num_workers", type=int, default=0,
                       help="Grain worker processes per stage (0 = threads in-process)")

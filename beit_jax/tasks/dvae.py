@@ -174,10 +174,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   validate_config(config)
 
   # --- Mesh ---------------------------------------------------------------------
-  mesh = mesh_lib.make_mesh(config.mesh)
-  mesh_lib.check_batch_size(config.input.batch_size, mesh)
-  mesh_lib.check_batch_size(config.eval_batch_size, mesh)
-  batch_sh = mesh_lib.batch_sharding(mesh)
+  mesh, batch_sh, repl = mesh_lib.task_mesh(config)
 
   # --- Input --------------------------------------------------------------------
   train_source = sources.make_source(config.data, config.data.train_split)
@@ -216,7 +213,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   state = ckpt.restore_latest(state, state_sh, data_iter)
 
   # --- Compiled steps -------------------------------------------------------------
-  repl = mesh_lib.replicated(mesh)
   train_step = jax.jit(make_train_step(model, tx, lr_fn, config), in_shardings=(state_sh, batch_sh),
                        out_shardings=(state_sh, repl), donate_argnums=(0,))
   eval_params_sh = state_sh.ema_params if config.ema_decay > 0 else state_sh.params

@@ -139,10 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   pretrained_meta = downstream.check_pretrained(config.pretrained)
 
   # --- Mesh and data ---------------------------------------------------------------
-  mesh = mesh_lib.make_mesh(config.mesh)
-  mesh_lib.check_batch_size(config.input.batch_size, mesh)
-  mesh_lib.check_batch_size(config.eval_batch_size, mesh)
-  batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
+  mesh, batch_sh, repl = mesh_lib.task_mesh(config)
   train_source, eval_source, num_classes = downstream.labelled_sources(config)
   transform, eval_transform = make_transforms(config)
   data_iter = pipeline.make_train_iterator(

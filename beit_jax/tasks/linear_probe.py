@@ -196,10 +196,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   validate_config(config)
   pretrained_meta = downstream.check_pretrained(config.pretrained)
 
-  mesh = mesh_lib.make_mesh(config.mesh)
-  mesh_lib.check_batch_size(config.input.batch_size, mesh)
-  mesh_lib.check_batch_size(config.eval_batch_size, mesh)
-  batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
+  mesh, batch_sh, repl = mesh_lib.task_mesh(config)
   train_source, eval_source, num_classes = downstream.labelled_sources(config)
   i = config.input
   transform = transforms.SingleViewTransform(

@@ -316,10 +316,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   spec = validate_config(config)
 
   # --- Mesh ---------------------------------------------------------------------
-  mesh = mesh_lib.make_mesh(config.mesh)
-  mesh_lib.check_batch_size(config.input.batch_size, mesh)
-  mesh_lib.check_batch_size(config.eval_batch_size, mesh)
-  batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
+  mesh, batch_sh, repl = mesh_lib.task_mesh(config)
 
   # --- Tokenizer (trained first in the quick start) -------------------------------
   tokenizer_path = prepare_tokenizer(config, workdir)

@@ -79,6 +79,15 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
         f"of the mesh; use a multiple of {np.lcm(n, p)}.")
 
 
+def task_mesh(config: Any) -> tuple[Mesh, NamedSharding, NamedSharding]:
+  """(mesh, batch sharding, replicated sharding) of a task config (`mesh`,
+  `input.batch_size`, `eval_batch_size`); both batch sizes checked against the mesh."""
+  mesh = make_mesh(config.mesh)
+  check_batch_size(config.input.batch_size, mesh)
+  check_batch_size(config.eval_batch_size, mesh)
+  return mesh, batch_sharding(mesh), replicated(mesh)
+
+
 def global_batch(host_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
   """Builds global arrays from this process's slice of the batch (multi-host safe)."""
   return jax.tree.map(
