@@ -32,6 +32,16 @@ _CONFIG = config_flags.DEFINE_config_file(
 _WORKDIR = flags.DEFINE_string(
     "workdir", None, "Directory for checkpoints, metrics and exports "
     "(default: runs/<config file name>). Re-running in the same workdir resumes.")
+_DISTRIBUTED = flags.DEFINE_enum(
+    "distributed", "auto", ["auto", "on", "off"],
+    "Multi-process start-up (beit_jax/training/distributed.py): auto = when the environment "
+    "is a multi-process job (Slurm with several tasks, a TPU pod slice) or coordinator "
+    "flags are given.")
+_COORDINATOR = flags.DEFINE_string(
+    "coordinator_address", None, "HOST:PORT of process 0, for an explicit multi-process "
+    "launch (with --num_processes and --process_id).")
+_NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
+_PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 flags.mark_flag_as_required("config")
 
 
@@ -51,6 +61,9 @@ def run_task(config, workdir: str) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  from beit_jax.training import distributed  # pylint: disable=g-import-not-at-top
+  distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
+                         _PROCESS_ID.value)
   import jax  # pylint: disable=g-import-not-at-top
   workdir = _WORKDIR.value or default_workdir(
       config_flags.get_config_filename(flags.FLAGS["config"]))

@@ -122,7 +122,7 @@ def load_params(directory: str | os.PathLike, target: Any) -> Any:
 
 def load_params_onto(directory: str | os.PathLike, abstract: Any, sharding: Any = None) -> Any:
   """`load_params` with every leaf of `abstract` (shapes/dtypes) placed on one `sharding`
-  (default: the first device; pass a replicated NamedSharding to use them in a mesh)."""
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.devices()[0])
+  (default: this process's first device; pass a replicated NamedSharding to use them in a mesh)."""
+  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
   return load_params(directory, abstract_with_shardings(
       abstract, jax.tree.map(lambda _: sharding, abstract)))
