@@ -36,13 +36,15 @@ class TrainState:
     return jax.random.fold_in(self.rng, self.step)
 
 
-def init_sharded(init_fn: Callable[[], TrainState], mesh: Mesh) -> tuple[TrainState, Any]:
+def init_sharded(init_fn: Callable[[], TrainState], mesh: Mesh,
+                 min_shard_size: int = 2**18) -> tuple[TrainState, Any]:
   """Initialises the state directly into its shardings (never whole on one device).
 
-  Returns the state and its shardings (a pytree of NamedSharding with the state's
+  Leaves with at least `min_shard_size` elements are split over the mesh's 'fsdp' axis
+  (`mesh.fsdp_spec`); smaller ones are replicated. Returns the state and its shardings (a pytree of NamedSharding with the state's
   structure) for use as jit in/out shardings and Orbax restore targets.
   """
   abstract = jax.eval_shape(init_fn)
-  shardings = mesh_lib.state_shardings(abstract, mesh)
+  shardings = mesh_lib.state_shardings(abstract, mesh, min_shard_size)
   state = jax.jit(init_fn, out_shardings=shardings)()
   return state, shardings

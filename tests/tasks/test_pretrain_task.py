@@ -13,10 +13,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax.sharding import PartitionSpec as P
 
 from beit_jax import config_lib
 from beit_jax.models import dvae, vit
 from beit_jax.tasks import pretrain
+from beit_jax.training import checkpointing
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training import optim
 from beit_jax.training.train_state import TrainState, init_sharded
@@ -51,7 +53,7 @@ def run_main(*args, devices=8, wait=True):
 # ----------------------------------------------------------------------------------
 # In-process pieces: a tiny ViT (16 px, patch 4 -> 4x4) and a tiny random dVAE (4x4).
 # ----------------------------------------------------------------------------------
-def tiny_setup(mesh, seed=0, lr=3e-3, drop_path=0.0, dtype=jnp.float32):
+def tiny_setup(mesh, seed=0, lr=3e-3, drop_path=0.0, dtype=jnp.float32, min_shard_size=2**18):
   model = vit.mim_model("test", image_size=16, patch_size=4, vocab_size=VOCAB,
                         drop_path_rate=drop_path, dtype=dtype)
   tokenizer = dvae.DiscreteVAE(arch="compact", vocab_size=VOCAB, recon_loss="mse",
@@ -67,7 +69,7 @@ def tiny_setup(mesh, seed=0, lr=3e-3, drop_path=0.0, dtype=jnp.float32):
     params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 16, 16, 3)))["params"]
     return TrainState.create(params, tx, jax.random.PRNGKey(seed + 1))
 
-  state, state_sh = init_sharded(init_fn, mesh)
+  state, state_sh = init_sharded(init_fn, mesh, min_shard_size)
   batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
   step = jax.jit(pretrain.make_train_step(model, tokenizer, tx, lr_fn, max_masked=6,
                                           input_norm="half"),
@@ -126,22 +128,61 @@ def test_loss_at_init_is_log_vocab_and_overfits_a_few_images():
   assert int(state.step) == 151
 
 
-def test_step_same_on_8_devices_as_on_1():
+def _two_steps(mesh_shape, batch_np, min_shard_size=0):
+  data, fsdp = mesh_shape
+  devices = jax.devices()[:data * fsdp]
+  mesh = mesh_lib.make_mesh(config_lib.mesh_config(data, fsdp), devices=devices)
+  state, step, tok_params, batch_sh = tiny_setup(mesh, drop_path=0.1,
+                                                 min_shard_size=min_shard_size)
+  for _ in range(2):
+    state, metrics = step(state, mesh_lib.global_batch(batch_np, batch_sh), tok_params)
+  return state, jax.device_get(metrics)
+
+
+def test_step_same_on_every_mesh_as_on_1_device():
+  """FSDP (every leaf of >= 64 elements split over 'fsdp') and data parallelism give the
+  single-device result."""
   batch_np = tiny_batch(seed=3)
-  out = {}
-  for name, devices in (("one", jax.devices()[:1]), ("eight", jax.devices())):
-    mesh = mesh_lib.make_mesh(config_lib.mesh_config(), devices=devices)
-    state, step, tok_params, batch_sh = tiny_setup(mesh, drop_path=0.1)
-    for _ in range(2):
-      state, metrics = step(state, mesh_lib.global_batch(batch_np, batch_sh), tok_params)
-    out[name] = (jax.device_get(metrics), jax.device_get(state.params))
-  assert len(jax.devices()) == 8
-  np.testing.assert_allclose(out["one"][0]["loss"], out["eight"][0]["loss"], rtol=1e-5)
-  np.testing.assert_allclose(out["one"][0]["grad_norm"], out["eight"][0]["grad_norm"], rtol=1e-4)
-  # Params after two AdamW steps (lr 3e-3): Adam's normalisation amplifies reduction-order
-  # differences of near-zero gradients, so compare at 2% of one step.
-  jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=6e-5),
-               out["one"][1], out["eight"][1])
+  ref_state, ref = _two_steps((1, 1), batch_np)
+  ref_params = jax.device_get(ref_state.params)
+  for shape in ((8, 1), (2, 4), (1, 8)):
+    state, metrics = _two_steps(shape, batch_np, min_shard_size=64)
+    fc1 = state.params["blocks_0"]["mlp"]["fc1"]["kernel"]  # (32, 128): 128 splits.
+    expected = P() if shape[1] == 1 else P(None, "fsdp")
+    assert fc1.sharding.spec == expected, (shape, fc1.sharding.spec)
+    assert state.params["blocks_0"]["norm1"]["scale"].sharding.spec == P()  # 32 < 64.
+    if shape[1] > 1:  # Adam moments follow their params.
+      mu = state.opt_state[1][0].mu["blocks_0"]["mlp"]["fc1"]["kernel"]
+      assert mu.sharding.spec == P(None, "fsdp")
+    np.testing.assert_allclose(metrics["loss"], ref["loss"], rtol=1e-5)
+    np.testing.assert_allclose(metrics["grad_norm"], ref["grad_norm"], rtol=1e-4)
+    # Params after two AdamW steps (lr 3e-3): Adam's normalisation amplifies
+    # reduction-order differences of near-zero gradients, so compare at 2% of one step.
+    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=6e-5),
+                 jax.device_get(state.params), ref_params)
+
+
+def test_checkpoint_from_2x4_resumes_on_1_device_and_on_8x1(tmp_path):
+  batch_np = tiny_batch(seed=4)
+  state, _ = _two_steps((2, 4), batch_np, min_shard_size=64)
+  ckpt = checkpointing.Checkpointer(tmp_path / "ckpt", save_interval_steps=1)
+  ckpt.save(2, state, force=True)
+  ckpt.wait()
+  losses = {}
+  for shape in ((1, 1), (8, 1)):
+    mesh = mesh_lib.make_mesh(config_lib.mesh_config(*shape),
+                              devices=jax.devices()[:shape[0] * shape[1]])
+    fresh, step, tok_params, batch_sh = tiny_setup(mesh, seed=9)
+    shardings = jax.tree.map(lambda x: x.sharding, fresh)
+    restored = ckpt.restore_latest(fresh, shardings)
+    assert int(restored.step) == 2
+    np.testing.assert_array_equal(np.asarray(restored.params["lm_head"]["kernel"]),
+                                  np.asarray(state.params["lm_head"]["kernel"]))
+    restored, metrics = step(restored, mesh_lib.global_batch(batch_np, batch_sh), tok_params)
+    assert int(restored.step) == 3
+    losses[shape] = float(metrics["loss"])
+  ckpt.close()
+  assert abs(losses[(1, 1)] - losses[(8, 1)]) < 1e-5, losses
 
 
 def test_no_retrace_across_steps():
