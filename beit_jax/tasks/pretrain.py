@@ -202,20 +202,15 @@ def mim_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array):
   return jnp.sum(ce * weights) / count, jnp.sum(correct * weights) / count
 
 
-def make_train_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, tx: optax.GradientTransformation,
-                    lr_fn: optim.Schedule, max_masked: int, input_norm: str):
-  """`train_step(state, batch, tokenizer_params) -> (state, metrics)`, for `jax.jit`."""
-  # A fresh step may be built again in one process (a notebook re-running a job): its
-  # trace count starts from zero; within a run it must be traced once (static shapes).
-  chex.clear_trace_counter()
+def make_mim_update(model: vit.BEiT, tx: optax.GradientTransformation, lr_fn: optim.Schedule,
+                    max_masked: int, input_norm: str):
+  """`update(state, images_uint8, mask, token_ids) -> (state, metrics)`: the ViT half of
+  the step (normalise, mask tokens, logits at the masked positions, cross-entropy, AdamW)
+  given the target ids (B, N) of every patch."""
 
-  @chex.assert_max_traces(n=1)
-  def train_step(state: TrainState, batch: Mapping[str, jax.Array], tokenizer_params: Any):
-    images = transforms.normalize(batch[IMAGE_KEY], input_norm)
-    token_view = batch[TOKENIZER_KEY].astype(jnp.float32) / 255.0
-    ids = dvae.tokenize(tokenizer, tokenizer_params, token_view)
-    ids = jax.lax.stop_gradient(ids.reshape(ids.shape[0], -1))
-    mask = batch[MASK_KEY].astype(bool)
+  def update(state: TrainState, images: jax.Array, mask: jax.Array, ids: jax.Array):
+    images = transforms.normalize(images, input_norm)
+    mask = mask.astype(bool)
     positions, weights = masked_positions(mask, max_masked)
     targets = jnp.take_along_axis(ids, positions, axis=1)
 
@@ -230,6 +225,25 @@ def make_train_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, tx: optax.Grad
     metrics = dict(loss=loss, mlm_acc=acc, grad_norm=optax.global_norm(grads),
                    lr=lr_fn(state.step), masked_per_image=jnp.mean(jnp.sum(weights, axis=1)))
     return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+
+  return update
+
+
+def make_train_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, tx: optax.GradientTransformation,
+                    lr_fn: optim.Schedule, max_masked: int, input_norm: str):
+  """`train_step(state, batch, tokenizer_params) -> (state, metrics)`, for `jax.jit`:
+  the frozen tokenizer's ids of the tokenizer view, then `make_mim_update`."""
+  # A fresh step may be built again in one process (a notebook re-running a job): its
+  # trace count starts from zero; within a run it must be traced once (static shapes).
+  chex.clear_trace_counter()
+  update = make_mim_update(model, tx, lr_fn, max_masked, input_norm)
+
+  @chex.assert_max_traces(n=1)
+  def train_step(state: TrainState, batch: Mapping[str, jax.Array], tokenizer_params: Any):
+    token_view = batch[TOKENIZER_KEY].astype(jnp.float32) / 255.0
+    ids = dvae.tokenize(tokenizer, tokenizer_params, token_view)
+    ids = jax.lax.stop_gradient(ids.reshape(ids.shape[0], -1))
+    return update(state, batch[IMAGE_KEY], batch[MASK_KEY], ids)
 
   return train_step
 
