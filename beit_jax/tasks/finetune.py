@@ -38,7 +38,7 @@ from beit_jax.tasks.pretrain import compute_dtype
 from beit_jax.training import checkpointing, loop
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training import optim
-from beit_jax.training.train_state import TrainState, init_sharded
+from beit_jax.training.train_state import TrainState, init_sharded_from_params
 
 EXPORT_KIND = "beit_classifier"
 IMAGE_KEY, LABEL_KEY, ERASE_KEY = "image", "label", "erase_boxes"
@@ -155,11 +155,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   tx = optim.make_optimizer(config.optim, lr_fn, wd_skip=WD_SKIP, lr_scales=scales)
   use_ema = config.ema_decay > 0
 
-  def init_fn():
-    params = jax.tree.map(jnp.asarray, host_params)
-    return TrainState.create(params, tx, jax.random.PRNGKey(config.seed + 1), use_ema=use_ema)
-
-  state, state_sh = init_sharded(init_fn, mesh)
+  state, state_sh = init_sharded_from_params(
+      host_params, lambda p: TrainState.create(p, tx, jax.random.PRNGKey(config.seed + 1),
+                                               use_ema=use_ema), mesh)
   logging.info("Fine-tuning BEiT (%s params, %d blocks, %dx%d patches) on %d classes from %s",
                f"{vit.param_count(model):,}", model.depth, *model.grid, num_classes,
                config.pretrained or "random init")

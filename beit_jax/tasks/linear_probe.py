@@ -39,7 +39,7 @@ from beit_jax.tasks.pretrain import compute_dtype
 from beit_jax.training import checkpointing, loop
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training import optim
-from beit_jax.training.train_state import TrainState, init_sharded
+from beit_jax.training.train_state import TrainState, init_sharded, place
 
 EXPORT_KIND = "beit_linear_probe"
 IMAGE_KEY, LABEL_KEY = "image", "label"
@@ -213,8 +213,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   dtype = compute_dtype(config.model.dtype)
   model = downstream.backbone_model(config, num_classes, pretrained_meta, dtype)
   host_backbone, _ = downstream.backbone_params(model, config.pretrained, config.seed)
-  backbone = jax.device_put(host_backbone, repl)
-  backbone_sh = jax.tree.map(lambda _: repl, backbone)
+  backbone_sh = jax.tree.map(lambda _: repl, host_backbone)
+  backbone = place(host_backbone, backbone_sh)
   lr_fn = config_lib.lr_schedule(config)
   tx = optim.make_optimizer(config.optim, lr_fn)
   dim = 2 * model.embed_dim

@@ -41,10 +41,31 @@ def init_sharded(init_fn: Callable[[], TrainState], mesh: Mesh,
   """Initialises the state directly into its shardings (never whole on one device).
 
   Leaves with at least `min_shard_size` elements are split over the mesh's 'fsdp' axis
-  (`mesh.fsdp_spec`); smaller ones are replicated. Returns the state and its shardings (a pytree of NamedSharding with the state's
-  structure) for use as jit in/out shardings and Orbax restore targets.
+  (`mesh.fsdp_spec`); smaller ones are replicated. Returns the state and its shardings (a
+  pytree of NamedSharding with the state's structure) for use as jit in/out shardings and
+  Orbax restore targets.
   """
   abstract = jax.eval_shape(init_fn)
   shardings = mesh_lib.state_shardings(abstract, mesh, min_shard_size)
   state = jax.jit(init_fn, out_shardings=shardings)()
+  return state, shardings
+
+
+def place(host_tree: Any, shardings: Any) -> Any:
+  """Host (numpy) arrays -> global arrays with `shardings`; each process (every process
+  holds the same host values) copies only the shards of its own devices."""
+  return jax.tree.map(
+      lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda index: x[index]),
+      host_tree, shardings)
+
+
+def init_sharded_from_params(host_params: Any, create: Callable[[Any], TrainState], mesh: Mesh,
+                             min_shard_size: int = 2**18) -> tuple[TrainState, Any]:
+  """`init_sharded` for a state built from given params (pretrained weights): the params
+  go straight into their shards (`place`) and `create(params)` (optimizer state etc.) runs
+  sharded; the weights are never baked into a compiled program as constants."""
+  abstract = jax.eval_shape(create, host_params)
+  shardings = mesh_lib.state_shardings(abstract, mesh, min_shard_size)
+  params = place(host_params, shardings.params)
+  state = jax.jit(create, out_shardings=shardings)(params)
   return state, shardings
