@@ -81,6 +81,26 @@ def ckpt_config(every: int = 1000, keep: int = 3, async_save: bool = True) -> ml
   return ml_collections.ConfigDict(dict(every=every, keep=keep, async_save=async_save))
 
 
+def small_downstream(config: ml_collections.ConfigDict, *, variant: str, steps: int
+                     ) -> ml_collections.ConfigDict:
+  """A downstream (finetune / linear_probe) ImageNet config shrunk for small images: the
+  built-in photos by default, 64 px / patch 8 (images already 64 px: no resize-then-crop
+  margin at eval), 'half' normalisation, f32, checkpoints every 250 steps."""
+  config.model.variant = variant
+  config.total_steps = steps
+  config.data = data_config()
+  config.input.image_size = 64
+  config.input.norm = "half"
+  config.input.eval_crop_pct = 1.0
+  config.model.patch_size = 8
+  config.model.dtype = "float32"
+  config.ckpt = ckpt_config(every=250, keep=2)
+  config.log_every = 25
+  config.eval_every = 0
+  config.eval_batch_size = 250
+  return config
+
+
 def get(config: ml_collections.ConfigDict, key: str) -> Any:
   value = config
   for part in key.split("."):

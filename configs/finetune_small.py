@@ -25,20 +25,9 @@ def get_config(arg=None):
                              lr=2e-3)
   c = config_lib.sibling_config(__file__, "finetune_base.py",
                                 f"batch_size={arg.batch_size},pretrained={arg.pretrained}")
-  c.model.variant = arg.variant
-  c.total_steps = arg.steps
-  c.data = config_lib.data_config()  # Built-in photos.
-  c.input.image_size = 64
-  c.input.norm = "half"
-  c.input.eval_crop_pct = 1.0  # Images already 64 px: no resize-then-crop margin.
-  c.model.patch_size = 8
-  c.model.dtype = "float32"
+  config_lib.small_downstream(c, variant=arg.variant, steps=arg.steps)
   c.mixup.prob = 0.0
   c.optim = config_lib.adamw_config(lr=arg.lr, min_lr=1e-6, warmup_steps=max(arg.steps // 10, 1),
                                     weight_decay=0.05)
   c.optim.layer_decay = 0.75
-  c.ckpt = config_lib.ckpt_config(every=250, keep=2)
-  c.log_every = 25
-  c.eval_every = 0
-  c.eval_batch_size = 250
   return c

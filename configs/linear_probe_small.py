@@ -18,18 +18,7 @@ def get_config(arg=None):
   arg = config_lib.parse_arg(arg, variant="mini", steps=200, batch_size=32, pretrained="")
   c = config_lib.sibling_config(__file__, "linear_probe_base.py",
                                 f"batch_size={arg.batch_size},pretrained={arg.pretrained}")
-  c.model.variant = arg.variant
-  c.total_steps = arg.steps
-  c.data = config_lib.data_config()  # Built-in photos.
-  c.input.image_size = 64
-  c.input.norm = "half"
-  c.input.eval_crop_pct = 1.0
-  c.model.patch_size = 8
-  c.model.dtype = "float32"
+  config_lib.small_downstream(c, variant=arg.variant, steps=arg.steps)
   c.optim = config_lib.adamw_config(lr=4e-3, min_lr=0.0, warmup_steps=0, weight_decay=1e-4)
   c.knn.max_train_images = 10000
-  c.ckpt = config_lib.ckpt_config(every=250, keep=2)
-  c.log_every = 25
-  c.eval_every = 0
-  c.eval_batch_size = 250
   return c

@@ -146,17 +146,15 @@ def knn_predict(train_feats: jax.Array, train_labels: jax.Array, query: jax.Arra
   return jnp.sum(votes, axis=1)
 
 
-def extract_block_features(model, backbone_params, source, transform, batch_size, block,
-                           norm, sharding, max_images=0):
-  """(features (N, 2D), labels (N,)) of one block over a source (centre crops), host numpy."""
-  @jax.jit
-  def features(params, images):
-    return block_features(model, params, transforms.normalize(images, norm))[block]
-
+def extract_features(features_fn, backbone_params, source, transform, batch_size, sharding,
+                     max_images=0):
+  """(features (N, F), labels (N,)) host numpy over a source's centre crops, with
+  `features_fn(params, images)` (jitted, one compile for every batch: eval batches are
+  padded to a static size)."""
   feats, labels = [], []
   for host_batch in pipeline.make_eval_iterator(source, transform, batch_size=batch_size):
     batch = mesh_lib.global_batch({k: host_batch[k] for k in EVAL_KEYS}, sharding)
-    f = np.asarray(jax.device_get(features(backbone_params, batch[IMAGE_KEY])))
+    f = np.asarray(jax.device_get(features_fn(backbone_params, batch[IMAGE_KEY])))
     valid = host_batch["valid"]
     feats.append(f[valid])
     labels.append(host_batch[LABEL_KEY][valid])
@@ -168,22 +166,31 @@ def extract_block_features(model, backbone_params, source, transform, batch_size
   return feats, labels
 
 
+KNN_CHUNK = 512  # Queries per k-NN call (the last chunk is padded: one compile).
+
+
 def knn_eval(config, model, backbone_params, train_source, eval_source, eval_transform,
              block: int, num_classes: int, sharding) -> dict[str, float]:
-  kw = dict(batch_size=config.eval_batch_size, block=block, norm=config.input.norm,
-            sharding=sharding)
-  train_f, train_y = extract_block_features(model, backbone_params, train_source, eval_transform,
-                                            max_images=config.knn.max_train_images, **kw)
-  eval_f, eval_y = extract_block_features(model, backbone_params, eval_source, eval_transform,
-                                          **kw)
+  """Weighted k-NN top-1 of block `block`'s features (train: up to max_train_images)."""
+  features_fn = jax.jit(lambda p, x: block_features(
+      model, p, transforms.normalize(x, config.input.norm))[block])
+  kw = dict(batch_size=config.eval_batch_size, sharding=sharding)
+  train_f, train_y = extract_features(features_fn, backbone_params, train_source,
+                                      eval_transform, max_images=config.knn.max_train_images,
+                                      **kw)
+  eval_f, eval_y = extract_features(features_fn, backbone_params, eval_source, eval_transform,
+                                    **kw)
   k = min(config.knn.k, len(train_y))
-  predict = jax.jit(lambda q: jnp.argmax(knn_predict(
-      jnp.asarray(train_f), jnp.asarray(train_y), q, k, config.knn.temperature,
-      num_classes), axis=-1))
+  predict = jax.jit(lambda a, y, q: jnp.argmax(
+      knn_predict(a, y, q, k, config.knn.temperature, num_classes), axis=-1))
+  train_f, train_y = jnp.asarray(train_f), jnp.asarray(train_y)
   correct = 0
-  for start in range(0, len(eval_y), 512):
-    correct += int(np.sum(np.asarray(predict(jnp.asarray(eval_f[start:start + 512])))
-                          == eval_y[start:start + 512]))
+  for start in range(0, len(eval_y), KNN_CHUNK):
+    chunk = eval_f[start:start + KNN_CHUNK]
+    padded = np.zeros((KNN_CHUNK, chunk.shape[1]), chunk.dtype)
+    padded[:len(chunk)] = chunk
+    pred = np.asarray(predict(train_f, train_y, jnp.asarray(padded)))[:len(chunk)]
+    correct += int(np.sum(pred == eval_y[start:start + KNN_CHUNK]))
   return dict(knn_top1=correct / max(len(eval_y), 1), knn_k=k, knn_train_images=len(train_y),
               knn_block=block + 1)
 

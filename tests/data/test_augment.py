@@ -30,9 +30,8 @@ BILINEAR = Image.Resampling.BILINEAR
 
 @functools.cache
 def _photo(name: str = 'chelsea') -> np.ndarray:
-  paths = dict(sources.builtin_photo_paths())
-  if name not in paths:
-    pytest.skip(f'built-in photo {name!r} not installed')
+  paths = dict(sources.builtin_photo_paths())  # scikit-image (pinned) ships them.
+  assert name in paths, f'built-in photo {name!r} missing: reinstall scikit-image'
   with open(paths[name], 'rb') as f:
     return sources.decode_image(f.read())
 

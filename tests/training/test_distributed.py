@@ -13,18 +13,12 @@ import pytest
 
 from beit_jax.tasks import pretrain
 from beit_jax.training import distributed
+from tests.tasks import test_pretrain_task
 
-ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-SMALL = os.path.join(ROOT, "configs", "pretrain_small.py")
-TINY = ["--config.input.batch_size=8", "--config.eval_batch_size=8",
-        "--config.input.image_size=32", "--config.input.second_size=16",
-        "--config.log_every=2", "--config.ckpt.every=2", "--config.tensorboard=False",
-        "--config.tokenizer.train.input.batch_size=8",
-        "--config.tokenizer.train.input.image_size=16",
-        "--config.tokenizer.train.eval_batch_size=8", "--config.tokenizer.train.model.hidden=16",
-        "--config.tokenizer.train.model.codebook_dim=16",
-        "--config.tokenizer.train.model.vocab_size=64", "--config.tokenizer.train.log_every=2",
-        "--config.tokenizer.train.tensorboard=False"]
+ROOT = test_pretrain_task.ROOT
+# The pretrain tests' quick start shrunk to 32 px; asynchronous checkpointing left on.
+TINY = [a for a in test_pretrain_task.TINY if "async_save" not in a]
+SMALL = test_pretrain_task.SMALL
 
 
 @pytest.mark.parametrize("mode, coordinator, env, expected", [
