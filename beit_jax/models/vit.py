@@ -43,6 +43,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from beit_jax.models import ops
+
 Array = jax.Array
 DType = Any
 
@@ -138,19 +140,19 @@ class Attention(nn.Module):
     qkv = dense(3 * d, use_bias=False, kernel_init=w_init, name="qkv")(x)
     q_bias = self.param("q_bias", nn.initializers.zeros, (d,), jnp.float32)
     v_bias = self.param("v_bias", nn.initializers.zeros, (d,), jnp.float32)
-    qkv = qkv + jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]).astype(qkv.dtype)
-    qkv = qkv.reshape(b, n, 3, self.num_heads, hd)
-    q, k, v = qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2]
-    q = q * (hd ** -0.5)
-    logits = jnp.einsum("bqhd,bkhd->bhqk", q, k, preferred_element_type=jnp.float32)
+    qkv = ops.add_broadcast(qkv, jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]))
+    # (3, B, heads, N, hd): batched matmuls over (B, heads) in the canonical layout.
+    qkv = qkv.reshape(b, n, 3, self.num_heads, hd).transpose(2, 0, 3, 1, 4)
+    q, k, v = qkv[0] * (hd ** -0.5), qkv[1], qkv[2]
+    logits = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
     if self.own_rel_pos_bias:
       table = self.param("relative_position_bias_table", nn.initializers.zeros,
                          (num_relative_distance(self.grid), self.num_heads), jnp.float32)
-      logits = logits + gather_relative_bias(table, self.grid)[None]
+      logits = ops.add_broadcast(logits, gather_relative_bias(table, self.grid))
     if shared_bias is not None:
-      logits = logits + shared_bias[None]
-    attn = jax.nn.softmax(logits, axis=-1).astype(self.dtype)
-    out = jnp.einsum("bhqk,bkhd->bqhd", attn, v).reshape(b, n, d)
+      logits = ops.add_broadcast(logits, shared_bias)
+    attn = ops.softmax(logits).astype(self.dtype)
+    out = jnp.matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, d)
     return dense(d, kernel_init=trunc_normal_init(truncation=self.init_truncation,
                                                   scale=self.proj_init_scale),
                  name="proj")(out)
@@ -168,14 +170,28 @@ class Mlp(nn.Module):
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
     x = dense(self.hidden_dim, kernel_init=trunc_normal_init(truncation=self.init_truncation),
               name="fc1")(x)
-    x = nn.gelu(x, approximate=False)
+    x = ops.gelu(x)
     return dense(d, kernel_init=trunc_normal_init(truncation=self.init_truncation,
                                                   scale=self.fc2_init_scale), name="fc2")(x)
 
 
-def layer_norm(name: str, dtype: DType) -> nn.LayerNorm:
-  """LayerNorm eps 1e-6; Flax computes the statistics in float32."""
-  return nn.LayerNorm(epsilon=LN_EPS, dtype=dtype, param_dtype=jnp.float32, name=name)
+class LayerNorm(nn.Module):
+  """LayerNorm over the last axis (params `scale`, `bias`, like `nn.LayerNorm`), statistics
+  in float32, output in `dtype`; `ops.layer_norm`'s closed-form backward."""
+  epsilon: float = LN_EPS
+  dtype: DType = jnp.float32
+
+  @nn.compact
+  def __call__(self, x: Array) -> Array:
+    d = x.shape[-1]
+    scale = self.param("scale", nn.initializers.ones, (d,), jnp.float32)
+    bias = self.param("bias", nn.initializers.zeros, (d,), jnp.float32)
+    return ops.layer_norm(x, scale, bias, self.epsilon).astype(self.dtype)
+
+
+def layer_norm(name: str, dtype: DType) -> LayerNorm:
+  """LayerNorm eps 1e-6, statistics in float32."""
+  return LayerNorm(epsilon=LN_EPS, dtype=dtype, name=name)
 
 
 def drop_path(x: Array, rate: float, rng: Array | None) -> Array:
