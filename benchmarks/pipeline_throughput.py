@@ -1,22 +1,64 @@
-r"""Input-pipeline throughput: decode + unilm two-view augmentation, images/s.
+r"""Input-pipeline throughput of MIM pretraining: JPEG decode + unilm two-view
+augmentation + blockwise mask, images/s, and how it scales with Grain workers.
 
-  taskset -c 0 python benchmarks/pipeline_throughput.py                       # builtin photos
-  taskset -c 0 python benchmarks/pipeline_throughput.py --folder=/tmp/tinyimagenet100/train \
-      --size=64 --second_size=32
+  python benchmarks/pipeline_throughput.py --data=../shared/data          # ImageNet-sized JPEGs
+  python benchmarks/pipeline_throughput.py                                # built-in photos
+  python benchmarks/pipeline_throughput.py --folder=/path/to/imagenet/train --workers=0,1,2,4
 
-Measures two numbers, both in this process (num_workers=0):
-  * map: decode_image + TwoViewTransform per image, a plain Python loop;
-  * pipeline: the Grain train iterator (shuffle, random_map, skip counting, batching),
-    with --read_threads threads. Run under `taskset -c 0` for the one-core figure.
-For the builtin photos the files are re-read as encoded bytes so decoding is measured.
+The transform is exactly the one `configs/pretrain_base.py` trains with
+(`pretrain.make_transforms`): RandomResizedCrop(0.08-1) + flip + ColorJitter(0.4) ->
+224 px bicubic and 112 px lanczos views, then unilm's blockwise mask (75 of 196).
+
+With --data, ImageNet-sized JPEGs are made first: the 56 real photos of
+`photos56_224.npz` upscaled (bicubic) to 500x375 or 375x500 (ImageNet's most common
+sizes), saved as JPEG quality 90, repeated to --num_images files in an image folder, and
+read back through `sources.ImageFolderSource` (file read + decode, the real input path).
+Upscaled photos hold less detail than camera JPEGs, so they compress smaller; the mean
+file size is printed next to ImageNet's (about 110 KB).
+
+Printed:
+  * per core: decode, augmentation and mask timed separately in one plain Python loop
+    on one core (`os.sched_setaffinity`), and their sum as images/s per core;
+  * the Grain train iterator (`pipeline.make_train_iterator`: shuffle, random_map,
+    batching, prefetch) with 0 workers (in-process threads) and N worker processes,
+    images/s and images/s per core used.
 """
 
+from __future__ import annotations
+
 import argparse
+import os
+import tempfile
 import time
 
 import numpy as np
+from PIL import Image
 
-from beit_jax.data import pipeline, sources, transforms
+from beit_jax import config_lib
+from beit_jax.data import pipeline, sources
+from beit_jax.tasks import pretrain
+
+CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "pretrain_base.py")
+IMAGENET_MEAN_JPEG_KB = 110
+
+
+def make_imagenet_like_folder(data_dir: str, root: str, num_images: int) -> float:
+  """Writes `num_images` 500x375 / 375x500 JPEGs made from the real photos; mean KB."""
+  path = os.path.join(data_dir, "photos56_224.npz")
+  if not os.path.exists(path):
+    raise SystemExit(f"{path} not found: pass --data=DIR holding photos56_224.npz (the "
+                     "shared data folder) or leave --data out for the built-in photos.")
+  photos = np.load(path)["x"]
+  sizes = []
+  for i in range(num_images):
+    img = Image.fromarray(photos[i % len(photos)])
+    img = img.resize((500, 375) if i % 4 else (375, 500), Image.BICUBIC)
+    cls = os.path.join(root, f"class_{i % 8}")
+    os.makedirs(cls, exist_ok=True)
+    file = os.path.join(cls, f"{i:05d}.jpg")
+    img.save(file, quality=90)
+    sizes.append(os.path.getsize(file))
+  return float(np.mean(sizes)) / 1024
 
 
 class _EncodedBuiltin:
@@ -33,38 +75,83 @@ class _EncodedBuiltin:
       return {"image": f.read(), "label": np.int32(i)}
 
 
-def main():
-  p = argparse.ArgumentParser(description=__doc__.split("\n")[1])
-  p.add_argument("--folder", default="", help="image folder (root/<class>/<image>); default builtin")
-  p.add_argument("--size", type=int, default=224)
-  p.add_argument("--second_size", type=int, default=112)
+def per_core(source, transform, count: int) -> dict[str, float]:
+  """Seconds per image of read+decode, two-view augmentation and mask, on one core."""
+  affinity = os.sched_getaffinity(0)
+  os.sched_setaffinity(0, {min(affinity)})
+  try:
+    rng = np.random.default_rng(0)
+    n = min(len(source), count)
+    t0 = time.perf_counter()
+    images = [sources.decode_image(source[i]["image"]) for i in range(n)]
+    t1 = time.perf_counter()
+    for image in images:
+      transform.transform(image, rng)
+    t2 = time.perf_counter()
+    for _ in images:
+      transform.mask_generator(rng)
+    t3 = time.perf_counter()
+  finally:
+    os.sched_setaffinity(0, affinity)
+  return {"decode": (t1 - t0) / n, "views": (t2 - t1) / n, "mask": (t3 - t2) / n}
+
+
+def grain_rate(source, transform, workers: int, batch_size: int, batches: int,
+               threads: int) -> float:
+  it = pipeline.make_train_iterator(source, transform, global_batch_size=batch_size, seed=0,
+                                    process_index=0, process_count=1, num_workers=workers,
+                                    read_threads=threads, prefetch_buffer_size=2 * batch_size)
+  try:
+    for _ in range(2):  # Warm-up (worker start, first batches).
+      next(it)
+    t0 = time.perf_counter()
+    for _ in range(batches):
+      next(it)
+    return batches * batch_size / (time.perf_counter() - t0)
+  finally:
+    if hasattr(it, "close"):
+      it.close()
+
+
+def main() -> None:
+  p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+  p.add_argument("--data", default="", help="folder with photos56_224.npz: ImageNet-sized JPEGs")
+  p.add_argument("--folder", default="", help="an image folder (root/<class>/<image>) to read")
+  p.add_argument("--num_images", type=int, default=512)
   p.add_argument("--batch_size", type=int, default=64)
-  p.add_argument("--batches", type=int, default=20)
-  p.add_argument("--read_threads", type=int, default=1)
+  p.add_argument("--batches", type=int, default=8)
+  p.add_argument("--workers", default="0,1,2", help="Grain worker processes to try")
+  p.add_argument("--read_threads", type=int, default=1,
+                 help="threads per process (per worker): 1 = one core each")
   args = p.parse_args()
 
-  source = sources.ImageFolderSource(args.folder) if args.folder else _EncodedBuiltin()
-  transform = transforms.TwoViewTransform(args.size, args.second_size)  # unilm defaults.
-  name = args.folder or "builtin photos (encoded files)"
-
-  rng = np.random.default_rng(0)
-  n = min(len(source), 500)
-  t0 = time.perf_counter()
-  for i in range(n):
-    transform(sources.decode_image(source[i]["image"]), rng)
-  map_rate = n / (time.perf_counter() - t0)
-
-  it = pipeline.make_train_iterator(source, transform, global_batch_size=args.batch_size, seed=0,
-                                    process_index=0, process_count=1,
-                                    read_threads=args.read_threads)
-  next(it)  # Warm-up.
-  t0 = time.perf_counter()
-  for _ in range(args.batches):
-    next(it)
-  pipe_rate = args.batches * args.batch_size / (time.perf_counter() - t0)
-  print(f"source: {name} ({len(source)} images); views {args.size}/{args.second_size}")
-  print(f"map (decode + two-view), 1 thread: {map_rate:8.1f} images/s")
-  print(f"grain pipeline, {args.read_threads} read thread(s): {pipe_rate:8.1f} images/s")
+  config = config_lib.load_config_file(CONFIG)
+  transform, _, num_masked = pretrain.make_transforms(config)
+  with tempfile.TemporaryDirectory() as tmp:
+    if args.folder:
+      source, name = sources.ImageFolderSource(args.folder), args.folder
+    elif args.data:
+      kb = make_imagenet_like_folder(args.data, tmp, args.num_images)
+      source = sources.ImageFolderSource(tmp)
+      name = (f"{args.num_images} JPEGs 500x375/375x500 q90 from real photos, mean {kb:.0f} KB "
+              f"(ImageNet ~{IMAGENET_MEAN_JPEG_KB} KB)")
+    else:
+      source, name = _EncodedBuiltin(), "built-in photos (encoded files)"
+    cores = len(os.sched_getaffinity(0))
+    print(f"source: {name}; {len(source)} images; views {config.input.image_size}/"
+          f"{config.input.second_size}, {num_masked} masked; {cores} cores")
+    t = per_core(source, transform, args.num_images)
+    total = sum(t.values())
+    print(f"one core, ms/image: read+decode {1e3 * t['decode']:.2f} | two views "
+          f"{1e3 * t['views']:.2f} | mask {1e3 * t['mask']:.2f} | total {1e3 * total:.2f} "
+          f"-> {1 / total:.0f} img/s per core")
+    print("| Grain workers | threads each | img/s | img/s per core used |")
+    print("|---|---|---|---|")
+    for workers in (int(w) for w in args.workers.split(",")):
+      rate = grain_rate(source, transform, workers, args.batch_size, args.batches,
+                        args.read_threads)
+      used = min(cores, max(workers, 1) * args.read_threads)
+      print(f"| {workers} | {args.read_threads} | {rate:.0f} | {rate / used:.0f} |", flush=True)
 
 
 if __name__ == "__main__":
