@@ -85,13 +85,13 @@ def main() -> None:
     total, tok = step_flops_per_image(variant)
     print(f"\nBEiT-{variant} MIM step, per image: {total / 1e9:.1f} GFLOP "
           f"(DALL-E tokenizer forward {tok / 1e9:.1f}, ViT + AdamW {(total - tok) / 1e9:.1f})")
-    print("| run | system | days | chip-hours | cost |")
+    print("| run | system | wall-clock hours | chip-hours | cost |")
     print("|---|---|---|---|---|")
     for run, images in RUNS:
       for system, (chips, peak, price) in SYSTEMS.items():
         seconds = images * total / (chips * peak * args.mfu)
         chip_hours = seconds * chips / 3600
-        print(f"| {run} | {system} | {seconds / 86400:.1f} | {chip_hours:,.0f} | "
+        print(f"| {run} | {system} | {seconds / 3600:.1f} | {chip_hours:,.0f} | "
               f"${chip_hours * price:,.0f} |")
 
 
