@@ -737,6 +737,18 @@ def test_matmul_correlate_equals_xla_conv(k, s, pad):
   expected = jax.lax.conv_general_dilated(x, w, (s, s), padding,
                                           dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
   np.testing.assert_allclose(dvae.correlate(x, w, s, padding), expected, rtol=1e-4, atol=1e-4)
+  np.testing.assert_allclose(dvae._im2col_correlate(x, w, s, padding), expected, rtol=1e-4,
+                             atol=1e-4)
+  # The gradient (im2col's on CPU) equals XLA's convolution gradient.
+  cot = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
+
+  def grads(fn):
+    return jax.grad(lambda a, b: jnp.sum(fn(a, b) * cot), argnums=(0, 1))(x, w)
+
+  xla = lambda a, b: jax.lax.conv_general_dilated(  # pylint: disable=g-long-lambda
+      a, b, (s, s), padding, dimension_numbers=('NHWC', 'HWIO', 'NHWC'))
+  for got, want in zip(grads(lambda a, b: dvae.correlate(a, b, s, padding)), grads(xla)):
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
 
 
 @pytest.mark.parametrize('k,s', [(4, 2), (2, 2), (3, 1), (6, 2), (8, 4)])
