@@ -81,6 +81,21 @@ def ckpt_config(every: int = 1000, keep: int = 3, async_save: bool = True) -> ml
   return ml_collections.ConfigDict(dict(every=every, keep=keep, async_save=async_save))
 
 
+def nonfinite_config(max_consecutive: int = 10) -> ml_collections.ConfigDict:
+  """The non-finite guard: a step whose loss or gradient norm is NaN/inf is skipped inside
+  the jitted step; the run stops (at the next log step) after `max_consecutive` skips in a
+  row (0 = never stop). `inject_at_steps`: steps whose gradients are made NaN (tests)."""
+  return ml_collections.ConfigDict(dict(max_consecutive=max_consecutive,
+                                        inject_at_steps=(-1,)))
+
+
+def injected_nonfinite_steps(config: ml_collections.ConfigDict) -> tuple[int, ...]:
+  """`config.nonfinite.inject_at_steps` without the placeholder -1 (empty for old configs)."""
+  guard = config.get("nonfinite")
+  steps = () if guard is None else guard.get("inject_at_steps", ())
+  return tuple(int(s) for s in steps if int(s) >= 0)
+
+
 def small_downstream(config: ml_collections.ConfigDict, *, variant: str, steps: int
                      ) -> ml_collections.ConfigDict:
   """A downstream (finetune / linear_probe) ImageNet config shrunk for small images: the

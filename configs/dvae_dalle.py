@@ -38,6 +38,7 @@ def get_config(arg=None):
   c.ema_decay = 0.999
   c.mesh = config_lib.mesh_config()
   c.ckpt = config_lib.ckpt_config(every=5000, keep=3)
+  c.nonfinite = config_lib.nonfinite_config()
   c.log_every = 100
   c.eval_every = 50_000
   c.eval_batch_size = 512

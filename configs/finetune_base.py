@@ -79,6 +79,7 @@ def get_config(arg=None):
   c.ema_decay = 0.0  # unilm --model_ema (off by default; 0.9999 when on).
   c.mesh = config_lib.mesh_config()
   c.ckpt = config_lib.ckpt_config(every=steps_per_epoch, keep=2)
+  c.nonfinite = config_lib.nonfinite_config()
   c.log_every = 100
   c.eval_every = steps_per_epoch
   c.eval_batch_size = 1024

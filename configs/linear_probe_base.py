@@ -44,6 +44,7 @@ def get_config(arg=None):
   c.knn = dict(k=20, temperature=0.07, max_train_images=0)  # k=0: no k-NN; 0 = all images.
   c.mesh = config_lib.mesh_config()
   c.ckpt = config_lib.ckpt_config(every=steps_per_epoch, keep=2)
+  c.nonfinite = config_lib.nonfinite_config()
   c.log_every = 100
   c.eval_every = 10 * steps_per_epoch
   c.eval_batch_size = 1024

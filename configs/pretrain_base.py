@@ -65,6 +65,7 @@ def get_config(arg=None):
                                     weight_decay=0.05, clip_grad_norm=3.0)
   c.mesh = config_lib.mesh_config()
   c.ckpt = config_lib.ckpt_config(every=5000, keep=3)
+  c.nonfinite = config_lib.nonfinite_config()
   c.log_every = 100
   c.eval_every = 0  # MIM loss / mlm_acc on the eval split every N steps (0: at the end).
   c.eval_batch_size = 1024

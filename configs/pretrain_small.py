@@ -39,6 +39,7 @@ def get_config(arg=None):
   c.optim = config_lib.adamw_config(lr=1.5e-3, min_lr=1e-5, warmup_steps=max(arg.steps // 20, 1),
                                     weight_decay=0.05, clip_grad_norm=3.0)
   c.ckpt = config_lib.ckpt_config(every=250, keep=2)
+  c.nonfinite = config_lib.nonfinite_config()
   c.log_every = 25
   c.eval_batch_size = 64
   # Trained first (in <workdir>/tokenizer, on config.data) when tokenizer.path is empty.

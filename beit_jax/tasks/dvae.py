@@ -89,6 +89,7 @@ def make_train_step(model: dvae.DiscreteVAE, tx: optax.GradientTransformation,
   # A fresh step may be built again in one process (a notebook re-running a job): its
   # trace count starts from zero; within a run it must be traced once (static shapes).
   chex.clear_trace_counter()
+  poison_steps = config_lib.injected_nonfinite_steps(config)
   tau_fn = optim.cosine_ramp(config.loss.tau_start, config.loss.tau_end, config.loss.tau_steps)
   beta_fn = optim.cosine_ramp(config.loss.beta_start, config.loss.beta_end, config.loss.beta_steps)
 
@@ -102,15 +103,11 @@ def make_train_step(model: dvae.DiscreteVAE, tx: optax.GradientTransformation,
                             config.loss.hard)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    ema = (optim.ema_update(state.ema_params, params, config.ema_decay)
-           if state.ema_params is not None else None)
+    new_state, guard = state.apply_gradients(grads, tx, loss, ema_decay=config.ema_decay,
+                                             poison_steps=poison_steps)
     metrics = dict(loss=loss, recon_loss=aux["recon_loss"], kl=aux["kl"], mse=aux["mse"],
                    psnr=aux["psnr"], token_counts=aux["token_counts"], tau=tau, beta=beta,
-                   lr=lr_fn(state.step), grad_norm=optax.global_norm(grads))
-    new_state = state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                              ema_params=ema)
+                   lr=lr_fn(state.step), **guard)
     return new_state, metrics
 
   return train_step

@@ -91,6 +91,7 @@ def make_train_step(model: vit.BEiT, tx: optax.GradientTransformation, lr_fn: op
   chex.clear_trace_counter()
   use_mixup, smoothing = mixup_enabled(config), config.label_smoothing
   ema_decay, norm, remode = config.ema_decay, config.input.norm, config.input.remode
+  poison_steps = config_lib.injected_nonfinite_steps(config)
 
   @chex.assert_max_traces(n=1)
   def train_step(state: TrainState, batch: Mapping[str, jax.Array], mix: Any):
@@ -111,16 +112,12 @@ def make_train_step(model: vit.BEiT, tx: optax.GradientTransformation, lr_fn: op
       return loss, logits
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    new_state, guard = state.apply_gradients(grads, tx, loss, ema_decay=ema_decay,
+                                             poison_steps=poison_steps)
     dominant = jnp.argmax(targets, axis=-1) if use_mixup else labels
-    metrics = dict(loss=loss, grad_norm=optax.global_norm(grads), lr=lr_fn(state.step),
-                   train_top1=jnp.mean(jnp.argmax(logits, -1) == dominant))
-    ema = state.ema_params
-    if ema is not None:
-      ema = optim.ema_update(ema, params, ema_decay)
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state,
-                         ema_params=ema), metrics
+    metrics = dict(loss=loss, lr=lr_fn(state.step),
+                   train_top1=jnp.mean(jnp.argmax(logits, -1) == dominant), **guard)
+    return new_state, metrics
 
   return train_step
 

@@ -85,7 +85,7 @@ def probe_loss(probes: Mapping[str, jax.Array], feats: jax.Array, labels: jax.Ar
 
 
 def make_train_step(model: vit.BEiT, tx: optax.GradientTransformation, lr_fn: optim.Schedule,
-                    norm: str):
+                    norm: str, poison_steps: tuple[int, ...] = ()):
   """`train_step(state, batch, backbone_params) -> (state, metrics)`."""
   chex.clear_trace_counter()
 
@@ -94,14 +94,13 @@ def make_train_step(model: vit.BEiT, tx: optax.GradientTransformation, lr_fn: op
     feats = block_features(model, backbone_params, transforms.normalize(batch[IMAGE_KEY], norm))
     labels = batch[LABEL_KEY]
 
-    (_, (per_block, logits)), grads = jax.value_and_grad(probe_loss, has_aux=True)(
+    (objective, (per_block, logits)), grads = jax.value_and_grad(probe_loss, has_aux=True)(
         state.params, feats, labels)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
+    new_state, guard = state.apply_gradients(grads, tx, objective, poison_steps=poison_steps)
     acc = jnp.mean(jnp.argmax(logits, -1) == labels[None], axis=1)
     metrics = dict(loss=jnp.mean(per_block), loss_last_block=per_block[-1],
-                   train_top1_best_block=jnp.max(acc), lr=lr_fn(state.step))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+                   train_top1_best_block=jnp.max(acc), lr=lr_fn(state.step), **guard)
+    return new_state, metrics
 
   return train_step
 
@@ -236,7 +235,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   ckpt = checkpointing.make_checkpointer(workdir, config.ckpt)
   state = ckpt.restore_latest(state, state_sh, data_iter)
 
-  step_fn = jax.jit(make_train_step(model, tx, lr_fn, i.norm),
+  step_fn = jax.jit(make_train_step(model, tx, lr_fn, i.norm,
+                                    config_lib.injected_nonfinite_steps(config)),
                     in_shardings=(state_sh, batch_sh, backbone_sh),
                     out_shardings=(state_sh, repl), donate_argnums=(0,))
   eval_step = jax.jit(make_eval_step(model, i.norm),

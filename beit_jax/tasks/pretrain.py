@@ -203,7 +203,7 @@ def mim_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array):
 
 
 def make_mim_update(model: vit.BEiT, tx: optax.GradientTransformation, lr_fn: optim.Schedule,
-                    max_masked: int, input_norm: str):
+                    max_masked: int, input_norm: str, poison_steps: tuple[int, ...] = ()):
   """`update(state, images_uint8, mask, token_ids) -> (state, metrics)`: the ViT half of
   the step (normalise, mask tokens, logits at the masked positions, cross-entropy, AdamW)
   given the target ids (B, N) of every patch."""
@@ -220,23 +220,23 @@ def make_mim_update(model: vit.BEiT, tx: optax.GradientTransformation, lr_fn: op
       return mim_loss(logits, targets, weights)
 
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    updates, opt_state = tx.update(grads, state.opt_state, state.params)
-    params = optax.apply_updates(state.params, updates)
-    metrics = dict(loss=loss, mlm_acc=acc, grad_norm=optax.global_norm(grads),
-                   lr=lr_fn(state.step), masked_per_image=jnp.mean(jnp.sum(weights, axis=1)))
-    return state.replace(step=state.step + 1, params=params, opt_state=opt_state), metrics
+    new_state, guard = state.apply_gradients(grads, tx, loss, poison_steps=poison_steps)
+    metrics = dict(loss=loss, mlm_acc=acc, lr=lr_fn(state.step),
+                   masked_per_image=jnp.mean(jnp.sum(weights, axis=1)), **guard)
+    return new_state, metrics
 
   return update
 
 
 def make_train_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, tx: optax.GradientTransformation,
-                    lr_fn: optim.Schedule, max_masked: int, input_norm: str):
+                    lr_fn: optim.Schedule, max_masked: int, input_norm: str,
+                    poison_steps: tuple[int, ...] = ()):
   """`train_step(state, batch, tokenizer_params) -> (state, metrics)`, for `jax.jit`:
   the frozen tokenizer's ids of the tokenizer view, then `make_mim_update`."""
   # A fresh step may be built again in one process (a notebook re-running a job): its
   # trace count starts from zero; within a run it must be traced once (static shapes).
   chex.clear_trace_counter()
-  update = make_mim_update(model, tx, lr_fn, max_masked, input_norm)
+  update = make_mim_update(model, tx, lr_fn, max_masked, input_norm, poison_steps)
 
   @chex.assert_max_traces(n=1)
   def train_step(state: TrainState, batch: Mapping[str, jax.Array], tokenizer_params: Any):
@@ -374,7 +374,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- Compiled step --------------------------------------------------------------
   tok_sh = jax.tree.map(lambda _: repl, tok_params)
-  step_fn = jax.jit(make_train_step(model, tokenizer, tx, lr_fn, max_masked, config.input.norm),
+  step_fn = jax.jit(make_train_step(model, tokenizer, tx, lr_fn, max_masked, config.input.norm,
+                                    config_lib.injected_nonfinite_steps(config)),
                     in_shardings=(state_sh, batch_sh, tok_sh), out_shardings=(state_sh, repl),
                     donate_argnums=(0,))
 

@@ -51,6 +51,10 @@ class Checkpointer:
   def all_steps(self) -> list[int]:
     return list(self._manager.all_steps())
 
+  def should_save(self, step: int) -> bool:
+    """Whether the interval policy saves at `step` (`save` without `force`)."""
+    return self._manager.should_save(step)
+
   def save(self, step: int, state: Any, data_iter: Any = None, *, force: bool = False) -> bool:
     """Saves if the interval policy (or `force`) says so; returns whether it saved."""
     items = {"state": ocp.args.StandardSave(state)}

@@ -4,10 +4,22 @@ The hot path does no host syncs: metrics are accumulated on the device and fetch
 only every `log_every` steps; the skipped-image counts are host numpy from the input
 pipeline. Checkpoints (state + data iterator) follow the `Checkpointer`'s interval, and
 the last step is always saved.
+
+Faults:
+* SIGTERM / SIGINT (preemption, Ctrl-C): the current step finishes, a checkpoint of it is
+  written, and the run ends cleanly with a message saying how to resume (a second SIGINT
+  interrupts at once). With several processes JAX's preemption sync point is used, so
+  that every process stops at the same step.
+* Non-finite loss or gradient norm: the step is skipped inside the jitted step
+  (`TrainState.apply_gradients`); at each log step the run stops with
+  `NonFiniteError` once `nonfinite.max_consecutive` steps in a row were skipped.
+* A checkpoint is never written from non-finite params (checked at save steps only).
 """
 
 from __future__ import annotations
 
+import signal
+import threading
 import time
 from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
@@ -15,6 +27,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from absl import logging
+from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from beit_jax.training import mesh as mesh_lib
@@ -41,6 +54,70 @@ def sum_over_batches(step_fn: Callable[..., Mapping[str, jax.Array]],
   return None if sums is None else jax.device_get(sums)
 
 
+class NonFiniteError(RuntimeError):
+  """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+class StopRequests:
+  """SIGTERM / SIGINT -> a flag the loop checks after each step (context manager).
+
+  Installed only in the main thread of a single-process run; with several processes
+  `stop_now` asks JAX's preemption sync point instead (JAX's distributed runtime
+  listens for SIGTERM itself), so all processes agree on the step.
+  """
+
+  def __init__(self):
+    self.signal_name: str | None = None
+    self._previous: dict[int, Any] = {}
+
+  def __enter__(self) -> "StopRequests":
+    if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
+      for sig in (signal.SIGTERM, signal.SIGINT):
+        self._previous[sig] = signal.signal(sig, self._handle)
+    return self
+
+  def _handle(self, signum, frame) -> None:
+    del frame
+    if self.signal_name is not None and signum == signal.SIGINT:
+      raise KeyboardInterrupt  # A second Ctrl-C stops at once.
+    self.signal_name = signal.Signals(signum).name
+    logging.warning("%s received: stopping after this step with a checkpoint.",
+                    self.signal_name)
+
+  def stop_now(self, step: int) -> bool:
+    if jax.process_count() > 1:
+      if multihost_utils.reached_preemption_sync_point(step):
+        self.signal_name = self.signal_name or "preemption notice"
+        return True
+      return False
+    return self.signal_name is not None
+
+  def __exit__(self, *exc) -> None:
+    for sig, handler in self._previous.items():
+      signal.signal(sig, handler)
+
+
+@jax.jit
+def _all_finite(tree: Any) -> jax.Array:
+  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
+            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
+
+
+def _check_streak(state: Any, step: int, max_consecutive: int, checkpointer: Checkpointer) -> None:
+  streak = getattr(state, "nonfinite_streak", None)
+  if not max_consecutive or streak is None:
+    return
+  streak = int(jax.device_get(streak))
+  if streak >= max_consecutive:
+    raise NonFiniteError(
+        f"The last {streak} steps (up to step {step}) had a non-finite loss or gradient norm "
+        f"and were skipped (limit config.nonfinite.max_consecutive={max_consecutive}). The "
+        f"latest checkpoint (step {checkpointer.latest_step()}) holds finite params. Lower "
+        "config.optim.lr or raise config.optim.warmup_steps, set optim.clip_grad_norm, or use "
+        "float32 (config.model.dtype), then rerun the same command to resume.")
+
+
 def mean_scalars(sums: Mapping[str, np.ndarray], num_steps: int) -> dict[str, float]:
   """Interval means of the scalar metrics (non-scalars are left to the task)."""
   return {k: float(v) / num_steps for k, v in sums.items() if np.ndim(v) == 0}
@@ -50,44 +127,62 @@ def run(*, state: Any, train_step: StepFn, data_iter: Iterator[dict[str, np.ndar
         batch_keys: Sequence[str], batch_sharding: NamedSharding, total_steps: int,
         writer: MetricWriter, checkpointer: Checkpointer, log_every: int,
         summarize: Summarize = mean_scalars, eval_every: int = 0,
-        eval_fn: Callable[[Any], dict[str, float]] | None = None) -> tuple[Any, dict[str, Any]]:
+        eval_fn: Callable[[Any], dict[str, float]] | None = None,
+        max_consecutive_nonfinite: int = 0) -> tuple[Any, dict[str, Any], str | None]:
   """Runs `train_step` from the state's step to `total_steps`, then `eval_fn` once more.
 
-  Returns the final state and the final eval metrics ({} without `eval_fn`), which are
-  also written with split 'final_eval'.
+  Returns the final state, the final eval metrics ({} without `eval_fn`; also written with
+  split 'final_eval') and None, or, when a stop was requested (SIGTERM/SIGINT), the state
+  at the stop (checkpointed), {} and the signal's name.
   """
   step = int(jax.device_get(state.step))  # One sync before the loop.
   if step >= total_steps:
     logging.info("Already at step %d of %d: nothing to train.", step, total_steps)
   sums, num, skipped, images = None, 0, 0, 0
   t_interval = time.time()
-  while step < total_steps:
-    host_batch = next(data_iter)
-    skipped += int(np.sum(host_batch["num_skipped"]))
-    images += len(host_batch[batch_keys[0]])
-    batch = mesh_lib.global_batch({k: host_batch[k] for k in batch_keys}, batch_sharding)
-    state, metrics = train_step(state, batch)
-    sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
-    num += 1
-    step += 1
+  with StopRequests() as stop:
+    while step < total_steps:
+      host_batch = next(data_iter)
+      skipped += int(np.sum(host_batch["num_skipped"]))
+      images += len(host_batch[batch_keys[0]])
+      batch = mesh_lib.global_batch({k: host_batch[k] for k in batch_keys}, batch_sharding)
+      state, metrics = train_step(state, batch)
+      sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
+      num += 1
+      step += 1
+      stopping = stop.stop_now(step)
 
-    if step % log_every == 0 or step == total_steps:
-      scalars = summarize(jax.device_get(sums), num)
-      elapsed = time.time() - t_interval
-      scalars["images_per_s"] = images * jax.process_count() / max(elapsed, 1e-9)
-      scalars["skipped_images"] = skipped
-      writer.write(step, scalars)
-      sums, num, images = None, 0, 0
-      t_interval = time.time()
-    if eval_fn is not None and eval_every and step % eval_every == 0 and step < total_steps:
-      writer.write(step, eval_fn(state), split="eval")
-      t_interval = time.time()
-    checkpointer.save(step, state, data_iter, force=step == total_steps)
+      if step % log_every == 0 or step == total_steps or stopping:
+        scalars = summarize(jax.device_get(sums), num)
+        elapsed = time.time() - t_interval
+        scalars["images_per_s"] = images * jax.process_count() / max(elapsed, 1e-9)
+        scalars["skipped_images"] = skipped
+        writer.write(step, scalars)
+        sums, num, images = None, 0, 0
+        t_interval = time.time()
+        _check_streak(state, step, max_consecutive_nonfinite, checkpointer)
+      if (eval_fn is not None and eval_every and step % eval_every == 0 and step < total_steps
+          and not stopping):
+        writer.write(step, eval_fn(state), split="eval")
+        t_interval = time.time()
+      force = step == total_steps or stopping
+      if (force or checkpointer.should_save(step)) and not bool(_all_finite(state)):
+        raise NonFiniteError(
+            f"Non-finite values in the train state at step {step}: not saving a checkpoint. "
+            f"The latest checkpoint (step {checkpointer.latest_step()}) is intact; lower "
+            "config.optim.lr and rerun the same command to resume from it.")
+      checkpointer.save(step, state, data_iter, force=force)
+      if stopping:
+        checkpointer.wait()
+        logging.warning(
+            "Stopped by %s at step %d of %d; checkpoint %s/%d written. Rerun the same command "
+            "to resume.", stop.signal_name, step, total_steps, checkpointer.directory, step)
+        return state, {}, stop.signal_name
   checkpointer.wait()
   final = eval_fn(state) if eval_fn is not None else {}
   if final:
     writer.write(total_steps, final, split="final_eval")
-  return state, final
+  return state, final, None
 
 
 def run_job(*, config: Any, workdir: str, state: Any, train_step: StepFn,
@@ -111,12 +206,14 @@ def run_job(*, config: Any, workdir: str, state: Any, train_step: StepFn,
     return dict(scalars)
 
   try:
-    state, final = run(
+    guard = config.get("nonfinite")
+    state, final, stopped_by = run(
         state=state, train_step=train_step, data_iter=data_iter, batch_keys=batch_keys,
         batch_sharding=batch_sharding, total_steps=config.total_steps, writer=writer,
         checkpointer=checkpointer, log_every=config.log_every, summarize=summarize_and_keep,
-        eval_every=config.eval_every, eval_fn=eval_fn)
-    if finish is not None:
+        eval_every=config.eval_every, eval_fn=eval_fn,
+        max_consecutive_nonfinite=0 if guard is None else guard.max_consecutive)
+    if finish is not None and stopped_by is None:
       finish(state, dict(last), final)
   finally:
     checkpointer.close()
