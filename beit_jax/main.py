@@ -42,6 +42,10 @@ _COORDINATOR = flags.DEFINE_string(
     "launch (with --num_processes and --process_id).")
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
+_OVERWRITE = flags.DEFINE_bool(
+    "overwrite", False, "If the workdir holds a run of a different config (model, input, "
+    "mask, seed, task), move it into WORKDIR/replaced-<time>/ and start afresh instead of "
+    "refusing (beit_jax/training/workdir.py).")
 flags.mark_flag_as_required("config")
 
 
@@ -50,11 +54,14 @@ def default_workdir(config_path: str) -> str:
   return os.path.join("runs", name)
 
 
-def run_task(config, workdir: str) -> None:
-  """Dispatches to `train_and_evaluate(config, workdir)` of the task's module."""
+def run_task(config, workdir: str, overwrite: bool = False) -> None:
+  """Dispatches to `train_and_evaluate(config, workdir)` of the task's module, after
+  checking that `workdir` does not hold a run of another config."""
   task = config.get("task")
   if task not in TASKS:
     raise ValueError(f"config.task={task!r} is not a known task; choose one of {sorted(TASKS)}.")
+  from beit_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
+  workdir_lib.check(config, workdir, overwrite)
   importlib.import_module(TASKS[task]).train_and_evaluate(config, workdir)
 
 
@@ -70,7 +77,7 @@ def main(argv):
   logging.info("JAX %s | process %d/%d | %d devices (%s) | workdir %s", jax.__version__,
                jax.process_index(), jax.process_count(), jax.device_count(),
                jax.devices()[0].platform, workdir)
-  run_task(_CONFIG.value, workdir)
+  run_task(_CONFIG.value, workdir, _OVERWRITE.value)
 
 
 if __name__ == "__main__":

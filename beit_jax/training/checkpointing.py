@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any
+from typing import Any, Mapping
 
 import grain
 from absl import logging
@@ -71,11 +71,27 @@ class Checkpointer:
     restored = self._manager.restore(step, args=ocp.args.Composite(**items))
     return restored["state"]
 
+  def check_params_match(self, step: int, state: Any) -> None:
+    """Raises a ValueError naming the first params key whose presence or shape differs
+    between checkpoint `step` and `state` (a config that does not match the run)."""
+    metadata = self._manager.item_metadata(step)["state"]
+    tree = getattr(metadata, "tree", metadata)
+    stored = _shapes(tree.get("params", {}) if isinstance(tree, Mapping) else {})
+    wanted = _shapes(state.params)
+    diffs = [f"params/{k}: checkpoint {stored.get(k, 'absent')}, config {wanted.get(k, 'absent')}"
+             for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
+    if diffs:
+      raise ValueError(
+          f"Checkpoint {self.directory}/{step} does not match this config's model: "
+          f"{diffs[0]}" + (f" (and {len(diffs) - 1} more keys)" if len(diffs) > 1 else "") +
+          ". Resume with the config that wrote it, or use a new --workdir.")
+
   def restore_latest(self, state: Any, shardings: Any, data_iter: Any = None) -> Any:
     """The latest checkpoint restored into `shardings` (and `data_iter`), or `state` as is."""
     last = self.latest_step()
     if last is None:
       return state
+    self.check_params_match(last, state)
     state = self.restore(last, abstract_with_shardings(state, shardings), data_iter)
     logging.info("Resumed from %s at step %d.", self.directory, last)
     return state
@@ -86,6 +102,21 @@ class Checkpointer:
   def close(self) -> None:
     self._manager.wait_until_finished()
     self._manager.close()
+
+
+def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+  """'a/b/c' -> shape for every array leaf of nested dicts (live arrays or Orbax metadata)."""
+  out = {}
+
+  def visit(node, prefix):
+    if isinstance(node, Mapping):
+      for key, value in node.items():
+        visit(value, f"{prefix}/{key}" if prefix else str(key))
+    elif node is not None and hasattr(node, "shape"):
+      out[prefix] = tuple(node.shape)
+
+  visit(tree, "")
+  return out
 
 
 def make_checkpointer(workdir: str, ckpt_config: Any) -> Checkpointer:

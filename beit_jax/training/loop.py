@@ -31,6 +31,7 @@ from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
 from beit_jax.training import mesh as mesh_lib
+from beit_jax.training import workdir as workdir_lib
 from beit_jax.training.checkpointing import Checkpointer
 from beit_jax.training.metrics import MetricWriter
 
@@ -196,6 +197,7 @@ def run_job(*, config: Any, workdir: str, state: Any, train_step: StepFn,
   means, final eval)` (the export); the checkpointer, writer and data iterator are closed
   whatever happens. Reads `total_steps`, `log_every`, `eval_every`, `tensorboard` from
   `config`. Returns (state, last logged train means, final eval)."""
+  workdir_lib.write(config, workdir)
   writer = MetricWriter(workdir, config.total_steps, tensorboard=config.tensorboard)
   last: dict[str, float] = {}
 

@@ -274,11 +274,13 @@ def test_main_job_without_imagenet_or_tokenizer_says_what_to_do(tmp_path):
     ("--config.input.second_size=32", "trained on 16 px views"),
     ("--config.model.vocab_size=100", "config.model.vocab_size=100 but the tokenizer"),
     ("--config.tokenizer.path=/nonexistent", "is not a tokenizer export"),
+    ("--config.mask.min_patches=9", "config.mask.min_patches=9 is above"),
+    ("--config.input.batch_size=6", "batch_size=6 is not divisible by the 8 devices"),
 ])
 def test_bad_settings_rejected_before_anything_is_written(tmp_path, override, message):
   workdir = tmp_path / "run"
   result = run_main(f"--config={SMALL}:steps=2", f"--workdir={workdir}", *TINY, override,
-                    devices=1)
+                    devices=8 if "batch_size" in override else 1)
   assert result.returncode != 0
   assert message in result.stderr, result.stderr[-2000:]
   assert not workdir.exists()
