@@ -52,6 +52,7 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
       train_split="train",
       eval_split="validation",
       num_workers=0,         # Grain multiprocess prefetch workers (0 = in-process).
+      max_failed_fraction=0.1,  # Stop once more of the images read fail to decode.
   ))
   c.update(overrides)
   return c

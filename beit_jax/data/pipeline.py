@@ -62,18 +62,21 @@ Transform = Callable[
     [np.ndarray, np.random.Generator], Mapping[str, np.ndarray]]
 
 DEFAULT_MAX_CONSECUTIVE_FAILURES = 100
+DEFAULT_MAX_FAILED_FRACTION = 0.1
+MIN_READ_FOR_FRACTION = 200  # The fraction is judged after this many elements.
 
 
 class Undecodable:
   """Marker element for a source element whose image failed to decode."""
 
-  __slots__ = ('label',)
+  __slots__ = ('label', 'name')
 
-  def __init__(self, label: int):
+  def __init__(self, label: int, name: str = ''):
     self.label = label
+    self.name = name or f'an image of class {label}'
 
   def __repr__(self) -> str:
-    return f'Undecodable(label={self.label})'
+    return f'Undecodable(label={self.label}, name={self.name!r})'
 
 
 class DecodeAndTransform:
@@ -95,7 +98,7 @@ class DecodeAndTransform:
     label = np.int32(element['label'])
     image = sources.decode_image(element['image'], max_pixels=self.max_pixels)
     if image is None:
-      return Undecodable(int(label))
+      return Undecodable(int(label), str(element.get('path', '')))
     out = dict(self.transform(image, rng))
     out['label'] = label
     return out
@@ -111,25 +114,39 @@ class _SkipUndecodableIterator(grain.DatasetIterator):
       parent: grain.DatasetIterator,
       max_consecutive_failures: int,
       source_name: str,
+      max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
   ):
     super().__init__(parent)
     self._max_consecutive_failures = max_consecutive_failures
+    self._max_failed_fraction = max_failed_fraction
     self._source_name = source_name
+    # Diagnostics of this iterator since it started (not part of its state).
+    self._read, self._failed, self._examples = 0, 0, []
+
+  def _fail(self, why: str) -> None:
+    raise RuntimeError(
+        f'{why} of {self._source_name} could not be decoded as images, e.g. '
+        f'{", ".join(self._examples)}. Remove or fix those files, or point the config at '
+        'the right data (config.data.max_failed_fraction sets the tolerated fraction).')
 
   def __next__(self) -> dict[str, np.ndarray]:
     skipped = 0
     while True:
       element = next(self._parent)
+      self._read += 1
       if not isinstance(element, Undecodable):
         element['num_skipped'] = np.int32(skipped)
         return element
       skipped += 1
+      self._failed += 1
+      if len(self._examples) < 5:
+        self._examples.append(element.name)
       if skipped >= self._max_consecutive_failures:
-        raise RuntimeError(
-            f'{skipped} consecutive elements of {self._source_name} could not'
-            ' be decoded as images: the data looks unreadable (wrong path,'
-            ' not image files, or a corrupt dataset).'
-        )
+        self._fail(f'{skipped} consecutive elements')
+      if (self._read >= MIN_READ_FOR_FRACTION
+          and self._failed > self._max_failed_fraction * self._read):
+        self._fail(f'{self._failed} of the {self._read} elements read '
+                   f'(more than {self._max_failed_fraction:.0%})')
 
   def get_state(self) -> Any:
     # Nothing is buffered between `next` calls, so the parent's state is the
@@ -147,9 +164,10 @@ class SkipUndecodableIterDataset(grain.IterDataset):
   """IterDataset dropping :class:`Undecodable` elements with a skip count.
 
   Every kept element gets ``num_skipped`` (int32): how many undecodable
-  elements were dropped right before it. After ``max_consecutive_failures``
-  undecodable elements in a row, iteration raises ``RuntimeError`` naming the
-  source.
+  elements were dropped right before it. Iteration raises ``RuntimeError``
+  naming the source and up to 5 failing files after ``max_consecutive_failures``
+  undecodable elements in a row, or once more than ``max_failed_fraction`` of
+  the elements read (judged after ``MIN_READ_FOR_FRACTION``) failed.
   """
 
   def __init__(
@@ -157,12 +175,16 @@ class SkipUndecodableIterDataset(grain.IterDataset):
       parent: grain.IterDataset,
       *,
       max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES,
+      max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
       source_name: str = 'the data source',
   ):
     super().__init__(parent)
     if max_consecutive_failures < 1:
       raise ValueError('max_consecutive_failures must be >= 1.')
+    if not 0.0 <= max_failed_fraction <= 1.0:
+      raise ValueError(f'max_failed_fraction must be in [0, 1], got {max_failed_fraction}.')
     self._max_consecutive_failures = max_consecutive_failures
+    self._max_failed_fraction = max_failed_fraction
     self._source_name = source_name
 
   def __iter__(self) -> _SkipUndecodableIterator:
@@ -170,6 +192,7 @@ class SkipUndecodableIterDataset(grain.IterDataset):
         self._parent.__iter__(),
         self._max_consecutive_failures,
         self._source_name,
+        self._max_failed_fraction,
     )
 
   def __str__(self) -> str:
@@ -220,6 +243,7 @@ def make_train_dataset(
     process_count: int | None = None,
     num_workers: int = 0,
     max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES,
+    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
     read_threads: int = 16,
     prefetch_buffer_size: int = 256,
     max_pixels: int = sources.DEFAULT_MAX_PIXELS,
@@ -245,6 +269,7 @@ def make_train_dataset(
   it_ds = SkipUndecodableIterDataset(
       it_ds,
       max_consecutive_failures=max_consecutive_failures,
+      max_failed_fraction=max_failed_fraction,
       source_name=repr(source),
   )
   it_ds = it_ds.batch(batch_size, drop_remainder=True)
@@ -275,6 +300,8 @@ def make_train_iterator(
       batches (see the module docstring); keep it fixed across a resume.
     max_consecutive_failures: Raise ``RuntimeError`` after this many
       undecodable elements in a row.
+    max_failed_fraction: Raise ``RuntimeError`` once more than this fraction of
+      the elements read (after ``MIN_READ_FOR_FRACTION``) failed to decode.
     read_threads: Threads decoding/augmenting per process (or per worker).
     prefetch_buffer_size: Elements read ahead per process (or per worker).
     max_pixels: Decompression-bomb limit passed to ``decode_image``.

@@ -278,6 +278,7 @@ class ImageFolderSource(_ListedSource):
     return {
         'image': _read_bytes(self._paths[index]),
         'label': np.int32(self._labels[index]),
+        'path': self._paths[index],
     }
 
   def __repr__(self) -> str:

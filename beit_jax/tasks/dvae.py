@@ -184,7 +184,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       size=config.input.image_size, key=IMAGE_KEY, interpolation=config.input.interpolation)
   data_iter = pipeline.make_train_iterator(
       train_source, train_transform, global_batch_size=config.input.batch_size,
-      seed=config.seed, num_workers=config.data.num_workers)
+      seed=config.seed, num_workers=config.data.num_workers,
+      max_failed_fraction=config.data.max_failed_fraction)
   logging.info("Train source: %s (%d images); eval: %s", config.data.source, len(train_source),
                "none" if eval_source is None else f"{len(eval_source)} images")
 

@@ -141,7 +141,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   transform, eval_transform = make_transforms(config)
   data_iter = pipeline.make_train_iterator(
       train_source, transform, global_batch_size=config.input.batch_size, seed=config.seed,
-      num_workers=config.data.num_workers)
+      num_workers=config.data.num_workers,
+      max_failed_fraction=config.data.max_failed_fraction)
 
   # --- Model, pretrained weights, optimizer ---------------------------------------
   dtype = compute_dtype(config.model.dtype)

@@ -140,12 +140,15 @@ def run(*, state: Any, train_step: StepFn, data_iter: Iterator[dict[str, np.ndar
   if step >= total_steps:
     logging.info("Already at step %d of %d: nothing to train.", step, total_steps)
   sums, num, skipped, images = None, 0, 0, 0
+  total_skipped, total_images = 0, 0
   t_interval = time.time()
   with StopRequests() as stop:
     while step < total_steps:
       host_batch = next(data_iter)
       skipped += int(np.sum(host_batch["num_skipped"]))
+      total_skipped += int(np.sum(host_batch["num_skipped"]))
       images += len(host_batch[batch_keys[0]])
+      total_images += len(host_batch[batch_keys[0]])
       batch = mesh_lib.global_batch({k: host_batch[k] for k in batch_keys}, batch_sharding)
       state, metrics = train_step(state, batch)
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
@@ -180,6 +183,8 @@ def run(*, state: Any, train_step: StepFn, data_iter: Iterator[dict[str, np.ndar
             "to resume.", stop.signal_name, step, total_steps, checkpointer.directory, step)
         return state, {}, stop.signal_name
   checkpointer.wait()
+  logging.info("Input: %d images trained on, %d undecodable images skipped (this process, "
+               "this run).", total_images, total_skipped)
   final = eval_fn(state) if eval_fn is not None else {}
   if final:
     writer.write(total_steps, final, split="final_eval")

@@ -243,8 +243,75 @@ def test_unreadable_data_raises(tmp_path):
   _write_tree(str(tmp_path / 'junk'), 3, {0, 1, 2})
   src = sources.ImageFolderSource(tmp_path / 'junk')
   it = _iterator(src, batch=2, max_consecutive_failures=5)
-  with pytest.raises(RuntimeError, match='unreadable.*junk'):
+  with pytest.raises(RuntimeError, match=r'5 consecutive elements of .*junk.* e\.g\. .*c0\d/img\.png'):
     next(it)
+
+
+def _bad_image_corpus():
+  """name -> (encoded bytes, decodable?): every kind of odd file a crawl holds."""
+  def enc(img, fmt, **kw):
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **kw)
+    return buf.getvalue()
+
+  rgb = Image.fromarray(np.random.default_rng(0).integers(0, 256, (40, 48, 3), np.uint8))
+  jpeg = enc(rgb, 'JPEG', quality=90)
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  rgba = np.zeros((30, 30, 4), np.uint8)
+  rgba[..., 3] = 128
+  return {
+      'grayscale.jpg': (enc(rgb.convert('L'), 'JPEG'), True),
+      'cmyk.jpg': (enc(rgb.convert('CMYK'), 'JPEG'), True),
+      'rgba.png': (enc(Image.fromarray(rgba), 'PNG'), True),
+      'palette.png': (enc(rgb.convert('P'), 'PNG'), True),
+      '16bit.png': (enc(Image.fromarray(np.full((20, 20), 40000, np.uint16)), 'PNG'), True),
+      'exif_rotated.jpg': (enc(rgb, 'JPEG', exif=exif), True),
+      'smaller_than_crop.png': (enc(rgb.resize((5, 4)), 'PNG'), True),
+      'truncated.jpg': (jpeg[:len(jpeg) // 3], False),
+      'corrupt.jpg': (jpeg[:20] + bytes(np.random.default_rng(1).integers(0, 256, 500,
+                                                                           np.uint8)), False),
+      'zero_bytes.jpg': (b'', False),
+      'notes.txt': (b'not an image', False),
+      'huge.png': (enc(rgb.resize((100, 100)), 'PNG'), False),  # Above max_pixels below.
+  }
+
+
+@pytest.mark.parametrize('kind', ['folder', 'memory'])
+def test_every_kind_of_bad_file_is_decoded_or_skipped_and_counted(tmp_path, kind):
+  corpus = _bad_image_corpus()
+  names = sorted(corpus)
+  if kind == 'folder':
+    for i, name in enumerate(names):
+      os.makedirs(tmp_path / f'c{i:02d}')
+      (tmp_path / f'c{i:02d}' / name).write_bytes(corpus[name][0])
+    src = sources.ImageFolderSource(tmp_path)
+  else:
+    src = ListSource([corpus[n][0] for n in names])
+  good = {i for i, n in enumerate(names) if corpus[n][1]}
+  it = _iterator(src, batch=1, max_pixels=64 * 64, max_failed_fraction=0.5)
+  batches = _take(it, len(good) + 1)
+  labels = [int(b['label'][0]) for b in batches]
+  # Epoch 1 holds each file once: its kept elements are exactly the decodable files.
+  assert set(labels[:len(good)]) == good
+  # All 5 undecodable files of epoch 1 were skipped and counted before epoch 2's first.
+  assert sum(int(b['num_skipped'][0]) for b in batches) >= len(names) - len(good)
+  for b in batches:
+    assert b['image'].shape == (1, SIZE, SIZE, 3) and b['image'].dtype == np.uint8
+    assert b['tokenizer_image'].shape == (1, SECOND, SECOND, 3)
+
+
+def test_too_large_a_fraction_of_bad_files_stops_naming_examples(tmp_path):
+  # 3 of 10 files are bad, never 5 in a row: the 10% limit stops the run.
+  _write_tree(str(tmp_path / 'data'), 10, {1, 4, 8})
+  src = sources.ImageFolderSource(tmp_path / 'data')
+  it = _iterator(src, batch=4, max_consecutive_failures=5)
+  with pytest.raises(RuntimeError, match=r'of the \d+ elements read \(more than 10%\).*'
+                     r'e\.g\. .*c0[148]/img\.png'):
+    _take(it, 200)
+  # A looser limit lets the same data through.
+  batches = _take(_iterator(src, batch=4, max_failed_fraction=0.5), 60)
+  assert sum(int(b['num_skipped'].sum()) for b in batches) > 30
 
 
 # ----------------------------------------------------------------------------
