@@ -147,8 +147,9 @@ def test_image_folder_source_layout(tmp_path):
                    'zebra/b.png']
   assert list(src.labels) == [0, 0, 2, 2]
   el = src[3]
-  assert set(el) == {'image', 'label'}
+  assert set(el) == {'image', 'label', 'path'}
   assert isinstance(el['image'], bytes) and el['label'].dtype == np.int32
+  assert el['path'] == str(root / 'zebra' / 'b.png')  # Names the file in skip reports.
   assert el['label'] == 2
   with open(root / 'zebra' / 'b.png', 'rb') as f:
     assert el['image'] == f.read()
