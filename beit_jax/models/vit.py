@@ -152,6 +152,7 @@ class Attention(nn.Module):
     if shared_bias is not None:
       logits = ops.add_broadcast(logits, shared_bias)
     attn = ops.softmax(logits).astype(self.dtype)
+    self.sow("intermediates", "attention", attn)  # Only kept when asked (beit_jax.viz).
     out = jnp.matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, d)
     return dense(d, kernel_init=trunc_normal_init(truncation=self.init_truncation,
                                                   scale=self.proj_init_scale),

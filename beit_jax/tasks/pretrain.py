@@ -33,7 +33,7 @@ import ml_collections
 import optax
 from absl import logging
 
-from beit_jax import config_lib
+from beit_jax import config_lib, viz
 from beit_jax.convert import beit as convert_beit
 from beit_jax.data import masking, pipeline, sources, transforms
 from beit_jax.models import dvae, vit
@@ -401,6 +401,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         tokenizer=os.path.abspath(tokenizer_path), tokenizer_image_size=tok_meta["image_size"],
         step=int(jax.device_get(s.step)), final_train=last, eval=final))
     logging.info("Exported BEiT MIM params to %s", export_dir)
+    if jax.process_count() == 1:  # Several processes: `python -m beit_jax.viz` afterwards.
+      try:
+        pictures = viz.pretrain_pictures(
+            export_dir, os.path.join(workdir, "pictures"), viz.sample_images(train_source, 4),
+            seed=config.seed, metrics_path=os.path.join(workdir, "metrics.jsonl"))
+        logging.info("Pictures of what it learned: %s", ", ".join(pictures.values()))
+      except Exception as e:  # pylint: disable=broad-except
+        # A drawing problem must never cost a finished run.
+        logging.warning("Could not draw the pictures (%s); the export is complete.", e)
 
   _, last, final = loop.run_job(
       config=config, workdir=workdir, state=state, train_step=train_step, data_iter=data_iter,

@@ -307,6 +307,12 @@ def test_quick_start_two_stages_then_kill_and_resume(tmp_path):
   model, params, meta = pretrain.load_pretrained(os.path.join(workdir, "export", "beit"))
   assert meta["step"] == 4 and model.vocab_size == VOCAB and model.image_size == 32
   assert params["lm_head"]["kernel"].shape == (32, VOCAB)
+  # The run draws what it learned (beit_jax/viz.py) into its workdir.
+  pictures = os.path.join(workdir, "pictures")
+  assert sorted(os.listdir(pictures)) == sorted(
+      f"{n}.png" for n in ("masks", "reconstructions", "inpainting", "tokens", "codebook",
+                           "attention", "curves"))
+  assert all(os.path.getsize(os.path.join(pictures, f)) > 500 for f in os.listdir(pictures))
 
   # Kill a longer run after its first new checkpoint; the rerun resumes from it.
   proc = run_main(f"--config={SMALL}:steps=400,tokenizer_steps=2,variant=test",
