@@ -33,6 +33,7 @@ from PIL import Image, ImageDraw
 
 from beit_jax.data import masking, sources, transforms
 from beit_jax.models import dvae, vit
+from beit_jax.training import metrics as metrics_lib
 
 GREY = 128
 Array = np.ndarray
@@ -253,9 +254,11 @@ def save_png(image: Array, path: str) -> str:
 
 
 def pretrain_pictures(export_dir: str, out_dir: str, images: Array, seed: int = 0,
-                      metrics_path: str | None = None) -> dict[str, str]:
+                      metrics_path: str | None = None,
+                      tensorboard_workdir: str | None = None) -> dict[str, str]:
   """Writes every picture of a MIM export (see the module doc) for uint8 `images` (square,
-  any size: centre-resized to the export's views); returns name -> path."""
+  any size: centre-resized to the export's views), also into TensorBoard under
+  `tensorboard_workdir/tb` if given; returns name -> path."""
   from beit_jax.tasks import dvae as dvae_task  # pylint: disable=g-import-not-at-top
   from beit_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
   model, params, meta = pretrain.load_pretrained(export_dir)
@@ -295,6 +298,8 @@ def pretrain_pictures(export_dir: str, out_dir: str, images: Array, seed: int = 
   }
   if metrics_path and os.path.exists(metrics_path):
     paths["curves"] = curves_figure(read_metrics(metrics_path))
+  if tensorboard_workdir:
+    metrics_lib.write_images(tensorboard_workdir, int(meta.get("step", 0)), paths)
   return {name: save_png(img, os.path.join(out_dir, f"{name}.png")) for name, img in paths.items()}
 
 

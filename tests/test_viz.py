@@ -86,3 +86,10 @@ def test_curves_from_metrics_records():
 def test_cli_without_an_export_says_what_to_run(tmp_path):
   with pytest.raises(SystemExit, match="run the quick start first"):
     viz.main([f"--workdir={tmp_path}"])
+
+
+def test_pictures_go_into_tensorboard(tmp_path):
+  from beit_jax.training import metrics  # pylint: disable=g-import-not-at-top
+  metrics.write_images(str(tmp_path), 7, {"masks": _images(1)[0]})
+  events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
+  assert len(events) == 1 and b"pictures/masks" in events[0].read_bytes()

@@ -405,7 +405,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       try:
         pictures = viz.pretrain_pictures(
             export_dir, os.path.join(workdir, "pictures"), viz.sample_images(train_source, 4),
-            seed=config.seed, metrics_path=os.path.join(workdir, "metrics.jsonl"))
+            seed=config.seed, metrics_path=os.path.join(workdir, "metrics.jsonl"),
+            tensorboard_workdir=workdir if config.tensorboard else None)
         logging.info("Pictures of what it learned: %s", ", ".join(pictures.values()))
       except Exception as e:  # pylint: disable=broad-except
         # A drawing problem must never cost a finished run.

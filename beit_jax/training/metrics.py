@@ -77,3 +77,13 @@ class MetricWriter:
       self._jsonl.close()
     if self._tb is not None:
       self._tb.close()
+
+
+def write_images(workdir: str, step: int, images: Mapping[str, Any], tag: str = "pictures") -> None:
+  """uint8 (H, W, 3) images into TensorBoard (`WORKDIR/tb`, tag/name) from process 0."""
+  if jax.process_index() != 0:
+    return
+  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
+  with SummaryWriter(os.path.join(workdir, "tb")) as tb:
+    for name, image in images.items():
+      tb.add_image(f"{tag}/{name}", image, step, dataformats="HWC")
