@@ -313,6 +313,22 @@ def test_quick_start_two_stages_then_kill_and_resume(tmp_path):
       f"{n}.png" for n in ("masks", "reconstructions", "inpainting", "tokens", "codebook",
                            "attention", "curves"))
   assert all(os.path.getsize(os.path.join(pictures, f)) > 500 for f in os.listdir(pictures))
+  # The README's Python snippets run against this export (as runs/pretrain_small).
+  readme = open(os.path.join(ROOT, "README.md")).read()
+  section = readme.split("## Using the exports from Python")[1].split("\n## ")[0]
+  snippets = [block.split("```")[0] for block in section.split("```python\n")[1:]]
+  assert len(snippets) >= 2
+  os.makedirs(tmp_path / "api" / "runs")
+  os.symlink(workdir, tmp_path / "api" / "runs" / "pretrain_small")
+  cwd = os.getcwd()
+  os.chdir(tmp_path / "api")
+  try:
+    for snippet in snippets:
+      scope = {}
+      exec(compile(snippet, "README.md", "exec"), scope)  # pylint: disable=exec-used
+  finally:
+    os.chdir(cwd)
+  assert scope["recon"].shape[-1] == 3
 
   # Kill a longer run after its first new checkpoint; the rerun resumes from it.
   proc = run_main(f"--config={SMALL}:steps=400,tokenizer_steps=2,variant=test",
