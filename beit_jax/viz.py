@@ -4,8 +4,10 @@ r"""Pictures of what a BEiT run learned, as PNG files (Pillow only, no matplotli
   python -m beit_jax.viz --export=DIR/export/beit --out=pictures --num_images=6
 
 Writes into `<workdir>/pictures/` (or --out), from the MIM export, its tokenizer and the
-built-in photos (or an image folder, --folder). The `pretrain` task writes the same set
-into its workdir at the end of a single-process run, from its own training images.
+built-in photos (or an image folder, --folder). In a single-process run the `pretrain`
+task draws the same set at every checkpoint (the `dvae` task its reconstructions, tokens,
+codebook and curves) into its workdir, from its first training images: the PNGs show the
+latest, TensorBoard keeps them all (tag pictures/<name>).
 
   masks.png           the ViT view with unilm's blockwise-masked patches grey (3 masks an image)
   reconstructions.png original | dVAE reconstruction of the tokenizer view, with PSNR
@@ -25,7 +27,7 @@ import colorsys
 import json
 import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import jax.numpy as jnp
 import numpy as np
@@ -253,54 +255,105 @@ def save_png(image: Array, path: str) -> str:
   return path
 
 
+def resize_square(images: Array, size: int) -> Array:
+  return np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC))
+                   for x in images])
+
+
+def tokenizer_pictures(tokenizer: dvae.DiscreteVAE, tok_vars: Any, images: Array,
+                       image_size: int) -> tuple[dict[str, Array], Array, Array, Array]:
+  """reconstructions / tokens / codebook pictures of uint8 `images` at the tokenizer's size;
+  also returns (tokenizer views, true ids, reconstructions)."""
+  views = resize_square(images, image_size)
+  ids = tokenize(tokenizer, tok_vars, views)
+  recons = decode(tokenizer, tok_vars, ids)
+  up = max(1, 64 // image_size)
+  pictures = {
+      "reconstructions": reconstructions_figure(upscale_all(views, up), upscale_all(recons, up)),
+      "tokens": grid([token_map(i, tokenizer.vocab_size, cell=max(4, 64 // i.shape[0]))
+                      for i in ids], min(6, len(ids))),
+      "codebook": codebook_figure(ids, tokenizer.vocab_size),
+  }
+  return pictures, views, ids, recons
+
+
+def mim_pictures(model: vit.BEiT, params: Any, tokenizer: dvae.DiscreteVAE, tok_vars: Any,
+                 images: Array, *, input_norm: str, tokenizer_image_size: int,
+                 seed: int = 0) -> dict[str, Array]:
+  """Every picture of a BEiT MIM model and its tokenizer (see the module doc) for uint8
+  `images` (square, any size: resized to the model's and the tokenizer's views)."""
+  size, patch = model.image_size, model.patch_size
+  pictures, _, true_ids, recons = tokenizer_pictures(tokenizer, tok_vars, images,
+                                                     tokenizer_image_size)
+  views = resize_square(images, size)
+  gh = size // patch
+  generator = masking.BlockwiseMaskGenerator(gh, *masking.default_mask_counts(gh, gh))
+  rng = np.random.default_rng(seed)
+  masks = np.stack([generator(rng).reshape(-1) for _ in views])
+  pred = predicted_ids(model, params, views, masks, input_norm).reshape(true_ids.shape)
+  acc = [float(np.mean((p == t)[m.reshape(t.shape)])) for p, t, m in zip(pred, true_ids, masks)]
+  big = max(1, 128 // size)
+  pictures.update(
+      masks=masks_figure(upscale_all(views, big), patch * big, generator, seed=seed),
+      inpainting=inpainting_figure(upscale_all(views, big), masks, patch * big,
+                                   decode(tokenizer, tok_vars,
+                                          inpainted_ids(true_ids, pred, masks)), recons, acc),
+      attention=attention_figure(upscale_all(views, big),
+                                 cls_attention(model, params, views, input_norm)))
+  return pictures
+
+
+def write_pictures(pictures: Mapping[str, Array], out_dir: str, step: int = 0,
+                   metrics_path: str | None = None,
+                   tensorboard_workdir: str | None = None) -> dict[str, str]:
+  """PNGs into `out_dir` (plus `curves.png` from `metrics_path`, if it exists), and the same
+  images into TensorBoard under `tensorboard_workdir/tb` at `step`; name -> path."""
+  pictures = dict(pictures)
+  if metrics_path and os.path.exists(metrics_path):
+    records = read_metrics(metrics_path)
+    if records:
+      pictures["curves"] = curves_figure(records)
+  if tensorboard_workdir:
+    metrics_lib.write_images(tensorboard_workdir, step, pictures)
+  return {name: save_png(img, os.path.join(out_dir, f"{name}.png"))
+          for name, img in pictures.items()}
+
+
 def pretrain_pictures(export_dir: str, out_dir: str, images: Array, seed: int = 0,
                       metrics_path: str | None = None,
                       tensorboard_workdir: str | None = None) -> dict[str, str]:
-  """Writes every picture of a MIM export (see the module doc) for uint8 `images` (square,
-  any size: centre-resized to the export's views), also into TensorBoard under
-  `tensorboard_workdir/tb` if given; returns name -> path."""
+  """`mim_pictures` of a MIM export and its tokenizer, written by `write_pictures`."""
   from beit_jax.tasks import dvae as dvae_task  # pylint: disable=g-import-not-at-top
   from beit_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
   model, params, meta = pretrain.load_pretrained(export_dir)
   tokenizer, tok_vars, tok_meta = dvae_task.load_tokenizer(meta["tokenizer"])
-  size, patch, norm = meta["image_size"], meta["patch_size"], meta["input_norm"]
-  second = meta.get("tokenizer_image_size", tok_meta["image_size"])
+  pictures = mim_pictures(
+      model, params, tokenizer, tok_vars, images, input_norm=meta["input_norm"],
+      tokenizer_image_size=meta.get("tokenizer_image_size", tok_meta["image_size"]), seed=seed)
+  return write_pictures(pictures, out_dir, int(meta.get("step", 0)), metrics_path,
+                        tensorboard_workdir)
 
-  def resized(s):
-    return np.stack([np.asarray(Image.fromarray(x).resize((s, s), Image.BICUBIC)) for x in images])
 
-  views, tok_views = resized(size), resized(second)
-  gh = size // patch
-  num, min_block = masking.default_mask_counts(gh, gh)
-  generator = masking.BlockwiseMaskGenerator(gh, num, min_block)
-  rng = np.random.default_rng(seed)
-  masks = np.stack([generator(rng).reshape(-1) for _ in views])
+def checkpoint_painter(workdir: str, draw: Callable[[Any], Mapping[str, Array]],
+                       tensorboard: bool) -> Callable[[Any, int], None] | None:
+  """A `loop.run` hook drawing `draw(state)` into WORKDIR/pictures (latest) and TensorBoard
+  (history) at every checkpoint; None with several processes (use the CLI afterwards).
+  A drawing error is logged, never raised: it must not cost a training run."""
+  import jax  # pylint: disable=g-import-not-at-top
+  from absl import logging  # pylint: disable=g-import-not-at-top
+  if jax.process_count() > 1:
+    return None
 
-  true_ids = tokenize(tokenizer, tok_vars, tok_views)
-  recons = decode(tokenizer, tok_vars, true_ids)
-  pred = predicted_ids(model, params, views, masks, norm).reshape(true_ids.shape)
-  mixed = inpainted_ids(true_ids, pred, masks)
-  acc = [float(np.mean((p == t)[m.reshape(t.shape)])) for p, t, m in zip(pred, true_ids, masks)]
-  vocab = tokenizer.vocab_size
+  def paint(state: Any, step: int) -> None:
+    try:
+      paths = write_pictures(draw(state), os.path.join(workdir, "pictures"), step,
+                             os.path.join(workdir, "metrics.jsonl"),
+                             workdir if tensorboard else None)
+      logging.info("Pictures at step %d: %s", step, os.path.dirname(next(iter(paths.values()))))
+    except Exception as e:  # pylint: disable=broad-except
+      logging.warning("Could not draw the pictures at step %d: %s", step, e)
 
-  big = max(1, 128 // size)
-  paths = {
-      "masks": masks_figure(upscale_all(views, big), patch * big, generator, seed=seed),
-      "reconstructions": reconstructions_figure(upscale_all(tok_views, max(1, 64 // second)),
-                                                upscale_all(recons, max(1, 64 // second))),
-      "inpainting": inpainting_figure(upscale_all(views, big), masks, patch * big,
-                                      decode(tokenizer, tok_vars, mixed), recons, acc),
-      "tokens": grid([token_map(i, vocab, cell=max(4, 64 // i.shape[0])) for i in true_ids],
-                     min(6, len(true_ids))),
-      "codebook": codebook_figure(true_ids, vocab),
-      "attention": attention_figure(upscale_all(views, big),
-                                    cls_attention(model, params, views, norm)),
-  }
-  if metrics_path and os.path.exists(metrics_path):
-    paths["curves"] = curves_figure(read_metrics(metrics_path))
-  if tensorboard_workdir:
-    metrics_lib.write_images(tensorboard_workdir, int(meta.get("step", 0)), paths)
-  return {name: save_png(img, os.path.join(out_dir, f"{name}.png")) for name, img in paths.items()}
+  return paint
 
 
 def upscale_all(images: Array, factor: int) -> Array:

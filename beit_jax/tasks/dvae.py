@@ -23,7 +23,7 @@ import numpy as np
 import optax
 from absl import logging
 
-from beit_jax import config_lib
+from beit_jax import config_lib, viz
 from beit_jax.data import pipeline, sources, transforms
 from beit_jax.models import dvae
 from beit_jax.training import checkpointing, loop
@@ -234,11 +234,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ema=s.ema_params is not None, eval=final))
     logging.info("Exported tokenizer params to %s", export_dir)
 
+  sample = viz.sample_images(train_source, 4)
+  painter = viz.checkpoint_painter(workdir, lambda s: viz.tokenizer_pictures(
+      model, {"params": s.params}, sample, config.input.image_size)[0], config.tensorboard)
   _, _, final = loop.run_job(
       config=config, workdir=workdir, state=state, train_step=train_step, data_iter=data_iter,
       batch_keys=(IMAGE_KEY,), batch_sharding=batch_sh, checkpointer=ckpt,
       eval_fn=eval_fn if eval_source is not None else None, summarize=summarize_train,
-      finish=export)
+      finish=export, on_checkpoint=painter)
   return final
 
 

@@ -401,21 +401,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         tokenizer=os.path.abspath(tokenizer_path), tokenizer_image_size=tok_meta["image_size"],
         step=int(jax.device_get(s.step)), final_train=last, eval=final))
     logging.info("Exported BEiT MIM params to %s", export_dir)
-    if jax.process_count() == 1:  # Several processes: `python -m beit_jax.viz` afterwards.
-      try:
-        pictures = viz.pretrain_pictures(
-            export_dir, os.path.join(workdir, "pictures"), viz.sample_images(train_source, 4),
-            seed=config.seed, metrics_path=os.path.join(workdir, "metrics.jsonl"),
-            tensorboard_workdir=workdir if config.tensorboard else None)
-        logging.info("Pictures of what it learned: %s", ", ".join(pictures.values()))
-      except Exception as e:  # pylint: disable=broad-except
-        # A drawing problem must never cost a finished run.
-        logging.warning("Could not draw the pictures (%s); the export is complete.", e)
+
+  sample = viz.sample_images(train_source, 4)
+  painter = viz.checkpoint_painter(workdir, lambda s: viz.mim_pictures(
+      model, s.params, tokenizer, tok_params, sample, input_norm=config.input.norm,
+      tokenizer_image_size=tok_meta["image_size"], seed=config.seed), config.tensorboard)
 
   _, last, final = loop.run_job(
       config=config, workdir=workdir, state=state, train_step=train_step, data_iter=data_iter,
       batch_keys=BATCH_KEYS, batch_sharding=batch_sh, checkpointer=ckpt,
-      eval_fn=eval_fn if eval_source is not None else None, finish=export)
+      eval_fn=eval_fn if eval_source is not None else None, finish=export,
+      on_checkpoint=painter)
   return {"train": last, "eval": final}
 
 

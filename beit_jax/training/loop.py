@@ -129,12 +129,15 @@ def run(*, state: Any, train_step: StepFn, data_iter: Iterator[dict[str, np.ndar
         writer: MetricWriter, checkpointer: Checkpointer, log_every: int,
         summarize: Summarize = mean_scalars, eval_every: int = 0,
         eval_fn: Callable[[Any], dict[str, float]] | None = None,
-        max_consecutive_nonfinite: int = 0) -> tuple[Any, dict[str, Any], str | None]:
+        max_consecutive_nonfinite: int = 0,
+        on_checkpoint: Callable[[Any, int], None] | None = None,
+        ) -> tuple[Any, dict[str, Any], str | None]:
   """Runs `train_step` from the state's step to `total_steps`, then `eval_fn` once more.
 
   Returns the final state, the final eval metrics ({} without `eval_fn`; also written with
   split 'final_eval') and None, or, when a stop was requested (SIGTERM/SIGINT), the state
-  at the stop (checkpointed), {} and the signal's name.
+  at the stop (checkpointed), {} and the signal's name. `on_checkpoint(state, step)` runs
+  after each checkpoint written (e.g. the pictures), not at a stop.
   """
   step = int(jax.device_get(state.step))  # One sync before the loop.
   if step >= total_steps:
@@ -175,7 +178,9 @@ def run(*, state: Any, train_step: StepFn, data_iter: Iterator[dict[str, np.ndar
             f"Non-finite values in the train state at step {step}: not saving a checkpoint. "
             f"The latest checkpoint (step {checkpointer.latest_step()}) is intact; lower "
             "config.optim.lr and rerun the same command to resume from it.")
-      checkpointer.save(step, state, data_iter, force=force)
+      saved = checkpointer.save(step, state, data_iter, force=force)
+      if saved and on_checkpoint is not None and not stopping:
+        on_checkpoint(state, step)
       if stopping:
         checkpointer.wait()
         logging.warning(
@@ -197,6 +202,7 @@ def run_job(*, config: Any, workdir: str, state: Any, train_step: StepFn,
             eval_fn: Callable[[Any], dict[str, Any]] | None = None,
             summarize: Summarize = mean_scalars,
             finish: Callable[[Any, dict[str, float], dict[str, Any]], None] | None = None,
+            on_checkpoint: Callable[[Any, int], None] | None = None,
             ) -> tuple[Any, dict[str, float], dict[str, Any]]:
   """A task's whole training run: metric writer, `run`, then `finish(state, last train
   means, final eval)` (the export); the checkpointer, writer and data iterator are closed
@@ -219,7 +225,8 @@ def run_job(*, config: Any, workdir: str, state: Any, train_step: StepFn,
         batch_sharding=batch_sharding, total_steps=config.total_steps, writer=writer,
         checkpointer=checkpointer, log_every=config.log_every, summarize=summarize_and_keep,
         eval_every=config.eval_every, eval_fn=eval_fn,
-        max_consecutive_nonfinite=0 if guard is None else guard.max_consecutive)
+        max_consecutive_nonfinite=0 if guard is None else guard.max_consecutive,
+        on_checkpoint=on_checkpoint)
     if finish is not None and stopped_by is None:
       finish(state, dict(last), final)
   finally:

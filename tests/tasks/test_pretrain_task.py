@@ -313,6 +313,8 @@ def test_quick_start_two_stages_then_kill_and_resume(tmp_path):
       f"{n}.png" for n in ("masks", "reconstructions", "inpainting", "tokens", "codebook",
                            "attention", "curves"))
   assert all(os.path.getsize(os.path.join(pictures, f)) > 500 for f in os.listdir(pictures))
+  assert sorted(os.listdir(os.path.join(workdir, "tokenizer", "pictures"))) == sorted(
+      f"{n}.png" for n in ("reconstructions", "tokens", "codebook", "curves"))
   # The README's Python snippets run against this export (as runs/pretrain_small).
   readme = open(os.path.join(ROOT, "README.md")).read()
   section = readme.split("## Using the exports from Python")[1].split("\n## ")[0]
