@@ -39,6 +39,7 @@ def get_config(arg=None):
   c.mesh = config_lib.mesh_config()
   c.ckpt = config_lib.ckpt_config(every=5000, keep=3)
   c.nonfinite = config_lib.nonfinite_config()
+  c.pictures = True  # Draw beit_jax.viz pictures at every checkpoint.
   c.log_every = 100
   c.eval_every = 50_000
   c.eval_batch_size = 512

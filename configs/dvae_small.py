@@ -55,6 +55,7 @@ def get_config(arg=None):
   c.mesh = config_lib.mesh_config()
   c.ckpt = config_lib.ckpt_config(every=250, keep=2)
   c.nonfinite = config_lib.nonfinite_config()
+  c.pictures = True  # Draw beit_jax.viz pictures at every checkpoint.
   c.log_every = 50
   c.eval_every = 0
   c.eval_batch_size = 256

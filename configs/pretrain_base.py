@@ -66,6 +66,7 @@ def get_config(arg=None):
   c.mesh = config_lib.mesh_config()
   c.ckpt = config_lib.ckpt_config(every=5000, keep=3)
   c.nonfinite = config_lib.nonfinite_config()
+  c.pictures = True  # Draw beit_jax.viz pictures at every checkpoint.
   c.log_every = 100
   c.eval_every = 0  # MIM loss / mlm_acc on the eval split every N steps (0: at the end).
   c.eval_batch_size = 1024

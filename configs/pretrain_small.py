@@ -40,6 +40,7 @@ def get_config(arg=None):
                                     weight_decay=0.05, clip_grad_norm=3.0)
   c.ckpt = config_lib.ckpt_config(every=250, keep=2)
   c.nonfinite = config_lib.nonfinite_config()
+  c.pictures = True  # Draw beit_jax.viz pictures at every checkpoint.
   c.log_every = 25
   c.eval_batch_size = 64
   # Trained first (in <workdir>/tokenizer, on config.data) when tokenizer.path is empty.

@@ -234,9 +234,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         ema=s.ema_params is not None, eval=final))
     logging.info("Exported tokenizer params to %s", export_dir)
 
-  sample = viz.sample_images(train_source, 4)
-  painter = viz.checkpoint_painter(workdir, lambda s: viz.tokenizer_pictures(
-      model, {"params": s.params}, sample, config.input.image_size)[0], config.tensorboard)
+  painter = None
+  if config.get("pictures", True):  # Reconstructions etc. at every checkpoint (beit_jax/viz.py).
+    sample = viz.sample_images(train_source, 4)
+    painter = viz.checkpoint_painter(workdir, lambda s: viz.tokenizer_pictures(
+        model, {"params": s.params}, sample, config.input.image_size)[0], config.tensorboard)
   _, _, final = loop.run_job(
       config=config, workdir=workdir, state=state, train_step=train_step, data_iter=data_iter,
       batch_keys=(IMAGE_KEY,), batch_sharding=batch_sh, checkpointer=ckpt,

@@ -402,10 +402,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
         step=int(jax.device_get(s.step)), final_train=last, eval=final))
     logging.info("Exported BEiT MIM params to %s", export_dir)
 
-  sample = viz.sample_images(train_source, 4)
-  painter = viz.checkpoint_painter(workdir, lambda s: viz.mim_pictures(
-      model, s.params, tokenizer, tok_params, sample, input_norm=config.input.norm,
-      tokenizer_image_size=tok_meta["image_size"], seed=config.seed), config.tensorboard)
+  painter = None
+  if config.get("pictures", True):  # What it learned, at every checkpoint (beit_jax/viz.py).
+    sample = viz.sample_images(train_source, 4)
+    painter = viz.checkpoint_painter(workdir, lambda s: viz.mim_pictures(
+        model, s.params, tokenizer, tok_params, sample, input_norm=config.input.norm,
+        tokenizer_image_size=tok_meta["image_size"], seed=config.seed), config.tensorboard)
 
   _, last, final = loop.run_job(
       config=config, workdir=workdir, state=state, train_step=train_step, data_iter=data_iter,

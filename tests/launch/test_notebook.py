@@ -17,6 +17,7 @@ OVERRIDES = {
     "tokenizer.train.model.hidden": 16, "tokenizer.train.model.codebook_dim": 16,
     "tokenizer.train.model.vocab_size": 64, "tokenizer.train.log_every": 2,
     "tokenizer.train.ckpt.async_save": False, "tokenizer.train.tensorboard": False,
+    "tokenizer.train.pictures": False,  # The MIM stage's pictures are the ones shown.
 }
 
 

@@ -17,7 +17,7 @@ CONFIG = os.path.join(ROOT, "configs", "dvae_small.py")
 TINY = ["--config.input.batch_size=8", "--config.eval_batch_size=8", "--config.model.hidden=16",
         "--config.model.codebook_dim=16", "--config.model.vocab_size=64", "--config.log_every=2",
         "--config.ckpt.every=2", "--config.ckpt.async_save=False", "--config.tensorboard=False",
-        "--config.input.image_size=16"]
+        "--config.input.image_size=16", "--config.pictures=False"]
 
 
 def run_main(*args, devices=8):

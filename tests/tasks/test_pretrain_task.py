@@ -36,7 +36,9 @@ TINY = ["--config.input.batch_size=8", "--config.eval_batch_size=8", "--config.i
         "--config.tokenizer.train.model.codebook_dim=16",
         "--config.tokenizer.train.model.vocab_size=64", "--config.tokenizer.train.log_every=2",
         "--config.tokenizer.train.ckpt.async_save=False",
-        "--config.tokenizer.train.tensorboard=False"]
+        "--config.tokenizer.train.tensorboard=False", "--config.pictures=False",
+        "--config.tokenizer.train.pictures=False"]
+PICTURES = ["--config.pictures=True", "--config.tokenizer.train.pictures=True"]
 VOCAB = 64
 
 
@@ -289,7 +291,7 @@ def test_bad_settings_rejected_before_anything_is_written(tmp_path, override, me
 def test_quick_start_two_stages_then_kill_and_resume(tmp_path):
   workdir = str(tmp_path / "run")
   first = run_main(f"--config={SMALL}:steps=4,tokenizer_steps=2,variant=test",
-                   f"--workdir={workdir}", *TINY)
+                   f"--workdir={workdir}", *TINY, *PICTURES)
   assert first.returncode == 0, first.stderr[-3000:]
   assert os.path.exists(os.path.join(workdir, "tokenizer", "export", "tokenizer",
                                      "metadata.json"))

@@ -200,7 +200,7 @@ OTHER_TASKS = {
     "dvae": ("dvae_small.py:steps=40",
              ["--config.input.batch_size=8", "--config.model.hidden=16",
               "--config.model.codebook_dim=16", "--config.model.vocab_size=64",
-              "--config.input.image_size=16"], "export/tokenizer"),
+              "--config.input.image_size=16", "--config.pictures=False"], "export/tokenizer"),
     "finetune": ("finetune_small.py:steps=40,batch_size=8",
                  ["--config.model.variant=test", "--config.input.image_size=32",
                   "--config.mixup.prob=1.0", "--config.eval_every=0"], "export/final"),
