@@ -321,6 +321,16 @@ def make_train_iterator(
   return iter(make_train_dataset(source, transform, **kwargs))
 
 
+def make_task_train_iterator(config: Any, source: Any,
+                             transform: Transform) -> grain.DatasetIterator:
+  """`make_train_iterator` with a task config's settings: `input.batch_size`, `seed`,
+  `data.num_workers`, `data.max_failed_fraction` (what every training task passes)."""
+  return make_train_iterator(
+      source, transform, global_batch_size=config.input.batch_size, seed=config.seed,
+      num_workers=config.data.num_workers,
+      max_failed_fraction=config.data.max_failed_fraction)
+
+
 class _EvalElement:
   """``map_with_index`` fn for eval: decode + deterministic transform."""
 

@@ -182,10 +182,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
       flip_prob=config.input.flip_prob, color_jitter=config.input.color_jitter)
   eval_transform = transforms.CenterCropTransform(
       size=config.input.image_size, key=IMAGE_KEY, interpolation=config.input.interpolation)
-  data_iter = pipeline.make_train_iterator(
-      train_source, train_transform, global_batch_size=config.input.batch_size,
-      seed=config.seed, num_workers=config.data.num_workers,
-      max_failed_fraction=config.data.max_failed_fraction)
+  data_iter = pipeline.make_task_train_iterator(config, train_source, train_transform)
   logging.info("Train source: %s (%d images); eval: %s", config.data.source, len(train_source),
                "none" if eval_source is None else f"{len(eval_source)} images")
 

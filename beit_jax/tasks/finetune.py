@@ -139,10 +139,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   mesh, batch_sh, repl = mesh_lib.task_mesh(config)
   train_source, eval_source, num_classes = downstream.labelled_sources(config)
   transform, eval_transform = make_transforms(config)
-  data_iter = pipeline.make_train_iterator(
-      train_source, transform, global_batch_size=config.input.batch_size, seed=config.seed,
-      num_workers=config.data.num_workers,
-      max_failed_fraction=config.data.max_failed_fraction)
+  data_iter = pipeline.make_task_train_iterator(config, train_source, transform)
 
   # --- Model, pretrained weights, optimizer ---------------------------------------
   dtype = compute_dtype(config.model.dtype)

@@ -211,10 +211,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   eval_transform = transforms.CenterCropTransform(i.image_size, key=IMAGE_KEY,
                                                   interpolation=i.interpolation,
                                                   crop_pct=i.eval_crop_pct)
-  data_iter = pipeline.make_train_iterator(
-      train_source, transform, global_batch_size=i.batch_size, seed=config.seed,
-      num_workers=config.data.num_workers,
-      max_failed_fraction=config.data.max_failed_fraction)
+  data_iter = pipeline.make_task_train_iterator(config, train_source, transform)
 
   # --- Frozen backbone and the probes ----------------------------------------------
   dtype = compute_dtype(config.model.dtype)

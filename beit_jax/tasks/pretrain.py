@@ -342,10 +342,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   train_source = sources.make_source(config.data, config.data.train_split)
   eval_source = sources.make_source(config.data, config.data.eval_split)
   transform, eval_transform, max_masked = make_transforms(config)
-  data_iter = pipeline.make_train_iterator(
-      train_source, transform, global_batch_size=config.input.batch_size, seed=config.seed,
-      num_workers=config.data.num_workers,
-      max_failed_fraction=config.data.max_failed_fraction)
+  data_iter = pipeline.make_task_train_iterator(config, train_source, transform)
   logging.info("Train source: %s (%d images); eval: %s; tokenizer %s (%d tokens, %dx%d grid)",
                config.data.source, len(train_source),
                "none" if eval_source is None else f"{len(eval_source)} images", tokenizer_path,

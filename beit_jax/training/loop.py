@@ -105,11 +105,12 @@ def _all_finite(tree: Any) -> jax.Array:
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def _check_streak(state: Any, step: int, max_consecutive: int, checkpointer: Checkpointer) -> None:
-  streak = getattr(state, "nonfinite_streak", None)
+def _check_streak(streak: Any, step: int, max_consecutive: int,
+                  checkpointer: Checkpointer) -> None:
+  """`streak`: the state's `nonfinite_streak`, fetched with the log step's metrics."""
   if not max_consecutive or streak is None:
     return
-  streak = int(jax.device_get(streak))
+  streak = int(streak)
   if streak >= max_consecutive:
     raise NonFiniteError(
         f"The last {streak} steps (up to step {step}) had a non-finite loss or gradient norm "
@@ -148,10 +149,10 @@ def run(*, state: Any, train_step: StepFn, data_iter: Iterator[dict[str, np.ndar
   with StopRequests() as stop:
     while step < total_steps:
       host_batch = next(data_iter)
-      skipped += int(np.sum(host_batch["num_skipped"]))
-      total_skipped += int(np.sum(host_batch["num_skipped"]))
-      images += len(host_batch[batch_keys[0]])
-      total_images += len(host_batch[batch_keys[0]])
+      batch_skipped = int(np.sum(host_batch["num_skipped"]))  # Host numpy: no device sync.
+      batch_images = len(host_batch[batch_keys[0]])
+      skipped, total_skipped = skipped + batch_skipped, total_skipped + batch_skipped
+      images, total_images = images + batch_images, total_images + batch_images
       batch = mesh_lib.global_batch({k: host_batch[k] for k in batch_keys}, batch_sharding)
       state, metrics = train_step(state, batch)
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
@@ -160,14 +161,16 @@ def run(*, state: Any, train_step: StepFn, data_iter: Iterator[dict[str, np.ndar
       stopping = stop.stop_now(step)
 
       if step % log_every == 0 or step == total_steps or stopping:
-        scalars = summarize(jax.device_get(sums), num)
+        # The log step's one fetch: the interval's metric sums and the non-finite streak.
+        host_sums, streak = jax.device_get((sums, getattr(state, "nonfinite_streak", None)))
+        scalars = summarize(host_sums, num)
         elapsed = time.time() - t_interval
         scalars["images_per_s"] = images * jax.process_count() / max(elapsed, 1e-9)
         scalars["skipped_images"] = skipped
         writer.write(step, scalars)
         sums, num, images = None, 0, 0
         t_interval = time.time()
-        _check_streak(state, step, max_consecutive_nonfinite, checkpointer)
+        _check_streak(streak, step, max_consecutive_nonfinite, checkpointer)
       if (eval_fn is not None and eval_every and step % eval_every == 0 and step < total_steps
           and not stopping):
         writer.write(step, eval_fn(state), split="eval")

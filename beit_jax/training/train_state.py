@@ -48,7 +48,8 @@ class TrainState:
     one to `nonfinite_streak` (reset by a good step); the host stops the run when the
     streak reaches its limit (`loop.run`). Returns the state and metrics
     `{grad_norm, nonfinite}` (nonfinite: 1.0 for a skipped step). `poison_steps` turns the
-    gradients of those steps into NaN (fault injection for tests: `config.debug`).
+    gradients of those steps into NaN (fault injection for tests:
+    `config.nonfinite.inject_at_steps`).
     """
     if poison_steps:
       poisoned = jnp.isin(self.step, jnp.asarray(poison_steps, jnp.int32))
