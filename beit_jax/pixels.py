@@ -73,8 +73,8 @@ def to_uint8(x01: Any) -> np.ndarray:
   return np.asarray(np.clip(np.rint(np.asarray(x01, np.float64) * 255.0), 0, 255), np.uint8)
 
 
-def psnr(mse: Any, peak: float = 1.0) -> Any:
-  """PSNR in dB of a mean squared error (numpy or JAX), for pixels in 0..peak; an error
-  below 1e-10 * peak^2 counts as 1e-10 * peak^2 (100 dB) so that a perfect copy stays
-  finite."""
-  return -10.0 * jnp.log10(jnp.maximum(jnp.asarray(mse, jnp.float32) / peak**2, 1e-10))
+def psnr(mse: Any, peak: float = 1.0, floor: float = 1e-10) -> Any:
+  """PSNR in dB, `-10 log10(mse / peak^2)`, of a mean squared error (numpy or JAX) of
+  pixels in 0..peak. `mse / peak^2` is taken as at least `floor` (1e-10: a perfect copy is
+  100 dB, finite inside a training step); `floor=0` gives inf for a perfect copy."""
+  return -10.0 * jnp.log10(jnp.maximum(jnp.asarray(mse, jnp.float32) / peak**2, floor))

@@ -38,7 +38,7 @@ import numpy as np
 from PIL import Image
 
 from beit_jax import config_lib
-from beit_jax.data import pipeline, sources
+from beit_jax.data import decode, pipeline, sources
 from beit_jax.tasks import pretrain
 
 CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "pretrain_base.py")
@@ -89,7 +89,7 @@ def per_core(source, transform, count: int) -> dict[str, float]:
     rng = np.random.default_rng(0)
     n = min(len(source), count)
     t0 = time.perf_counter()
-    images = [sources.decode_image(source[i]["image"]) for i in range(n)]
+    images = [decode.decode_image(source[i]["image"]) for i in range(n)]
     t1 = time.perf_counter()
     for image in images:
       transform.transform(image, rng)

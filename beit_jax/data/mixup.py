@@ -3,7 +3,8 @@
 Reproduces timm's ``Mixup`` (``timm/data/mixup.py``), which unilm BEiT's
 ``run_class_finetuning.py`` uses with ``mixup_alpha=0.8, cutmix_alpha=1.0,
 switch_prob=0.5, mode='batch', label_smoothing=0.1``, together with
-``SoftTargetCrossEntropy`` (``LabelSmoothingCrossEntropy`` without mixup).
+``SoftTargetCrossEntropy`` (``LabelSmoothingCrossEntropy`` without mixup; both are in
+:mod:`beit_jax.training.losses`).
 
 The work is split in two so that the jitted train step never syncs with the
 host:
@@ -18,7 +19,7 @@ host:
   built from iotas and ``jnp.where``), so switching between them never
   recompiles.
 
-Mix after :func:`beit_jax.data.transforms.normalize`, on the float images, as
+Mix after :func:`beit_jax.pixels.normalize`, on the float images, as
 timm does (its loader normalises, then the train loop calls ``mixup_fn``).
 Normalisation is a per-channel affine map and mixup an affine combination whose
 weights sum to 1 (CutMix a per-pixel selection), so mixing before it gives the
@@ -41,7 +42,7 @@ import jax.numpy as jnp
 import numpy as np
 
 Array = jax.Array
-MODES = ('batch', 'pair', 'elem')
+MODES = ("batch", "pair", "elem")
 
 # Third entropy word of the per-step seed ('mixu'): keeps this stream apart
 # from other consumers that might seed a generator with ``[seed, step]``.
@@ -97,7 +98,7 @@ class MixupSampler:
       switch_prob: float = 0.5,
       correct_lam: bool = True,
       image_size: int | Sequence[int] = 224,
-      mode: str = 'batch',
+      mode: str = "batch",
       batch_size: int | None = None,
       legacy_bbox: bool = False,
   ):
@@ -124,12 +125,12 @@ class MixupSampler:
     self.cutmix_minmax = None
     if cutmix_minmax is not None:
       if len(cutmix_minmax) != 2:
-        raise ValueError(f'cutmix_minmax must be (min, max): {cutmix_minmax}')
+        raise ValueError(f"cutmix_minmax must be (min, max): {cutmix_minmax}")
       self.cutmix_minmax = tuple(float(v) for v in cutmix_minmax)
       self.cutmix_alpha = 1.0
     if not (self.mixup_alpha > 0 or self.cutmix_alpha > 0):
-      raise ValueError('One of mixup_alpha > 0, cutmix_alpha > 0 or '
-                       'cutmix_minmax must be set.')
+      raise ValueError("One of mixup_alpha > 0, cutmix_alpha > 0 or "
+                       "cutmix_minmax must be set.")
     self.prob = float(prob)
     self.switch_prob = float(switch_prob)
     self.correct_lam = bool(correct_lam)
@@ -137,23 +138,23 @@ class MixupSampler:
       image_size = (image_size, image_size)
     self.image_size = tuple(int(s) for s in image_size)
     if len(self.image_size) != 2:
-      raise ValueError(f'image_size must be H or (H, W): {image_size}')
+      raise ValueError(f"image_size must be H or (H, W): {image_size}")
     if mode not in MODES:
-      raise ValueError(f'mode must be one of {MODES}: {mode!r}')
+      raise ValueError(f"mode must be one of {MODES}: {mode!r}")
     self.mode = mode
-    if mode != 'batch' and (batch_size is None or batch_size % 2):
-      raise ValueError(f'mode {mode!r} needs an even batch_size: {batch_size}')
+    if mode != "batch" and (batch_size is None or batch_size % 2):
+      raise ValueError(f"mode {mode!r} needs an even batch_size: {batch_size}")
     self.batch_size = batch_size
     self.legacy_bbox = bool(legacy_bbox)
 
   def __repr__(self) -> str:
     return (
-        f'MixupSampler(mixup_alpha={self.mixup_alpha},'
-        f' cutmix_alpha={self.cutmix_alpha},'
-        f' cutmix_minmax={self.cutmix_minmax}, prob={self.prob},'
-        f' switch_prob={self.switch_prob}, correct_lam={self.correct_lam},'
-        f' image_size={self.image_size}, mode={self.mode!r},'
-        f' batch_size={self.batch_size}, legacy_bbox={self.legacy_bbox})'
+        f"MixupSampler(mixup_alpha={self.mixup_alpha},"
+        f" cutmix_alpha={self.cutmix_alpha},"
+        f" cutmix_minmax={self.cutmix_minmax}, prob={self.prob},"
+        f" switch_prob={self.switch_prob}, correct_lam={self.correct_lam},"
+        f" image_size={self.image_size}, mode={self.mode!r},"
+        f" batch_size={self.batch_size}, legacy_bbox={self.legacy_bbox})"
     )
 
   # timm's _params_per_batch.
@@ -227,18 +228,18 @@ class MixupSampler:
       ``{'lam', 'box', 'cutmix'}`` numpy arrays (see the class docstring).
     """
     d = _Draws(rng)
-    if self.mode == 'batch':
+    if self.mode == "batch":
       lam, use_cutmix = self._params_per_batch(d)
       box, cutmix = (0, 0, 0, 0), False
       if lam != 1.0 and use_cutmix:  # timm returns before the box if lam == 1.
         box, lam = self._cutmix_box(d, lam)
         cutmix = True
       return {
-          'lam': np.asarray(lam, np.float32),
-          'box': np.asarray(box, np.int32),
-          'cutmix': np.asarray(cutmix, bool),
+          "lam": np.asarray(lam, np.float32),
+          "box": np.asarray(box, np.int32),
+          "cutmix": np.asarray(cutmix, bool),
       }
-    n = self.batch_size if self.mode == 'elem' else self.batch_size // 2
+    n = self.batch_size if self.mode == "elem" else self.batch_size // 2
     lam, use_cutmix = self._params_per_elem(d, n)
     box = np.zeros((n, 4), np.int32)
     cutmix = np.zeros(n, bool)
@@ -246,10 +247,10 @@ class MixupSampler:
       if lam[i] != 1.0 and use_cutmix[i]:
         box[i], lam[i] = self._cutmix_box(d, lam[i])
         cutmix[i] = True
-    if self.mode == 'pair':
+    if self.mode == "pair":
       lam, box, cutmix = (
           np.concatenate([v, v[::-1]]) for v in (lam, box, cutmix))
-    return {'lam': lam.astype(np.float32), 'box': box, 'cutmix': cutmix}
+    return {"lam": lam.astype(np.float32), "box": box, "cutmix": cutmix}
 
   def sample_step(self, seed: int, step: int) -> dict[str, np.ndarray]:
     """``sample(step_rng(seed, step))``: the same draws for a given step."""
@@ -257,17 +258,17 @@ class MixupSampler:
 
   def identity(self) -> dict[str, np.ndarray]:
     """Parameters that leave images and (smoothed) one-hot targets unmixed."""
-    if self.mode == 'batch':
+    if self.mode == "batch":
       return {
-          'lam': np.ones((), np.float32),
-          'box': np.zeros(4, np.int32),
-          'cutmix': np.zeros((), bool),
+          "lam": np.ones((), np.float32),
+          "box": np.zeros(4, np.int32),
+          "cutmix": np.zeros((), bool),
       }
     b = self.batch_size
     return {
-        'lam': np.ones(b, np.float32),
-        'box': np.zeros((b, 4), np.int32),
-        'cutmix': np.zeros(b, bool),
+        "lam": np.ones(b, np.float32),
+        "box": np.zeros((b, 4), np.int32),
+        "cutmix": np.zeros(b, bool),
     }
 
 
@@ -305,15 +306,15 @@ def mix_images(
   if not jnp.issubdtype(x.dtype, jnp.floating):
     x = x.astype(jnp.float32)
   if x.ndim != 4:
-    raise ValueError(f'Expected (B, H, W, C) images, got {x.shape}.')
+    raise ValueError(f"Expected (B, H, W, C) images, got {x.shape}.")
   b, h, w, _ = x.shape
   if b % 2:
-    raise ValueError(f'Mixup needs an even batch size, got {b}.')
+    raise ValueError(f"Mixup needs an even batch size, got {b}.")
   lam = jnp.asarray(lam, jnp.float32)
   box = jnp.asarray(box, jnp.int32)
   if lam.ndim not in (0, 1) or box.shape != lam.shape + (4,):
-    raise ValueError(f'lam {lam.shape} / box {box.shape}: expected () / (4,) '
-                     f'or (B,) / (B, 4).')
+    raise ValueError(f"lam {lam.shape} / box {box.shape}: expected () / (4,) "
+                     f"or (B,) / (B, 4).")
   if cutmix is None:
     cutmix = (box[..., 1] > box[..., 0]) & (box[..., 3] > box[..., 2])
   cutmix = jnp.asarray(cutmix, bool)
@@ -364,58 +365,6 @@ def mix_batch(
     smoothing: float = 0.0,
 ) -> tuple[Array, Array]:
   """:func:`mix_images` and :func:`mix_targets` with a sampler's ``params``."""
-  mixed = mix_images(images, params['lam'], params['box'], params.get('cutmix'))
-  return mixed, mix_targets(labels, num_classes, params['lam'], smoothing)
+  mixed = mix_images(images, params["lam"], params["box"], params.get("cutmix"))
+  return mixed, mix_targets(labels, num_classes, params["lam"], smoothing)
 
-
-def _mean(per_example: Array, weights: Any | None) -> Array:
-  """Mean, or weighted mean (rows with weight 0 ignored, even if not finite)."""
-  if weights is None:
-    return jnp.mean(per_example)
-  w = jnp.asarray(weights, jnp.float32)
-  total = jnp.sum(w)
-  summed = jnp.sum(jnp.where(w > 0, per_example * w, 0.0))
-  return summed / jnp.where(total > 0, total, 1.0)
-
-
-def soft_target_cross_entropy(
-    logits: Any, targets: Any, weights: Any | None = None
-) -> Array:
-  """timm ``SoftTargetCrossEntropy``: mean of ``sum(-t * log_softmax(z))``.
-
-  Args:
-    logits: ``(B, K)``; computed in float32.
-    targets: ``(B, K)`` soft targets.
-    weights: optional ``(B,)`` weights (e.g. a ``valid`` mask for a padded
-      batch): the weighted mean over examples.
-
-  Returns:
-    The float32 scalar loss.
-  """
-  logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-  per_example = -jnp.sum(jnp.asarray(targets, jnp.float32) * logp, axis=-1)
-  return _mean(per_example, weights)
-
-
-def label_smoothing_cross_entropy(
-    logits: Any,
-    labels: Any,
-    smoothing: float = 0.1,
-    weights: Any | None = None,
-) -> Array:
-  """timm ``LabelSmoothingCrossEntropy``: ``(1-s) * nll + s * mean(-logp)``.
-
-  Args:
-    logits: ``(B, K)``; computed in float32.
-    labels: ``(B,)`` integer class ids.
-    smoothing: ``s`` in [0, 1).
-    weights: optional ``(B,)`` weights, as in :func:`soft_target_cross_entropy`.
-
-  Returns:
-    The float32 scalar loss.
-  """
-  logp = jax.nn.log_softmax(jnp.asarray(logits, jnp.float32), axis=-1)
-  hot = jax.nn.one_hot(jnp.asarray(labels), logp.shape[-1], dtype=logp.dtype)
-  nll = -jnp.sum(hot * logp, axis=-1)
-  smooth = -jnp.mean(logp, axis=-1)
-  return _mean((1.0 - smoothing) * nll + smoothing * smooth, weights)

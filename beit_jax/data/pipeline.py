@@ -19,13 +19,12 @@ permutations, which plain ``seed + epoch`` would make them do).
 
 Design notes:
 
-* The ``random_map`` sits *before* the host slice (the brief's order has it
-  after). MapDataset is lazy, so this costs nothing, but Grain seeds the
-  per-element generator with the element's index in the dataset the map is
-  applied to: before slicing that is the global stream index, so an element's
-  augmentation does not depend on the process count, and the union of all
-  processes' elements equals the single-process stream. After slicing, every
-  process would reuse the same generators (same crop boxes and flips) for its
+* The ``random_map`` sits *before* the host slice, not after it. MapDataset is lazy,
+  so this costs nothing, but Grain seeds the per-element generator with the element's
+  index in the dataset the map is applied to: before slicing that is the global stream
+  index, so an element's augmentation does not depend on the process count, and the
+  union of all processes' elements equals the single-process stream. After slicing,
+  every process would reuse the same generators (same crop boxes and flips) for its
   i-th element.
 * Undecodable elements cannot be dropped by Grain's ``filter`` without losing
   the count, so a small ``IterDataset`` (:class:`SkipUndecodableIterDataset`)
@@ -54,9 +53,10 @@ from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import grain
+import jax
 import numpy as np
 
-from beit_jax.data import sources
+from beit_jax.data import decode
 
 Transform = Callable[
     [np.ndarray, np.random.Generator], Mapping[str, np.ndarray]]
@@ -69,38 +69,38 @@ MIN_READ_FOR_FRACTION = 200  # The fraction is judged after this many elements.
 class Undecodable:
   """Marker element for a source element whose image failed to decode."""
 
-  __slots__ = ('label', 'name')
+  __slots__ = ("label", "name")
 
-  def __init__(self, label: int, name: str = ''):
+  def __init__(self, label: int, name: str = ""):
     self.label = label
-    self.name = name or f'an image of class {label}'
+    self.name = name or f"an image of class {label}"
 
   def __repr__(self) -> str:
-    return f'Undecodable(label={self.label}, name={self.name!r})'
+    return f"Undecodable(label={self.label}, name={self.name!r})"
 
 
 class DecodeAndTransform:
   """``random_map`` fn: ``{'image': bytes, 'label'}`` -> transformed dict.
 
-  Decodes with :func:`beit_jax.data.sources.decode_image`; an undecodable image
+  Decodes with :func:`beit_jax.data.decode.decode_image`; an undecodable image
   gives an :class:`Undecodable` marker instead of raising. The transform's
   output keys are kept and ``label`` (int32) is added.
   """
 
   def __init__(
-      self, transform: Transform, max_pixels: int = sources.DEFAULT_MAX_PIXELS):
+      self, transform: Transform, max_pixels: int = decode.DEFAULT_MAX_PIXELS):
     self.transform = transform
     self.max_pixels = max_pixels
 
   def __call__(
       self, element: Mapping[str, Any], rng: np.random.Generator | None
   ) -> dict[str, np.ndarray] | Undecodable:
-    label = np.int32(element['label'])
-    image = sources.decode_image(element['image'], max_pixels=self.max_pixels)
+    label = np.int32(element["label"])
+    image = decode.decode_image(element["image"], max_pixels=self.max_pixels)
     if image is None:
-      return Undecodable(int(label), str(element.get('path', '')))
+      return Undecodable(int(label), str(element.get("path", "")))
     out = dict(self.transform(image, rng))
-    out['label'] = label
+    out["label"] = label
     return out
 
 
@@ -125,9 +125,9 @@ class _SkipUndecodableIterator(grain.DatasetIterator):
 
   def _fail(self, why: str) -> None:
     raise RuntimeError(
-        f'{why} of {self._source_name} could not be decoded as images, e.g. '
-        f'{", ".join(self._examples)}. Remove or fix those files, or point the config at '
-        'the right data (config.data.max_failed_fraction sets the tolerated fraction).')
+        f"{why} of {self._source_name} could not be decoded as images, e.g. "
+        f"{', '.join(self._examples)}. Remove or fix those files, or point the config at "
+        "the right data (config.data.max_failed_fraction sets the tolerated fraction).")
 
   def __next__(self) -> dict[str, np.ndarray]:
     skipped = 0
@@ -135,18 +135,18 @@ class _SkipUndecodableIterator(grain.DatasetIterator):
       element = next(self._parent)
       self._read += 1
       if not isinstance(element, Undecodable):
-        element['num_skipped'] = np.int32(skipped)
+        element["num_skipped"] = np.int32(skipped)
         return element
       skipped += 1
       self._failed += 1
       if len(self._examples) < 5:
         self._examples.append(element.name)
       if skipped >= self._max_consecutive_failures:
-        self._fail(f'{skipped} consecutive elements')
+        self._fail(f"{skipped} consecutive elements")
       if (self._read >= MIN_READ_FOR_FRACTION
           and self._failed > self._max_failed_fraction * self._read):
-        self._fail(f'{self._failed} of the {self._read} elements read '
-                   f'(more than {self._max_failed_fraction:.0%})')
+        self._fail(f"{self._failed} of the {self._read} elements read "
+                   f"(more than {self._max_failed_fraction:.0%})")
 
   def get_state(self) -> Any:
     # Nothing is buffered between `next` calls, so the parent's state is the
@@ -157,7 +157,7 @@ class _SkipUndecodableIterator(grain.DatasetIterator):
     self._parent.set_state(state)
 
   def __str__(self) -> str:
-    return 'SkipUndecodableDatasetIterator'
+    return "SkipUndecodableDatasetIterator"
 
 
 class SkipUndecodableIterDataset(grain.IterDataset):
@@ -176,13 +176,13 @@ class SkipUndecodableIterDataset(grain.IterDataset):
       *,
       max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES,
       max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
-      source_name: str = 'the data source',
+      source_name: str = "the data source",
   ):
     super().__init__(parent)
     if max_consecutive_failures < 1:
-      raise ValueError('max_consecutive_failures must be >= 1.')
+      raise ValueError("max_consecutive_failures must be >= 1.")
     if not 0.0 <= max_failed_fraction <= 1.0:
-      raise ValueError(f'max_failed_fraction must be in [0, 1], got {max_failed_fraction}.')
+      raise ValueError(f"max_failed_fraction must be in [0, 1], got {max_failed_fraction}.")
     self._max_consecutive_failures = max_consecutive_failures
     self._max_failed_fraction = max_failed_fraction
     self._source_name = source_name
@@ -196,7 +196,7 @@ class SkipUndecodableIterDataset(grain.IterDataset):
     )
 
   def __str__(self) -> str:
-    return 'SkipUndecodableIterDataset'
+    return "SkipUndecodableIterDataset"
 
 
 def derive_seeds(seed: int) -> tuple[int, int]:
@@ -209,9 +209,9 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
   """Per-process batch size; raises if it does not divide evenly."""
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(
-        f'Global batch size {global_batch_size} must be a positive multiple of'
-        f' the process count {process_count} (each process loads'
-        ' global_batch_size // process_count examples).'
+        f"Global batch size {global_batch_size} must be a positive multiple of"
+        f" the process count {process_count} (each process loads"
+        " global_batch_size // process_count examples)."
     )
   return global_batch_size // process_count
 
@@ -220,16 +220,13 @@ def _process_info(
     process_index: int | None, process_count: int | None) -> tuple[int, int]:
   """Resolves ``None`` to JAX's process index/count and validates."""
   if process_index is None or process_count is None:
-    # Imported here so Grain worker processes, which unpickle this module's
-    # classes, do not pay for importing JAX.
-    import jax  # pylint: disable=g-import-not-at-top
     process_index = (
         jax.process_index() if process_index is None else process_index)
     process_count = (
         jax.process_count() if process_count is None else process_count)
   index, count = int(process_index), int(process_count)
   if count < 1 or not 0 <= index < count:
-    raise ValueError(f'Bad process_index={index} / process_count={count}.')
+    raise ValueError(f"Bad process_index={index} / process_count={count}.")
   return index, count
 
 
@@ -246,15 +243,15 @@ def make_train_dataset(
     max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
     read_threads: int = 16,
     prefetch_buffer_size: int = 256,
-    max_pixels: int = sources.DEFAULT_MAX_PIXELS,
+    max_pixels: int = decode.DEFAULT_MAX_PIXELS,
 ) -> grain.IterDataset:
   """The training ``IterDataset`` (see :func:`make_train_iterator`)."""
   process_index, process_count = _process_info(process_index, process_count)
   batch_size = local_batch_size(global_batch_size, process_count)
   if len(source) == 0:  # pylint: disable=g-explicit-length-test
-    raise ValueError(f'{source!r} is empty.')
+    raise ValueError(f"{source!r} is empty.")
   if num_workers < 0:
-    raise ValueError(f'num_workers must be >= 0, got {num_workers}.')
+    raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
   shuffle_seed, map_seed = derive_seeds(seed)
   ds = (
       grain.MapDataset.source(source)
@@ -365,7 +362,7 @@ class EvalIterable:
       process_index: int | None = None,
       process_count: int | None = None,
       read_threads: int = 16,
-      max_pixels: int = sources.DEFAULT_MAX_PIXELS,
+      max_pixels: int = decode.DEFAULT_MAX_PIXELS,
   ):
     self._process_index, self._process_count = _process_info(
         process_index, process_count)
@@ -392,8 +389,8 @@ class EvalIterable:
   def _new_batch(self, template: Mapping[str, np.ndarray]) -> dict[str, Any]:
     b = self.local_batch_size
     batch = {k: np.zeros((b,) + v.shape, v.dtype) for k, v in template.items()}
-    batch['label'] = np.zeros((b,), np.int32)
-    batch['valid'] = np.zeros((b,), bool)
+    batch["label"] = np.zeros((b,), np.int32)
+    batch["valid"] = np.zeros((b,), bool)
     return batch
 
   def __iter__(self) -> Iterator[dict[str, np.ndarray]]:
@@ -416,11 +413,11 @@ class EvalIterable:
         if element is None:
           break
         if isinstance(element, Undecodable):
-          batch['label'][row] = element.label
+          batch["label"][row] = element.label
           continue
         for key, value in element.items():
           batch[key][row] = value
-        batch['valid'][row] = True
+        batch["valid"][row] = True
       yield batch
 
 

@@ -1,11 +1,10 @@
-"""Host-side image augmentation (numpy/PIL) and device-side normalisation.
+"""Host-side image augmentation and the evaluation views (numpy/PIL).
 
-The random transforms are callables ``(image, rng) -> dict`` taking an
-``(H, W, 3)`` uint8 array and the ``np.random.Generator`` that Grain's
-``random_map`` supplies for the element; they draw randomness from that
-generator only, so results are reproducible per seed and element. They return
-uint8 arrays: images travel to the device as uint8 and are normalised there
-with :func:`normalize` (which works on numpy and JAX arrays, inside ``jit``).
+The random transforms are callables ``(image, rng) -> dict`` taking an ``(H, W, 3)``
+uint8 array and the ``np.random.Generator`` that Grain's ``random_map`` supplies for the
+element; they draw randomness from that generator only, so results are reproducible per
+seed and element. They return uint8 arrays: images travel to the device as uint8 and are
+normalised there with :func:`beit_jax.pixels.normalize`, inside the jitted step.
 
 The pre-training transform reproduces unilm BEiT's ``DataAugmentationForBEiT``
 (``ColorJitter(0.4, 0.4, 0.4)`` -> ``RandomHorizontalFlip(0.5)`` ->
@@ -25,12 +24,12 @@ from PIL import Image
 from PIL import ImageEnhance
 
 INTERPOLATIONS = {
-    'nearest': Image.Resampling.NEAREST,
-    'bilinear': Image.Resampling.BILINEAR,
-    'bicubic': Image.Resampling.BICUBIC,
-    'lanczos': Image.Resampling.LANCZOS,
-    'box': Image.Resampling.BOX,
-    'hamming': Image.Resampling.HAMMING,
+    "nearest": Image.Resampling.NEAREST,
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "lanczos": Image.Resampling.LANCZOS,
+    "box": Image.Resampling.BOX,
+    "hamming": Image.Resampling.HAMMING,
 }
 
 
@@ -40,18 +39,19 @@ def pil_interpolation(name: str) -> Image.Resampling:
     return INTERPOLATIONS[name.lower()]
   except KeyError:
     raise ValueError(
-        f'Unknown interpolation {name!r}; expected one of'
-        f' {sorted(INTERPOLATIONS)}.'
+        f"Unknown interpolation {name!r}; expected one of"
+        f" {sorted(INTERPOLATIONS)}."
     ) from None
 
 
-def _as_pil(image: np.ndarray | Image.Image) -> Image.Image:
+def as_pil(image: np.ndarray | Image.Image) -> Image.Image:
+  """An RGB PIL image from an ``(H, W, 3)`` uint8 array or any PIL image."""
   if isinstance(image, Image.Image):
-    return image if image.mode == 'RGB' else image.convert('RGB')
+    return image if image.mode == "RGB" else image.convert("RGB")
   array = np.asarray(image)
   if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
     raise ValueError(
-        f'Expected an (H, W, 3) uint8 image, got {array.shape} {array.dtype}.'
+        f"Expected an (H, W, 3) uint8 image, got {array.shape} {array.dtype}."
     )
   return Image.fromarray(array)
 
@@ -64,7 +64,7 @@ def _as_pil(image: np.ndarray | Image.Image) -> Image.Image:
 def _jitter_range(value: float, name: str) -> tuple[float, float] | None:
   """torchvision ``ColorJitter._check_input`` for a non-negative scalar."""
   if value < 0:
-    raise ValueError(f'{name} jitter must be non-negative, got {value}.')
+    raise ValueError(f"{name} jitter must be non-negative, got {value}.")
   lo, hi = max(0.0, 1.0 - value), 1.0 + value
   if lo == hi == 1.0:
     return None  # torchvision skips the op entirely.
@@ -87,9 +87,9 @@ class ColorJitter:
       self, brightness: float = 0.0, contrast: float = 0.0,
       saturation: float = 0.0):
     self.ranges = (
-        _jitter_range(float(brightness), 'brightness'),
-        _jitter_range(float(contrast), 'contrast'),
-        _jitter_range(float(saturation), 'saturation'),
+        _jitter_range(float(brightness), "brightness"),
+        _jitter_range(float(contrast), "contrast"),
+        _jitter_range(float(saturation), "saturation"),
     )
 
   @property
@@ -134,7 +134,7 @@ class ColorJitter:
       self, image: np.ndarray, rng: np.random.Generator
   ) -> np.ndarray:
     """Jitters an ``(H, W, 3)`` uint8 image; returns uint8."""
-    return np.asarray(self.jitter_pil(_as_pil(image), rng), dtype=np.uint8)
+    return np.asarray(self.jitter_pil(as_pil(image), rng), dtype=np.uint8)
 
 
 # ----------------------------------------------------------------------------
@@ -198,7 +198,7 @@ def random_resized_crop_box(
   return top, left, h, w
 
 
-def _resized_crop(
+def resized_crop(
     img: Image.Image, box: tuple[int, int, int, int], size: int,
     resample: Image.Resampling) -> np.ndarray:
   """torchvision ``F.resized_crop`` on PIL: crop, then resize to size x size."""
@@ -233,22 +233,22 @@ class TwoViewTransform:
       second_size: int | None = None,
       scale: Sequence[float] = (0.08, 1.0),
       ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
-      interpolation: str = 'bicubic',
-      second_interpolation: str = 'lanczos',
+      interpolation: str = "bicubic",
+      second_interpolation: str = "lanczos",
       color_jitter: float = 0.4,
       flip_prob: float = 0.5,
       *,
-      key: str = 'image',
-      second_key: str = 'tokenizer_image',
+      key: str = "image",
+      second_key: str = "tokenizer_image",
   ):
     self.size = int(size)
     self.second_size = None if second_size is None else int(second_size)
     self.scale = tuple(float(s) for s in scale)
     self.ratio = tuple(float(r) for r in ratio)
     if not 0.0 < self.scale[0] <= self.scale[1]:
-      raise ValueError(f'Invalid crop scale range {self.scale}.')
+      raise ValueError(f"Invalid crop scale range {self.scale}.")
     if not 0.0 < self.ratio[0] <= self.ratio[1]:
-      raise ValueError(f'Invalid crop ratio range {self.ratio}.')
+      raise ValueError(f"Invalid crop ratio range {self.ratio}.")
     self.interpolation = pil_interpolation(interpolation)
     self.second_interpolation = pil_interpolation(second_interpolation)
     self.jitter = ColorJitter(color_jitter, color_jitter, color_jitter)
@@ -264,14 +264,14 @@ class TwoViewTransform:
   def __call__(
       self, image: np.ndarray, rng: np.random.Generator
   ) -> dict[str, np.ndarray]:
-    img = self.jitter.jitter_pil(_as_pil(image), rng)
+    img = self.jitter.jitter_pil(as_pil(image), rng)
     if rng.random() < self.flip_prob:
       img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
     box = random_resized_crop_box(
         img.height, img.width, rng, self.scale, self.ratio)
-    out = {self.key: _resized_crop(img, box, self.size, self.interpolation)}
+    out = {self.key: resized_crop(img, box, self.size, self.interpolation)}
     if self.second_size is not None:
-      out[self.second_key] = _resized_crop(
+      out[self.second_key] = resized_crop(
           img, box, self.second_size, self.second_interpolation)
     return out
 
@@ -288,10 +288,10 @@ class SingleViewTransform:
   def __init__(
       self,
       size: int,
-      key: str = 'image',
+      key: str = "image",
       scale: Sequence[float] = (0.08, 1.0),
       ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
-      interpolation: str = 'bicubic',
+      interpolation: str = "bicubic",
       flip_prob: float = 0.5,
       color_jitter: float = 0.0,
   ):
@@ -322,12 +322,12 @@ class CenterCropTransform:
   def __init__(
       self,
       size: int,
-      key: str = 'image',
-      interpolation: str = 'bicubic',
+      key: str = "image",
+      interpolation: str = "bicubic",
       crop_pct: float = 1.0,
   ):
     if not 0.0 < crop_pct <= 1.0:
-      raise ValueError(f'crop_pct must be in (0, 1], got {crop_pct}.')
+      raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}.")
     self.size = int(size)
     self.key = key
     self.interpolation = pil_interpolation(interpolation)
@@ -341,7 +341,7 @@ class CenterCropTransform:
       self, image: np.ndarray, rng: np.random.Generator | None = None
   ) -> dict[str, np.ndarray]:
     del rng  # Deterministic.
-    img = _as_pil(image)
+    img = as_pil(image)
     w, h = img.size
     target = self.resize_size
     if not ((w <= h and w == target) or (h <= w and h == target)):
@@ -368,7 +368,7 @@ class ParallelViews:
   def __init__(self, *views: Any):
     keys = [k for v in views for k in v.output_keys()]
     if len(set(keys)) != len(keys):
-      raise ValueError(f'Views produce colliding keys: {keys}.')
+      raise ValueError(f"Views produce colliding keys: {keys}.")
     self.views = views
 
   def output_keys(self) -> tuple[str, ...]:
@@ -381,62 +381,3 @@ class ParallelViews:
     for view in self.views:
       out.update(view(image, rng))
     return out
-
-
-# ----------------------------------------------------------------------------
-# Normalisation (numpy or JAX; used on the device inside jitted steps).
-# ----------------------------------------------------------------------------
-
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _affine(kind: str) -> tuple[np.ndarray, np.ndarray]:
-  """``(scale, shift)``: ``normalize(x) = x * scale + shift``, x in 0..255."""
-  if kind == 'half':  # (x / 255 - 0.5) / 0.5
-    scale, shift = (2.0 / 255.0,) * 3, (-1.0,) * 3
-  elif kind == 'imagenet':  # (x / 255 - mean) / std
-    scale = tuple(1.0 / (255.0 * s) for s in IMAGENET_STD)
-    shift = tuple(-m / s for m, s in zip(IMAGENET_MEAN, IMAGENET_STD))
-  elif kind == 'dall_e':  # DALL-E map_pixels: 0.8 * x / 255 + 0.1
-    scale, shift = (0.8 / 255.0,) * 3, (0.1,) * 3
-  elif kind == 'unit':  # x / 255
-    scale, shift = (1.0 / 255.0,) * 3, (0.0,) * 3
-  else:
-    raise ValueError(
-        f"Unknown normalisation {kind!r}; expected 'half', 'imagenet',"
-        " 'dall_e' or 'unit'."
-    )
-  return np.asarray(scale, np.float32), np.asarray(shift, np.float32)
-
-
-def _to_float32(x: Any) -> Any:
-  if not hasattr(x, 'astype'):
-    x = np.asarray(x)
-  return x.astype(np.float32)
-
-
-def normalize(x: Any, kind: str) -> Any:
-  """Maps pixel values (0..255, uint8 or float) to the model's input range.
-
-  ``x * scale + shift`` per channel (last axis of size 3), so it works on numpy
-  and JAX arrays alike (inside ``jit`` too) and returns float32 of the same
-  array type.
-
-  Args:
-    x: ``(..., 3)`` pixels in 0..255, any integer or float dtype.
-    kind: ``'half'`` (mean = std = 0.5 on x/255, BEiT's default), ``'imagenet'``
-      (ImageNet mean/std on x/255), ``'dall_e'`` (DALL-E ``map_pixels``:
-      ``0.8 * x/255 + 0.1``) or ``'unit'`` (x/255).
-
-  Returns:
-    float32 normalised values.
-  """
-  scale, shift = _affine(kind)
-  return _to_float32(x) * scale + shift
-
-
-def denormalize(x: Any, kind: str) -> Any:
-  """Inverse of :func:`normalize`: float32 pixels in 0..255 (not clipped)."""
-  scale, shift = _affine(kind)
-  return (_to_float32(x) - shift) / scale

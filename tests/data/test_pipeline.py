@@ -243,7 +243,8 @@ def test_unreadable_data_raises(tmp_path):
   _write_tree(str(tmp_path / 'junk'), 3, {0, 1, 2})
   src = sources.ImageFolderSource(tmp_path / 'junk')
   it = _iterator(src, batch=2, max_consecutive_failures=5)
-  with pytest.raises(RuntimeError, match=r'5 consecutive elements of .*junk.* e\.g\. .*c0\d/img\.png'):
+  with pytest.raises(RuntimeError,
+                     match=r'5 consecutive elements of .*junk.* e\.g\. .*c0\d/img\.png'):
     next(it)
 
 

@@ -2,8 +2,6 @@
 
 import math
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 from PIL import Image
 from PIL import ImageEnhance
@@ -35,18 +33,18 @@ def _noise_image(seed: int, height: int = 48, width: int = 64) -> np.ndarray:
 def test_two_views_come_from_same_box_and_flip():
   img = _position_image()
   t = transforms.TwoViewTransform(
-      64, 32, interpolation='bicubic', second_interpolation='lanczos',
+      64, 32, interpolation="bicubic", second_interpolation="lanczos",
       color_jitter=0.0, flip_prob=0.5)
   flips = 0
   num_seeds = 60
   for seed in range(num_seeds):
     out = t(img, np.random.default_rng(seed))
-    view = out['image'].astype(np.float64)
-    tok = out['tokenizer_image'].astype(np.float64)
-    assert out['image'].shape == (64, 64, 3)
-    assert out['tokenizer_image'].shape == (32, 32, 3)
-    assert out['image'].dtype == np.uint8
-    assert out['tokenizer_image'].dtype == np.uint8
+    view = out["image"].astype(np.float64)
+    tok = out["tokenizer_image"].astype(np.float64)
+    assert out["image"].shape == (64, 64, 3)
+    assert out["tokenizer_image"].shape == (32, 32, 3)
+    assert out["image"].dtype == np.uint8
+    assert out["tokenizer_image"].dtype == np.uint8
     # The ViT view, 2x2-average-pooled, is the tokenizer view (same content).
     pooled = view.reshape(32, 2, 32, 2, 3).mean(axis=(1, 3))
     assert np.abs(pooled - tok).mean() < 2.0, seed
@@ -68,8 +66,8 @@ def test_two_view_matches_reference_composition():
   """Draw order jitter -> flip -> box, crop then PIL resize, exactly."""
   img = _noise_image(1, 50, 70)
   t = transforms.TwoViewTransform(
-      24, 12, scale=(0.2, 1.0), interpolation='bicubic',
-      second_interpolation='lanczos', color_jitter=0.4, flip_prob=0.5)
+      24, 12, scale=(0.2, 1.0), interpolation="bicubic",
+      second_interpolation="lanczos", color_jitter=0.4, flip_prob=0.5)
   for seed in range(20):
     out = t(img, np.random.default_rng(seed))
     rng = np.random.default_rng(seed)
@@ -87,25 +85,25 @@ def test_two_view_matches_reference_composition():
         pil.height, pil.width, rng, (0.2, 1.0))
     crop = pil.crop((left, top, left + w, top + h))
     np.testing.assert_array_equal(
-        out['image'], np.asarray(crop.resize((24, 24), Image.BICUBIC)))
+        out["image"], np.asarray(crop.resize((24, 24), Image.BICUBIC)))
     np.testing.assert_array_equal(
-        out['tokenizer_image'],
+        out["tokenizer_image"],
         np.asarray(crop.resize((12, 12), Image.LANCZOS)))
 
 
 def test_two_view_without_second_size_and_single_view():
   img = _noise_image(2)
   out = transforms.TwoViewTransform(16, None)(img, np.random.default_rng(0))
-  assert set(out) == {'image'}
-  single = transforms.SingleViewTransform(20, key='tokenizer_image')
+  assert set(out) == {"image"}
+  single = transforms.SingleViewTransform(20, key="tokenizer_image")
   out = single(img, np.random.default_rng(0))
-  assert set(out) == {'tokenizer_image'}
-  assert out['tokenizer_image'].shape == (20, 20, 3)
-  assert out['tokenizer_image'].dtype == np.uint8
+  assert set(out) == {"tokenizer_image"}
+  assert out["tokenizer_image"].shape == (20, 20, 3)
+  assert out["tokenizer_image"].dtype == np.uint8
   # Same seed -> same output; the rng is the only source of randomness.
   again = single(img, np.random.default_rng(0))
-  np.testing.assert_array_equal(out['tokenizer_image'],
-                                again['tokenizer_image'])
+  np.testing.assert_array_equal(out["tokenizer_image"],
+                                again["tokenizer_image"])
 
 
 def test_transforms_do_not_use_global_random_state():
@@ -120,11 +118,11 @@ def test_transforms_do_not_use_global_random_state():
 
 
 def test_interpolation_names():
-  for name in ('bicubic', 'bilinear', 'lanczos', 'nearest', 'box', 'hamming'):
+  for name in ("bicubic", "bilinear", "lanczos", "nearest", "box", "hamming"):
     transforms.pil_interpolation(name)
-  assert transforms.pil_interpolation('lanczos') == Image.Resampling.LANCZOS
-  with pytest.raises(ValueError, match='interpolation'):
-    transforms.pil_interpolation('area')
+  assert transforms.pil_interpolation("lanczos") == Image.Resampling.LANCZOS
+  with pytest.raises(ValueError, match="interpolation"):
+    transforms.pil_interpolation("area")
 
 
 # ----------------------------------------------------------------------------
@@ -153,7 +151,7 @@ def test_crop_box_statistics_large_image():
 
 
 @pytest.mark.parametrize(
-    'height,width,expected',
+    "height,width,expected",
     [
         (10, 1000, (0, 493, 10, 13)),  # very wide: h = H, w = round(H * 4/3)
         (1000, 10, (493, 0, 13, 10)),  # very tall: w = W, h = round(W / 3/4)
@@ -311,9 +309,9 @@ def test_color_jitter_factor_ranges():
 
 def test_center_crop_transform_matches_timm_eval():
   img = _noise_image(7, 305, 200)  # H=305, W=200
-  t = transforms.CenterCropTransform(64, key='image', interpolation='bicubic',
+  t = transforms.CenterCropTransform(64, key="image", interpolation="bicubic",
                                      crop_pct=0.875)
-  out = t(img)['image']
+  out = t(img)["image"]
   assert out.shape == (64, 64, 3) and out.dtype == np.uint8
   # Short side 200 -> int(64 / .875) = 73, long 305 -> int(73 * 305 / 200).
   resized = Image.fromarray(img).resize((73, 111), Image.BICUBIC)
@@ -321,67 +319,27 @@ def test_center_crop_transform_matches_timm_eval():
   top, left = 24, 4
   expected = np.asarray(resized.crop((left, top, left + 64, top + 64)))
   np.testing.assert_array_equal(out, expected)
-  np.testing.assert_array_equal(t(img, np.random.default_rng(3))['image'], out)
+  np.testing.assert_array_equal(t(img, np.random.default_rng(3))["image"], out)
 
 
 def test_center_crop_crop_pct_one_keeps_full_short_side():
   img = _position_image(40, 80)
-  out = transforms.CenterCropTransform(40, interpolation='nearest')(img)
+  out = transforms.CenterCropTransform(40, interpolation="nearest")(img)
   # No resize (short side already 40); centre 40 columns of 80.
-  np.testing.assert_array_equal(out['image'], img[:, 20:60])
-
-
-# ----------------------------------------------------------------------------
-# normalize / denormalize.
-# ----------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize('kind', ['half', 'imagenet', 'dall_e', 'unit'])
-def test_normalize_round_trip_numpy_and_jax(kind):
-  x = np.arange(256, dtype=np.uint8)[:, None].repeat(3, axis=1).reshape(
-      16, 16, 3)
-  y_np = transforms.normalize(x, kind)
-  assert isinstance(y_np, np.ndarray) and y_np.dtype == np.float32
-  np.testing.assert_allclose(transforms.denormalize(y_np, kind), x, atol=1e-3)
-  y_jax = jax.jit(lambda a: transforms.normalize(a, kind))(jnp.asarray(x))
-  assert isinstance(y_jax, jax.Array) and y_jax.dtype == jnp.float32
-  np.testing.assert_allclose(np.asarray(y_jax), y_np, rtol=1e-6, atol=1e-6)
-  back = transforms.denormalize(y_jax, kind)
-  assert isinstance(back, jax.Array)
-  np.testing.assert_allclose(np.asarray(back), x, atol=1e-3)
-  # Float input in 0..255 gives the same result as uint8.
-  np.testing.assert_allclose(
-      transforms.normalize(x.astype(np.float32), kind), y_np, atol=1e-6)
-
-
-def test_normalize_values():
-  x = np.array([[0, 51, 255]], np.uint8).repeat(3, axis=0).T  # (3, 3)
-  np.testing.assert_allclose(
-      transforms.normalize(x, 'dall_e'), 0.8 * x / 255.0 + 0.1, atol=1e-6)
-  np.testing.assert_allclose(
-      transforms.normalize(x, 'half'), (x / 255.0 - 0.5) / 0.5, atol=1e-6)
-  np.testing.assert_allclose(transforms.normalize(x, 'unit'), x / 255.0,
-                             atol=1e-6)
-  mean = np.array([0.485, 0.456, 0.406])
-  std = np.array([0.229, 0.224, 0.225])
-  np.testing.assert_allclose(
-      transforms.normalize(x, 'imagenet'), (x / 255.0 - mean) / std,
-      atol=1e-5)
-  with pytest.raises(ValueError, match='normalisation'):
-    transforms.normalize(x, 'bogus')
+  np.testing.assert_array_equal(out["image"], img[:, 20:60])
 
 
 def test_parallel_views_merges_center_crops():
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
   views = transforms.ParallelViews(
-      transforms.CenterCropTransform(32, key='image'),
-      transforms.CenterCropTransform(16, key='tokenizer_image', interpolation='lanczos'))
+      transforms.CenterCropTransform(32, key="image"),
+      transforms.CenterCropTransform(16, key="tokenizer_image", interpolation="lanczos"))
   out = views(image)
-  assert views.output_keys() == ('image', 'tokenizer_image')
-  np.testing.assert_array_equal(out['image'],
-                                transforms.CenterCropTransform(32)(image)['image'])
-  assert out['tokenizer_image'].shape == (16, 16, 3)
-  with pytest.raises(ValueError, match='colliding'):
+  assert views.output_keys() == ("image", "tokenizer_image")
+  np.testing.assert_array_equal(out["image"],
+                                transforms.CenterCropTransform(32)(image)["image"])
+  assert out["tokenizer_image"].shape == (16, 16, 3)
+  with pytest.raises(ValueError, match="colliding"):
     transforms.ParallelViews(transforms.CenterCropTransform(32),
                              transforms.CenterCropTransform(16))
