@@ -8,6 +8,7 @@ key and says what to change, before anything is compiled or written.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 from typing import Any, Iterable
 
@@ -152,7 +153,6 @@ def check_data(config: ml_collections.ConfigDict) -> None:
 
 def load_config_file(path: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """`get_config(arg)` of another config file (configs build on each other by path)."""
-  import importlib.util  # pylint: disable=g-import-not-at-top
   name = "beit_jax_config_" + os.path.splitext(os.path.basename(path))[0]
   spec = importlib.util.spec_from_file_location(name, path)
   if spec is None or spec.loader is None:

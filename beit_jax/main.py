@@ -16,8 +16,12 @@ from __future__ import annotations
 import importlib
 import os
 
+import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
+
+from beit_jax.training import distributed
+from beit_jax.training import workdir as workdir_lib
 
 TASKS = {
     "dvae": "beit_jax.tasks.dvae",
@@ -60,7 +64,6 @@ def run_task(config, workdir: str, overwrite: bool = False) -> None:
   task = config.get("task")
   if task not in TASKS:
     raise ValueError(f"config.task={task!r} is not a known task; choose one of {sorted(TASKS)}.")
-  from beit_jax.training import workdir as workdir_lib  # pylint: disable=g-import-not-at-top
   workdir_lib.check(config, workdir, overwrite)
   importlib.import_module(TASKS[task]).train_and_evaluate(config, workdir)
 
@@ -68,10 +71,9 @@ def run_task(config, workdir: str, overwrite: bool = False) -> None:
 def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
-  from beit_jax.training import distributed  # pylint: disable=g-import-not-at-top
+  # Before anything creates a JAX backend (importing jax does not).
   distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
                          _PROCESS_ID.value)
-  import jax  # pylint: disable=g-import-not-at-top
   workdir = _WORKDIR.value or default_workdir(
       config_flags.get_config_filename(flags.FLAGS["config"]))
   logging.info("JAX %s | process %d/%d | %d devices (%s) | workdir %s", jax.__version__,

@@ -23,7 +23,7 @@ import torch
 from beit_jax.convert import dalle
 from beit_jax.data import sources, transforms
 from beit_jax.models import dvae
-from beit_jax.tasks import dvae as dvae_task
+from beit_jax import exports
 
 
 def photos(size: int, count: int) -> np.ndarray:
@@ -48,7 +48,7 @@ def main() -> None:
       {k: v.numpy() for k, v in encoder.state_dict().items()},
       {k: v.numpy() for k, v in decoder.state_dict().items()})
   convert_s = time.perf_counter() - t0
-  model = dvae_task.make_model(config)
+  model = dvae.from_config(config)
   variables = {"params": {"encoder": params["encoder"]}}
   encode = jax.jit(lambda v, x: model.apply(v, x, method=dvae.DiscreteVAE.encode))
 

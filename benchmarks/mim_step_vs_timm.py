@@ -80,7 +80,7 @@ def ours(variant, size, patch, batch, steps, masks, remat=False, tokenizer=None)
   lr_fn = optim.warmup_cosine(1.5e-3, 1e-5, 1000, 10)
   tx = optim.make_optimizer(config_lib.adamw_config(lr=1.5e-3, weight_decay=0.05,
                                                     clip_grad_norm=3.0), lr_fn,
-                            wd_skip=pretrain.WD_SKIP)
+                            wd_skip=model.no_weight_decay())
   params = jax.jit(lambda: model.init(jax.random.PRNGKey(0),
                                       jnp.zeros((1, size, size, 3)))["params"])()
   state = TrainState.create(params, tx, jax.random.PRNGKey(1))

@@ -93,7 +93,7 @@ def main() -> None:
     lr_fn = optim.warmup_cosine(1.5e-3, 1e-5, 1000, 10)
     tx = optim.make_optimizer(config_lib.adamw_config(lr=1.5e-3, weight_decay=0.05,
                                                       clip_grad_norm=3.0), lr_fn,
-                              wd_skip=pretrain.WD_SKIP)
+                              wd_skip=model.no_weight_decay())
 
     def init_fn(model=model, tx=tx):
       params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"]

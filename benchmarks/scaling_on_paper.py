@@ -52,7 +52,7 @@ def step_flops_per_image(variant: str, batch: int = 8) -> tuple[float, float]:
   lr_fn = optim.warmup_cosine(1.5e-3, 1e-5, 1000, 10)
   tx = optim.make_optimizer(config_lib.adamw_config(lr=1.5e-3, weight_decay=0.05,
                                                     clip_grad_norm=3.0), lr_fn,
-                            wd_skip=pretrain.WD_SKIP)
+                            wd_skip=model.no_weight_decay())
   state = jax.eval_shape(lambda: TrainState.create(
       model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))["params"], tx,
       jax.random.PRNGKey(1)))

@@ -10,7 +10,7 @@ r"""Convert PyTorch weights to this project's Orbax params exports.
 BEiT state dict, or a `.pth` written by `torch.save(model.state_dict())`. The file is read
 with `torch.load(weights_only=True)` (no code runs), the architecture is inferred from its
 keys and shapes, and OUT_DIR gets `params/` (Orbax) + `metadata.json`, which
-`beit_jax.tasks.pretrain.load_pretrained(OUT_DIR)` loads. `--num_heads` is only needed for
+`beit_jax.exports.load_pretrained(OUT_DIR)` loads. `--num_heads` is only needed for
 a layout without relative-position tables and a non-standard width.
 
 `dalle`: OpenAI's DALL-E dVAE into this project's DALL-E-architecture dVAE, written as a
@@ -30,6 +30,7 @@ from __future__ import annotations
 import argparse
 import time
 
+from beit_jax import exports
 from beit_jax.convert import beit, dalle
 
 
@@ -54,9 +55,8 @@ def main(argv=None) -> None:
 
   t0 = time.perf_counter()
   if args.kind == "to_pth":
-    import torch  # pylint: disable=g-import-not-at-top
-    from beit_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
-    _, params, meta = pretrain.load_pretrained(args.export_dir)
+    import torch  # pylint: disable=g-import-not-at-top  # Optional: the `convert` extra.
+    _, params, meta = exports.load_pretrained(args.export_dir)
     sd = beit.flax_to_unilm(params, grid=meta["image_size"] // meta["patch_size"])
     torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, args.out)
     print(f"Wrote {len(sd)} tensors to {args.out} in {time.perf_counter() - t0:.1f} s.")
@@ -64,11 +64,11 @@ def main(argv=None) -> None:
   if args.kind == "dalle":
     params, config = dalle.convert(dalle.load_dalle_state_dict(args.encoder, args.trust_pickle),
                                    dalle.load_dalle_state_dict(args.decoder, args.trust_pickle))
-    dalle.export(args.out, params, config, args.image_size, source=args.encoder)
+    exports.write_tokenizer(args.out, params, config, args.image_size, source=args.encoder)
     print(f"Converted DALL-E dVAE -> {args.out} in {time.perf_counter() - t0:.1f} s; {config}")
     return
   params, kwargs = beit.unilm_to_flax(beit.load_torch_checkpoint(args.src), args.num_heads)
-  beit.export(args.out, params, kwargs, source=args.src)
+  exports.write_converted_beit(args.out, params, kwargs, source=args.src)
   print(f"Converted {args.src} -> {args.out} in {time.perf_counter() - t0:.1f} s; "
         f"architecture: {kwargs}")
 

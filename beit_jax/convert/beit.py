@@ -1,6 +1,6 @@
 """unilm / timm BEiT state dicts <-> `beit_jax.models.vit.BEiT` params (pure numpy).
 
-The key map (reference §1.12): Linear `weight` (out, in) <-> Flax `kernel` (in, out);
+The key map (unilm's `modeling_finetune.py` / timm's `beit.py` names): Linear `weight` (out, in) <-> Flax `kernel` (in, out);
 patch-embedding conv `weight` OIHW <-> `patch_embed/kernel` HWIO; LayerNorm
 `weight`/`bias` <-> `scale`/`bias`; `blocks.i.` <-> `blocks_i/`; `q_bias`, `v_bias`,
 `gamma_{1,2}`, tokens and relative-position tables keep their names and shapes.
@@ -21,11 +21,11 @@ import math
 import re
 from typing import Any, Mapping
 
+import flax
 import numpy as np
 
 from beit_jax.models import vit
 
-EXPORT_KIND = "beit"  # metadata.json `kind` of converted BEiT params.
 CONTAINER_KEYS = ("model", "state_dict", "module")
 PREFIXES = ("module.", "backbone.", "encoder.")
 DROPPED_SUFFIXES = ("relative_position_index", "attn.k_bias")
@@ -48,16 +48,6 @@ def load_torch_checkpoint(path: str) -> Mapping[str, Any]:
         f"{path} could not be read as a weights-only PyTorch checkpoint ({type(e).__name__}: "
         f"{str(e).splitlines()[0] if str(e) else ''}). It may hold pickled code, which is not "
         "loaded; re-save its state_dict with torch.save(model.state_dict(), path).") from e
-
-
-def export(directory: str, params: Mapping[str, Any], kwargs: Mapping[str, Any],
-           source: str) -> str:
-  """Writes converted params as an Orbax params export (`load_pretrained` reads it)."""
-  from beit_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
-  return checkpointing.export_params(directory, params, metadata=dict(
-      kind=EXPORT_KIND, model_kwargs=dict(kwargs), image_size=kwargs["image_size"],
-      patch_size=kwargs["patch_size"], vocab_size=kwargs["vocab_size"],
-      num_classes=kwargs["num_classes"], source=source))
 
 
 def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, np.ndarray]:
@@ -152,7 +142,6 @@ def unilm_to_flax(checkpoint: Mapping[str, Any], num_heads: int | None = None
   The params tree is checked against the inferred model's (`jax.eval_shape`): a missing,
   extra or mis-shaped key raises ValueError naming the first one.
   """
-  import flax  # pylint: disable=g-import-not-at-top
   sd = unwrap_state_dict(checkpoint)
   kwargs = infer_model_kwargs(sd, num_heads)
   flat = dict(_to_flax_leaf(k, v.astype(np.float32)) for k, v in sd.items())
@@ -174,7 +163,6 @@ def flax_to_unilm(params: Mapping[str, Any], *, with_index: bool = True,
                   grid: int | None = None) -> dict[str, np.ndarray]:
   """A unilm-layout state dict (numpy) from `BEiT` params; `with_index` adds the
   `relative_position_index` buffers unilm's modules expect (needs the grid)."""
-  import flax  # pylint: disable=g-import-not-at-top
   sd = {}
   for path, value in flax.traverse_util.flatten_dict(dict(params)).items():
     value = np.asarray(value, np.float32)

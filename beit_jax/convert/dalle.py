@@ -17,9 +17,13 @@ import re
 import warnings
 from typing import Any, Mapping
 
+import flax
+import jax
 import numpy as np
 
+from beit_jax import exports
 from beit_jax.convert import beit as beit_convert
+from beit_jax.models import dvae
 
 
 def load_dalle_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np.ndarray]:
@@ -54,7 +58,7 @@ def to_flax(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
 
 def model_config(encoder_sd: Mapping[str, np.ndarray],
                  decoder_sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
-  """The `dvae.DiscreteVAE` config (as `tasks.dvae.make_model` takes it) of DALL-E weights."""
+  """The `dvae.from_config` config of DALL-E weights."""
   n_hid = encoder_sd["blocks.input.w"].shape[0]
   vocab = encoder_sd["blocks.output.conv.w"].shape[0]
   blocks = {int(m.group(1)) for k in encoder_sd
@@ -72,16 +76,10 @@ def model_config(encoder_sd: Mapping[str, np.ndarray],
 def convert(encoder_sd: Mapping[str, np.ndarray], decoder_sd: Mapping[str, np.ndarray]
             ) -> tuple[dict[str, Any], dict[str, Any]]:
   """(params {'encoder', 'decoder'}, model config), checked against the dVAE's shapes."""
-  import flax  # pylint: disable=g-import-not-at-top
-  import jax  # pylint: disable=g-import-not-at-top
-  import jax.numpy as jnp  # pylint: disable=g-import-not-at-top
-  from beit_jax.tasks import dvae as dvae_task  # pylint: disable=g-import-not-at-top
   config = model_config(encoder_sd, decoder_sd)
   params = {"encoder": to_flax(encoder_sd), "decoder": to_flax(decoder_sd)}
-  model = dvae_task.make_model(config)
-  expected = flax.traverse_util.flatten_dict(jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)),
-                         rng=jax.random.PRNGKey(0), tau=1.0, hard=False))["params"])
+  model = dvae.from_config(config)
+  expected = flax.traverse_util.flatten_dict(exports.tokenizer_abstract_params(model, 16))
   got = flax.traverse_util.flatten_dict(params)
   for path, leaf in expected.items():
     if path not in got or got[path].shape != leaf.shape:
@@ -91,17 +89,3 @@ def convert(encoder_sd: Mapping[str, np.ndarray], decoder_sd: Mapping[str, np.nd
   if extra:
     raise ValueError(f"Checkpoint keys with no place in the dVAE: {extra[:5]}.")
   return params, config
-
-
-def export(directory: str, params: Mapping[str, Any], config: Mapping[str, Any],
-           image_size: int, source: str) -> str:
-  """A tokenizer export (`tasks.dvae.load_tokenizer` and `config.tokenizer.path` read it)."""
-  from beit_jax.tasks import dvae as dvae_task  # pylint: disable=g-import-not-at-top
-  from beit_jax.training import checkpointing  # pylint: disable=g-import-not-at-top
-  down = 2 ** (config["group_count"] - 1)
-  if image_size % down:
-    raise ValueError(f"image_size={image_size} is not divisible by the dVAE's {down}x "
-                     "downsampling.")
-  return checkpointing.export_params(directory, params, metadata=dict(
-      kind=dvae_task.EXPORT_KIND, model=dict(config), image_size=image_size,
-      grid=image_size // down, step=0, ema=False, eval={}, source=source))

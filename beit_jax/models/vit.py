@@ -20,7 +20,8 @@ One module, :class:`BEiT`, covers unilm's `VisionTransformerForMaskedImageModeli
 Parameter names follow unilm's state-dict keys (`blocks.3.attn.qkv.weight` is
 `blocks_3/attn/qkv/kernel`), so weights convert one-to-one.
 
-Initialisation is unilm's (reference §1.3): truncated normal std 0.02 with bounds
+Initialisation is unilm's (`modeling_pretrain.py` `_init_weights` / `fix_init_weight`,
+`modeling_finetune.py` the same with timm's `trunc_normal_`): truncated normal std 0.02 with bounds
 ±`init_truncation` standard deviations (1.0 = unilm pretraining's ±1σ; 100 = timm's
 absolute ±2 used by fine-tuning) for every Linear/Conv kernel and the cls / mask /
 position tokens; zero biases, q/v biases and relative-position tables; LayerNorm (1, 0);
@@ -126,7 +127,7 @@ class Attention(nn.Module):
   """Multi-head self-attention with q/v biases (no k bias) and an optional rel-pos table."""
   num_heads: int
   grid: tuple[int, int]
-  own_rel_pos_bias: bool = False
+  use_rel_pos_bias: bool = False
   proj_init_scale: float = 1.0
   init_truncation: float = 1.0
   dtype: DType = jnp.float32
@@ -145,7 +146,7 @@ class Attention(nn.Module):
     qkv = qkv.reshape(b, n, 3, self.num_heads, hd).transpose(2, 0, 3, 1, 4)
     q, k, v = qkv[0] * (hd ** -0.5), qkv[1], qkv[2]
     logits = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
-    if self.own_rel_pos_bias:
+    if self.use_rel_pos_bias:
       table = self.param("relative_position_bias_table", nn.initializers.zeros,
                          (num_relative_distance(self.grid), self.num_heads), jnp.float32)
       logits = ops.add_broadcast(logits, gather_relative_bias(table, self.grid))
@@ -195,13 +196,10 @@ def layer_norm(name: str, dtype: DType) -> LayerNorm:
   return LayerNorm(epsilon=LN_EPS, dtype=dtype, name=name)
 
 
-def drop_path(x: Array, rate: float, rng: Array | None) -> Array:
-  """Stochastic depth per sample: x / keep * Bernoulli(keep) (timm `drop_path`)."""
-  if rate == 0.0 or rng is None:
-    return x
-  keep = 1.0 - rate
-  mask = jax.random.bernoulli(rng, keep, (x.shape[0],) + (1,) * (x.ndim - 1))
-  return jnp.where(mask, x / keep, jnp.zeros_like(x))
+def drop_path(rate: float, name: str) -> nn.Dropout:
+  """Stochastic depth per sample (timm `drop_path`: x / keep * Bernoulli(keep), one draw
+  per example): dropout broadcast over every axis but the batch."""
+  return nn.Dropout(rate, broadcast_dims=(1, 2), name=name)
 
 
 class Block(nn.Module):
@@ -216,7 +214,7 @@ class Block(nn.Module):
   layer: int
   drop_path_rate: float = 0.0
   init_values: float = 0.0
-  own_rel_pos_bias: bool = False
+  use_rel_pos_bias: bool = False
   init_truncation: float = 1.0
   dtype: DType = jnp.float32
 
@@ -224,18 +222,14 @@ class Block(nn.Module):
   def __call__(self, x: Array, shared_bias: Array | None, deterministic: bool) -> Array:
     d = x.shape[-1]
     rescale = 1.0 / np.sqrt(2.0 * self.layer)
-    rng = None
-    if not deterministic and self.drop_path_rate > 0:
-      rng = self.make_rng("dropout")
-    rngs = (None, None) if rng is None else tuple(jax.random.split(rng))
 
-    y = Attention(self.num_heads, self.grid, self.own_rel_pos_bias, proj_init_scale=rescale,
+    y = Attention(self.num_heads, self.grid, self.use_rel_pos_bias, proj_init_scale=rescale,
                   init_truncation=self.init_truncation, dtype=self.dtype,
                   name="attn")(layer_norm("norm1", self.dtype)(x), shared_bias)
     if self.init_values > 0:
       y = y * self.param("gamma_1", nn.initializers.constant(self.init_values), (d,),
                          jnp.float32).astype(y.dtype)
-    x = x + drop_path(y, self.drop_path_rate, rngs[0])
+    x = x + drop_path(self.drop_path_rate, "drop_path_1")(y, deterministic=deterministic)
 
     y = Mlp(int(d * self.mlp_ratio), fc2_init_scale=rescale,
             init_truncation=self.init_truncation, dtype=self.dtype,
@@ -243,7 +237,7 @@ class Block(nn.Module):
     if self.init_values > 0:
       y = y * self.param("gamma_2", nn.initializers.constant(self.init_values), (d,),
                          jnp.float32).astype(y.dtype)
-    return x + drop_path(y, self.drop_path_rate, rngs[1])
+    return x + drop_path(self.drop_path_rate, "drop_path_2")(y, deterministic=deterministic)
 
 
 class PatchEmbed(nn.Module):
@@ -299,6 +293,11 @@ class BEiT(nn.Module):
   def num_patches(self) -> int:
     return self.grid[0] * self.grid[1]
 
+  def no_weight_decay(self) -> tuple[str, ...]:
+    """Params AdamW does not decay besides biases and norms (unilm `no_weight_decay()`,
+    both models; the mask token is decayed)."""
+    return ("pos_embed", "cls_token")
+
   def setup(self) -> None:
     if self.image_size % self.patch_size:
       raise ValueError(f"image_size={self.image_size} is not divisible by patch_size="
@@ -323,7 +322,7 @@ class BEiT(nn.Module):
     self.blocks = [
         block_cls(self.num_heads, self.mlp_ratio, self.grid, layer=i + 1,
                   drop_path_rate=float(dpr[i]), init_values=self.init_values,
-                  own_rel_pos_bias=self.use_rel_pos_bias,
+                  use_rel_pos_bias=self.use_rel_pos_bias,
                   init_truncation=self.init_truncation, dtype=self.dtype, name=f"blocks_{i}")
         for i in range(self.depth)
     ]

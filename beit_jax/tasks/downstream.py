@@ -6,26 +6,23 @@
   (`beit_jax/models/transfer.py`: drop a mismatched head, shared -> per-block rel-pos,
   rel-pos / abs-pos resized to the new grid);
 * labelled data: the train / eval sources of `config.data` and their number of classes;
-* evaluation sums over padded batches (cross-entropy, top-1, top-5) and the
-  "best so far" export that keeps the params of the best evaluation.
+* the evaluation summary of `losses.classification_sums` totals and the "best so far"
+  export that keeps the params of the best evaluation.
 """
 
 from __future__ import annotations
 
-import os
-from typing import Any, Mapping
+from typing import Any, Callable, Mapping
 
 import jax
 import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 from absl import logging
 
-from beit_jax import config_lib
+from beit_jax import config_lib, exports
 from beit_jax.data import sources
-from beit_jax.models import transfer, vit
-from beit_jax.training import checkpointing
+from beit_jax.models import precision, transfer, vit
 
 # The architecture of a pretrained backbone wins over `config.model` for these.
 ARCHITECTURE_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size")
@@ -61,17 +58,16 @@ def check_pretrained(path: str) -> dict[str, Any] | None:
   BEiT params export."""
   if not path:
     return None
-  if not os.path.exists(os.path.join(path, checkpointing.METADATA_FILE)):
+  if not exports.is_export(path):
     raise FileNotFoundError(
         f"config.pretrained={path!r} is not a params export (no metadata.json). Pass the "
         "`export/beit` folder of a `pretrain` run, the output of `python -m beit_jax.convert "
         "beit CKPT.pth OUT`, or an `export/best` of a fine-tuning run; or '' to start from "
         "random init.")
-  meta = checkpointing.read_metadata(path)
-  if "model_kwargs" not in meta:
-    raise ValueError(f"config.pretrained={path!r} holds a {meta.get('kind')!r} export, "
-                     "not BEiT params.")
-  return meta
+  try:
+    return exports.read_metadata_of_kind(path, exports.BEIT_KINDS, "BEiT params")
+  except ValueError as e:
+    raise ValueError(f"config.pretrained: {e}") from e
 
 
 # ----------------------------------------------------------------------------------
@@ -118,9 +114,7 @@ def backbone_params(model: vit.BEiT, pretrained: str, seed: int) -> tuple[Any, d
   params = init_params(model, seed)
   if not pretrained:
     return params, {}
-  meta = checkpointing.read_metadata(pretrained)
-  src_model = vit.BEiT(**meta["model_kwargs"])
-  src = checkpointing.load_params_onto(pretrained, vit.abstract_params(src_model))
+  _, src, _ = exports.load_beit(pretrained)
   params, report = transfer.transfer_params(jax.tree.map(np.asarray, src), model, params)
   for key, names in report.items():
     if names:
@@ -132,21 +126,8 @@ def backbone_params(model: vit.BEiT, pretrained: str, seed: int) -> tuple[Any, d
 # ----------------------------------------------------------------------------------
 # Evaluation.
 # ----------------------------------------------------------------------------------
-def classification_sums(logits: jax.Array, labels: jax.Array, valid: jax.Array
-                        ) -> dict[str, jax.Array]:
-  """Sums over the valid rows: cross-entropy, top-1 and top-5 hits, and the row count."""
-  logits = logits.astype(jnp.float32)
-  w = valid.astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
-  k = min(5, logits.shape[-1])
-  top = jax.lax.top_k(logits, k)[1]
-  hits = top == labels[:, None]
-  return dict(loss_sum=jnp.sum(ce * w), top1=jnp.sum(hits[:, 0] * w),
-              top5=jnp.sum(jnp.any(hits, axis=1) * w), count=jnp.sum(w))
-
-
 def summarize_sums(sums: Mapping[str, np.ndarray] | None, prefix: str = "") -> dict[str, float]:
-  """{loss, top1, top5, num_images} from `classification_sums` totals."""
+  """{loss, top1, top5, num_images} from `losses.classification_sums` totals."""
   if sums is None:
     return {}
   count = max(float(sums["count"]), 1.0)
@@ -164,18 +145,16 @@ class BestExport:
     self.directory = directory
     self.metric = metric
     self.best = -np.inf
-    if os.path.exists(os.path.join(directory, checkpointing.METADATA_FILE)):
-      self.best = float(checkpointing.read_metadata(directory)["eval"][metric])
+    if exports.is_export(directory):
+      self.best = float(exports.read_metadata(directory)["eval"][metric])
 
-  def update(self, step: int, params: Any, scalars: Mapping[str, float],
-             metadata: Mapping[str, Any]) -> bool:
-    """Exports `params` if `scalars[metric]` beats the best so far."""
+  def update(self, step: int, scalars: Mapping[str, float], write: Callable[[], Any]) -> bool:
+    """Calls `write()` (the export into `directory`) if `scalars[metric]` beats the best."""
     value = scalars.get(self.metric)
     if value is None or value <= self.best:
       return False
     self.best = float(value)
-    checkpointing.export_params(self.directory, params, metadata=dict(
-        metadata, step=int(step), eval=dict(scalars)))
+    write()
     logging.info("New best %s %.4f at step %d -> %s", self.metric, value, step, self.directory)
     return True
 
@@ -185,7 +164,7 @@ def common_checks(config: ml_collections.ConfigDict, tasks: tuple[str, ...]) -> 
   config_lib.check_choice(config, "task", tasks)
   config_lib.check_data(config)
   config_lib.check_choice(config, "model.variant", tuple(vit.VARIANTS))
-  config_lib.check_choice(config, "model.dtype", ("auto", "float32", "bfloat16"))
+  config_lib.check_choice(config, "model.dtype", precision.DTYPE_NAMES)
   config_lib.check_choice(config, "input.norm", ("half", "imagenet"))
   config_lib.check_positive(config, "total_steps", "input.batch_size", "input.image_size",
                             "model.patch_size", "log_every", "ckpt.every", "ckpt.keep",

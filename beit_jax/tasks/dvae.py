@@ -13,9 +13,8 @@ metadata.json), which the masked-image-modeling stage loads.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from typing import Mapping
 
-import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -23,32 +22,30 @@ import numpy as np
 import optax
 from absl import logging
 
-from beit_jax import config_lib, viz
+from beit_jax import config_lib, exports, pixels
 from beit_jax.data import pipeline, sources, transforms
-from beit_jax.models import dvae
+from beit_jax.models import dvae, precision
 from beit_jax.training import checkpointing, loop
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training import optim
 from beit_jax.training.train_state import TrainState, init_sharded
+from beit_jax.viz import pictures
 
 IMAGE_KEY = "tokenizer_image"
-EXPORT_KIND = "dvae"
-DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
 
 # ----------------------------------------------------------------------------------
 # Config checks (before anything is compiled or written).
 # ----------------------------------------------------------------------------------
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad value and what to change."""
   config_lib.check_choice(config, "task", ("dvae",))
   config_lib.check_data(config)
-  config_lib.check_choice(config, "model.arch", ("dall_e", "compact"))
-  config_lib.check_choice(config, "model.recon_loss", ("logit_laplace", "mse"))
-  config_lib.check_choice(config, "model.input_norm", ("dall_e", "half"))
-  config_lib.check_choice(config, "model.dtype", tuple(DTYPES))
-  config_lib.check_choice(config, "input.interpolation",
-                          ("lanczos", "bicubic", "bilinear", "box", "hamming", "nearest"))
+  config_lib.check_choice(config, "model.arch", dvae.ARCHS)
+  config_lib.check_choice(config, "model.recon_loss", dvae.RECON_LOSSES)
+  config_lib.check_choice(config, "model.input_norm", dvae.INPUT_NORMS)
+  config_lib.check_choice(config, "model.dtype", tuple(precision.DTYPES))
+  config_lib.check_choice(config, "input.interpolation", tuple(transforms.INTERPOLATIONS))
   config_lib.check_positive(config, "total_steps", "input.batch_size", "input.image_size",
                             "model.vocab_size", "log_every", "ckpt.every", "ckpt.keep",
                             "loss.tau_end", "optim.lr")
@@ -60,7 +57,7 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
   if not 0 < lo <= hi <= 1:
     raise ValueError(f"config.input.crop_scale={tuple(config.input.crop_scale)} must satisfy "
                      "0 < lo <= hi <= 1.")
-  down = make_model(config.model).downsample
+  down = dvae.from_config(config.model).downsample
   if config.input.image_size % down:
     raise ValueError(
         f"config.input.image_size={config.input.image_size} is not divisible by the dVAE's "
@@ -70,32 +67,19 @@ def validate_config(config: ml_collections.ConfigDict) -> None:
     raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1) (0 = no EMA).")
 
 
-def make_model(model_config: ml_collections.ConfigDict | Mapping[str, Any]) -> dvae.DiscreteVAE:
-  kwargs = dict(model_config)
-  kwargs["dtype"] = DTYPES[kwargs.get("dtype", "float32")]
-  return dvae.DiscreteVAE(**kwargs)
-
-
 # ----------------------------------------------------------------------------------
 # Steps.
 # ----------------------------------------------------------------------------------
-def to_unit(images_uint8: jax.Array) -> jax.Array:
-  return images_uint8.astype(jnp.float32) / 255.0
-
-
 def make_train_step(model: dvae.DiscreteVAE, tx: optax.GradientTransformation,
                     lr_fn: optim.Schedule, config: ml_collections.ConfigDict):
-  """One jitted update: ELB loss with annealed tau/beta, AdamW, optional EMA."""
-  # A fresh step may be built again in one process (a notebook re-running a job): its
-  # trace count starts from zero; within a run it must be traced once (static shapes).
-  chex.clear_trace_counter()
-  poison_steps = config_lib.injected_nonfinite_steps(config)
+  """`train_step(state, batch) -> (state, metrics)`: the ELB loss with annealed tau and
+  beta, AdamW, optional EMA."""
+  inject_at_steps = config_lib.injected_nonfinite_steps(config)
   tau_fn = optim.cosine_ramp(config.loss.tau_start, config.loss.tau_end, config.loss.tau_steps)
   beta_fn = optim.cosine_ramp(config.loss.beta_start, config.loss.beta_end, config.loss.beta_steps)
 
-  @chex.assert_max_traces(n=1)
   def train_step(state: TrainState, batch: Mapping[str, jax.Array]):
-    images = to_unit(batch[IMAGE_KEY])
+    images = pixels.to_unit(batch[IMAGE_KEY])
     tau, beta = tau_fn(state.step), beta_fn(state.step)
 
     def loss_fn(params):
@@ -103,11 +87,11 @@ def make_train_step(model: dvae.DiscreteVAE, tx: optax.GradientTransformation,
                             config.loss.hard)
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    new_state, guard = state.apply_gradients(grads, tx, loss, ema_decay=config.ema_decay,
-                                             poison_steps=poison_steps)
+    new_state, update_metrics = state.apply_gradients(
+        grads, tx, loss, ema_decay=config.ema_decay, inject_at_steps=inject_at_steps)
     metrics = dict(loss=loss, recon_loss=aux["recon_loss"], kl=aux["kl"], mse=aux["mse"],
                    psnr=aux["psnr"], token_counts=aux["token_counts"], tau=tau, beta=beta,
-                   lr=lr_fn(state.step), **guard)
+                   lr=lr_fn(state.step), **update_metrics)
     return new_state, metrics
 
   return train_step
@@ -124,7 +108,7 @@ def make_eval_step(model: dvae.DiscreteVAE):
   down = model.downsample
 
   def eval_step(params, batch):
-    images = to_unit(batch[IMAGE_KEY])
+    images = pixels.to_unit(batch[IMAGE_KEY])
     valid = batch["valid"].astype(jnp.float32)
     variables = {"params": params}
     ids = dvae.tokenize(model, variables, images)
@@ -134,12 +118,9 @@ def make_eval_step(model: dvae.DiscreteVAE):
     baseline = jnp.broadcast_to(patches.mean(axis=(2, 4), keepdims=True), patches.shape)
     baseline = baseline.reshape(images.shape)
 
-    def psnr(x):
-      mse = jnp.mean((x - images) ** 2, axis=(1, 2, 3))
-      return -10.0 * jnp.log10(jnp.maximum(mse, 1e-10)), mse
-
-    psnr_model, mse_model = psnr(recon)
-    psnr_base, _ = psnr(baseline)
+    mse_model = jnp.mean((recon - images) ** 2, axis=(1, 2, 3))
+    psnr_model = pixels.psnr(mse_model)
+    psnr_base = pixels.psnr(jnp.mean((baseline - images) ** 2, axis=(1, 2, 3)))
     vocab = model.vocab_size
     counts = jnp.zeros((vocab,), jnp.int32).at[ids.reshape(b, -1)].add(
         jnp.broadcast_to(batch["valid"][:, None], (b, ids[0].size)).astype(jnp.int32))
@@ -166,12 +147,12 @@ def evaluate(eval_step, params, eval_iter, batch_sharding) -> dict[str, float]:
 # ----------------------------------------------------------------------------------
 # The job.
 # ----------------------------------------------------------------------------------
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, float]:
-  """Trains (or resumes) in `workdir`, evaluates, exports; returns the final eval metrics."""
-  validate_config(config)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
+  """Trains (or resumes) in `workdir`, evaluates, exports the tokenizer."""
+  check_config(config)
 
   # --- Mesh ---------------------------------------------------------------------
-  mesh, batch_sh, repl = mesh_lib.task_mesh(config)
+  mesh, batch_sharding, replicated = mesh_lib.task_mesh(config)
 
   # --- Input --------------------------------------------------------------------
   train_source = sources.make_source(config.data, config.data.train_split)
@@ -187,7 +168,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
                "none" if eval_source is None else f"{len(eval_source)} images")
 
   # --- Model, schedules and optimizer ---------------------------------------------
-  model = make_model(config.model)
+  model = dvae.from_config(config.model)
   lr_fn = config_lib.lr_schedule(config)
   tx = optim.make_optimizer(config.optim, lr_fn)
   size = config.input.image_size
@@ -199,60 +180,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     params = model.init(init_rng, dummy, rng=init_rng, tau=1.0, hard=False)["params"]
     return TrainState.create(params, tx, state_rng, use_ema=config.ema_decay > 0)
 
-  state, state_sh = init_sharded(init_fn, mesh)
+  state, state_sharding = init_sharded(init_fn, mesh)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("dVAE %s: %s params", config.model.arch, f"{num_params:,}")
 
   # --- Resume ---------------------------------------------------------------------
   ckpt = checkpointing.make_checkpointer(workdir, config.ckpt)
-  state = ckpt.restore_latest(state, state_sh, data_iter)
+  state = ckpt.restore_latest(state, state_sharding, data_iter)
 
   # --- Compiled steps -------------------------------------------------------------
-  train_step = jax.jit(make_train_step(model, tx, lr_fn, config), in_shardings=(state_sh, batch_sh),
-                       out_shardings=(state_sh, repl), donate_argnums=(0,))
-  eval_params_sh = state_sh.ema_params if config.ema_decay > 0 else state_sh.params
-  eval_step = jax.jit(make_eval_step(model), in_shardings=(eval_params_sh, batch_sh),
-                      out_shardings=repl)
+  train_step = loop.compile_train_step(make_train_step(model, tx, lr_fn, config),
+                                       state_sharding, batch_sharding)
+  eval_step = jax.jit(make_eval_step(model),
+                      in_shardings=(state_sharding.eval_params, batch_sharding),
+                      out_shardings=replicated)
 
   def eval_fn(s: TrainState) -> dict[str, float]:
     eval_iter = pipeline.make_eval_iterator(eval_source, eval_transform,
                                             batch_size=config.eval_batch_size)
-    return evaluate(eval_step, s.ema_params if s.ema_params is not None else s.params,
-                    eval_iter, batch_sh)
+    return evaluate(eval_step, s.eval_params, eval_iter, batch_sharding)
 
   # --- Train, then export ------------------------------------------------------------
-  def export(s: TrainState, last: dict, final: dict) -> None:
-    del last
-    params = s.ema_params if s.ema_params is not None else s.params
+  def export(result: loop.RunResult) -> None:
     export_dir = config.export_dir or os.path.join(workdir, "export", "tokenizer")
-    checkpointing.export_params(export_dir, params, metadata=dict(
-        kind=EXPORT_KIND, model=config.model.to_dict(), image_size=size,
-        grid=size // model.downsample, step=int(jax.device_get(s.step)),
-        ema=s.ema_params is not None, eval=final))
+    s = result.state
+    exports.write_tokenizer(export_dir, s.eval_params, config.model.to_dict(), size,
+                            step=int(jax.device_get(s.step)), ema=s.ema_params is not None,
+                            eval_metrics=result.eval)
     logging.info("Exported tokenizer params to %s", export_dir)
 
   painter = None
-  if config.get("pictures", True):  # Reconstructions etc. at every checkpoint (beit_jax/viz.py).
-    sample = viz.sample_images(train_source, 4)
-    painter = viz.checkpoint_painter(workdir, lambda s: viz.tokenizer_pictures(
-        model, {"params": s.params}, sample, config.input.image_size)[0], config.tensorboard)
-  _, _, final = loop.run_job(
+  if config.get("pictures", True):  # Reconstructions etc. at every checkpoint (beit_jax/viz).
+    sample = pictures.sample_images(train_source, 4)
+    painter = pictures.checkpoint_painter(workdir, lambda s: pictures.tokenizer_pictures(
+        model, {"params": s.eval_params}, sample, config.input.image_size)[0],
+        config.tensorboard)
+  return loop.run_job(
       config=config, workdir=workdir, state=state, train_step=train_step, data_iter=data_iter,
-      batch_keys=(IMAGE_KEY,), batch_sharding=batch_sh, checkpointer=ckpt,
+      batch_keys=(IMAGE_KEY,), batch_sharding=batch_sharding, checkpointer=ckpt,
       eval_fn=eval_fn if eval_source is not None else None, summarize=summarize_train,
       finish=export, on_checkpoint=painter)
-  return final
-
-
-def load_tokenizer(export_dir: str, sharding=None) -> tuple[dvae.DiscreteVAE, Any, dict]:
-  """Loads an exported tokenizer: (model, variables {'params': ...}, metadata)."""
-  meta = checkpointing.read_metadata(export_dir)
-  if meta.get("kind") != EXPORT_KIND:
-    raise ValueError(f"{export_dir} holds a {meta.get('kind')!r} export, not a dVAE tokenizer.")
-  model = make_model(meta["model"])
-  size = meta["image_size"]
-  abstract = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)),
-                         rng=jax.random.PRNGKey(0), tau=1.0, hard=False)["params"])
-  params = checkpointing.load_params_onto(export_dir, abstract, sharding)
-  return model, {"params": params}, meta

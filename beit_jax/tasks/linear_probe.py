@@ -1,5 +1,5 @@
 """Task `linear_probe`: BEiT's linear-probing protocol on every block (unilm
-`run_linear_eval.py`, reference §1.10), plus a k-NN evaluation of the same features.
+`run_linear_eval.py`), plus a k-NN evaluation of the same features.
 
 The backbone is frozen (its params are a replicated argument of the step, never updated
 and never donated). For every block l the feature is `[h_cls, mean(h_patches)]` of that
@@ -15,7 +15,8 @@ paper: BEiT-B is best at block 9, BEiT-L at 14), the best block and its accuracy
 `knn.k > 0`, a weighted k-NN (cosine similarity on L2-normalised features, weights
 exp(sim / T), DINO's protocol) on the best block's features of up to
 `knn.max_train_images` centre-cropped training images. The probes go to
-`<workdir>/export/final` (params + metadata with every figure).
+`<workdir>/export/final` (`exports.write_linear_probe`: params + metadata with every
+figure; `exports.load_linear_probe` reads it).
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -31,24 +31,23 @@ import numpy as np
 import optax
 from absl import logging
 
-from beit_jax import config_lib
+from beit_jax import config_lib, exports, pixels
 from beit_jax.data import pipeline, transforms
-from beit_jax.models import vit
+from beit_jax.models import precision, vit
 from beit_jax.tasks import downstream
-from beit_jax.tasks.pretrain import compute_dtype
-from beit_jax.training import checkpointing, loop
+from beit_jax.training import checkpointing, loop, losses
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training import optim
 from beit_jax.training.train_state import TrainState, init_sharded, place
 
-EXPORT_KIND = "beit_linear_probe"
 IMAGE_KEY, LABEL_KEY = "image", "label"
 BATCH_KEYS = (IMAGE_KEY, LABEL_KEY)
 EVAL_KEYS = (IMAGE_KEY, LABEL_KEY, "valid")
 PROBE_INIT_STD = 0.01
 
 
-def validate_config(config: ml_collections.ConfigDict) -> None:
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises naming the first bad value, before anything is compiled or written."""
   downstream.common_checks(config, ("linear_probe",))
   config_lib.check_positive(config, "knn.k", "knn.max_train_images", allow_zero=True)
   config_lib.check_positive(config, "knn.temperature")
@@ -85,21 +84,20 @@ def probe_loss(probes: Mapping[str, jax.Array], feats: jax.Array, labels: jax.Ar
 
 
 def make_train_step(model: vit.BEiT, tx: optax.GradientTransformation, lr_fn: optim.Schedule,
-                    norm: str, poison_steps: tuple[int, ...] = ()):
+                    norm: str, inject_at_steps: tuple[int, ...] = ()):
   """`train_step(state, batch, backbone_params) -> (state, metrics)`."""
-  chex.clear_trace_counter()
 
-  @chex.assert_max_traces(n=1)
   def train_step(state: TrainState, batch: Mapping[str, jax.Array], backbone_params: Any):
-    feats = block_features(model, backbone_params, transforms.normalize(batch[IMAGE_KEY], norm))
+    feats = block_features(model, backbone_params, pixels.normalize(batch[IMAGE_KEY], norm))
     labels = batch[LABEL_KEY]
 
     (objective, (per_block, logits)), grads = jax.value_and_grad(probe_loss, has_aux=True)(
         state.params, feats, labels)
-    new_state, guard = state.apply_gradients(grads, tx, objective, poison_steps=poison_steps)
+    new_state, update_metrics = state.apply_gradients(grads, tx, objective,
+                                                      inject_at_steps=inject_at_steps)
     acc = jnp.mean(jnp.argmax(logits, -1) == labels[None], axis=1)
     metrics = dict(loss=jnp.mean(per_block), loss_last_block=per_block[-1],
-                   train_top1_best_block=jnp.max(acc), lr=lr_fn(state.step), **guard)
+                   train_top1_best_block=jnp.max(acc), lr=lr_fn(state.step), **update_metrics)
     return new_state, metrics
 
   return train_step
@@ -109,9 +107,9 @@ def make_eval_step(model: vit.BEiT, norm: str):
   """Per-block sums (arrays of length depth) over a padded eval batch."""
 
   def eval_step(probes: Any, batch: Mapping[str, jax.Array], backbone_params: Any):
-    feats = block_features(model, backbone_params, transforms.normalize(batch[IMAGE_KEY], norm))
+    feats = block_features(model, backbone_params, pixels.normalize(batch[IMAGE_KEY], norm))
     logits = probe_logits(probes, feats)
-    return jax.vmap(downstream.classification_sums, in_axes=(0, None, None))(
+    return jax.vmap(losses.classification_sums, in_axes=(0, None, None))(
         logits, batch[LABEL_KEY], batch["valid"])
 
   return eval_step
@@ -172,7 +170,7 @@ def knn_eval(config, model, backbone_params, train_source, eval_source, eval_tra
              block: int, num_classes: int, sharding) -> dict[str, float]:
   """Weighted k-NN top-1 of block `block`'s features (train: up to max_train_images)."""
   features_fn = jax.jit(lambda p, x: block_features(
-      model, p, transforms.normalize(x, config.input.norm))[block])
+      model, p, pixels.normalize(x, config.input.norm))[block])
   kw = dict(batch_size=config.eval_batch_size, sharding=sharding)
   train_f, train_y = extract_features(features_fn, backbone_params, train_source,
                                       eval_transform, max_images=config.knn.max_train_images,
@@ -197,28 +195,29 @@ def knn_eval(config, model, backbone_params, train_source, eval_source, eval_tra
 # ----------------------------------------------------------------------------------
 # The job.
 # ----------------------------------------------------------------------------------
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Trains (or resumes) the per-block probes in `workdir`; returns {'train', 'eval'}."""
-  validate_config(config)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
+  """Trains (or resumes) the per-block probes in `workdir`, evaluates, exports them."""
+  check_config(config)
   pretrained_meta = downstream.check_pretrained(config.pretrained)
 
-  mesh, batch_sh, repl = mesh_lib.task_mesh(config)
+  mesh, batch_sharding, replicated = mesh_lib.task_mesh(config)
   train_source, eval_source, num_classes = downstream.labelled_sources(config)
-  i = config.input
+  inputs = config.input
   transform = transforms.SingleViewTransform(
-      i.image_size, key=IMAGE_KEY, scale=tuple(i.crop_scale), ratio=tuple(i.crop_ratio),
-      interpolation=i.interpolation, flip_prob=i.flip_prob)
-  eval_transform = transforms.CenterCropTransform(i.image_size, key=IMAGE_KEY,
-                                                  interpolation=i.interpolation,
-                                                  crop_pct=i.eval_crop_pct)
+      inputs.image_size, key=IMAGE_KEY, scale=tuple(inputs.crop_scale),
+      ratio=tuple(inputs.crop_ratio), interpolation=inputs.interpolation,
+      flip_prob=inputs.flip_prob)
+  eval_transform = transforms.CenterCropTransform(inputs.image_size, key=IMAGE_KEY,
+                                                  interpolation=inputs.interpolation,
+                                                  crop_pct=inputs.eval_crop_pct)
   data_iter = pipeline.make_task_train_iterator(config, train_source, transform)
 
   # --- Frozen backbone and the probes ----------------------------------------------
-  dtype = compute_dtype(config.model.dtype)
+  dtype = precision.compute_dtype(config.model.dtype)
   model = downstream.backbone_model(config, num_classes, pretrained_meta, dtype)
   host_backbone, _ = downstream.backbone_params(model, config.pretrained, config.seed)
-  backbone_sh = jax.tree.map(lambda _: repl, host_backbone)
-  backbone = place(host_backbone, backbone_sh)
+  backbone_sharding = jax.tree.map(lambda _: replicated, host_backbone)
+  backbone = place(host_backbone, backbone_sharding)
   lr_fn = config_lib.lr_schedule(config)
   tx = optim.make_optimizer(config.optim, lr_fn)
   dim = 2 * model.embed_dim
@@ -227,43 +226,46 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed + 1))
     return TrainState.create(init_probes(rng, model.depth, dim, num_classes), tx, state_rng)
 
-  state, state_sh = init_sharded(init_fn, mesh)
+  state, state_sharding = init_sharded(init_fn, mesh)
   logging.info("Linear probes on %d blocks (%d-d features, %d classes) of a frozen backbone "
                "from %s", model.depth, dim, num_classes, config.pretrained or "random init")
   ckpt = checkpointing.make_checkpointer(workdir, config.ckpt)
-  state = ckpt.restore_latest(state, state_sh, data_iter)
+  state = ckpt.restore_latest(state, state_sharding, data_iter)
 
-  step_fn = jax.jit(make_train_step(model, tx, lr_fn, i.norm,
-                                    config_lib.injected_nonfinite_steps(config)),
-                    in_shardings=(state_sh, batch_sh, backbone_sh),
-                    out_shardings=(state_sh, repl), donate_argnums=(0,))
-  eval_step = jax.jit(make_eval_step(model, i.norm),
-                      in_shardings=(state_sh.params, batch_sh, backbone_sh), out_shardings=repl)
+  train_step = loop.compile_train_step(
+      make_train_step(model, tx, lr_fn, inputs.norm, config_lib.injected_nonfinite_steps(config)),
+      state_sharding, batch_sharding, backbone_sharding)
+  eval_step = jax.jit(make_eval_step(model, inputs.norm),
+                      in_shardings=(state_sharding.eval_params, batch_sharding,
+                                    backbone_sharding),
+                      out_shardings=replicated)
 
   def eval_fn(s: TrainState) -> dict[str, Any]:
     batches = pipeline.make_eval_iterator(eval_source, eval_transform,
                                           batch_size=config.eval_batch_size)
-    scalars = summarize_blocks(loop.sum_over_batches(eval_step, batches, EVAL_KEYS, batch_sh,
-                                                     s.params, backbone))
+    scalars = summarize_blocks(loop.sum_over_batches(eval_step, batches, EVAL_KEYS,
+                                                     batch_sharding, s.eval_params, backbone))
     if scalars and config.knn.k > 0 and int(jax.device_get(s.step)) >= config.total_steps:
       scalars.update(knn_eval(config, model, backbone, train_source, eval_source,
-                              eval_transform, scalars["best_layer"] - 1, num_classes, batch_sh))
+                              eval_transform, scalars["best_layer"] - 1, num_classes,
+                              batch_sharding))
     return scalars
 
-  def export(s: TrainState, last: dict, final: dict) -> None:
+  def export(result: loop.RunResult) -> None:
     export_dir = config.export_dir or os.path.join(workdir, "export", "final")
-    checkpointing.export_params(export_dir, s.params, metadata=dict(
-        kind=EXPORT_KIND, backbone=config.pretrained, backbone_kwargs=vit.architecture(model),
-        num_classes=num_classes, image_size=i.image_size, input_norm=i.norm,
-        step=int(jax.device_get(s.step)), final_train=last, eval=final))
+    final = result.eval
+    exports.write_linear_probe(
+        export_dir, result.state.eval_params, model, backbone=config.pretrained,
+        num_classes=num_classes, input_norm=inputs.norm,
+        step=int(jax.device_get(result.state.step)), final_train=result.train,
+        eval_metrics=final)
     if final:
       logging.info("Linear probe: best block %d, top-1 %.4f (per block: %s)",
                    final["best_layer"], final["best_top1"],
                    ", ".join(f"{final[f'top1_block_{l + 1}']:.3f}" for l in range(model.depth)))
 
-  _, last, final = loop.run_job(
-      config=config, workdir=workdir, state=state,
-      train_step=lambda s, b: step_fn(s, b, backbone), data_iter=data_iter,
-      batch_keys=BATCH_KEYS, batch_sharding=batch_sh, checkpointer=ckpt,
-      eval_fn=eval_fn if eval_source is not None else None, finish=export)
-  return {"train": last, "eval": final}
+  return loop.run_job(
+      config=config, workdir=workdir, state=state, train_step=train_step, data_iter=data_iter,
+      batch_keys=BATCH_KEYS, batch_sharding=batch_sharding, checkpointer=ckpt,
+      step_args=lambda _: (backbone,), eval_fn=eval_fn if eval_source is not None else None,
+      finish=export)

@@ -13,7 +13,8 @@ Masks are made on the host inside the Grain pipeline (`beit_jax/data/masking.py`
 the same per-element generator as the crop. Optimizer: AdamW with unilm's no-decay rule
 (1-D params, biases, `pos_embed`, `cls_token`), per-step cosine with linear warmup from
 0, global-norm clipping. Metrics: loss, mlm_acc, grad_norm, lr, masked patches per
-image; on the eval split (centre crops, a fixed mask per image): loss and mlm_acc. At the end the MIM model's params go to `<workdir>/export/beit` (Orbax + metadata).
+image; on the eval split (centre crops, a fixed mask per image): loss and mlm_acc. At the
+end the MIM model's params go to `<workdir>/export/beit` (`exports.write_mim`).
 
 The tokenizer comes from an Orbax export by path (`config.tokenizer.path`: one trained
 with the `dvae` task, or the official DALL-E dVAE converted to the same format). If the
@@ -26,42 +27,31 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
-import chex
 import jax
 import jax.numpy as jnp
 import ml_collections
 import optax
 from absl import logging
 
-from beit_jax import config_lib, viz
-from beit_jax.convert import beit as convert_beit
+from beit_jax import config_lib, exports, pixels
 from beit_jax.data import masking, pipeline, sources, transforms
-from beit_jax.models import dvae, vit
+from beit_jax.models import dvae, precision, vit
 from beit_jax.tasks import dvae as dvae_task
-from beit_jax.training import checkpointing, loop
+from beit_jax.training import checkpointing, loop, losses
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training import optim
 from beit_jax.training.train_state import TrainState, init_sharded
+from beit_jax.viz import pictures
 
-EXPORT_KIND = "beit_mim"
 IMAGE_KEY = "image"
 TOKENIZER_KEY = "tokenizer_image"
 MASK_KEY = "mask"
 BATCH_KEYS = (IMAGE_KEY, TOKENIZER_KEY, MASK_KEY)
-WD_SKIP = ("pos_embed", "cls_token")  # unilm `no_weight_decay()`; mask_token is decayed.
-INTERPOLATIONS = ("bicubic", "bilinear", "lanczos", "box", "hamming", "nearest")
 
 
 # ----------------------------------------------------------------------------------
 # Config checks and the resolved pieces (before anything is compiled or written).
 # ----------------------------------------------------------------------------------
-def compute_dtype(name: str) -> Any:
-  """'auto' -> bfloat16 on GPU/TPU, float32 on CPU."""
-  if name == "auto":
-    return jnp.float32 if jax.default_backend() == "cpu" else jnp.bfloat16
-  return {"float32": jnp.float32, "bfloat16": jnp.bfloat16}[name]
-
-
 def make_model(model_config: Mapping[str, Any], image_size: int, vocab_size: int,
                dtype: Any = jnp.float32) -> vit.BEiT:
   """The MIM model from `config.model` (a named variant plus overrides)."""
@@ -94,16 +84,14 @@ def tokenizer_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
   """Grid, vocabulary and view size of the tokenizer the config points to."""
   train = tokenizer_train_config(config)
   if train is not None:
-    dvae_task.validate_config(train)
-    down = dvae_task.make_model(train.model).downsample
+    dvae_task.check_config(train)
+    down = dvae.from_config(train.model).downsample
     return dict(grid=train.input.image_size // down, vocab_size=train.model.vocab_size,
                 image_size=train.input.image_size)
-  meta = checkpointing.read_metadata(config.tokenizer.path)
-  if meta.get("kind") != dvae_task.EXPORT_KIND:
-    raise ValueError(f"config.tokenizer.path={config.tokenizer.path!r} holds a "
-                     f"{meta.get('kind')!r} export, not a dVAE tokenizer.")
-  return dict(grid=meta["grid"], vocab_size=meta["model"]["vocab_size"],
-              image_size=meta["image_size"])
+  try:
+    return exports.tokenizer_info(config.tokenizer.path)
+  except ValueError as e:
+    raise ValueError(f"config.tokenizer.path: {e}") from e
 
 
 def missing_inputs_message(config: ml_collections.ConfigDict) -> str | None:
@@ -115,8 +103,7 @@ def missing_inputs_message(config: ml_collections.ConfigDict) -> str | None:
         "(--config.tokenizer.path=RUN/export/tokenizer, written by e.g. `python -m "
         "beit_jax.main --config=configs/dvae_dalle.py`) or the official DALL-E dVAE "
         "converted to that format.")
-  elif config.tokenizer.path and not os.path.exists(
-      os.path.join(config.tokenizer.path, checkpointing.METADATA_FILE)):
+  elif config.tokenizer.path and not exports.is_export(config.tokenizer.path):
     problems.append(f"config.tokenizer.path={config.tokenizer.path!r} is not a tokenizer "
                     "export (no metadata.json there).")
   try:
@@ -130,16 +117,16 @@ def missing_inputs_message(config: ml_collections.ConfigDict) -> str | None:
           "--config=configs/pretrain_small.py (tokenizer + MIM on built-in photos).")
 
 
-def validate_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-  """Raises ValueError naming the first bad value; returns the tokenizer spec."""
+def check_config(config: ml_collections.ConfigDict) -> None:
+  """Raises ValueError naming the first bad value, before anything is compiled or written."""
   config_lib.check_choice(config, "task", ("pretrain",))
   config_lib.check_data(config)
   config_lib.check_choice(config, "model.variant", tuple(vit.VARIANTS))
-  config_lib.check_choice(config, "model.dtype", ("auto", "float32", "bfloat16"))
-  config_lib.check_choice(config, "mask.kind", ("blockwise", "random"))
+  config_lib.check_choice(config, "model.dtype", precision.DTYPE_NAMES)
+  config_lib.check_choice(config, "mask.kind", masking.MASK_KINDS)
   config_lib.check_choice(config, "input.norm", ("half", "imagenet"))
-  config_lib.check_choice(config, "input.interpolation", INTERPOLATIONS)
-  config_lib.check_choice(config, "input.second_interpolation", INTERPOLATIONS)
+  config_lib.check_choice(config, "input.interpolation", tuple(transforms.INTERPOLATIONS))
+  config_lib.check_choice(config, "input.second_interpolation", tuple(transforms.INTERPOLATIONS))
   config_lib.check_positive(config, "total_steps", "input.batch_size", "input.image_size",
                             "input.second_size", "model.patch_size", "log_every", "ckpt.every",
                             "ckpt.keep", "optim.lr")
@@ -162,20 +149,19 @@ def validate_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
   message = missing_inputs_message(config)
   if message:
     raise FileNotFoundError(message)
-  spec = tokenizer_spec(config)
-  if spec["grid"] != grid:
+  tokenizer = tokenizer_spec(config)
+  if tokenizer["grid"] != grid:
     raise ValueError(
-        f"The tokenizer makes a {spec['grid']}x{spec['grid']} token grid but the ViT has "
-        f"{grid}x{grid} patches (image_size {size} / patch {patch}); they must match "
-        f"(e.g. input.second_size = tokenizer image size, image_size = patch * {spec['grid']}).")
-  if config.input.second_size != spec["image_size"]:
+        f"The tokenizer makes a {tokenizer['grid']}x{tokenizer['grid']} token grid but the ViT "
+        f"has {grid}x{grid} patches (image_size {size} / patch {patch}); they must match (e.g. "
+        f"input.second_size = tokenizer image size, image_size = patch * {tokenizer['grid']}).")
+  if config.input.second_size != tokenizer["image_size"]:
     raise ValueError(f"config.input.second_size={config.input.second_size} but the tokenizer "
-                     f"was trained on {spec['image_size']} px views; set them equal.")
-  if config.model.vocab_size and config.model.vocab_size != spec["vocab_size"]:
+                     f"was trained on {tokenizer['image_size']} px views; set them equal.")
+  if config.model.vocab_size and config.model.vocab_size != tokenizer["vocab_size"]:
     raise ValueError(f"config.model.vocab_size={config.model.vocab_size} but the tokenizer has "
-                     f"{spec['vocab_size']} tokens; set it to {spec['vocab_size']} (or 0 to "
-                     "take the tokenizer's).")
-  return spec
+                     f"{tokenizer['vocab_size']} tokens; set it to {tokenizer['vocab_size']} "
+                     "(or 0 to take the tokenizer's).")
 
 
 # ----------------------------------------------------------------------------------
@@ -193,23 +179,14 @@ def masked_positions(mask: jax.Array, max_masked: int) -> tuple[jax.Array, jax.A
   return order.astype(jnp.int32), weights
 
 
-def mim_loss(logits: jax.Array, targets: jax.Array, weights: jax.Array):
-  """Mean cross-entropy and argmax accuracy over the weighted (masked) tokens."""
-  logits = logits.astype(jnp.float32)
-  ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-  count = jnp.maximum(jnp.sum(weights), 1.0)
-  correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return jnp.sum(ce * weights) / count, jnp.sum(correct * weights) / count
-
-
 def make_mim_update(model: vit.BEiT, tx: optax.GradientTransformation, lr_fn: optim.Schedule,
-                    max_masked: int, input_norm: str, poison_steps: tuple[int, ...] = ()):
+                    max_masked: int, input_norm: str, inject_at_steps: tuple[int, ...] = ()):
   """`update(state, images_uint8, mask, token_ids) -> (state, metrics)`: the ViT half of
   the step (normalise, mask tokens, logits at the masked positions, cross-entropy, AdamW)
   given the target ids (B, N) of every patch."""
 
   def update(state: TrainState, images: jax.Array, mask: jax.Array, ids: jax.Array):
-    images = transforms.normalize(images, input_norm)
+    images = pixels.normalize(images, input_norm)
     mask = mask.astype(bool)
     positions, weights = masked_positions(mask, max_masked)
     targets = jnp.take_along_axis(ids, positions, axis=1)
@@ -217,12 +194,13 @@ def make_mim_update(model: vit.BEiT, tx: optax.GradientTransformation, lr_fn: op
     def loss_fn(params):
       logits = model.apply({"params": params}, images, mask, positions, train=True,
                            rngs={"dropout": state.step_rng()}, method=vit.BEiT.mim_logits)
-      return mim_loss(logits, targets, weights)
+      return losses.masked_token_loss(logits, targets, weights)
 
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    new_state, guard = state.apply_gradients(grads, tx, loss, poison_steps=poison_steps)
+    new_state, update_metrics = state.apply_gradients(grads, tx, loss,
+                                                      inject_at_steps=inject_at_steps)
     metrics = dict(loss=loss, mlm_acc=acc, lr=lr_fn(state.step),
-                   masked_per_image=jnp.mean(jnp.sum(weights, axis=1)), **guard)
+                   masked_per_image=jnp.mean(jnp.sum(weights, axis=1)), **update_metrics)
     return new_state, metrics
 
   return update
@@ -230,18 +208,13 @@ def make_mim_update(model: vit.BEiT, tx: optax.GradientTransformation, lr_fn: op
 
 def make_train_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, tx: optax.GradientTransformation,
                     lr_fn: optim.Schedule, max_masked: int, input_norm: str,
-                    poison_steps: tuple[int, ...] = ()):
+                    inject_at_steps: tuple[int, ...] = ()):
   """`train_step(state, batch, tokenizer_params) -> (state, metrics)`, for `jax.jit`:
   the frozen tokenizer's ids of the tokenizer view, then `make_mim_update`."""
-  # A fresh step may be built again in one process (a notebook re-running a job): its
-  # trace count starts from zero; within a run it must be traced once (static shapes).
-  chex.clear_trace_counter()
-  update = make_mim_update(model, tx, lr_fn, max_masked, input_norm, poison_steps)
+  update = make_mim_update(model, tx, lr_fn, max_masked, input_norm, inject_at_steps)
 
-  @chex.assert_max_traces(n=1)
   def train_step(state: TrainState, batch: Mapping[str, jax.Array], tokenizer_params: Any):
-    token_view = batch[TOKENIZER_KEY].astype(jnp.float32) / 255.0
-    ids = dvae.tokenize(tokenizer, tokenizer_params, token_view)
+    ids = dvae.tokenize(tokenizer, tokenizer_params, pixels.to_unit(batch[TOKENIZER_KEY]))
     ids = jax.lax.stop_gradient(ids.reshape(ids.shape[0], -1))
     return update(state, batch[IMAGE_KEY], batch[MASK_KEY], ids)
 
@@ -253,20 +226,17 @@ def make_eval_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, max_masked: int
   """Sums over a padded eval batch: masked-token cross-entropy, correct, count, images."""
 
   def eval_step(params: Any, batch: Mapping[str, jax.Array], tokenizer_params: Any):
-    images = transforms.normalize(batch[IMAGE_KEY], input_norm)
-    ids = dvae.tokenize(tokenizer, tokenizer_params,
-                        batch[TOKENIZER_KEY].astype(jnp.float32) / 255.0)
+    images = pixels.normalize(batch[IMAGE_KEY], input_norm)
+    ids = dvae.tokenize(tokenizer, tokenizer_params, pixels.to_unit(batch[TOKENIZER_KEY]))
     ids = ids.reshape(ids.shape[0], -1)
     valid = batch["valid"]
     mask = jnp.logical_and(batch[MASK_KEY].astype(bool), valid[:, None])
     positions, weights = masked_positions(mask, max_masked)
     targets = jnp.take_along_axis(ids, positions, axis=1)
     logits = model.apply({"params": params}, images, mask, positions, train=False,
-                         method=vit.BEiT.mim_logits).astype(jnp.float32)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
-    correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-    return dict(loss_sum=jnp.sum(ce * weights), correct=jnp.sum(correct * weights),
-                count=jnp.sum(weights), num_images=jnp.sum(valid.astype(jnp.float32)))
+                         method=vit.BEiT.mim_logits)
+    return dict(losses.masked_token_sums(logits, targets, weights),
+                num_images=jnp.sum(valid.astype(jnp.float32)))
 
   return eval_step
 
@@ -293,7 +263,7 @@ def prepare_tokenizer(config: ml_collections.ConfigDict, workdir: str) -> str:
     return config.tokenizer.path
   tok_workdir = os.path.join(workdir, "tokenizer")
   export = train.export_dir or os.path.join(tok_workdir, "export", "tokenizer")
-  if os.path.exists(os.path.join(export, checkpointing.METADATA_FILE)):
+  if exports.is_export(export):
     logging.info("Using the tokenizer already trained in %s.", export)
     return export
   logging.info("Stage 1/2: training the tokenizer in %s (config.tokenizer.train).", tok_workdir)
@@ -322,21 +292,20 @@ def make_transforms(config: ml_collections.ConfigDict):
           masking.MaskedViewsTransform(eval_views, generator, mask_key=MASK_KEY), num)
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[str, Any]:
-  """Pretrains (or resumes) in `workdir`, evaluates, exports.
-
-  Returns {'train': last logged train means, 'eval': final eval (if an eval split)}.
-  """
-  spec = validate_config(config)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
+  """Pretrains (or resumes) in `workdir`, evaluates, exports the MIM model."""
+  check_config(config)
+  vocab = tokenizer_spec(config)["vocab_size"]
 
   # --- Mesh ---------------------------------------------------------------------
-  mesh, batch_sh, repl = mesh_lib.task_mesh(config)
+  mesh, batch_sharding, replicated = mesh_lib.task_mesh(config)
 
   # --- Tokenizer (trained first in the quick start) -------------------------------
   tokenizer_path = prepare_tokenizer(config, workdir)
-  tokenizer, tok_vars, tok_meta = dvae_task.load_tokenizer(tokenizer_path, sharding=repl)
-  tok_params = {"params": tok_vars["params"]}
-  vocab = spec["vocab_size"]
+  tokenizer, tokenizer_vars, tokenizer_meta = exports.load_tokenizer(tokenizer_path,
+                                                                     sharding=replicated)
+  tokenizer_params = {"params": tokenizer_vars["params"]}
+  tokenizer_size, tokenizer_grid = tokenizer_meta["image_size"], tokenizer_meta["grid"]
 
   # --- Input --------------------------------------------------------------------
   train_source = sources.make_source(config.data, config.data.train_split)
@@ -346,13 +315,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
   logging.info("Train source: %s (%d images); eval: %s; tokenizer %s (%d tokens, %dx%d grid)",
                config.data.source, len(train_source),
                "none" if eval_source is None else f"{len(eval_source)} images", tokenizer_path,
-               vocab, spec["grid"], spec["grid"])
+               vocab, tokenizer_grid, tokenizer_grid)
 
   # --- Model and optimizer --------------------------------------------------------
-  dtype = compute_dtype(config.model.dtype)
+  dtype = precision.compute_dtype(config.model.dtype)
   model = make_model(config.model, config.input.image_size, vocab, dtype)
   lr_fn = config_lib.lr_schedule(config)
-  tx = optim.make_optimizer(config.optim, lr_fn, wd_skip=WD_SKIP)
+  tx = optim.make_optimizer(config.optim, lr_fn, wd_skip=model.no_weight_decay())
   size = config.input.image_size
 
   def init_fn():
@@ -360,7 +329,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
     params = model.init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
     return TrainState.create(params, tx, state_rng)
 
-  state, state_sh = init_sharded(init_fn, mesh)
+  state, state_sharding = init_sharded(init_fn, mesh)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("BEiT-%s MIM: %s params, %d patches, %d masked (%s), compute %s",
                config.model.variant, f"{num_params:,}", model.num_patches, max_masked,
@@ -368,58 +337,44 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict[
 
   # --- Resume ---------------------------------------------------------------------
   ckpt = checkpointing.make_checkpointer(workdir, config.ckpt)
-  state = ckpt.restore_latest(state, state_sh, data_iter)
+  state = ckpt.restore_latest(state, state_sharding, data_iter)
 
-  # --- Compiled step --------------------------------------------------------------
-  tok_sh = jax.tree.map(lambda _: repl, tok_params)
-  step_fn = jax.jit(make_train_step(model, tokenizer, tx, lr_fn, max_masked, config.input.norm,
-                                    config_lib.injected_nonfinite_steps(config)),
-                    in_shardings=(state_sh, batch_sh, tok_sh), out_shardings=(state_sh, repl),
-                    donate_argnums=(0,))
-
-  def train_step(s, batch):
-    return step_fn(s, batch, tok_params)
-
+  # --- Compiled steps -------------------------------------------------------------
+  tokenizer_sharding = jax.tree.map(lambda _: replicated, tokenizer_params)
+  train_step = loop.compile_train_step(
+      make_train_step(model, tokenizer, tx, lr_fn, max_masked, config.input.norm,
+                      config_lib.injected_nonfinite_steps(config)),
+      state_sharding, batch_sharding, tokenizer_sharding)
   eval_step = jax.jit(make_eval_step(model, tokenizer, max_masked, config.input.norm),
-                      in_shardings=(state_sh.params, batch_sh, tok_sh), out_shardings=repl)
+                      in_shardings=(state_sharding.eval_params, batch_sharding,
+                                    tokenizer_sharding),
+                      out_shardings=replicated)
 
   def eval_fn(s: TrainState) -> dict[str, float]:
     eval_iter = pipeline.make_eval_iterator(eval_source, eval_transform,
                                             batch_size=config.eval_batch_size)
-    return evaluate(eval_step, s.params, tok_params, eval_iter, batch_sh)
+    return evaluate(eval_step, s.eval_params, tokenizer_params, eval_iter, batch_sharding)
 
   # --- Train, then export ------------------------------------------------------------
-  def export(s: TrainState, last: dict, final: dict) -> None:
+  def export(result: loop.RunResult) -> None:
     export_dir = config.export_dir or os.path.join(workdir, "export", "beit")
-    checkpointing.export_params(export_dir, s.params, metadata=dict(
-        kind=EXPORT_KIND, model=config.model.to_dict(), model_kwargs=vit.architecture(model),
-        vocab_size=vocab, image_size=size,
-        patch_size=config.model.patch_size, input_norm=config.input.norm,
-        tokenizer=os.path.abspath(tokenizer_path), tokenizer_image_size=tok_meta["image_size"],
-        step=int(jax.device_get(s.step)), final_train=last, eval=final))
+    exports.write_mim(
+        export_dir, result.state.eval_params, model, input_norm=config.input.norm,
+        tokenizer=tokenizer_path, tokenizer_image_size=tokenizer_size,
+        step=int(jax.device_get(result.state.step)), model_config=config.model.to_dict(),
+        final_train=result.train, eval_metrics=result.eval)
     logging.info("Exported BEiT MIM params to %s", export_dir)
 
   painter = None
-  if config.get("pictures", True):  # What it learned, at every checkpoint (beit_jax/viz.py).
-    sample = viz.sample_images(train_source, 4)
-    painter = viz.checkpoint_painter(workdir, lambda s: viz.mim_pictures(
-        model, s.params, tokenizer, tok_params, sample, input_norm=config.input.norm,
-        tokenizer_image_size=tok_meta["image_size"], seed=config.seed), config.tensorboard)
+  if config.get("pictures", True):  # What it learned, at every checkpoint (beit_jax/viz).
+    sample = pictures.sample_images(train_source, 4)
+    painter = pictures.checkpoint_painter(workdir, lambda s: pictures.mim_pictures(
+        model, s.eval_params, tokenizer, tokenizer_params, sample, input_norm=config.input.norm,
+        tokenizer_image_size=tokenizer_size, seed=config.seed), config.tensorboard)
 
-  _, last, final = loop.run_job(
+  return loop.run_job(
       config=config, workdir=workdir, state=state, train_step=train_step, data_iter=data_iter,
-      batch_keys=BATCH_KEYS, batch_sharding=batch_sh, checkpointer=ckpt,
+      batch_keys=BATCH_KEYS, batch_sharding=batch_sharding, checkpointer=ckpt,
+      step_args=lambda _: (tokenizer_params,),
       eval_fn=eval_fn if eval_source is not None else None, finish=export,
       on_checkpoint=painter)
-  return {"train": last, "eval": final}
-
-
-def load_pretrained(export_dir: str, sharding=None, dtype=jnp.float32) -> tuple[vit.BEiT, Any, dict]:
-  """Loads BEiT params exported by this task or converted (`python -m beit_jax.convert`):
-  (model, params, metadata)."""
-  meta = checkpointing.read_metadata(export_dir)
-  if meta.get("kind") not in (EXPORT_KIND, convert_beit.EXPORT_KIND):
-    raise ValueError(f"{export_dir} holds a {meta.get('kind')!r} export, not BEiT params.")
-  model = vit.BEiT(**meta["model_kwargs"], dtype=dtype)
-  params = checkpointing.load_params_onto(export_dir, vit.abstract_params(model), sharding)
-  return model, params, meta

@@ -1,27 +1,22 @@
-"""Orbax checkpointing, written once for every task.
+"""Orbax checkpointing of a training run, written once for every task.
 
-* `Checkpointer`: the train state and the Grain iterator state saved together under
-  `workdir/checkpoints/<step>/{state,data}` (async, keep N), restored into the current
-  mesh's shardings whatever mesh wrote them.
-* `export_params` / `load_params`: a params-only Orbax checkpoint plus a `metadata.json`
-  (model config and provenance) — the hand-off between stages (tokenizer -> MIM ->
-  fine-tuning) and the format users move weights in.
+`Checkpointer`: the train state and the Grain iterator state saved together under
+`workdir/checkpoints/<step>/{state,data}` (async, keep N), restored into the current
+mesh's shardings whatever mesh wrote them. Params-only exports (the hand-off between
+stages) are `beit_jax/exports.py`.
 """
 
 from __future__ import annotations
 
-import json
 import os
 from typing import Any, Mapping
 
+import flax
 import grain
-from absl import logging
 import jax
 import orbax.checkpoint as ocp
+from absl import logging
 from etils import epath
-
-METADATA_FILE = "metadata.json"
-PARAMS_DIR = "params"
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -106,60 +101,13 @@ class Checkpointer:
     self._manager.close()
 
 
-def _shapes(tree: Any) -> dict[str, tuple[int, ...]]:
+def _shapes(tree: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
   """'a/b/c' -> shape for every array leaf of nested dicts (live arrays or Orbax metadata)."""
-  out = {}
-
-  def visit(node, prefix):
-    if isinstance(node, Mapping):
-      for key, value in node.items():
-        visit(value, f"{prefix}/{key}" if prefix else str(key))
-    elif node is not None and hasattr(node, "shape"):
-      out[prefix] = tuple(node.shape)
-
-  visit(tree, "")
-  return out
+  flat = flax.traverse_util.flatten_dict(dict(tree), sep="/")
+  return {k: tuple(v.shape) for k, v in flat.items() if v is not None and hasattr(v, "shape")}
 
 
 def make_checkpointer(workdir: str, ckpt_config: Any) -> Checkpointer:
   """`workdir/checkpoints` with a config's `ckpt` section (every, keep, async_save)."""
   return Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=ckpt_config.keep,
                       save_interval_steps=ckpt_config.every, async_save=ckpt_config.async_save)
-
-
-def export_params(directory: str | os.PathLike, params: Any, metadata: dict[str, Any]) -> str:
-  """Writes `directory/params` (Orbax, params only) and `directory/metadata.json`."""
-  directory = epath.Path(directory).absolute()
-  directory.mkdir(parents=True, exist_ok=True)
-  with ocp.StandardCheckpointer() as ckptr:
-    ckptr.save(directory / PARAMS_DIR, params, force=True)
-    ckptr.wait_until_finished()
-  if jax.process_index() == 0:
-    (directory / METADATA_FILE).write_text(json.dumps(metadata, indent=2, sort_keys=True))
-  return str(directory)
-
-
-def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
-  path = epath.Path(directory) / METADATA_FILE
-  if not path.exists():
-    raise FileNotFoundError(
-        f"{path} not found: {directory} is not a beit_jax params export "
-        f"(expected '{PARAMS_DIR}/' and '{METADATA_FILE}' written by a finished run).")
-  return json.loads(path.read_text())
-
-
-def load_params(directory: str | os.PathLike, target: Any) -> Any:
-  """Restores exported params into `target` (a pytree of ShapeDtypeStructs with shardings)."""
-  path = epath.Path(directory).absolute() / PARAMS_DIR
-  if not path.exists():
-    raise FileNotFoundError(f"No exported params at {path}.")
-  with ocp.StandardCheckpointer() as ckptr:
-    return ckptr.restore(path, target)
-
-
-def load_params_onto(directory: str | os.PathLike, abstract: Any, sharding: Any = None) -> Any:
-  """`load_params` with every leaf of `abstract` (shapes/dtypes) placed on one `sharding`
-  (default: this process's first device; pass a replicated NamedSharding to use them in a mesh)."""
-  sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return load_params(directory, abstract_with_shardings(
-      abstract, jax.tree.map(lambda _: sharding, abstract)))

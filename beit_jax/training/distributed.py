@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 from typing import Mapping
 
+import jax
 from absl import logging
 
 MODES = ("auto", "on", "off")
@@ -76,7 +77,6 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
     return False
   if coordinator_address and (num_processes is None or process_id is None):
     raise ValueError("--coordinator_address needs --num_processes and --process_id too.")
-  import jax  # pylint: disable=g-import-not-at-top
   kwargs = {}
   if coordinator_address:
     kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,

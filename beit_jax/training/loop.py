@@ -21,8 +21,9 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
 
+import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -35,8 +36,31 @@ from beit_jax.training import workdir as workdir_lib
 from beit_jax.training.checkpointing import Checkpointer
 from beit_jax.training.metrics import MetricWriter
 
-StepFn = Callable[[Any, Mapping[str, jax.Array]], tuple[Any, Mapping[str, jax.Array]]]
+StepFn = Callable[..., tuple[Any, Mapping[str, jax.Array]]]
+StepArgs = Callable[[int], tuple[Any, ...]]
 Summarize = Callable[[Mapping[str, np.ndarray], int], dict[str, float]]
+
+
+class RunResult(NamedTuple):
+  """What a training run ends with (`run`, `run_job` and every task's `train_and_evaluate`)."""
+  state: Any
+  train: dict[str, float]  # The last logged train means ({} if nothing was trained).
+  eval: dict[str, Any]  # The final evaluation ({} without an eval split or when stopped).
+  stopped_by: str | None = None  # The signal that stopped the run early, else None.
+
+
+def compile_train_step(train_step: StepFn, state_sharding: Any, batch_sharding: NamedSharding,
+                       *arg_shardings: Any) -> StepFn:
+  """`jax.jit` of `train_step(state, batch, *args) -> (state, metrics)` as every task runs
+  it: the state donated and kept in its shardings, the metrics replicated, and traced
+  exactly once (static shapes; `chex.assert_max_traces` raises on a retrace). The trace
+  counters are reset first, so a job built again in one process (a notebook) starts
+  from zero."""
+  chex.clear_trace_counter()
+  return jax.jit(chex.assert_max_traces(train_step, n=1),
+                 in_shardings=(state_sharding, batch_sharding, *arg_shardings),
+                 out_shardings=(state_sharding, mesh_lib.replicated(batch_sharding.mesh)),
+                 donate_argnums=(0,))
 
 
 def sum_over_batches(step_fn: Callable[..., Mapping[str, jax.Array]],
@@ -128,23 +152,28 @@ def mean_scalars(sums: Mapping[str, np.ndarray], num_steps: int) -> dict[str, fl
 def run(*, state: Any, train_step: StepFn, data_iter: Iterator[dict[str, np.ndarray]],
         batch_keys: Sequence[str], batch_sharding: NamedSharding, total_steps: int,
         writer: MetricWriter, checkpointer: Checkpointer, log_every: int,
-        summarize: Summarize = mean_scalars, eval_every: int = 0,
-        eval_fn: Callable[[Any], dict[str, float]] | None = None,
+        step_args: StepArgs | None = None, summarize: Summarize = mean_scalars,
+        eval_every: int = 0, eval_fn: Callable[[Any], dict[str, Any]] | None = None,
         max_consecutive_nonfinite: int = 0,
-        on_checkpoint: Callable[[Any, int], None] | None = None,
-        ) -> tuple[Any, dict[str, Any], str | None]:
-  """Runs `train_step` from the state's step to `total_steps`, then `eval_fn` once more.
+        on_checkpoint: Callable[[Any, int], None] | None = None) -> RunResult:
+  """Runs `train_step(state, batch, *step_args(step))` from the state's step to
+  `total_steps`, then `eval_fn` once more.
 
-  Returns the final state, the final eval metrics ({} without `eval_fn`; also written with
-  split 'final_eval') and None, or, when a stop was requested (SIGTERM/SIGINT), the state
-  at the stop (checkpointed), {} and the signal's name. `on_checkpoint(state, step)` runs
-  after each checkpoint written (e.g. the pictures), not at a stop.
+  `step_args(step)` gives the step's other arguments (host values: a frozen model's
+  params, the step's mixup draw); `step` is the 0-based index of the step about to run,
+  kept on the host (no device sync). `summarize(sums, num_steps)` turns an interval's
+  metric sums into the logged scalars. Returns the final state, the last logged train
+  scalars and the final eval metrics (also written with split 'final_eval'); when a
+  stop was requested (SIGTERM/SIGINT), the state at the stop (checkpointed), no eval and
+  the signal's name. `on_checkpoint(state, step)` runs after each checkpoint written
+  (e.g. the pictures), not at a stop.
   """
   step = int(jax.device_get(state.step))  # One sync before the loop.
   if step >= total_steps:
     logging.info("Already at step %d of %d: nothing to train.", step, total_steps)
   sums, num, skipped, images = None, 0, 0, 0
   total_skipped, total_images = 0, 0
+  last: dict[str, float] = {}
   t_interval = time.time()
   with StopRequests() as stop:
     while step < total_steps:
@@ -154,7 +183,8 @@ def run(*, state: Any, train_step: StepFn, data_iter: Iterator[dict[str, np.ndar
       skipped, total_skipped = skipped + batch_skipped, total_skipped + batch_skipped
       images, total_images = images + batch_images, total_images + batch_images
       batch = mesh_lib.global_batch({k: host_batch[k] for k in batch_keys}, batch_sharding)
-      state, metrics = train_step(state, batch)
+      extra = step_args(step) if step_args is not None else ()
+      state, metrics = train_step(state, batch, *extra)
       sums = metrics if sums is None else jax.tree.map(jnp.add, sums, metrics)
       num += 1
       step += 1
@@ -163,7 +193,8 @@ def run(*, state: Any, train_step: StepFn, data_iter: Iterator[dict[str, np.ndar
       if step % log_every == 0 or step == total_steps or stopping:
         # The log step's one fetch: the interval's metric sums and the non-finite streak.
         host_sums, streak = jax.device_get((sums, getattr(state, "nonfinite_streak", None)))
-        scalars = summarize(host_sums, num)
+        last = summarize(host_sums, num)
+        scalars = dict(last)
         elapsed = time.time() - t_interval
         scalars["images_per_s"] = images * jax.process_count() / max(elapsed, 1e-9)
         scalars["skipped_images"] = skipped
@@ -189,52 +220,44 @@ def run(*, state: Any, train_step: StepFn, data_iter: Iterator[dict[str, np.ndar
         logging.warning(
             "Stopped by %s at step %d of %d; checkpoint %s/%d written. Rerun the same command "
             "to resume.", stop.signal_name, step, total_steps, checkpointer.directory, step)
-        return state, {}, stop.signal_name
+        return RunResult(state, last, {}, stop.signal_name)
   checkpointer.wait()
   logging.info("Input: %d images trained on, %d undecodable images skipped (this process, "
                "this run).", total_images, total_skipped)
   final = eval_fn(state) if eval_fn is not None else {}
   if final:
     writer.write(total_steps, final, split="final_eval")
-  return state, final, None
+  return RunResult(state, last, final)
 
 
 def run_job(*, config: Any, workdir: str, state: Any, train_step: StepFn,
             data_iter: Iterator[dict[str, np.ndarray]], batch_keys: Sequence[str],
             batch_sharding: NamedSharding, checkpointer: Checkpointer,
+            step_args: StepArgs | None = None,
             eval_fn: Callable[[Any], dict[str, Any]] | None = None,
             summarize: Summarize = mean_scalars,
-            finish: Callable[[Any, dict[str, float], dict[str, Any]], None] | None = None,
-            on_checkpoint: Callable[[Any, int], None] | None = None,
-            ) -> tuple[Any, dict[str, float], dict[str, Any]]:
-  """A task's whole training run: metric writer, `run`, then `finish(state, last train
-  means, final eval)` (the export); the checkpointer, writer and data iterator are closed
-  whatever happens. Reads `total_steps`, `log_every`, `eval_every`, `tensorboard` from
-  `config`. Returns (state, last logged train means, final eval)."""
+            finish: Callable[[RunResult], None] | None = None,
+            on_checkpoint: Callable[[Any, int], None] | None = None) -> RunResult:
+  """A task's whole training run: metric writer, `run`, then `finish(result)` (the
+  export) unless the run was stopped; the checkpointer, writer and data iterator are
+  closed whatever happens. Reads `total_steps`, `log_every`, `eval_every`, `tensorboard`
+  and `nonfinite.max_consecutive` from `config`."""
   workdir_lib.write(config, workdir)
   writer = MetricWriter(workdir, config.total_steps, tensorboard=config.tensorboard)
-  last: dict[str, float] = {}
-
-  def summarize_and_keep(sums, num_steps):
-    scalars = summarize(sums, num_steps)
-    last.clear()
-    last.update(scalars)
-    return dict(scalars)
-
   try:
-    guard = config.get("nonfinite")
-    state, final, stopped_by = run(
+    nonfinite = config.get("nonfinite")
+    result = run(
         state=state, train_step=train_step, data_iter=data_iter, batch_keys=batch_keys,
         batch_sharding=batch_sharding, total_steps=config.total_steps, writer=writer,
-        checkpointer=checkpointer, log_every=config.log_every, summarize=summarize_and_keep,
-        eval_every=config.eval_every, eval_fn=eval_fn,
-        max_consecutive_nonfinite=0 if guard is None else guard.max_consecutive,
+        checkpointer=checkpointer, log_every=config.log_every, step_args=step_args,
+        summarize=summarize, eval_every=config.eval_every, eval_fn=eval_fn,
+        max_consecutive_nonfinite=0 if nonfinite is None else nonfinite.max_consecutive,
         on_checkpoint=on_checkpoint)
-    if finish is not None and stopped_by is None:
-      finish(state, dict(last), final)
+    if finish is not None and result.stopped_by is None:
+      finish(result)
   finally:
     checkpointer.close()
     writer.close()
     if hasattr(data_iter, "close"):
       data_iter.close()
-  return state, dict(last), final
+  return result

@@ -14,6 +14,7 @@ from typing import Any, Mapping
 
 import jax
 from absl import logging
+from tensorboardX import SummaryWriter
 
 
 def format_duration(seconds: float) -> str:
@@ -47,7 +48,6 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
       if tensorboard:
-        from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
         self._tb = SummaryWriter(os.path.join(workdir, "tb"))
 
   def write(self, step: int, scalars: Mapping[str, float], split: str = "train") -> None:
@@ -83,7 +83,6 @@ def write_images(workdir: str, step: int, images: Mapping[str, Any], tag: str = 
   """uint8 (H, W, 3) images into TensorBoard (`WORKDIR/tb`, tag/name) from process 0."""
   if jax.process_index() != 0:
     return
-  from tensorboardX import SummaryWriter  # pylint: disable=g-import-not-at-top
   with SummaryWriter(os.path.join(workdir, "tb")) as tb:
     for name, image in images.items():
       tb.add_image(f"{tag}/{name}", image, step, dataformats="HWC")

@@ -115,8 +115,3 @@ def make_optimizer(optim_config: ml_collections.ConfigDict, lr: Schedule,
   if lr_scales is not None:
     parts.append(scale_by_tree(lr_scales))
   return optax.chain(*parts)
-
-
-def ema_update(ema_params: Any, params: Any, decay: float | jax.Array) -> Any:
-  """Parameter EMA: decay * ema + (1 - decay) * params."""
-  return jax.tree.map(lambda e, p: e * decay + (1.0 - decay) * p.astype(e.dtype), ema_params, params)

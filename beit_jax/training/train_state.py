@@ -11,7 +11,6 @@ import optax
 from jax.sharding import Mesh
 
 from beit_jax.training import mesh as mesh_lib
-from beit_jax.training import optim
 
 
 @flax.struct.dataclass
@@ -35,32 +34,37 @@ class TrainState:
                ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
                nonfinite_streak=jnp.zeros((), jnp.int32))
 
+  @property
+  def eval_params(self) -> Any:
+    """The params to evaluate, export and draw: the EMA when it is kept, else the params."""
+    return self.params if self.ema_params is None else self.ema_params
+
   def step_rng(self) -> jax.Array:
     return jax.random.fold_in(self.rng, self.step)
 
   def apply_gradients(self, grads: Any, tx: optax.GradientTransformation, loss: jax.Array, *,
                       ema_decay: float | None = None,
-                      poison_steps: tuple[int, ...] = ()) -> tuple["TrainState", dict]:
+                      inject_at_steps: tuple[int, ...] = ()) -> tuple["TrainState", dict]:
     """One optimizer step, skipped when the loss or the gradient norm is not finite.
 
     Inside the jitted step (no host sync): a skipped step keeps params, optimizer state
     and EMA, still advances `step` (the batch is consumed, the schedule moves on) and adds
     one to `nonfinite_streak` (reset by a good step); the host stops the run when the
     streak reaches its limit (`loop.run`). Returns the state and metrics
-    `{grad_norm, nonfinite}` (nonfinite: 1.0 for a skipped step). `poison_steps` turns the
-    gradients of those steps into NaN (fault injection for tests:
+    `{grad_norm, nonfinite}` (nonfinite: 1.0 for a skipped step). `inject_at_steps` turns
+    the gradients of those steps into NaN (fault injection for tests:
     `config.nonfinite.inject_at_steps`).
     """
-    if poison_steps:
-      poisoned = jnp.isin(self.step, jnp.asarray(poison_steps, jnp.int32))
-      grads = jax.tree.map(lambda g: jnp.where(poisoned, jnp.nan, g), grads)
+    if inject_at_steps:
+      injected = jnp.isin(self.step, jnp.asarray(inject_at_steps, jnp.int32))
+      grads = jax.tree.map(lambda g: jnp.where(injected, jnp.nan, g), grads)
     grad_norm = optax.global_norm(grads)
     ok = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
     updates, opt_state = tx.update(grads, self.opt_state, self.params)
     params = optax.apply_updates(self.params, updates)
     ema = self.ema_params
     if ema is not None and ema_decay is not None:
-      ema = optim.ema_update(ema, params, ema_decay)
+      ema = optax.incremental_update(params, ema, step_size=1.0 - ema_decay)
     keep = lambda new, old: jax.tree.map(  # pylint: disable=unnecessary-lambda-assignment
         lambda n, o: jnp.where(ok, n, o), new, old)
     streak = jnp.zeros((), jnp.int32) if self.nonfinite_streak is None else self.nonfinite_streak

@@ -6,6 +6,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from beit_jax import exports
 from beit_jax.convert import beit as convert
 from beit_jax.models import vit
 from tests.models import test_vit as ref  # The independent numpy helpers (GELU, LN, index).
@@ -158,7 +159,7 @@ def test_cli_converts_a_torch_checkpoint_to_a_loadable_export(tmp_path):
                           capture_output=True, text=True, env=env, timeout=300)
   assert result.returncode == 0, result.stderr[-2000:]
   assert "Converted" in result.stdout
-  loaded, params, meta = pretrain.load_pretrained(str(out))
+  loaded, params, meta = exports.load_pretrained(str(out))
   assert meta["kind"] == "beit" and loaded.vocab_size == 30 and loaded.depth == 2
   images = np.random.default_rng(4).normal(size=(2, 16, 16, 3)).astype(np.float32)
   positions = jnp.broadcast_to(jnp.arange(16), (2, 16))

@@ -16,7 +16,7 @@ from PIL import Image
 from beit_jax.convert import dalle
 from beit_jax.data import sources
 from beit_jax.models import dvae
-from beit_jax.tasks import dvae as dvae_task
+from beit_jax import exports
 
 N_HID, N_BLK, VOCAB, N_INIT, GROUPS = 64, 1, 512, 32, 4
 
@@ -97,7 +97,7 @@ def test_converted_dalle_equals_pytorch_on_real_photos():
                                  {k: v.numpy() for k, v in dec.items()})
   assert (config["n_hid"], config["n_blk_per_group"], config["vocab_size"],
           config["n_init"]) == (N_HID, N_BLK, VOCAB, N_INIT)
-  model = dvae_task.make_model(config)
+  model = dvae.from_config(config)
   images = real_photos()
   with torch.no_grad():
     expected = torch_encoder(enc, torch.from_numpy(images).permute(0, 3, 1, 2)).numpy()
@@ -134,7 +134,7 @@ def test_cli_trust_flag_and_tokenizer_export(tmp_path):
        "--image_size=64"], capture_output=True, text=True, timeout=300,
       env=dict(os.environ, JAX_PLATFORMS="cpu"))
   assert result.returncode == 0, result.stderr[-2000:]
-  model, variables, meta = dvae_task.load_tokenizer(str(out))
+  model, variables, meta = exports.load_tokenizer(str(out))
   assert meta["grid"] == 8 and model.vocab_size == VOCAB
   images = real_photos(count=2)
   with torch.no_grad():

@@ -11,7 +11,7 @@ import torch
 
 from beit_jax.convert import dalle
 from beit_jax.models import dvae
-from beit_jax.tasks import dvae as dvae_task
+from beit_jax import exports
 from tests.convert.test_dalle_convert import real_photos
 
 TOL = 1e-4
@@ -56,7 +56,7 @@ def test_full_size_dalle_equals_the_package_on_real_photos(full_size):
   enc, dec, params, config = full_size
   assert (config["n_hid"], config["n_blk_per_group"], config["group_count"],
           config["n_init"], config["vocab_size"]) == (256, 2, 4, 128, 8192)
-  model = dvae_task.make_model(config)
+  model = dvae.from_config(config)
   variables = {"params": params}
   images = real_photos(size=SIZE)  # (4, 112, 112, 3) in [0, 1].
   x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()

@@ -604,14 +604,23 @@ def test_drop_path_rates_follow_linspace():
 
 def test_drop_path_function():
   x = jnp.ones((64, 3, 4))
-  y = np.asarray(vit.drop_path(x, 0.5, _fast_key(2)))
+
+  def apply(rate, deterministic=False, key=_fast_key(2)):
+    return np.asarray(vit.drop_path(rate, "drop_path").apply(
+        {}, x, deterministic=deterministic, rngs={"dropout": key}))
+
+  y = apply(0.5)
   per_sample = y.reshape(64, -1)
   # Whole samples are dropped (0) or kept and rescaled by 1 / keep.
   assert set(np.unique(per_sample)) <= {0.0, 2.0}
   assert (per_sample == per_sample[:, :1]).all()
   assert 5 < (per_sample[:, 0] == 0).sum() < 59
-  np.testing.assert_array_equal(np.asarray(vit.drop_path(x, 0.0, _fast_key(2))), x)
-  np.testing.assert_array_equal(np.asarray(vit.drop_path(x, 0.5, None)), x)
+  np.testing.assert_array_equal(apply(0.0), x)
+  np.testing.assert_array_equal(apply(0.5, deterministic=True), x)
+  # The keep rate over many draws is 1 - rate (binomial, 6 sigma), and E[y] = x.
+  kept = np.mean([apply(0.3, key=jax.random.PRNGKey(k)).reshape(64, -1)[:, 0] > 0
+                  for k in range(40)])
+  assert abs(kept - 0.7) < 6 * np.sqrt(0.7 * 0.3 / (64 * 40))
 
 
 def test_drop_path_train_is_stochastic_eval_deterministic():

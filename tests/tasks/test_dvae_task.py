@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
+from beit_jax import exports
 from beit_jax.tasks import dvae as dvae_task
 from beit_jax.models import dvae
 
@@ -58,7 +59,7 @@ def test_cli_train_checkpoint_resume_export(tmp_path):
   assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
 
   # The export reloads and tokenizes.
-  model, variables, meta = dvae_task.load_tokenizer(os.path.join(workdir, "export", "tokenizer"))
+  model, variables, meta = exports.load_tokenizer(os.path.join(workdir, "export", "tokenizer"))
   assert meta["step"] == 6 and meta["grid"] == 4 and meta["model"]["vocab_size"] == 64
   images = jnp.asarray(np.random.default_rng(0).uniform(size=(2, 16, 16, 3)), jnp.float32)
   ids = dvae.tokenize(model, variables, images)
@@ -84,7 +85,7 @@ def test_cli_rejects_unknown_key_and_bad_value(tmp_path):
     ("ema_decay", 1.0, "ema_decay"),
     ("data.source", "folder", "data.path"),
 ])
-def test_validate_config(key, value, match):
+def test_check_config(key, value, match):
   config = get_config()
   node = config
   *parents, leaf = key.split(".")
@@ -92,19 +93,19 @@ def test_validate_config(key, value, match):
     node = node[p]
   node[leaf] = value
   with pytest.raises(ValueError, match=match):
-    dvae_task.validate_config(config)
+    dvae_task.check_config(config)
 
 
 def test_configs_are_valid():
-  dvae_task.validate_config(get_config())
-  dvae_task.validate_config(get_config("image_size=64,vocab_size=8192,steps=10"))
+  dvae_task.check_config(get_config())
+  dvae_task.check_config(get_config("image_size=64,vocab_size=8192,steps=10"))
   sys.path.insert(0, os.path.dirname(CONFIG))
   try:
     import dvae_dalle  # pylint: disable=g-import-not-at-top
     config = dvae_dalle.get_config()
   finally:
     sys.path.pop(0)
-  dvae_task.validate_config(config)
+  dvae_task.check_config(config)
   assert config.model.arch == "dall_e" and config.input.image_size == 112
   assert config.loss.beta_end == 6.6 and config.loss.tau_end == 1 / 16
   assert config.optim.lr == 1e-4 and config.optim.min_lr == 1.25e-6
@@ -120,9 +121,9 @@ def test_dall_e_architecture_with_ema_in_process(tmp_path):
   config.ema_decay = 0.5
   config.log_every = 1
   config.tensorboard = False
-  final = dvae_task.train_and_evaluate(config, str(tmp_path))
+  final = dvae_task.train_and_evaluate(config, str(tmp_path)).eval
   assert final["num_images"] > 0 and np.isfinite(final["psnr"])
-  model, variables, meta = dvae_task.load_tokenizer(str(tmp_path / "export" / "tokenizer"))
+  model, variables, meta = exports.load_tokenizer(str(tmp_path / "export" / "tokenizer"))
   assert meta["ema"] is True and meta["grid"] == 2 and model.downsample == 8
   assert set(variables["params"]) == {"encoder", "decoder"}
   assert "group_4" in variables["params"]["encoder"]["blocks"]

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from beit_jax import config_lib
+from beit_jax import config_lib, exports
 from beit_jax.convert import beit as convert_beit
 from beit_jax.data import mixup
 from beit_jax.models import vit
@@ -47,7 +47,7 @@ def tiny_step(config, num_classes=4, seed=0):
   lr_fn = optim.warmup_cosine(config.optim.lr, 0.0, 1000, 0)
   params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 16, 16, 3)))["params"]
   scales = optim.layerwise_lr_scales(params, config.optim.layer_decay, model.depth)
-  tx = optim.make_optimizer(config.optim, lr_fn, wd_skip=finetune.WD_SKIP, lr_scales=scales)
+  tx = optim.make_optimizer(config.optim, lr_fn, wd_skip=model.no_weight_decay(), lr_scales=scales)
   state, state_sh = init_sharded(lambda: TrainState.create(
       params, tx, jax.random.PRNGKey(1), use_ema=config.ema_decay > 0), mesh)
   batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
@@ -135,13 +135,13 @@ def test_cli_saves_evaluates_keeps_best_and_resumes(tmp_path):
     assert 0 <= r["top1"] <= r["top5"] <= 1 and r["num_images"] == 18
   best = json.load(open(os.path.join(workdir, "export", "best", "metadata.json")))
   assert best["eval"]["top1"] == max(r["top1"] for r in evals)
-  assert best["kind"] == finetune.EXPORT_KIND and best["num_classes"] == 18
+  assert best["kind"] == exports.CLASSIFIER and best["num_classes"] == 18
   # Resume: the same command with more steps continues from step 4.
   result = run_main(*[c.replace("steps=4", "steps=6") for c in common])
   assert result.returncode == 0, result.stderr[-3000:]
   train_steps = [r["step"] for r in records(workdir, "train")]
   assert train_steps == [2, 4, 6], train_steps
-  model, params, meta = finetune.load_classifier(os.path.join(workdir, "export", "final"))
+  model, params, meta = exports.load_classifier(os.path.join(workdir, "export", "final"))
   assert meta["step"] == 6 and model.num_classes == 18
   logits = model.apply({"params": params}, jnp.zeros((2, 32, 32, 3)), method=vit.BEiT.classify)
   assert logits.shape == (2, 18)
@@ -193,4 +193,4 @@ def test_paper_recipes_are_valid_configs(arg, expected):
   assert config.input.auto_augment == "rand-m9-mstd0.5-inc1" and config.input.reprob == 0.25
   assert config.label_smoothing == 0.1 and config.optim.min_lr == 1e-6
   config.data = config_lib.data_config()  # Built-in photos: the checks run without ImageNet.
-  finetune.validate_config(config)
+  finetune.check_config(config)

@@ -12,6 +12,7 @@ import numpy as np
 import optax
 
 from beit_jax.models import vit
+from beit_jax import exports
 from beit_jax.tasks import linear_probe
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
@@ -93,5 +94,5 @@ def test_cli_reports_every_block_and_knn(tmp_path):
   assert final["best_layer"] == 1 + int(np.argmax(tops)) and final["best_top1"] == max(tops)
   assert final["num_images"] == 18 and 0 <= final["knn_top1"] <= 1
   meta = json.load(open(os.path.join(workdir, "export", "final", "metadata.json")))
-  assert meta["kind"] == linear_probe.EXPORT_KIND and meta["eval"]["best_layer"] == final[
+  assert meta["kind"] == exports.LINEAR_PROBE and meta["eval"]["best_layer"] == final[
       "best_layer"]

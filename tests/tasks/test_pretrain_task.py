@@ -15,10 +15,11 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from beit_jax import config_lib
+from beit_jax import config_lib, exports
 from beit_jax.models import dvae, vit
 from beit_jax.tasks import pretrain
 from beit_jax.training import checkpointing
+from beit_jax.training import losses as losses_lib
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training import optim
 from beit_jax.training.train_state import TrainState, init_sharded
@@ -65,7 +66,7 @@ def tiny_setup(mesh, seed=0, lr=3e-3, drop_path=0.0, dtype=jnp.float32, min_shar
                               rng=jax.random.PRNGKey(2), tau=1.0, hard=False)
   cfg = config_lib.adamw_config(lr=lr, weight_decay=0.05, clip_grad_norm=3.0)
   lr_fn = optim.warmup_cosine(lr, 1e-5, 1000, 0)
-  tx = optim.make_optimizer(cfg, lr_fn, wd_skip=pretrain.WD_SKIP)
+  tx = optim.make_optimizer(cfg, lr_fn, wd_skip=model.no_weight_decay())
 
   def init_fn():
     params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 16, 16, 3)))["params"]
@@ -102,7 +103,7 @@ def test_mim_loss_matches_direct_formula():
   logits = rng.normal(size=(2, 3, 7)).astype(np.float32)
   targets = rng.integers(0, 7, (2, 3))
   weights = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
-  loss, acc = pretrain.mim_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
+  loss, acc = losses_lib.masked_token_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   picked = [(0, 0), (0, 1), (1, 0)]
   expected = -np.mean([logp[b, k, targets[b, k]] for b, k in picked])
@@ -230,7 +231,7 @@ def test_transforms_make_two_views_and_masks(kind):
 def test_weight_decay_follows_unilm_no_weight_decay():
   model = vit.mim_model("test", image_size=16, patch_size=4, vocab_size=VOCAB,
                         use_abs_pos_emb=True)
-  mask = optim.weight_decay_mask(vit.abstract_params(model), pretrain.WD_SKIP)
+  mask = optim.weight_decay_mask(vit.abstract_params(model), model.no_weight_decay())
   assert mask["mask_token"] and mask["rel_pos_bias"]["relative_position_bias_table"]
   assert not mask["cls_token"] and not mask["pos_embed"]
   assert not mask["blocks_0"]["attn"]["q_bias"] and not mask["blocks_0"]["gamma_1"]
@@ -306,7 +307,7 @@ def test_quick_start_two_stages_then_kill_and_resume(tmp_path):
   final = [r for r in records if r["split"] == "final_eval"]
   assert final and final[0]["num_images"] == 18 and 0 <= final[0]["mlm_acc"] <= 1
   assert abs(final[0]["loss"] - math.log(VOCAB)) < 1.5
-  model, params, meta = pretrain.load_pretrained(os.path.join(workdir, "export", "beit"))
+  model, params, meta = exports.load_pretrained(os.path.join(workdir, "export", "beit"))
   assert meta["step"] == 4 and model.vocab_size == VOCAB and model.image_size == 32
   assert params["lm_head"]["kernel"].shape == (32, VOCAB)
   # The run draws what it learned (beit_jax/viz.py) into its workdir.

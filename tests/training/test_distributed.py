@@ -11,7 +11,7 @@ import jax
 import numpy as np
 import pytest
 
-from beit_jax.tasks import pretrain
+from beit_jax import exports
 from beit_jax.training import distributed
 from tests.tasks import test_pretrain_task
 
@@ -89,8 +89,8 @@ def test_two_processes_train_like_one(tmp_path):
     for ra, rb in zip(a, b):
       np.testing.assert_allclose(ra["loss"], rb["loss"], rtol=1e-4, atol=1e-5)
   # Same exported params; the checkpoints hold one Grain state per process.
-  _, pa, _ = pretrain.load_pretrained(os.path.join(one, "export", "beit"))
-  _, pb, _ = pretrain.load_pretrained(os.path.join(two, "export", "beit"))
+  _, pa, _ = exports.load_pretrained(os.path.join(one, "export", "beit"))
+  _, pb, _ = exports.load_pretrained(os.path.join(two, "export", "beit"))
   diffs = jax.tree.leaves(jax.tree.map(lambda x, y: float(np.max(np.abs(x - y))), pa, pb))
   assert max(diffs) < 1e-4, max(diffs)
   data_dir = os.path.join(two, "checkpoints", "4", "data")

@@ -18,7 +18,7 @@ import numpy as np
 import optax
 import pytest
 
-from beit_jax.tasks import pretrain
+from beit_jax import exports
 from beit_jax.training import loop
 from beit_jax.training.checkpointing import Checkpointer
 from beit_jax.training.metrics import MetricWriter
@@ -41,7 +41,7 @@ def _ckpt_steps(workdir):
 
 
 def _export(workdir):
-  _, params, meta = pretrain.load_pretrained(os.path.join(workdir, "export", "beit"))
+  _, params, meta = exports.load_pretrained(os.path.join(workdir, "export", "beit"))
   return jax.tree.map(np.asarray, params), meta
 
 

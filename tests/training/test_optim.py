@@ -54,11 +54,6 @@ def test_weight_decay_mask_rule():
     assert leaf is False
 
 
-def test_ema_update():
-  ema = optim.ema_update({"a": jnp.zeros(3)}, {"a": jnp.ones(3)}, 0.9)
-  np.testing.assert_allclose(ema["a"], 0.1)
-
-
 def unilm_layer_id(var_name, num_max_layer):
   """unilm optim_factory.get_num_layer_for_vit, on torch-style names."""
   if var_name in ("cls_token", "mask_token", "pos_embed"):

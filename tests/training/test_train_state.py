@@ -1,6 +1,7 @@
 """Sharded state initialisation from given (pretrained) params."""
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
@@ -29,3 +30,17 @@ def test_state_from_host_params_lands_in_its_shards():
                                 host["dense"]["kernel"])
   replicated = place(host, jax.tree.map(lambda _: mesh_lib.replicated(mesh), host))
   np.testing.assert_array_equal(np.asarray(replicated["dense"]["bias"]), host["dense"]["bias"])
+
+
+def test_ema_is_decay_times_ema_plus_the_rest_times_the_new_params():
+  """optax.incremental_update with step 1 - decay: ema' = decay * ema + (1 - decay) * params'."""
+  state = TrainState.create({"a": jnp.zeros(3)}, optax.sgd(1.0), jax.random.PRNGKey(0),
+                            use_ema=True)
+  state = state.replace(ema_params={"a": jnp.full(3, 2.0)})
+  new, _ = state.apply_gradients({"a": -jnp.ones(3)}, optax.sgd(1.0), jnp.float32(0.0),
+                                 ema_decay=0.9)
+  np.testing.assert_allclose(new.params["a"], 1.0)
+  np.testing.assert_allclose(new.ema_params["a"], 0.9 * 2.0 + 0.1 * 1.0, rtol=1e-6)
+  assert new.eval_params is new.ema_params
+  plain = TrainState.create({"a": jnp.zeros(3)}, optax.sgd(1.0), jax.random.PRNGKey(0))
+  assert plain.eval_params is plain.params

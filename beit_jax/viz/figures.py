@@ -1,0 +1,205 @@
+"""The figures, drawn with Pillow from numpy arrays only (no model, no JAX).
+
+Every function takes uint8 images (H, W, 3) or plain arrays and returns an (H, W, 3)
+uint8 array; `beit_jax/viz/pictures.py` feeds them from a model.
+"""
+
+from __future__ import annotations
+
+import colorsys
+import json
+import math
+import os
+from typing import Any, Iterable, Mapping, Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from beit_jax import pixels
+
+GREY = 128
+Array = np.ndarray
+
+
+# -- Layout ----------------------------------------------------------------------------
+def grid(tiles: Sequence[Array], cols: int, captions: Sequence[str] | None = None,
+         pad: int = 2, caption_height: int = 12) -> Array:
+  """Tiles (h, w, 3) uint8 of equal size in rows of `cols`, white padding, optional captions
+  under each tile."""
+  h, w = tiles[0].shape[:2]
+  rows = math.ceil(len(tiles) / cols)
+  ch = caption_height if captions else 0
+  out = Image.new("RGB", (cols * (w + pad) + pad, rows * (h + pad + ch) + pad), "white")
+  draw = ImageDraw.Draw(out)
+  for i, tile in enumerate(tiles):
+    x, y = pad + (i % cols) * (w + pad), pad + (i // cols) * (h + pad + ch)
+    out.paste(Image.fromarray(np.asarray(tile, np.uint8)), (x, y))
+    if captions:
+      draw.text((x, y + h), captions[i][: max(1, w // 6)], fill=(0, 0, 0))
+  return np.asarray(out)
+
+
+def upscale(image: Array, factor: int) -> Array:
+  """Nearest-neighbour enlargement (keeps patch edges sharp)."""
+  return np.repeat(np.repeat(image, factor, axis=0), factor, axis=1)
+
+
+def upscale_all(images: Array, factor: int) -> Array:
+  return np.stack([upscale(x, factor) for x in images]) if factor > 1 else np.asarray(images)
+
+
+def save_png(image: Array, path: str) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+  Image.fromarray(np.asarray(image, np.uint8)).save(path)
+  return path
+
+
+def resize_square(images: Array, size: int) -> Array:
+  return np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC))
+                   for x in images])
+
+
+
+
+# -- Masks -----------------------------------------------------------------------------
+def mask_overlay(image: Array, mask: Array, patch: int) -> Array:
+  """The image with the patches where `mask` (row-major (gh*gw,) or (gh, gw)) is true grey."""
+  gh, gw = image.shape[0] // patch, image.shape[1] // patch
+  pixel_mask = upscale(np.asarray(mask, bool).reshape(gh, gw), patch)
+  out = np.array(image, np.uint8)
+  out[pixel_mask] = GREY
+  return out
+
+
+def masks_figure(images: Array, patch: int, generator: Any, per_image: int = 3,
+                 seed: int = 0) -> Array:
+  """Each image then `per_image` blockwise masks of it (one row an image)."""
+  rng = np.random.default_rng(seed)
+  tiles, captions = [], []
+  for image in images:
+    tiles.append(image)
+    captions.append("image")
+    for _ in range(per_image):
+      mask = generator(rng)
+      tiles.append(mask_overlay(image, mask, patch))
+      captions.append(f"{int(mask.sum())} masked")
+  return grid(tiles, per_image + 1, captions)
+
+
+# -- Tokenizer -------------------------------------------------------------------------
+def psnr(a: Array, b: Array) -> float:
+  """PSNR in dB of two uint8 images (inf for identical ones)."""
+  mse = np.mean((np.asarray(a, np.float64) - np.asarray(b, np.float64)) ** 2)
+  return float(pixels.psnr(mse, peak=255.0, floor=0.0))
+
+
+def reconstructions_figure(views: Array, recons: Array) -> Array:
+  tiles, captions = [], []
+  for view, recon in zip(views, recons):
+    tiles += [view, recon]
+    captions += ["tokenizer view", f"{psnr(view, recon):.1f} dB"]
+  return grid(tiles, 4, captions)
+
+
+def token_colours(vocab_size: int) -> Array:
+  """A fixed, well-spread colour per token id (golden-ratio hues), (vocab, 3) uint8."""
+  ids = np.arange(vocab_size)
+  hues = (ids * 0.618033988749895) % 1.0
+  light = 0.35 + 0.3 * ((ids * 0.381966) % 1.0)
+  rgb = [colorsys.hls_to_rgb(h, l, 0.85) for h, l in zip(hues, light)]
+  return np.asarray(np.rint(np.asarray(rgb) * 255), np.uint8)
+
+
+def token_map(ids: Array, vocab_size: int, cell: int = 8) -> Array:
+  """(h, w) token ids -> an (h*cell, w*cell, 3) image, a colour per id."""
+  return upscale(token_colours(vocab_size)[np.asarray(ids)], cell)
+
+
+def codebook_figure(ids: Array, vocab_size: int, width: int = 512, height: int = 160) -> Array:
+  """Bars of token counts over `ids`, most used first, with the share of the codebook used."""
+  counts = np.sort(np.bincount(np.asarray(ids).reshape(-1), minlength=vocab_size))[::-1]
+  used = int(np.sum(counts > 0))
+  out = Image.new("RGB", (width, height), "white")
+  draw = ImageDraw.Draw(out)
+  top, base = 14, height - 2
+  scale = (base - top) / max(1, counts[0])
+  bar = width / vocab_size
+  for i, c in enumerate(counts[:used]):
+    x = int(i * bar)
+    draw.rectangle([x, base - int(c * scale), max(x, int((i + 1) * bar) - 1), base],
+                   fill=(40, 90, 200))
+  draw.text((4, 1), f"{used} of {vocab_size} tokens used ({used / vocab_size:.1%}), "
+            f"{int(counts.sum())} positions", fill=(0, 0, 0))
+  return np.asarray(out)
+
+
+# -- Masked image modeling ---------------------------------------------------------------
+def inpainting_figure(images: Array, masks: Array, patch: int, inpainted: Array,
+                      reconstructed: Array, accuracy: Sequence[float]) -> Array:
+  tiles, captions = [], []
+  for image, mask, inp, rec, acc in zip(images, masks, inpainted, reconstructed, accuracy):
+    size = image.shape[0]
+    as_view = lambda x: np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC))  # pylint: disable=unnecessary-lambda-assignment
+    tiles += [image, mask_overlay(image, mask, patch), as_view(inp), as_view(rec)]
+    captions += ["original", "masked input", f"BEiT {acc:.0%} right", "true tokens"]
+  return grid(tiles, 4, captions)
+
+
+# -- Attention -------------------------------------------------------------------------
+def heatmap_overlay(image: Array, heat: Array) -> Array:
+  """`heat` (gh, gw) normalised to [0, 1], upsampled and blended in red over the image."""
+  h = np.asarray(heat, np.float64)
+  h = (h - h.min()) / max(h.max() - h.min(), 1e-12)
+  size = image.shape[:2]
+  h = np.asarray(Image.fromarray(np.uint8(np.rint(h * 255))).resize(size[::-1], Image.BILINEAR),
+                 np.float64)[..., None] / 255.0
+  red = np.zeros_like(image, np.float64)
+  red[..., 0] = 255
+  return np.asarray(np.rint(image * (1 - 0.6 * h) + red * 0.6 * h), np.uint8)
+
+
+def attention_figure(images: Array, maps: Array) -> Array:
+  tiles, captions = [], []
+  for image, per_head in zip(images, maps):
+    tiles.append(image)
+    captions.append("image")
+    for k, heat in enumerate(per_head):
+      tiles.append(heatmap_overlay(image, heat))
+      captions.append(f"head {k + 1}")
+  return grid(tiles, 1 + maps.shape[1], captions)
+
+
+# -- Training curves ---------------------------------------------------------------------
+def read_metrics(path: str, split: str = "train") -> list[dict[str, Any]]:
+  with open(path) as f:
+    return [r for r in map(json.loads, f) if r.get("split") == split]
+
+
+def curves_figure(records: Sequence[Mapping[str, Any]],
+                  keys: Iterable[str] = ("loss", "mlm_acc", "lr", "grad_norm"),
+                  width: int = 300, height: int = 160) -> Array:
+  """One panel a metric (those present): value against step, min/max in the corner."""
+  panels = []
+  for key in keys:
+    pts = [(r["step"], r[key]) for r in records if key in r and np.isfinite(r[key])]
+    if not pts:
+      continue
+    out = Image.new("RGB", (width, height), "white")
+    draw = ImageDraw.Draw(out)
+    steps, values = np.array(pts, np.float64).T
+    x0, y0, x1, y1 = 6, 16, width - 6, height - 6
+    sx = (x1 - x0) / max(steps.max() - steps.min(), 1)
+    lo, hi = values.min(), values.max()
+    sy = (y1 - y0) / max(hi - lo, 1e-12)
+    xy = [(x0 + (s - steps.min()) * sx, y1 - (v - lo) * sy) for s, v in zip(steps, values)]
+    draw.rectangle([x0, y0, x1, y1], outline=(200, 200, 200))
+    if len(xy) > 1:
+      draw.line(xy, fill=(200, 40, 40), width=2)
+    else:
+      draw.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=(200, 40, 40))
+    draw.text((4, 2), f"{key}: {values[0]:.4g} -> {values[-1]:.4g} (steps {int(steps.min())}-"
+              f"{int(steps.max())})", fill=(0, 0, 0))
+    panels.append(np.asarray(out))
+  if not panels:
+    raise ValueError(f"None of {list(keys)} is in the metrics records.")
+  return grid(panels, 2)
