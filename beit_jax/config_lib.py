@@ -45,7 +45,7 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 def data_config(**overrides: Any) -> ml_collections.ConfigDict:
   """Where images come from: 'builtin' photos, an image 'folder', or a 'tfds' dataset."""
-  c = ml_collections.ConfigDict(dict(
+  data = ml_collections.ConfigDict(dict(
       source="builtin",      # 'builtin' | 'folder' | 'tfds'
       name="",               # TFDS dataset name (source='tfds'), prepared as ArrayRecord.
       data_dir="",           # TFDS data_dir ('' = TFDS default).
@@ -55,8 +55,8 @@ def data_config(**overrides: Any) -> ml_collections.ConfigDict:
       num_workers=0,         # Grain multiprocess prefetch workers (0 = in-process).
       max_failed_fraction=0.1,  # Stop once more of the images read fail to decode.
   ))
-  c.update(overrides)
-  return c
+  data.update(overrides)
+  return data
 
 
 def mesh_config(data: int = -1, fsdp: int = 1) -> ml_collections.ConfigDict:
@@ -64,13 +64,13 @@ def mesh_config(data: int = -1, fsdp: int = 1) -> ml_collections.ConfigDict:
 
 
 def adamw_config(**overrides: Any) -> ml_collections.ConfigDict:
-  c = ml_collections.ConfigDict(dict(
+  optim_config = ml_collections.ConfigDict(dict(
       name="adamw", lr=1e-4, min_lr=0.0, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
       weight_decay=0.05, clip_grad_norm=0.0,
       decay_steps=0,         # Steps of the cosine lr decay (0 = total_steps); then min_lr.
   ))
-  c.update(overrides)
-  return c
+  optim_config.update(overrides)
+  return optim_config
 
 
 def lr_schedule(config: ml_collections.ConfigDict):

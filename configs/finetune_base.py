@@ -4,7 +4,8 @@ r"""BEiT image classification fine-tuning on ImageNet-1k: the paper's settings.
     --config.pretrained=RUN/export/beit --config.data.data_dir=~/tensorflow_datasets
 
 unilm `run_class_finetuning.py` with the hyper-parameters of its README / paper Table 13
-(reference §1.9). `setting` picks the row (`variant` base | large):
+(`beit/get_started_for_image_classification.md`). `setting` picks the row (`variant`
+base | large):
 
   pt     from self-supervised pretraining (pt22k or pt1k) to IN-1k: batch 1024, AdamW
          (0.9, 0.999), wd 0.05; Base lr 4e-3, 100 epochs, 20 warmup, layer decay 0.65,
@@ -27,18 +28,31 @@ Arguments after ':' (e.g. configs/finetune_base.py:variant=large,image_size=384)
   num_train_images.
 """
 
+from typing import NamedTuple
+
 import ml_collections
 
 from beit_jax import config_lib
 
 IMAGENET_TRAIN_IMAGES = 1_281_167
 
-# (setting, variant) -> batch, lr, epochs, warmup epochs, layer decay, drop path, wd, mixup.
-RECIPES = {
-    ("pt", "base"): (1024, 4e-3, 100, 20, 0.65, 0.1, 0.05, True),
-    ("pt", "large"): (1024, 1e-3, 50, 5, 0.75, 0.2, 0.05, True),
-    ("ft22k", "base"): (512, 2e-5, 30, 5, 0.85, 0.1, 1e-8, False),
-    ("ft22k", "large"): (512, 2e-5, 30, 5, 0.9, 0.4, 1e-8, False),
+
+class Recipe(NamedTuple):
+  batch_size: int
+  lr: float
+  epochs: int
+  warmup_epochs: int
+  layer_decay: float
+  drop_path: float
+  weight_decay: float
+  mixup: bool
+
+
+RECIPES = {  # (setting, variant) -> the row of the paper's Table 13.
+    ("pt", "base"): Recipe(1024, 4e-3, 100, 20, 0.65, 0.1, 0.05, True),
+    ("pt", "large"): Recipe(1024, 1e-3, 50, 5, 0.75, 0.2, 0.05, True),
+    ("ft22k", "base"): Recipe(512, 2e-5, 30, 5, 0.85, 0.1, 1e-8, False),
+    ("ft22k", "large"): Recipe(512, 2e-5, 30, 5, 0.9, 0.4, 1e-8, False),
 }
 
 
@@ -48,10 +62,11 @@ def get_config(arg=None):
   key = (arg.setting, "large" if arg.variant == "large" else "base")
   if key not in RECIPES:
     raise ValueError(f"Unknown setting {arg.setting!r}; choose one of pt, ft22k.")
-  batch, lr, epochs, warmup, layer_decay, drop_path, wd, use_mixup = RECIPES[key]
-  batch = arg.batch_size or batch
-  epochs = arg.epochs or epochs
+  recipe = RECIPES[key]
+  batch = arg.batch_size or recipe.batch_size
+  epochs = arg.epochs or recipe.epochs
   steps_per_epoch = arg.num_train_images // batch
+  use_mixup = recipe.mixup
 
   c = ml_collections.ConfigDict()
   c.task = "finetune"
@@ -70,12 +85,14 @@ def get_config(arg=None):
                  cutmix_minmax=(), prob=1.0 if use_mixup else 0.0, switch_prob=0.5)
   c.label_smoothing = 0.1
   # Used for random init; with `pretrained`, width/depth/heads/patch come from the export.
-  c.model = dict(variant=arg.variant, patch_size=16, drop_path_rate=drop_path, init_values=0.1,
+  c.model = dict(variant=arg.variant, patch_size=16, drop_path_rate=recipe.drop_path,
+                 init_values=0.1,
                  use_abs_pos_emb=False, use_rel_pos_bias=True, use_mean_pooling=True,
                  init_scale=0.001, remat=False, dtype="auto")
-  c.optim = config_lib.adamw_config(lr=lr, min_lr=1e-6, warmup_steps=warmup * steps_per_epoch,
-                                    weight_decay=wd, clip_grad_norm=0.0)
-  c.optim.layer_decay = layer_decay
+  c.optim = config_lib.adamw_config(
+      lr=recipe.lr, min_lr=1e-6, warmup_steps=recipe.warmup_epochs * steps_per_epoch,
+      weight_decay=recipe.weight_decay, clip_grad_norm=0.0)
+  c.optim.layer_decay = recipe.layer_decay
   c.ema_decay = 0.0  # unilm --model_ema (off by default; 0.9999 when on).
   c.mesh = config_lib.mesh_config()
   c.ckpt = config_lib.ckpt_config(every=steps_per_epoch, keep=2)

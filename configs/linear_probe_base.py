@@ -3,8 +3,8 @@ r"""Linear probing of every block of a frozen BEiT on ImageNet-1k (the paper's p
   python -m beit_jax.main --config=configs/linear_probe_base.py \
     --config.pretrained=RUN/export/beit --config.data.data_dir=~/tensorflow_datasets
 
-unilm `run_linear_eval.py` (reference §1.10): frozen backbone; for every block the
-feature [h_cls, mean(h_patches)] of its raw output; one Linear(2D, classes) per block
+unilm `run_linear_eval.py` (`beit/README.md`, linear probing): frozen backbone; for every
+block the feature [h_cls, mean(h_patches)] of its raw output; one Linear(2D, classes) per block
 (N(0, 0.01) init), all trained at once from one forward per batch; AdamW lr 4e-3, wd
 1e-4, cosine to 0, batch 1024, 100 epochs (the paper reports 50: `:epochs=50`);
 random-resized crop 224 + flip; eval resize 256 -> centre crop 224. Reports top-1 per

@@ -13,7 +13,7 @@ unilm `run_beit_pretraining.py` as in its README / paper Table 12: ImageNet-1k (
 
 The tokenizer (`config.tokenizer.path`) is a params export: a dVAE trained with
 `configs/dvae_dalle.py` (112 px, 8192 tokens, 14x14 grid), or the official DALL-E dVAE
-(`encoder.pkl`) converted into the same format by `python -m beit_jax.convert` (issue 4).
+(`encoder.pkl`) converted into the same format by `python -m beit_jax.convert dalle`.
 
 Arguments after ':' (e.g. configs/pretrain_base.py:epochs=300,batch_size=1024):
   variant     ViT size: tiny | small | base | large

@@ -195,25 +195,25 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
                       in_shardings=(state_sharding.eval_params, batch_sharding),
                       out_shardings=replicated)
 
-  def eval_fn(s: TrainState) -> dict[str, float]:
+  def eval_fn(state: TrainState) -> dict[str, float]:
     eval_iter = pipeline.make_eval_iterator(eval_source, eval_transform,
                                             batch_size=config.eval_batch_size)
-    return evaluate(eval_step, s.eval_params, eval_iter, batch_sharding)
+    return evaluate(eval_step, state.eval_params, eval_iter, batch_sharding)
 
   # --- Train, then export ------------------------------------------------------------
   def export(result: loop.RunResult) -> None:
     export_dir = config.export_dir or os.path.join(workdir, "export", "tokenizer")
-    s = result.state
-    exports.write_tokenizer(export_dir, s.eval_params, config.model.to_dict(), size,
-                            step=int(jax.device_get(s.step)), ema=s.ema_params is not None,
+    state = result.state
+    exports.write_tokenizer(export_dir, state.eval_params, config.model.to_dict(), size,
+                            step=int(jax.device_get(state.step)), ema=state.ema_params is not None,
                             eval_metrics=result.eval)
     logging.info("Exported tokenizer params to %s", export_dir)
 
   painter = None
   if config.get("pictures", True):  # Reconstructions etc. at every checkpoint (beit_jax/viz).
     sample = pictures.sample_images(train_source, 4)
-    painter = pictures.checkpoint_painter(workdir, lambda s: pictures.tokenizer_pictures(
-        model, {"params": s.eval_params}, sample, config.input.image_size)[0],
+    painter = pictures.checkpoint_painter(workdir, lambda state: pictures.tokenizer_pictures(
+        model, {"params": state.eval_params}, sample, config.input.image_size)[0],
         config.tensorboard)
   return loop.run_job(
       config=config, workdir=workdir, state=state, train_step=train_step, data_iter=data_iter,

@@ -188,17 +188,17 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
     exports.write_classifier(directory, params, model, input_norm=config.input.norm,
                              pretrained=config.pretrained, step=step, **metadata)
 
-  def eval_fn(s: TrainState) -> dict[str, float]:
+  def eval_fn(state: TrainState) -> dict[str, float]:
     def one_pass(params, prefix):
       batches = pipeline.make_eval_iterator(eval_source, eval_transform,
                                             batch_size=config.eval_batch_size)
       return downstream.summarize_sums(
           loop.sum_over_batches(eval_step, batches, EVAL_KEYS, batch_sharding, params), prefix)
-    scalars = one_pass(s.params, "")
-    if s.ema_params is not None:
-      scalars.update(one_pass(s.ema_params, "ema_"))
-    step = int(jax.device_get(s.step))
-    best.update(step, scalars, lambda: write(best.directory, s.params, step,
+    scalars = one_pass(state.params, "")
+    if state.ema_params is not None:
+      scalars.update(one_pass(state.ema_params, "ema_"))
+    step = int(jax.device_get(state.step))
+    best.update(step, scalars, lambda: write(best.directory, state.params, step,
                                              eval_metrics=scalars))
     scalars["best_top1"] = best.best
     return scalars
@@ -206,11 +206,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   # --- Train, then export ------------------------------------------------------------
   def export(result: loop.RunResult) -> None:
     final_dir = os.path.join(export_root, "final")
-    s, step = result.state, int(jax.device_get(result.state.step))
-    write(final_dir, s.params, step, eval_metrics=result.eval, final_train=result.train,
+    state, step = result.state, int(jax.device_get(result.state.step))
+    write(final_dir, state.params, step, eval_metrics=result.eval, final_train=result.train,
           pretrained_report={k: list(map(str, v)) for k, v in report.items()})
-    if s.ema_params is not None:
-      write(final_dir + "_ema", s.ema_params, step, eval_metrics=result.eval)
+    if state.ema_params is not None:
+      write(final_dir + "_ema", state.ema_params, step, eval_metrics=result.eval)
     logging.info("Exported the fine-tuned classifier to %s", final_dir)
 
   return loop.run_job(

@@ -240,12 +240,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
                                     backbone_sharding),
                       out_shardings=replicated)
 
-  def eval_fn(s: TrainState) -> dict[str, Any]:
+  def eval_fn(state: TrainState) -> dict[str, Any]:
     batches = pipeline.make_eval_iterator(eval_source, eval_transform,
                                           batch_size=config.eval_batch_size)
     scalars = summarize_blocks(loop.sum_over_batches(eval_step, batches, EVAL_KEYS,
-                                                     batch_sharding, s.eval_params, backbone))
-    if scalars and config.knn.k > 0 and int(jax.device_get(s.step)) >= config.total_steps:
+                                                     batch_sharding, state.eval_params, backbone))
+    if scalars and config.knn.k > 0 and int(jax.device_get(state.step)) >= config.total_steps:
       scalars.update(knn_eval(config, model, backbone, train_source, eval_source,
                               eval_transform, scalars["best_layer"] - 1, num_classes,
                               batch_sharding))

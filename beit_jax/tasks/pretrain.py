@@ -350,10 +350,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
                                     tokenizer_sharding),
                       out_shardings=replicated)
 
-  def eval_fn(s: TrainState) -> dict[str, float]:
+  def eval_fn(state: TrainState) -> dict[str, float]:
     eval_iter = pipeline.make_eval_iterator(eval_source, eval_transform,
                                             batch_size=config.eval_batch_size)
-    return evaluate(eval_step, s.eval_params, tokenizer_params, eval_iter, batch_sharding)
+    return evaluate(eval_step, state.eval_params, tokenizer_params, eval_iter, batch_sharding)
 
   # --- Train, then export ------------------------------------------------------------
   def export(result: loop.RunResult) -> None:
@@ -368,8 +368,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   painter = None
   if config.get("pictures", True):  # What it learned, at every checkpoint (beit_jax/viz).
     sample = pictures.sample_images(train_source, 4)
-    painter = pictures.checkpoint_painter(workdir, lambda s: pictures.mim_pictures(
-        model, s.eval_params, tokenizer, tokenizer_params, sample, input_norm=config.input.norm,
+    painter = pictures.checkpoint_painter(workdir, lambda state: pictures.mim_pictures(
+        model, state.eval_params, tokenizer, tokenizer_params, sample, input_norm=config.input.norm,
         tokenizer_image_size=tokenizer_size, seed=config.seed), config.tensorboard)
 
   return loop.run_job(
