@@ -65,8 +65,8 @@ def timed(fn, steps: int) -> float:
 
 def dalle_tokenizer():
   """DALL-E's dVAE architecture (8192 tokens, x8) with random weights, and its params."""
-  tokenizer = dvae.DiscreteVAE(arch="dall_e", vocab_size=VOCAB, recon_loss="logit_laplace",
-                               input_norm="dall_e")
+  tokenizer = dvae.from_config(dict(arch="dall_e", vocab_size=VOCAB, recon_loss="logit_laplace",
+                               input_norm="dall_e"))
   params = jax.jit(lambda: tokenizer.init(jax.random.PRNGKey(0), jnp.zeros((1, 112, 112, 3)),
                                           rng=jax.random.PRNGKey(1), tau=1.0, hard=False))()
   return tokenizer, params

@@ -33,11 +33,11 @@ def make_tokenizer(arch: str, downsample: int, vocab_size: int) -> dvae.Discrete
   if arch == "dall_e":
     if downsample != 8:
       raise ValueError("The DALL-E dVAE downsamples by 8: use --patch_size=16.")
-    return dvae.DiscreteVAE(arch="dall_e", vocab_size=vocab_size, recon_loss="logit_laplace",
-                            input_norm="dall_e")
-  return dvae.DiscreteVAE(arch="compact", vocab_size=vocab_size, recon_loss="mse",
+    return dvae.from_config(dict(arch="dall_e", vocab_size=vocab_size, recon_loss="logit_laplace",
+                            input_norm="dall_e"))
+  return dvae.from_config(dict(arch="compact", vocab_size=vocab_size, recon_loss="mse",
                           input_norm="half", num_layers=int(np.log2(downsample)), hidden=64,
-                          num_resblocks=1, codebook_dim=64)
+                          num_resblocks=1, codebook_dim=64))
 
 
 def time_steps(step, state, batch, extra, num_steps: int) -> tuple[float, float, object]:

@@ -47,8 +47,8 @@ SYSTEMS = {
 def step_flops_per_image(variant: str, batch: int = 8) -> tuple[float, float]:
   """(whole step, tokenizer forward alone) FLOPs per image, from XLA's cost analysis."""
   model = vit.mim_model(variant, image_size=224, patch_size=16, vocab_size=8192)
-  tokenizer = dvae.DiscreteVAE(arch="dall_e", vocab_size=8192, recon_loss="logit_laplace",
-                               input_norm="dall_e")
+  tokenizer = dvae.from_config(dict(arch="dall_e", vocab_size=8192, recon_loss="logit_laplace",
+                               input_norm="dall_e"))
   lr_fn = optim.warmup_cosine(1.5e-3, 1e-5, 1000, 10)
   tx = optim.make_optimizer(config_lib.adamw_config(lr=1.5e-3, weight_decay=0.05,
                                                     clip_grad_norm=3.0), lr_fn,

@@ -1,8 +1,14 @@
-"""Transformer nonlinearities with hand-written gradients (GELU, softmax, LayerNorm, bias).
+"""Transformer nonlinearities (GELU, softmax, LayerNorm, broadcast bias add) and the one switch
+for the package's CPU-only code paths, `cpu_kernels_enabled()`.
 
-Same values as `jax.nn.gelu(approximate=False)`, `jax.nn.softmax` and `flax.linen.LayerNorm`
-(to float rounding), but with backward passes written as the closed forms PyTorch uses
-instead of what autodiff derives from the forward graph:
+`cpu_kernels_enabled()` is True when JAX's default backend is XLA:CPU. It is read while
+tracing (a Python bool, no runtime cost) and selects every kernel that was written for, and
+measured on, XLA:CPU: the backward passes below and the dVAE's convolution forms
+(`beit_jax.models.conv`). On GPU/TPU the plain JAX forms run, so XLA's fusions apply.
+
+On CPU the functions here have the same values as `jax.nn.gelu(approximate=False)`,
+`jax.nn.softmax` and `flax.linen.LayerNorm` (to float rounding), with backward passes
+written as the closed forms PyTorch uses instead of what autodiff derives from the forward:
 
 * `gelu`: x·Φ(x) with Φ from `erf` (torch's formula); d/dx = Φ(x) + x·φ(x). `jax.nn.gelu`
   goes through `erfc`, whose two-branch polynomial and its derivative cost several
@@ -11,11 +17,10 @@ instead of what autodiff derives from the forward graph:
   exp(x − max) / Σ exp through the division.
 * `layer_norm`: two-pass statistics in float32; backward
   (ĝ − mean ĝ − x̂·mean(ĝ·x̂)) / σ with ĝ = g·scale, from the saved x̂ and 1/σ.
+* `add_broadcast`: the bias gradient as a ones-matvec (`sum_leading`).
 
-With `add_broadcast` (the attention bias's gradient as a ones-matvec) and the head-major
-attention layout they cut XLA:CPU's MIM train step time by 11-14%
-(benchmarks/mim_step_vs_timm.py, README "Speed on CPU"); on GPU/TPU they give the same
-values, their speed there is not measured yet.
+With the head-major attention layout they cut XLA:CPU's MIM train step time by 11-14%
+(benchmarks/mim_step_vs_timm.py, README "Speed on CPU").
 """
 
 from __future__ import annotations
@@ -32,13 +37,27 @@ _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
-@jax.custom_jvp
+def cpu_kernels_enabled() -> bool:
+  """True on XLA:CPU: selects the CPU-measured kernels (read at trace time)."""
+  return jax.default_backend() == "cpu"
+
+
 def gelu(x: Array) -> Array:
-  """Exact (erf) GELU, x·Φ(x), computed as x·0.5·(1 + erf(x/√2)) like torch."""
+  """Exact (erf) GELU, x·Φ(x)."""
+  # CPU: erf form with its closed-form derivative, fewer elementwise passes than autodiff of
+  # jax.nn.gelu's erfc; elsewhere XLA fuses jax.nn.gelu's elementwise graph into one kernel.
+  if cpu_kernels_enabled():
+    return _gelu_erf(x)
+  return jax.nn.gelu(x, approximate=False)
+
+
+@jax.custom_jvp
+def _gelu_erf(x: Array) -> Array:
+  """x·0.5·(1 + erf(x/√2)), like torch."""
   return x * (0.5 * (1.0 + jax.lax.erf(x * _SQRT_HALF)))
 
 
-@gelu.defjvp
+@_gelu_erf.defjvp
 def _gelu_jvp(primals, tangents):
   (x,), (dx,) = primals, tangents
   cdf = 0.5 * (1.0 + jax.lax.erf(x * _SQRT_HALF))
@@ -46,9 +65,17 @@ def _gelu_jvp(primals, tangents):
   return x * cdf, dx * (cdf + x * pdf)
 
 
-@jax.custom_vjp
 def softmax(x: Array) -> Array:
   """Softmax over the last axis."""
+  # CPU: backward from the saved output, measured faster on XLA:CPU than autodiff through the
+  # division; elsewhere jax.nn.softmax, whose forward and backward XLA fuses.
+  if cpu_kernels_enabled():
+    return _softmax_closed_form_vjp(x)
+  return jax.nn.softmax(x, axis=-1)
+
+
+@jax.custom_vjp
+def _softmax_closed_form_vjp(x: Array) -> Array:
   return _softmax(x)
 
 
@@ -66,12 +93,20 @@ def _softmax_bwd(y, g):
   return (y * (g - jnp.sum(g * y, axis=-1, keepdims=True)),)
 
 
-softmax.defvjp(_softmax_fwd, _softmax_bwd)
+_softmax_closed_form_vjp.defvjp(_softmax_fwd, _softmax_bwd)
+
+
+def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
+  """LayerNorm over the last axis, statistics in float32, output in x's dtype."""
+  # CPU: closed-form backward from the saved x̂ and 1/σ (measured faster on XLA:CPU);
+  # elsewhere autodiff of the same float32 forward, which XLA fuses into a few kernels.
+  if cpu_kernels_enabled():
+    return _layer_norm_closed_form_vjp(x, scale, bias, eps)
+  return _layer_norm_fwd(x, scale, bias, eps)[0]
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3,))
-def layer_norm(x: Array, scale: Array, bias: Array, eps: float) -> Array:
-  """LayerNorm over the last axis, statistics in float32, output in x's dtype."""
+def _layer_norm_closed_form_vjp(x: Array, scale: Array, bias: Array, eps: float) -> Array:
   return _layer_norm_fwd(x, scale, bias, eps)[0]
 
 
@@ -103,7 +138,7 @@ def _layer_norm_bwd(eps, res, g):
   return dx.astype(x_dtype), d_scale, d_bias
 
 
-layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
+_layer_norm_closed_form_vjp.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def sum_leading(x: Array, num_axes: int) -> Array:
@@ -115,19 +150,27 @@ def sum_leading(x: Array, num_axes: int) -> Array:
   return out.reshape(x.shape[num_axes:])
 
 
-@jax.custom_vjp
 def add_broadcast(x: Array, bias: Array) -> Array:
-  """x + bias, bias broadcast over x's leading axes; its gradient via `sum_leading`."""
+  """x + bias, bias broadcast over x's leading axes (cast to x's dtype)."""
+  # CPU: the bias gradient as a ones-matvec, many times faster than XLA:CPU's reduce over
+  # leading axes; elsewhere the plain add, whose reduction XLA runs natively and fuses.
+  if cpu_kernels_enabled():
+    return _add_broadcast_matvec_vjp(x, bias)
+  return x + bias.astype(x.dtype)
+
+
+@jax.custom_vjp
+def _add_broadcast_matvec_vjp(x: Array, bias: Array) -> Array:
   return x + bias.astype(x.dtype)
 
 
 def _add_broadcast_fwd(x, bias):
-  return add_broadcast(x, bias), bias
+  return x + bias.astype(x.dtype), bias
 
 
 def _add_broadcast_bwd(bias, g):
   return g, sum_leading(g, g.ndim - bias.ndim).astype(bias.dtype)
 
 
-add_broadcast.defvjp(_add_broadcast_fwd, _add_broadcast_bwd)
+_add_broadcast_matvec_vjp.defvjp(_add_broadcast_fwd, _add_broadcast_bwd)
 

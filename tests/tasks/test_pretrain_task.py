@@ -59,9 +59,9 @@ def run_main(*args, devices=8, wait=True):
 def tiny_setup(mesh, seed=0, lr=3e-3, drop_path=0.0, dtype=jnp.float32, min_shard_size=2**18):
   model = vit.mim_model("test", image_size=16, patch_size=4, vocab_size=VOCAB,
                         drop_path_rate=drop_path, dtype=dtype)
-  tokenizer = dvae.DiscreteVAE(arch="compact", vocab_size=VOCAB, recon_loss="mse",
+  tokenizer = dvae.from_config(dict(arch="compact", vocab_size=VOCAB, recon_loss="mse",
                                input_norm="half", num_layers=2, hidden=8, num_resblocks=0,
-                               codebook_dim=8)
+                               codebook_dim=8))
   tok_params = tokenizer.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)),
                               rng=jax.random.PRNGKey(2), tau=1.0, hard=False)
   cfg = config_lib.adamw_config(lr=lr, weight_decay=0.05, clip_grad_norm=3.0)

@@ -30,8 +30,8 @@ def test_mask_overlay_is_grey_exactly_where_the_mask_is_true():
 
 
 def test_inpainting_with_the_true_tokens_everywhere_is_the_reconstruction():
-  tok = dvae.DiscreteVAE(arch="compact", vocab_size=32, recon_loss="mse", input_norm="half",
-                         num_layers=2, hidden=8, num_resblocks=0, codebook_dim=8)
+  tok = dvae.from_config(dict(arch="compact", vocab_size=32, recon_loss="mse", input_norm="half",
+                         num_layers=2, hidden=8, num_resblocks=0, codebook_dim=8))
   tok_vars = tok.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), rng=jax.random.PRNGKey(1),
                       tau=1.0, hard=False)
   views = _images(2, 16)
