@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import importlib.util
 import os
-from typing import Any, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 import ml_collections
 
@@ -45,16 +46,18 @@ def parse_arg(arg: str | None, **defaults: Any) -> ml_collections.ConfigDict:
 
 def data_config(**overrides: Any) -> ml_collections.ConfigDict:
   """Where images come from: 'builtin' photos, an image 'folder', or a 'tfds' dataset."""
-  data = ml_collections.ConfigDict(dict(
-      source="builtin",      # 'builtin' | 'folder' | 'tfds'
-      name="",               # TFDS dataset name (source='tfds'), prepared as ArrayRecord.
-      data_dir="",           # TFDS data_dir ('' = TFDS default).
-      path="",               # Image folder root: root/<class>/<image>, or root/<split>/<class>/...
+  data = ml_collections.ConfigDict(
+    dict(
+      source="builtin",  # 'builtin' | 'folder' | 'tfds'
+      name="",  # TFDS dataset name (source='tfds'), prepared as ArrayRecord.
+      data_dir="",  # TFDS data_dir ('' = TFDS default).
+      path="",  # Image folder root: root/<class>/<image>, or root/<split>/<class>/...
       train_split="train",
       eval_split="validation",
-      num_workers=0,         # Grain multiprocess prefetch workers (0 = in-process).
+      num_workers=0,  # Grain multiprocess prefetch workers (0 = in-process).
       max_failed_fraction=0.1,  # Stop once more of the images read fail to decode.
-  ))
+    )
+  )
   data.update(overrides)
   return data
 
@@ -64,11 +67,20 @@ def mesh_config(data: int = -1, fsdp: int = 1) -> ml_collections.ConfigDict:
 
 
 def adamw_config(**overrides: Any) -> ml_collections.ConfigDict:
-  optim_config = ml_collections.ConfigDict(dict(
-      name="adamw", lr=1e-4, min_lr=0.0, warmup_steps=0, b1=0.9, b2=0.999, eps=1e-8,
-      weight_decay=0.05, clip_grad_norm=0.0,
-      decay_steps=0,         # Steps of the cosine lr decay (0 = total_steps); then min_lr.
-  ))
+  optim_config = ml_collections.ConfigDict(
+    dict(
+      name="adamw",
+      lr=1e-4,
+      min_lr=0.0,
+      warmup_steps=0,
+      b1=0.9,
+      b2=0.999,
+      eps=1e-8,
+      weight_decay=0.05,
+      clip_grad_norm=0.0,
+      decay_steps=0,  # Steps of the cosine lr decay (0 = total_steps); then min_lr.
+    )
+  )
   optim_config.update(overrides)
   return optim_config
 
@@ -79,7 +91,9 @@ def lr_schedule(config: ml_collections.ConfigDict):
   return optim.warmup_cosine(o.lr, o.min_lr, o.decay_steps or config.total_steps, o.warmup_steps)
 
 
-def ckpt_config(every: int = 1000, keep: int = 3, async_save: bool = True) -> ml_collections.ConfigDict:
+def ckpt_config(
+  every: int = 1000, keep: int = 3, async_save: bool = True
+) -> ml_collections.ConfigDict:
   return ml_collections.ConfigDict(dict(every=every, keep=keep, async_save=async_save))
 
 
@@ -87,8 +101,7 @@ def nonfinite_config(max_consecutive: int = 10) -> ml_collections.ConfigDict:
   """The non-finite guard: a step whose loss or gradient norm is NaN/inf is skipped inside
   the jitted step; the run stops (at the next log step) after `max_consecutive` skips in a
   row (0 = never stop). `inject_at_steps`: steps whose gradients are made NaN (tests)."""
-  return ml_collections.ConfigDict(dict(max_consecutive=max_consecutive,
-                                        inject_at_steps=(-1,)))
+  return ml_collections.ConfigDict(dict(max_consecutive=max_consecutive, inject_at_steps=(-1,)))
 
 
 def injected_nonfinite_steps(config: ml_collections.ConfigDict) -> tuple[int, ...]:
@@ -98,8 +111,9 @@ def injected_nonfinite_steps(config: ml_collections.ConfigDict) -> tuple[int, ..
   return tuple(int(s) for s in steps if int(s) >= 0)
 
 
-def small_downstream(config: ml_collections.ConfigDict, *, variant: str, steps: int
-                     ) -> ml_collections.ConfigDict:
+def small_downstream(
+  config: ml_collections.ConfigDict, *, variant: str, steps: int
+) -> ml_collections.ConfigDict:
   """A downstream (finetune / linear_probe) ImageNet config shrunk for small images: the
   built-in photos by default, 64 px / patch 8 (images already 64 px: no resize-then-crop
   margin at eval), 'half' normalisation, f32, checkpoints every 250 steps."""
@@ -143,11 +157,15 @@ def check_data(config: ml_collections.ConfigDict) -> None:
   """The data section names an existing source."""
   check_choice(config, "data.source", ("builtin", "folder", "tfds"))
   if config.data.source == "folder" and not config.data.path:
-    raise ValueError("config.data.source='folder' needs config.data.path=/path/to/images "
-                     "(root/<class>/<image> or root/train/<class>/<image>).")
+    raise ValueError(
+      "config.data.source='folder' needs config.data.path=/path/to/images "
+      "(root/<class>/<image> or root/train/<class>/<image>)."
+    )
   if config.data.source == "tfds" and not config.data.name:
-    raise ValueError("config.data.source='tfds' needs config.data.name=<dataset name> "
-                     "(prepared as ArrayRecord; see README).")
+    raise ValueError(
+      "config.data.source='tfds' needs config.data.name=<dataset name> "
+      "(prepared as ArrayRecord; see README)."
+    )
   check_positive(config, "data.num_workers", allow_zero=True)
 
 

@@ -20,7 +20,8 @@ from __future__ import annotations
 
 import json
 import os
-from typing import Any, Mapping, Sequence
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -65,13 +66,15 @@ def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
   path = epath.Path(directory) / METADATA_FILE
   if not path.exists():
     raise FileNotFoundError(
-        f"{path} not found: {directory} is not a beit_jax params export "
-        f"(expected '{PARAMS_DIR}/' and '{METADATA_FILE}' written by a finished run).")
+      f"{path} not found: {directory} is not a beit_jax params export "
+      f"(expected '{PARAMS_DIR}/' and '{METADATA_FILE}' written by a finished run)."
+    )
   return json.loads(path.read_text())
 
 
-def read_metadata_of_kind(directory: str | os.PathLike, kinds: Sequence[str],
-                          what: str) -> dict[str, Any]:
+def read_metadata_of_kind(
+  directory: str | os.PathLike, kinds: Sequence[str], what: str
+) -> dict[str, Any]:
   """The metadata of an export whose kind is one of `kinds`; else a ValueError naming
   what the folder holds and what was expected (`what`)."""
   metadata = read_metadata(directory)
@@ -93,8 +96,9 @@ def load_params_onto(directory: str | os.PathLike, abstract: Any, sharding: Any 
   """`load_params` with every leaf of `abstract` (shapes/dtypes) placed on one `sharding`
   (default: this process's first device)."""
   sharding = sharding or jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-  return load_params(directory, abstract_with_shardings(
-      abstract, jax.tree.map(lambda _: sharding, abstract)))
+  return load_params(
+    directory, abstract_with_shardings(abstract, jax.tree.map(lambda _: sharding, abstract))
+  )
 
 
 # ----------------------------------------------------------------------------------
@@ -103,21 +107,35 @@ def load_params_onto(directory: str | os.PathLike, abstract: Any, sharding: Any 
 def tokenizer_abstract_params(model: dvae.DiscreteVAE, image_size: int) -> Any:
   dummy = jax.ShapeDtypeStruct((1, image_size, image_size, 3), jnp.float32)
   key = jax.random.PRNGKey(0)
-  return jax.eval_shape(
-      lambda x: model.init(key, x, rng=key, tau=1.0, hard=False)["params"], dummy)
+  return jax.eval_shape(lambda x: model.init(key, x, rng=key, tau=1.0, hard=False)["params"], dummy)
 
 
-def write_tokenizer(directory: str | os.PathLike, params: Any, model_config: Mapping[str, Any],
-                    image_size: int, *, step: int = 0, ema: bool = False,
-                    eval_metrics: Mapping[str, Any] | None = None, source: str = "") -> str:
+def write_tokenizer(
+  directory: str | os.PathLike,
+  params: Any,
+  model_config: Mapping[str, Any],
+  image_size: int,
+  *,
+  step: int = 0,
+  ema: bool = False,
+  eval_metrics: Mapping[str, Any] | None = None,
+  source: str = "",
+) -> str:
   """A dVAE tokenizer export; `model_config` is what `dvae.from_config` takes."""
   down = dvae.from_config(model_config).downsample
   if image_size % down:
-    raise ValueError(f"image_size={image_size} is not divisible by the dVAE's {down}x "
-                     "downsampling.")
-  metadata = dict(kind=TOKENIZER, model=dict(model_config), image_size=image_size,
-                  grid=image_size // down, step=int(step), ema=bool(ema),
-                  eval=dict(eval_metrics or {}))
+    raise ValueError(
+      f"image_size={image_size} is not divisible by the dVAE's {down}x downsampling."
+    )
+  metadata = dict(
+    kind=TOKENIZER,
+    model=dict(model_config),
+    image_size=image_size,
+    grid=image_size // down,
+    step=int(step),
+    ema=bool(ema),
+    eval=dict(eval_metrics or {}),
+  )
   if source:
     metadata["source"] = source
   return write(directory, params, metadata)
@@ -126,12 +144,16 @@ def write_tokenizer(directory: str | os.PathLike, params: Any, model_config: Map
 def tokenizer_info(directory: str | os.PathLike) -> dict[str, int]:
   """{grid, vocab_size, image_size} of a tokenizer export (from its metadata only)."""
   metadata = read_metadata_of_kind(directory, (TOKENIZER,), "a dVAE tokenizer")
-  return dict(grid=metadata["grid"], vocab_size=metadata["model"]["vocab_size"],
-              image_size=metadata["image_size"])
+  return dict(
+    grid=metadata["grid"],
+    vocab_size=metadata["model"]["vocab_size"],
+    image_size=metadata["image_size"],
+  )
 
 
-def load_tokenizer(directory: str | os.PathLike, sharding: Any = None
-                   ) -> tuple[dvae.DiscreteVAE, dict[str, Any], dict[str, Any]]:
+def load_tokenizer(
+  directory: str | os.PathLike, sharding: Any = None
+) -> tuple[dvae.DiscreteVAE, dict[str, Any], dict[str, Any]]:
   """(model, variables {'params': ...}, metadata) of a tokenizer export."""
   metadata = read_metadata_of_kind(directory, (TOKENIZER,), "a dVAE tokenizer")
   model = dvae.from_config(metadata["model"])
@@ -143,58 +165,115 @@ def load_tokenizer(directory: str | os.PathLike, sharding: Any = None
 # BEiT ViTs: the MIM model, converted weights, fine-tuned classifiers.
 # ----------------------------------------------------------------------------------
 def _beit_metadata(kind: str, model_kwargs: Mapping[str, Any], **extra: Any) -> dict[str, Any]:
-  return dict(kind=kind, model_kwargs=dict(model_kwargs), image_size=model_kwargs["image_size"],
-              patch_size=model_kwargs["patch_size"], **extra)
+  return dict(
+    kind=kind,
+    model_kwargs=dict(model_kwargs),
+    image_size=model_kwargs["image_size"],
+    patch_size=model_kwargs["patch_size"],
+    **extra,
+  )
 
 
-def write_mim(directory: str | os.PathLike, params: Any, model: vit.BEiT, *, input_norm: str,
-              tokenizer: str, tokenizer_image_size: int, step: int,
-              model_config: Mapping[str, Any] | None = None,
-              final_train: Mapping[str, Any] | None = None,
-              eval_metrics: Mapping[str, Any] | None = None) -> str:
+def write_mim(
+  directory: str | os.PathLike,
+  params: Any,
+  model: vit.BEiT,
+  *,
+  input_norm: str,
+  tokenizer: str,
+  tokenizer_image_size: int,
+  step: int,
+  model_config: Mapping[str, Any] | None = None,
+  final_train: Mapping[str, Any] | None = None,
+  eval_metrics: Mapping[str, Any] | None = None,
+) -> str:
   """The pretrained MIM model with the tokenizer it learned from."""
-  return write(directory, params, _beit_metadata(
-      MIM, vit.architecture(model), vocab_size=model.vocab_size, input_norm=input_norm,
-      tokenizer=os.path.abspath(tokenizer), tokenizer_image_size=int(tokenizer_image_size),
-      model=dict(model_config or {}), step=int(step), final_train=dict(final_train or {}),
-      eval=dict(eval_metrics or {})))
+  return write(
+    directory,
+    params,
+    _beit_metadata(
+      MIM,
+      vit.architecture(model),
+      vocab_size=model.vocab_size,
+      input_norm=input_norm,
+      tokenizer=os.path.abspath(tokenizer),
+      tokenizer_image_size=int(tokenizer_image_size),
+      model=dict(model_config or {}),
+      step=int(step),
+      final_train=dict(final_train or {}),
+      eval=dict(eval_metrics or {}),
+    ),
+  )
 
 
-def write_converted_beit(directory: str | os.PathLike, params: Any,
-                         model_kwargs: Mapping[str, Any], source: str) -> str:
+def write_converted_beit(
+  directory: str | os.PathLike, params: Any, model_kwargs: Mapping[str, Any], source: str
+) -> str:
   """BEiT weights converted from a unilm / timm checkpoint (`python -m beit_jax.convert`)."""
-  return write(directory, params, _beit_metadata(
-      CONVERTED_BEIT, model_kwargs, vocab_size=model_kwargs["vocab_size"],
-      num_classes=model_kwargs["num_classes"], source=source))
+  return write(
+    directory,
+    params,
+    _beit_metadata(
+      CONVERTED_BEIT,
+      model_kwargs,
+      vocab_size=model_kwargs["vocab_size"],
+      num_classes=model_kwargs["num_classes"],
+      source=source,
+    ),
+  )
 
 
-def write_classifier(directory: str | os.PathLike, params: Any, model: vit.BEiT, *,
-                     input_norm: str, pretrained: str, step: int,
-                     eval_metrics: Mapping[str, Any] | None = None,
-                     **extra: Any) -> str:
+def write_classifier(
+  directory: str | os.PathLike,
+  params: Any,
+  model: vit.BEiT,
+  *,
+  input_norm: str,
+  pretrained: str,
+  step: int,
+  eval_metrics: Mapping[str, Any] | None = None,
+  **extra: Any,
+) -> str:
   """A fine-tuned classifier (`extra`: e.g. final_train, pretrained_report)."""
-  return write(directory, params, _beit_metadata(
-      CLASSIFIER, vit.architecture(model), num_classes=model.num_classes, input_norm=input_norm,
-      pretrained=pretrained, step=int(step), eval=dict(eval_metrics or {}), **extra))
+  return write(
+    directory,
+    params,
+    _beit_metadata(
+      CLASSIFIER,
+      vit.architecture(model),
+      num_classes=model.num_classes,
+      input_norm=input_norm,
+      pretrained=pretrained,
+      step=int(step),
+      eval=dict(eval_metrics or {}),
+      **extra,
+    ),
+  )
 
 
-def load_beit(directory: str | os.PathLike, sharding: Any = None, dtype: Any = jnp.float32,
-              kinds: Sequence[str] = BEIT_KINDS, what: str = "BEiT params"
-              ) -> tuple[vit.BEiT, Any, dict[str, Any]]:
+def load_beit(
+  directory: str | os.PathLike,
+  sharding: Any = None,
+  dtype: Any = jnp.float32,
+  kinds: Sequence[str] = BEIT_KINDS,
+  what: str = "BEiT params",
+) -> tuple[vit.BEiT, Any, dict[str, Any]]:
   """(model, params, metadata) of any export of BEiT ViT params (`kinds`)."""
   metadata = read_metadata_of_kind(directory, kinds, what)
   model = vit.BEiT(**metadata["model_kwargs"], dtype=dtype)
   return model, load_params_onto(directory, vit.abstract_params(model), sharding), metadata
 
 
-def load_pretrained(directory: str | os.PathLike, sharding: Any = None,
-                    dtype: Any = jnp.float32) -> tuple[vit.BEiT, Any, dict[str, Any]]:
+def load_pretrained(
+  directory: str | os.PathLike, sharding: Any = None, dtype: Any = jnp.float32
+) -> tuple[vit.BEiT, Any, dict[str, Any]]:
   """A MIM model: pretrained here or converted from unilm / timm."""
   return load_beit(directory, sharding, dtype, PRETRAINED_KINDS, "pretrained BEiT params")
 
 
-def load_classifier(directory: str | os.PathLike, sharding: Any = None,
-                    dtype: Any = jnp.float32) -> tuple[vit.BEiT, Any, dict[str, Any]]:
+def load_classifier(
+  directory: str | os.PathLike, sharding: Any = None, dtype: Any = jnp.float32
+) -> tuple[vit.BEiT, Any, dict[str, Any]]:
   """A fine-tuned classifier (`export/best` or `export/final` of a finetune run)."""
   return load_beit(directory, sharding, dtype, (CLASSIFIER,), "a classifier")
 
@@ -202,25 +281,46 @@ def load_classifier(directory: str | os.PathLike, sharding: Any = None,
 # ----------------------------------------------------------------------------------
 # Linear probes (one classifier per block of a frozen backbone).
 # ----------------------------------------------------------------------------------
-def write_linear_probe(directory: str | os.PathLike, probes: Any, backbone_model: vit.BEiT, *,
-                       backbone: str, num_classes: int, input_norm: str, step: int,
-                       final_train: Mapping[str, Any] | None = None,
-                       eval_metrics: Mapping[str, Any] | None = None) -> str:
+def write_linear_probe(
+  directory: str | os.PathLike,
+  probes: Any,
+  backbone_model: vit.BEiT,
+  *,
+  backbone: str,
+  num_classes: int,
+  input_norm: str,
+  step: int,
+  final_train: Mapping[str, Any] | None = None,
+  eval_metrics: Mapping[str, Any] | None = None,
+) -> str:
   """The per-block probes (kernel (depth, 2D, C), bias (depth, C)) and their backbone."""
-  return write(directory, probes, dict(
-      kind=LINEAR_PROBE, backbone=backbone, backbone_kwargs=vit.architecture(backbone_model),
-      num_classes=int(num_classes), image_size=backbone_model.image_size,
-      input_norm=input_norm, step=int(step), final_train=dict(final_train or {}),
-      eval=dict(eval_metrics or {})))
+  return write(
+    directory,
+    probes,
+    dict(
+      kind=LINEAR_PROBE,
+      backbone=backbone,
+      backbone_kwargs=vit.architecture(backbone_model),
+      num_classes=int(num_classes),
+      image_size=backbone_model.image_size,
+      input_norm=input_norm,
+      step=int(step),
+      final_train=dict(final_train or {}),
+      eval=dict(eval_metrics or {}),
+    ),
+  )
 
 
-def load_linear_probe(directory: str | os.PathLike, sharding: Any = None
-                      ) -> tuple[vit.BEiT, dict[str, Any], dict[str, Any]]:
+def load_linear_probe(
+  directory: str | os.PathLike, sharding: Any = None
+) -> tuple[vit.BEiT, dict[str, Any], dict[str, Any]]:
   """(backbone model, probes {kernel, bias}, metadata); the backbone's params are the
   export named by `metadata['backbone']` ('' = random init)."""
   metadata = read_metadata_of_kind(directory, (LINEAR_PROBE,), "linear probes")
   model = vit.BEiT(**metadata["backbone_kwargs"])
   depth, dim, classes = model.depth, 2 * model.embed_dim, metadata["num_classes"]
-  abstract = dict(kernel=jax.ShapeDtypeStruct((depth, dim, classes), jnp.float32),
-                  bias=jax.ShapeDtypeStruct((depth, classes), jnp.float32))
+  abstract = dict(
+    kernel=jax.ShapeDtypeStruct((depth, dim, classes), jnp.float32),
+    bias=jax.ShapeDtypeStruct((depth, classes), jnp.float32),
+  )
   return model, load_params_onto(directory, abstract, sharding), metadata

@@ -24,32 +24,44 @@ from beit_jax.training import distributed
 from beit_jax.training import workdir as workdir_lib
 
 TASKS = {
-    "dvae": "beit_jax.tasks.dvae",
-    "pretrain": "beit_jax.tasks.pretrain",
-    "finetune": "beit_jax.tasks.finetune",
-    "linear_probe": "beit_jax.tasks.linear_probe",
+  "dvae": "beit_jax.tasks.dvae",
+  "pretrain": "beit_jax.tasks.pretrain",
+  "finetune": "beit_jax.tasks.finetune",
+  "linear_probe": "beit_jax.tasks.linear_probe",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(
-    "config", None, "Path to a config file in configs/ (optionally FILE.py:ARGS).",
-    lock_config=True)
+  "config", None, "Path to a config file in configs/ (optionally FILE.py:ARGS).", lock_config=True
+)
 _WORKDIR = flags.DEFINE_string(
-    "workdir", None, "Directory for checkpoints, metrics and exports "
-    "(default: runs/<config file name>). Re-running in the same workdir resumes.")
+  "workdir",
+  None,
+  "Directory for checkpoints, metrics and exports "
+  "(default: runs/<config file name>). Re-running in the same workdir resumes.",
+)
 _DISTRIBUTED = flags.DEFINE_enum(
-    "distributed", "auto", ["auto", "on", "off"],
-    "Multi-process start-up (beit_jax/training/distributed.py): auto = when the environment "
-    "is a multi-process job (Slurm with several tasks, a TPU pod slice) or coordinator "
-    "flags are given.")
+  "distributed",
+  "auto",
+  ["auto", "on", "off"],
+  "Multi-process start-up (beit_jax/training/distributed.py): auto = when the environment "
+  "is a multi-process job (Slurm with several tasks, a TPU pod slice) or coordinator "
+  "flags are given.",
+)
 _COORDINATOR = flags.DEFINE_string(
-    "coordinator_address", None, "HOST:PORT of process 0, for an explicit multi-process "
-    "launch (with --num_processes and --process_id).")
+  "coordinator_address",
+  None,
+  "HOST:PORT of process 0, for an explicit multi-process "
+  "launch (with --num_processes and --process_id).",
+)
 _NUM_PROCESSES = flags.DEFINE_integer("num_processes", None, "Processes in the job.")
 _PROCESS_ID = flags.DEFINE_integer("process_id", None, "This process's index.")
 _OVERWRITE = flags.DEFINE_bool(
-    "overwrite", False, "If the workdir holds a run of a different config (model, input, "
-    "mask, seed, task), move it into WORKDIR/replaced-<time>/ and start afresh instead of "
-    "refusing (beit_jax/training/workdir.py).")
+  "overwrite",
+  False,
+  "If the workdir holds a run of a different config (model, input, "
+  "mask, seed, task), move it into WORKDIR/replaced-<time>/ and start afresh instead of "
+  "refusing (beit_jax/training/workdir.py).",
+)
 flags.mark_flag_as_required("config")
 
 
@@ -72,13 +84,21 @@ def main(argv):
   if len(argv) > 1:
     raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
   # Before anything creates a JAX backend (importing jax does not).
-  distributed.initialize(_DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value,
-                         _PROCESS_ID.value)
+  distributed.initialize(
+    _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
+  )
   workdir = _WORKDIR.value or default_workdir(
-      config_flags.get_config_filename(flags.FLAGS["config"]))
-  logging.info("JAX %s | process %d/%d | %d devices (%s) | workdir %s", jax.__version__,
-               jax.process_index(), jax.process_count(), jax.device_count(),
-               jax.devices()[0].platform, workdir)
+    config_flags.get_config_filename(flags.FLAGS["config"])
+  )
+  logging.info(
+    "JAX %s | process %d/%d | %d devices (%s) | workdir %s",
+    jax.__version__,
+    jax.process_index(),
+    jax.process_count(),
+    jax.device_count(),
+    jax.devices()[0].platform,
+    workdir,
+  )
   run_task(_CONFIG.value, workdir, _OVERWRITE.value)
 
 

@@ -23,7 +23,6 @@ import torch
 from beit_jax.convert import dalle
 from beit_jax.data import sources, transforms
 from beit_jax.models import dvae
-from beit_jax import exports
 
 
 def photos(size: int, count: int) -> np.ndarray:
@@ -39,14 +38,15 @@ def main() -> None:
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--image_size", type=int, default=112)
   args = parser.parse_args()
-  import dall_e  # pylint: disable=g-import-not-at-top
+  import dall_e
 
   torch.manual_seed(0)
   encoder, decoder = dall_e.Encoder(), dall_e.Decoder()
   t0 = time.perf_counter()
   params, config = dalle.convert(
-      {k: v.numpy() for k, v in encoder.state_dict().items()},
-      {k: v.numpy() for k, v in decoder.state_dict().items()})
+    {k: v.numpy() for k, v in encoder.state_dict().items()},
+    {k: v.numpy() for k, v in decoder.state_dict().items()},
+  )
   convert_s = time.perf_counter() - t0
   model = dvae.from_config(config)
   variables = {"params": {"encoder": params["encoder"]}}
@@ -70,12 +70,16 @@ def main() -> None:
   jax_ips = bench(lambda: encode(variables, x_jax).block_until_ready())
   with torch.no_grad():
     torch_ips = bench(lambda: encoder(x_torch))
-  print(f"device: {jax.devices()[0].device_kind} | torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads) | batch {args.batch_size} @ {args.image_size} px")
+  print(
+    f"device: {jax.devices()[0].device_kind} | torch {torch.__version__} "
+    f"({torch.get_num_threads()} threads) | batch {args.batch_size} @ {args.image_size} px"
+  )
   print(f"conversion (encoder + decoder state dicts): {convert_s:.1f} s")
   print(f"logits max |diff|: {np.max(np.abs(ref - got)):.2e} | token agreement: {agree:.4%}")
-  print(f"beit_jax (jit): {jax_ips:.2f} img/s | dall_e (PyTorch): {torch_ips:.2f} img/s | "
-        f"ratio {jax_ips / torch_ips:.2f}x")
+  print(
+    f"beit_jax (jit): {jax_ips:.2f} img/s | dall_e (PyTorch): {torch_ips:.2f} img/s | "
+    f"ratio {jax_ips / torch_ips:.2f}x"
+  )
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
-import prepare_tinyimagenet  # pylint: disable=g-import-not-at-top,wrong-import-position
+import prepare_tinyimagenet  # noqa: E402  (a sibling script: importable once HERE is on the path)
 
 STAGES = ("tokenizer", "pretrain", "ft_pretrained", "ft_scratch", "lp_pretrained", "lp_random")
 
@@ -46,44 +46,71 @@ def read_jsonl(path: str) -> list[dict]:
 
 
 def final_eval(workdir: str) -> dict:
-  records = [r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl"))
-             if r.get("split") == "final_eval"]
+  records = [
+    r for r in read_jsonl(os.path.join(workdir, "metrics.jsonl")) if r.get("split") == "final_eval"
+  ]
   return records[-1] if records else {}
 
 
 def stage_commands(args, folder: str) -> dict[str, tuple[list[str], str]]:
   """{stage: (main.py arguments, export dir whose existence means done)}."""
-  w = lambda name: os.path.join(args.workdir, name)
-  data = ["--config.data.source=folder", f"--config.data.path={folder}",
-          "--config.data.eval_split=val", f"--config.data.num_workers={args.num_workers}"]
+
+  def w(name):
+    return os.path.join(args.workdir, name)
+
+  data = [
+    "--config.data.source=folder",
+    f"--config.data.path={folder}",
+    "--config.data.eval_split=val",
+    f"--config.data.num_workers={args.num_workers}",
+  ]
   tokenizer = os.path.join(w("tokenizer"), "export", "tokenizer")
   backbone = os.path.join(w("pretrain"), "export", "beit")
   ft = f"configs/finetune_small.py:steps={args.finetune_steps},batch_size={args.batch_size}"
   lp = f"configs/linear_probe_small.py:steps={args.probe_steps},batch_size={args.batch_size}"
   return {
-      "tokenizer": ([f"--config=configs/dvae_small.py:steps={args.tokenizer_steps}",
-                     f"--workdir={w('tokenizer')}"] + data, tokenizer),
-      "pretrain": ([f"--config=configs/pretrain_small.py:steps={args.mim_steps},"
-                    f"batch_size={args.batch_size}", f"--workdir={w('pretrain')}",
-                    f"--config.tokenizer.path={tokenizer}", "--config.eval_every=0"] + data,
-                   backbone),
-      "ft_pretrained": ([f"--config={ft}", f"--workdir={w('ft_pretrained')}",
-                         f"--config.pretrained={backbone}"] + data,
-                        os.path.join(w("ft_pretrained"), "export", "final")),
-      "ft_scratch": ([f"--config={ft}", f"--workdir={w('ft_scratch')}",
-                      "--config.pretrained="] + data,
-                     os.path.join(w("ft_scratch"), "export", "final")),
-      "lp_pretrained": ([f"--config={lp}", f"--workdir={w('lp_pretrained')}",
-                         f"--config.pretrained={backbone}"] + data,
-                        os.path.join(w("lp_pretrained"), "export", "final")),
-      "lp_random": ([f"--config={lp}", f"--workdir={w('lp_random')}",
-                     "--config.pretrained="] + data,
-                    os.path.join(w("lp_random"), "export", "final")),
+    "tokenizer": (
+      [
+        f"--config=configs/dvae_small.py:steps={args.tokenizer_steps}",
+        f"--workdir={w('tokenizer')}",
+      ]
+      + data,
+      tokenizer,
+    ),
+    "pretrain": (
+      [
+        f"--config=configs/pretrain_small.py:steps={args.mim_steps},batch_size={args.batch_size}",
+        f"--workdir={w('pretrain')}",
+        f"--config.tokenizer.path={tokenizer}",
+        "--config.eval_every=0",
+      ]
+      + data,
+      backbone,
+    ),
+    "ft_pretrained": (
+      [f"--config={ft}", f"--workdir={w('ft_pretrained')}", f"--config.pretrained={backbone}"]
+      + data,
+      os.path.join(w("ft_pretrained"), "export", "final"),
+    ),
+    "ft_scratch": (
+      [f"--config={ft}", f"--workdir={w('ft_scratch')}", "--config.pretrained="] + data,
+      os.path.join(w("ft_scratch"), "export", "final"),
+    ),
+    "lp_pretrained": (
+      [f"--config={lp}", f"--workdir={w('lp_pretrained')}", f"--config.pretrained={backbone}"]
+      + data,
+      os.path.join(w("lp_pretrained"), "export", "final"),
+    ),
+    "lp_random": (
+      [f"--config={lp}", f"--workdir={w('lp_random')}", "--config.pretrained="] + data,
+      os.path.join(w("lp_random"), "export", "final"),
+    ),
   }
 
 
-def run_stage(name: str, main_args: list[str], done_marker: str, timings: dict,
-              timings_path: str) -> None:
+def run_stage(
+  name: str, main_args: list[str], done_marker: str, timings: dict, timings_path: str
+) -> None:
   if os.path.exists(os.path.join(done_marker, "metadata.json")):
     print(f"[{name}] done already ({done_marker}); {timings.get(name, 0):.0f} s recorded.")
     return
@@ -101,30 +128,57 @@ def fmt_minutes(seconds: float) -> str:
 
 
 def print_table(args, timings: dict) -> None:
-  w = lambda name: os.path.join(args.workdir, name)
+  def w(name):
+    return os.path.join(args.workdir, name)
+
   rows = []
   mim = final_eval(w("pretrain"))
   tok = final_eval(w("tokenizer"))
   if tok:
-    rows.append(("tokenizer (dVAE, 32 px -> 8x8, 1024 tokens)",
-                 f"val PSNR {tok.get('psnr', float('nan')):.2f} dB", timings.get("tokenizer")))
+    rows.append(
+      (
+        "tokenizer (dVAE, 32 px -> 8x8, 1024 tokens)",
+        f"val PSNR {tok.get('psnr', float('nan')):.2f} dB",
+        timings.get("tokenizer"),
+      )
+    )
   if mim:
-    rows.append(("BEiT MIM pretraining", f"val MIM loss {mim.get('loss', float('nan')):.3f}, "
-                 f"mlm_acc {100 * mim.get('mlm_acc', float('nan')):.1f}%",
-                 timings.get("pretrain")))
-  for name, what in (("ft_pretrained", "fine-tune, BEiT-pretrained"),
-                     ("ft_scratch", "fine-tune, random init (same budget)")):
+    rows.append(
+      (
+        "BEiT MIM pretraining",
+        f"val MIM loss {mim.get('loss', float('nan')):.3f}, "
+        f"mlm_acc {100 * mim.get('mlm_acc', float('nan')):.1f}%",
+        timings.get("pretrain"),
+      )
+    )
+  for name, what in (
+    ("ft_pretrained", "fine-tune, BEiT-pretrained"),
+    ("ft_scratch", "fine-tune, random init (same budget)"),
+  ):
     r = final_eval(w(name))
     if r:
-      rows.append((what, f"top-1 {100 * r['top1']:.2f}%, top-5 {100 * r['top5']:.2f}%"
-                   f" (best {100 * r.get('best_top1', r['top1']):.2f}%)", timings.get(name)))
-  for name, what in (("lp_pretrained", "linear probe, BEiT-pretrained"),
-                     ("lp_random", "linear probe, random-init backbone")):
+      rows.append(
+        (
+          what,
+          f"top-1 {100 * r['top1']:.2f}%, top-5 {100 * r['top5']:.2f}%"
+          f" (best {100 * r.get('best_top1', r['top1']):.2f}%)",
+          timings.get(name),
+        )
+      )
+  for name, what in (
+    ("lp_pretrained", "linear probe, BEiT-pretrained"),
+    ("lp_random", "linear probe, random-init backbone"),
+  ):
     r = final_eval(w(name))
     if r:
-      rows.append((what, f"best layer {r['best_layer']}: top-1 {100 * r['best_top1']:.2f}%"
-                   + (f", k-NN {100 * r['knn_top1']:.2f}%" if "knn_top1" in r else ""),
-                   timings.get(name)))
+      rows.append(
+        (
+          what,
+          f"best layer {r['best_layer']}: top-1 {100 * r['best_top1']:.2f}%"
+          + (f", k-NN {100 * r['knn_top1']:.2f}%" if "knn_top1" in r else ""),
+          timings.get(name),
+        )
+      )
   print("\n| stage | result (Tiny-ImageNet-100 val, 5,000 images) | wall |")
   print("|---|---|---|")
   for what, result, seconds in rows:
@@ -135,18 +189,24 @@ def print_table(args, timings: dict) -> None:
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  parser.add_argument("--data", required=True,
-                      help="folder holding tinyimagenet100_{train,val}.npz")
+  parser.add_argument(
+    "--data", required=True, help="folder holding tinyimagenet100_{train,val}.npz"
+  )
   parser.add_argument("--workdir", default="runs/learning_quality")
-  parser.add_argument("--stages", default=",".join(STAGES),
-                      help=f"comma-separated subset of {','.join(STAGES)}")
+  parser.add_argument(
+    "--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}"
+  )
   parser.add_argument("--tokenizer_steps", type=int, default=1500)
   parser.add_argument("--mim_steps", type=int, default=2500)
   parser.add_argument("--finetune_steps", type=int, default=1500)
   parser.add_argument("--probe_steps", type=int, default=1000)
   parser.add_argument("--batch_size", type=int, default=64)
-  parser.add_argument("--num_workers", type=int, default=0,
-                      help="Grain worker processes per stage (0 = threads in-process)")
+  parser.add_argument(
+    "--num_workers",
+    type=int,
+    default=0,
+    help="Grain worker processes per stage (0 = threads in-process)",
+  )
   args = parser.parse_args()
   args.workdir = os.path.abspath(args.workdir)
   stages = [s for s in args.stages.split(",") if s]
@@ -155,15 +215,19 @@ def main() -> None:
     raise SystemExit(f"Unknown stages {unknown}; choose from {STAGES}.")
   for split in ("train", "val"):
     if not os.path.exists(os.path.join(args.data, f"tinyimagenet100_{split}.npz")):
-      raise SystemExit(f"{args.data}/tinyimagenet100_{split}.npz not found: pass "
-                       "--data=<folder holding tinyimagenet100_{train,val}.npz>.")
+      raise SystemExit(
+        f"{args.data}/tinyimagenet100_{split}.npz not found: pass "
+        "--data=<folder holding tinyimagenet100_{train,val}.npz>."
+      )
 
   os.makedirs(args.workdir, exist_ok=True)
   folder = os.path.join(args.workdir, "tinyimagenet100")
   if not os.path.exists(os.path.join(folder, "val")):
     for split in ("train", "val"):
-      n = prepare_tinyimagenet.unpack(os.path.join(args.data, f"tinyimagenet100_{split}.npz"),
-                                      os.path.join(folder, split + ".partial"))
+      n = prepare_tinyimagenet.unpack(
+        os.path.join(args.data, f"tinyimagenet100_{split}.npz"),
+        os.path.join(folder, split + ".partial"),
+      )
       os.replace(os.path.join(folder, split + ".partial"), os.path.join(folder, split))
       print(f"{split}: {n} images -> {os.path.join(folder, split)}")
   timings_path = os.path.join(args.workdir, "timings.json")

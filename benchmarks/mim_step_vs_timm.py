@@ -1,6 +1,6 @@
 r"""The MIM train step against a PyTorch peer, side by side in one run (CPU).
 
-  python benchmarks/mim_step_vs_timm.py                     # base@224 b8, tiny@224 b32, tiny@64/8 b64
+  python benchmarks/mim_step_vs_timm.py          # base@224 b8, tiny@224 b32, tiny@64/8 b64
   python benchmarks/mim_step_vs_timm.py --cases=tiny:224:16:32 --steps=5
   python benchmarks/mim_step_vs_timm.py --tokenizer --cases=base:224:16:8   # + DALL-E rows
 
@@ -65,24 +65,34 @@ def timed(fn, steps: int) -> float:
 
 def dalle_tokenizer():
   """DALL-E's dVAE architecture (8192 tokens, x8) with random weights, and its params."""
-  tokenizer = dvae.from_config(dict(arch="dall_e", vocab_size=VOCAB, recon_loss="logit_laplace",
-                               input_norm="dall_e"))
-  params = jax.jit(lambda: tokenizer.init(jax.random.PRNGKey(0), jnp.zeros((1, 112, 112, 3)),
-                                          rng=jax.random.PRNGKey(1), tau=1.0, hard=False))()
+  tokenizer = dvae.from_config(
+    dict(arch="dall_e", vocab_size=VOCAB, recon_loss="logit_laplace", input_norm="dall_e")
+  )
+  params = jax.jit(
+    lambda: tokenizer.init(
+      jax.random.PRNGKey(0),
+      jnp.zeros((1, 112, 112, 3)),
+      rng=jax.random.PRNGKey(1),
+      tau=1.0,
+      hard=False,
+    )
+  )()
   return tokenizer, params
 
 
 def ours(variant, size, patch, batch, steps, masks, remat=False, tokenizer=None):
   """(img/s, FLOPs/img, temp MB) of the MIM update; with `tokenizer`, the whole train step
   (tokenizer + update) instead."""
-  model = vit.mim_model(variant, image_size=size, patch_size=patch, vocab_size=VOCAB,
-                        remat=remat)
+  model = vit.mim_model(variant, image_size=size, patch_size=patch, vocab_size=VOCAB, remat=remat)
   lr_fn = optim.warmup_cosine(1.5e-3, 1e-5, 1000, 10)
-  tx = optim.make_optimizer(config_lib.adamw_config(lr=1.5e-3, weight_decay=0.05,
-                                                    clip_grad_norm=3.0), lr_fn,
-                            wd_skip=model.no_weight_decay())
-  params = jax.jit(lambda: model.init(jax.random.PRNGKey(0),
-                                      jnp.zeros((1, size, size, 3)))["params"])()
+  tx = optim.make_optimizer(
+    config_lib.adamw_config(lr=1.5e-3, weight_decay=0.05, clip_grad_norm=3.0),
+    lr_fn,
+    wd_skip=model.no_weight_decay(),
+  )
+  params = jax.jit(
+    lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"]
+  )()
   state = TrainState.create(params, tx, jax.random.PRNGKey(1))
   num = int(masks.sum(1).max())
   rng = np.random.default_rng(0)
@@ -93,11 +103,18 @@ def ours(variant, size, patch, batch, steps, masks, remat=False, tokenizer=None)
     args = (images, mask, jnp.asarray(rng.integers(0, VOCAB, masks.shape), jnp.int32))
   else:  # The `pretrain` task's step: tokenizer ids of the 112 px view, then the update.
     tok_model, tok_params = tokenizer
-    fn = jax.jit(pretrain.make_train_step(model, tok_model, tx, lr_fn, num, "half"),
-                 donate_argnums=(0,))
+    fn = jax.jit(
+      pretrain.make_train_step(model, tok_model, tx, lr_fn, num, "half"), donate_argnums=(0,)
+    )
     token_view = rng.integers(0, 256, (batch, size // 2, size // 2, 3), dtype=np.uint8)
-    args = ({pretrain.IMAGE_KEY: images, pretrain.TOKENIZER_KEY: jnp.asarray(token_view),
-             pretrain.MASK_KEY: mask}, tok_params)
+    args = (
+      {
+        pretrain.IMAGE_KEY: images,
+        pretrain.TOKENIZER_KEY: jnp.asarray(token_view),
+        pretrain.MASK_KEY: mask,
+      },
+      tok_params,
+    )
   compiled = fn.lower(state, *args).compile()
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
@@ -123,13 +140,23 @@ def ours_tokenizer_alone(tokenizer, batch, steps):
 
 def peer(variant, size, patch, batch, steps, masks, dalle_encoder=None):
   """img/s of the timm MIM step; with `dalle_encoder`, its targets come from it."""
-  import torch  # pylint: disable=g-import-not-at-top
-  from timm.models.beit import Beit  # pylint: disable=g-import-not-at-top
+  import torch
+  from timm.models.beit import Beit
+
   torch.set_num_threads(os.cpu_count())
   d, depth, heads = vit.VARIANTS[variant]
-  model = Beit(img_size=size, patch_size=patch, embed_dim=d, depth=depth, num_heads=heads,
-               num_classes=0, global_pool="", use_abs_pos_emb=False,
-               use_shared_rel_pos_bias=True, init_values=0.1)
+  model = Beit(
+    img_size=size,
+    patch_size=patch,
+    embed_dim=d,
+    depth=depth,
+    num_heads=heads,
+    num_classes=0,
+    global_pool="",
+    use_abs_pos_emb=False,
+    use_shared_rel_pos_bias=True,
+    init_values=0.1,
+  )
   head = torch.nn.Linear(d, VOCAB)
   params = list(model.parameters()) + list(head.parameters())
   opt = torch.optim.AdamW(params, lr=1.5e-3, weight_decay=0.05)
@@ -143,7 +170,8 @@ def peer(variant, size, patch, batch, steps, masks, dalle_encoder=None):
   def step():
     labels = targets
     if dalle_encoder is not None:
-      import dall_e  # pylint: disable=g-import-not-at-top
+      import dall_e
+
       with torch.no_grad():
         ids = dalle_encoder(dall_e.map_pixels(token_view)).argmax(1).flatten(1)
       labels = ids[mask]
@@ -158,8 +186,9 @@ def peer(variant, size, patch, batch, steps, masks, dalle_encoder=None):
 
 
 def peer_tokenizer_alone(encoder, batch, steps):
-  import dall_e  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
+  import dall_e
+  import torch
+
   x = torch.rand(batch, 3, 112, 112, generator=torch.Generator().manual_seed(0))
 
   def run():
@@ -171,18 +200,28 @@ def peer_tokenizer_alone(encoder, batch, steps):
 
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-  parser.add_argument("--cases", default="base:224:16:8,tiny:224:16:32,tiny:64:8:64",
-                      help="variant:image_size:patch:batch, comma-separated")
+  parser.add_argument(
+    "--cases",
+    default="base:224:16:8,tiny:224:16:32,tiny:64:8:64",
+    help="variant:image_size:patch:batch, comma-separated",
+  )
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--no_peer", action="store_true")
-  parser.add_argument("--tokenizer", action="store_true",
-                      help="also the DALL-E tokenizer alone and the step with it (patch-16 cases)")
+  parser.add_argument(
+    "--tokenizer",
+    action="store_true",
+    help="also the DALL-E tokenizer alone and the step with it (patch-16 cases)",
+  )
   args = parser.parse_args()
   peak = matmul_flops_per_s()
-  print(f"CPU: {os.cpu_count()} cores, {jax.devices()[0].device_kind}; f32 matmul (2048^3, "
-        f"XLA): {peak / 1e9:.1f} GFLOP/s")
-  print("| case | beit_jax img/s | timm peer img/s | ratio | GFLOP/img | achieved GFLOP/s "
-        "(% of matmul) | temp MB (remat off / on) |")
+  print(
+    f"CPU: {os.cpu_count()} cores, {jax.devices()[0].device_kind}; f32 matmul (2048^3, "
+    f"XLA): {peak / 1e9:.1f} GFLOP/s"
+  )
+  print(
+    "| case | beit_jax img/s | timm peer img/s | ratio | GFLOP/img | achieved GFLOP/s "
+    "(% of matmul) | temp MB (remat off / on) |"
+  )
   print("|---|---|---|---|---|---|---|")
   for case in args.cases.split(","):
     variant, size, patch, batch = case.split(":")
@@ -194,33 +233,46 @@ def main() -> None:
     masks = np.stack([gen(rng).reshape(-1) for _ in range(batch)])
     ips, flops, temp = ours(variant, size, patch, batch, args.steps, masks)
     _, _, temp_remat = ours(variant, size, patch, batch, 0, masks, remat=True)
-    peer_ips = float("nan") if args.no_peer else peer(variant, size, patch, batch, args.steps,
-                                                       masks)
+    peer_ips = (
+      float("nan") if args.no_peer else peer(variant, size, patch, batch, args.steps, masks)
+    )
     achieved = ips * flops
-    print(f"| {variant} {size} px / {patch}, batch {batch} | {ips:.2f} | {peer_ips:.2f} | "
-          f"{ips / peer_ips:.2f}x | {flops / 1e9:.2f} | {achieved / 1e9:.1f} "
-          f"({100 * achieved / peak:.0f}%) | {temp:.0f} / {temp_remat:.0f} |", flush=True)
+    print(
+      f"| {variant} {size} px / {patch}, batch {batch} | {ips:.2f} | {peer_ips:.2f} | "
+      f"{ips / peer_ips:.2f}x | {flops / 1e9:.2f} | {achieved / 1e9:.1f} "
+      f"({100 * achieved / peak:.0f}%) | {temp:.0f} / {temp_remat:.0f} |",
+      flush=True,
+    )
     if args.tokenizer and size // patch == 112 // 8:
       tok_rows(variant, size, patch, batch, args, masks)
 
 
 def tok_rows(variant, size, patch, batch, args, masks) -> None:
   """The DALL-E tokenizer alone, and the whole step with it, ours vs the peer."""
-  import dall_e  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
+  import dall_e
+  import torch
+
   tokenizer = dalle_tokenizer()
   torch.manual_seed(0)
   encoder = dall_e.Encoder()
   alone = ours_tokenizer_alone(tokenizer, batch, args.steps)
   alone_peer = float("nan") if args.no_peer else peer_tokenizer_alone(encoder, batch, args.steps)
-  print(f"| DALL-E encoder alone, 112 px, batch {batch} | {alone:.2f} | {alone_peer:.2f} | "
-        f"{alone / alone_peer:.2f}x | | | |", flush=True)
+  print(
+    f"| DALL-E encoder alone, 112 px, batch {batch} | {alone:.2f} | {alone_peer:.2f} | "
+    f"{alone / alone_peer:.2f}x | | | |",
+    flush=True,
+  )
   ips, flops, temp = ours(variant, size, patch, batch, args.steps, masks, tokenizer=tokenizer)
-  peer_ips = float("nan") if args.no_peer else peer(variant, size, patch, batch, args.steps,
-                                                     masks, dalle_encoder=encoder)
-  print(f"| {variant} {size} px / {patch} + DALL-E tokenizer, batch {batch} | {ips:.2f} | "
-        f"{peer_ips:.2f} | {ips / peer_ips:.2f}x | {flops / 1e9:.2f} | | {temp:.0f} / - |",
-        flush=True)
+  peer_ips = (
+    float("nan")
+    if args.no_peer
+    else peer(variant, size, patch, batch, args.steps, masks, dalle_encoder=encoder)
+  )
+  print(
+    f"| {variant} {size} px / {patch} + DALL-E tokenizer, batch {batch} | {ips:.2f} | "
+    f"{peer_ips:.2f} | {ips / peer_ips:.2f}x | {flops / 1e9:.2f} | | {temp:.0f} / - |",
+    flush=True,
+  )
 
 
 if __name__ == "__main__":

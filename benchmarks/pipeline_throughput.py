@@ -33,8 +33,8 @@ import os
 import tempfile
 import time
 
-from absl import flags
 import numpy as np
+from absl import flags
 from PIL import Image
 
 from beit_jax import config_lib
@@ -50,8 +50,10 @@ def make_imagenet_like_folder(data_dir: str, root: str, num_images: int) -> floa
   """Writes `num_images` 500x375 / 375x500 JPEGs made from the real photos; mean KB."""
   path = os.path.join(data_dir, "photos56_224.npz")
   if not os.path.exists(path):
-    raise SystemExit(f"{path} not found: pass --data=DIR holding photos56_224.npz (the "
-                     "shared data folder) or leave --data out for the built-in photos.")
+    raise SystemExit(
+      f"{path} not found: pass --data=DIR holding photos56_224.npz (the "
+      "shared data folder) or leave --data out for the built-in photos."
+    )
   photos = np.load(path)["x"]
   rng = np.random.default_rng(0)
   sizes = []
@@ -102,11 +104,20 @@ def per_core(source, transform, count: int) -> dict[str, float]:
   return {"decode": (t1 - t0) / n, "views": (t2 - t1) / n, "mask": (t3 - t2) / n}
 
 
-def grain_rate(source, transform, workers: int, batch_size: int, batches: int,
-               threads: int) -> float:
-  it = pipeline.make_train_iterator(source, transform, global_batch_size=batch_size, seed=0,
-                                    process_index=0, process_count=1, num_workers=workers,
-                                    read_threads=threads, prefetch_buffer_size=2 * batch_size)
+def grain_rate(
+  source, transform, workers: int, batch_size: int, batches: int, threads: int
+) -> float:
+  it = pipeline.make_train_iterator(
+    source,
+    transform,
+    global_batch_size=batch_size,
+    seed=0,
+    process_index=0,
+    process_count=1,
+    num_workers=workers,
+    read_threads=threads,
+    prefetch_buffer_size=2 * batch_size,
+  )
   try:
     for _ in range(2):  # Warm-up (worker start, first batches).
       next(it)
@@ -127,8 +138,12 @@ def main() -> None:
   p.add_argument("--batch_size", type=int, default=64)
   p.add_argument("--batches", type=int, default=8)
   p.add_argument("--workers", default="0,1,2", help="Grain worker processes to try")
-  p.add_argument("--read_threads", type=int, default=1,
-                 help="threads per process (per worker): 1 = one core each")
+  p.add_argument(
+    "--read_threads",
+    type=int,
+    default=1,
+    help="threads per process (per worker): 1 = one core each",
+  )
   args = p.parse_args()
   flags.FLAGS.mark_as_parsed()  # Grain's worker processes read absl flags.
 
@@ -140,23 +155,30 @@ def main() -> None:
     elif args.data:
       kb = make_imagenet_like_folder(args.data, tmp, args.num_images)
       source = sources.ImageFolderSource(tmp)
-      name = (f"{args.num_images} JPEGs 500x375/375x500 from real photos, mean {kb:.0f} KB "
-              f"(ImageNet ~{IMAGENET_MEAN_JPEG_KB} KB)")
+      name = (
+        f"{args.num_images} JPEGs 500x375/375x500 from real photos, mean {kb:.0f} KB "
+        f"(ImageNet ~{IMAGENET_MEAN_JPEG_KB} KB)"
+      )
     else:
       source, name = _EncodedBuiltin(), "built-in photos (encoded files)"
     cores = len(os.sched_getaffinity(0))
-    print(f"source: {name}; {len(source)} images; views {config.input.image_size}/"
-          f"{config.input.second_size}, {num_masked} masked; {cores} cores")
+    print(
+      f"source: {name}; {len(source)} images; views {config.input.image_size}/"
+      f"{config.input.second_size}, {num_masked} masked; {cores} cores"
+    )
     t = per_core(source, transform, args.num_images)
     total = sum(t.values())
-    print(f"one core, ms/image: read+decode {1e3 * t['decode']:.2f} | two views "
-          f"{1e3 * t['views']:.2f} | mask {1e3 * t['mask']:.2f} | total {1e3 * total:.2f} "
-          f"-> {1 / total:.0f} img/s per core")
+    print(
+      f"one core, ms/image: read+decode {1e3 * t['decode']:.2f} | two views "
+      f"{1e3 * t['views']:.2f} | mask {1e3 * t['mask']:.2f} | total {1e3 * total:.2f} "
+      f"-> {1 / total:.0f} img/s per core"
+    )
     print("| Grain workers | threads each | img/s | img/s per core used |")
     print("|---|---|---|---|")
     for workers in (int(w) for w in args.workers.split(",")):
-      rate = grain_rate(source, transform, workers, args.batch_size, args.batches,
-                        args.read_threads)
+      rate = grain_rate(
+        source, transform, workers, args.batch_size, args.batches, args.read_threads
+      )
       used = min(cores, max(workers, 1) * args.read_threads)
       print(f"| {workers} | {args.read_threads} | {rate:.0f} | {rate / used:.0f} |", flush=True)
 

@@ -22,7 +22,7 @@ def unpack(npz_path: str, out_dir: str) -> int:
   for i, y in enumerate(labels):
     path = os.path.join(out_dir, classes[int(y)], f"{i}.jpg")
     with open(path, "wb") as f:
-      f.write(blob[offsets[i]:offsets[i + 1]].tobytes())
+      f.write(blob[offsets[i] : offsets[i + 1]].tobytes())
   return len(labels)
 
 

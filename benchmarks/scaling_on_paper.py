@@ -36,33 +36,51 @@ IMAGENET_1K, IMAGENET_22K = 1_281_167, 14_197_122
 RUNS = (("IN-1k, 800 epochs", IMAGENET_1K * 800), ("IN-22k, 150 epochs", IMAGENET_22K * 150))
 # name: (chips, peak bf16 FLOP/s per chip, $ per chip-hour)
 SYSTEMS = {
-    "8x H100 (1 node)": (8, 989e12, 3.00),
-    "64x H100 (8 nodes)": (64, 989e12, 3.00),
-    "v5e-64": (64, 197e12, 1.20),
-    "v5e-256": (256, 197e12, 1.20),
-    "v5p-128 (64 chips)": (64, 459e12, 4.20),
+  "8x H100 (1 node)": (8, 989e12, 3.00),
+  "64x H100 (8 nodes)": (64, 989e12, 3.00),
+  "v5e-64": (64, 197e12, 1.20),
+  "v5e-256": (256, 197e12, 1.20),
+  "v5p-128 (64 chips)": (64, 459e12, 4.20),
 }
 
 
 def step_flops_per_image(variant: str, batch: int = 8) -> tuple[float, float]:
   """(whole step, tokenizer forward alone) FLOPs per image, from XLA's cost analysis."""
   model = vit.mim_model(variant, image_size=224, patch_size=16, vocab_size=8192)
-  tokenizer = dvae.from_config(dict(arch="dall_e", vocab_size=8192, recon_loss="logit_laplace",
-                               input_norm="dall_e"))
+  tokenizer = dvae.from_config(
+    dict(arch="dall_e", vocab_size=8192, recon_loss="logit_laplace", input_norm="dall_e")
+  )
   lr_fn = optim.warmup_cosine(1.5e-3, 1e-5, 1000, 10)
-  tx = optim.make_optimizer(config_lib.adamw_config(lr=1.5e-3, weight_decay=0.05,
-                                                    clip_grad_norm=3.0), lr_fn,
-                            wd_skip=model.no_weight_decay())
-  state = jax.eval_shape(lambda: TrainState.create(
-      model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))["params"], tx,
-      jax.random.PRNGKey(1)))
-  tok_params = jax.eval_shape(lambda: tokenizer.init(
-      jax.random.PRNGKey(0), jnp.zeros((1, 112, 112, 3)), rng=jax.random.PRNGKey(1), tau=1.0,
-      hard=False))
-  u8 = lambda *s: jax.ShapeDtypeStruct(s, jnp.uint8)  # pylint: disable=unnecessary-lambda-assignment
-  batch_shapes = {pretrain.IMAGE_KEY: u8(batch, 224, 224, 3),
-                  pretrain.TOKENIZER_KEY: u8(batch, 112, 112, 3),
-                  pretrain.MASK_KEY: jax.ShapeDtypeStruct((batch, 196), jnp.bool_)}
+  tx = optim.make_optimizer(
+    config_lib.adamw_config(lr=1.5e-3, weight_decay=0.05, clip_grad_norm=3.0),
+    lr_fn,
+    wd_skip=model.no_weight_decay(),
+  )
+  state = jax.eval_shape(
+    lambda: TrainState.create(
+      model.init(jax.random.PRNGKey(0), jnp.zeros((1, 224, 224, 3)))["params"],
+      tx,
+      jax.random.PRNGKey(1),
+    )
+  )
+  tok_params = jax.eval_shape(
+    lambda: tokenizer.init(
+      jax.random.PRNGKey(0),
+      jnp.zeros((1, 112, 112, 3)),
+      rng=jax.random.PRNGKey(1),
+      tau=1.0,
+      hard=False,
+    )
+  )
+
+  def u8(*s):
+    return jax.ShapeDtypeStruct(s, jnp.uint8)
+
+  batch_shapes = {
+    pretrain.IMAGE_KEY: u8(batch, 224, 224, 3),
+    pretrain.TOKENIZER_KEY: u8(batch, 112, 112, 3),
+    pretrain.MASK_KEY: jax.ShapeDtypeStruct((batch, 196), jnp.bool_),
+  }
   step = jax.jit(pretrain.make_train_step(model, tokenizer, tx, lr_fn, 75, "half"))
 
   def flops(lowered):
@@ -71,8 +89,10 @@ def step_flops_per_image(variant: str, batch: int = 8) -> tuple[float, float]:
     return float(cost["flops"]) / batch
 
   tok = jax.jit(lambda p, x: dvae.tokenize(tokenizer, p, x.astype(jnp.float32) / 255.0))
-  return (flops(step.lower(state, batch_shapes, tok_params)),
-          flops(tok.lower(tok_params, batch_shapes[pretrain.TOKENIZER_KEY])))
+  return (
+    flops(step.lower(state, batch_shapes, tok_params)),
+    flops(tok.lower(tok_params, batch_shapes[pretrain.TOKENIZER_KEY])),
+  )
 
 
 def main() -> None:
@@ -83,16 +103,20 @@ def main() -> None:
   print(f"MFU assumed: {args.mfu:.0%}; global batch 2048; prices are on-demand list rates")
   for variant in args.variants.split(","):
     total, tok = step_flops_per_image(variant)
-    print(f"\nBEiT-{variant} MIM step, per image: {total / 1e9:.1f} GFLOP "
-          f"(DALL-E tokenizer forward {tok / 1e9:.1f}, ViT + AdamW {(total - tok) / 1e9:.1f})")
+    print(
+      f"\nBEiT-{variant} MIM step, per image: {total / 1e9:.1f} GFLOP "
+      f"(DALL-E tokenizer forward {tok / 1e9:.1f}, ViT + AdamW {(total - tok) / 1e9:.1f})"
+    )
     print("| run | system | wall-clock hours | chip-hours | cost |")
     print("|---|---|---|---|---|")
     for run, images in RUNS:
       for system, (chips, peak, price) in SYSTEMS.items():
         seconds = images * total / (chips * peak * args.mfu)
         chip_hours = seconds * chips / 3600
-        print(f"| {run} | {system} | {seconds / 3600:.1f} | {chip_hours:,.0f} | "
-              f"${chip_hours * price:,.0f} |")
+        print(
+          f"| {run} | {system} | {seconds / 3600:.1f} | {chip_hours:,.0f} | "
+          f"${chip_hours * price:,.0f} |"
+        )
 
 
 if __name__ == "__main__":

@@ -24,17 +24,46 @@ def get_config(arg=None):
   c.seed = 0
   c.total_steps = arg.steps
   c.data = config_lib.data_config(source="tfds", name="imagenet2012", num_workers=16)
-  c.input = dict(batch_size=512, image_size=112, crop_scale=(0.08, 1.0),
-                 crop_ratio=(3 / 4, 4 / 3), interpolation="lanczos", flip_prob=0.5,
-                 color_jitter=0.0)
-  c.model = dict(arch="dall_e", vocab_size=8192, recon_loss="logit_laplace",
-                 input_norm="dall_e", num_layers=3, hidden=256, num_resblocks=2,
-                 codebook_dim=512, n_hid=256, n_blk_per_group=2, group_count=4, n_init=128,
-                 dtype="bfloat16")
-  c.loss = dict(tau_start=1.0, tau_end=1 / 16, tau_steps=150_000, beta_start=0.0,
-                beta_end=6.6, beta_steps=5_000, hard=False)
-  c.optim = config_lib.adamw_config(lr=1e-4, min_lr=1.25e-6, warmup_steps=0,
-                                    weight_decay=1e-4, decay_steps=min(1_200_000, arg.steps))
+  c.input = dict(
+    batch_size=512,
+    image_size=112,
+    crop_scale=(0.08, 1.0),
+    crop_ratio=(3 / 4, 4 / 3),
+    interpolation="lanczos",
+    flip_prob=0.5,
+    color_jitter=0.0,
+  )
+  c.model = dict(
+    arch="dall_e",
+    vocab_size=8192,
+    recon_loss="logit_laplace",
+    input_norm="dall_e",
+    num_layers=3,
+    hidden=256,
+    num_resblocks=2,
+    codebook_dim=512,
+    n_hid=256,
+    n_blk_per_group=2,
+    group_count=4,
+    n_init=128,
+    dtype="bfloat16",
+  )
+  c.loss = dict(
+    tau_start=1.0,
+    tau_end=1 / 16,
+    tau_steps=150_000,
+    beta_start=0.0,
+    beta_end=6.6,
+    beta_steps=5_000,
+    hard=False,
+  )
+  c.optim = config_lib.adamw_config(
+    lr=1e-4,
+    min_lr=1.25e-6,
+    warmup_steps=0,
+    weight_decay=1e-4,
+    decay_steps=min(1_200_000, arg.steps),
+  )
   c.ema_decay = 0.999
   c.mesh = config_lib.mesh_config()
   c.ckpt = config_lib.ckpt_config(every=5000, keep=3)

@@ -33,24 +33,49 @@ def get_config(arg=None):
 
   # The tokenizer view: random-resized crop + flip, resized with lanczos (unilm's
   # second_interpolation). A milder crop than the ViT's keeps whole objects in view.
-  c.input = dict(batch_size=32, image_size=arg.image_size, crop_scale=(0.35, 1.0),
-                 crop_ratio=(3 / 4, 4 / 3), interpolation="lanczos", flip_prob=0.5,
-                 color_jitter=0.0)
+  c.input = dict(
+    batch_size=32,
+    image_size=arg.image_size,
+    crop_scale=(0.35, 1.0),
+    crop_ratio=(3 / 4, 4 / 3),
+    interpolation="lanczos",
+    flip_prob=0.5,
+    color_jitter=0.0,
+  )
 
   # lucidrains-style compact dVAE: 2 stride-2 convs (x4 downsampling), MSE decoder.
-  c.model = dict(arch="compact", vocab_size=arg.vocab_size, recon_loss="mse",
-                 input_norm="half", num_layers=2, hidden=64, num_resblocks=1,
-                 codebook_dim=64, n_hid=256, n_blk_per_group=2, group_count=4, n_init=128,
-                 dtype="float32")
+  c.model = dict(
+    arch="compact",
+    vocab_size=arg.vocab_size,
+    recon_loss="mse",
+    input_norm="half",
+    num_layers=2,
+    hidden=64,
+    num_resblocks=1,
+    codebook_dim=64,
+    n_hid=256,
+    n_blk_per_group=2,
+    group_count=4,
+    n_init=128,
+    dtype="float32",
+  )
 
   # DALL-E App. A.2 schedules, shortened to the run: tau 1 -> 1/16 over the run. beta is
   # held at a small constant: with an MSE decoder the KL to the uniform prior dominates
   # the reconstruction at DALL-E's 6.6 (codes become noise), and at 0 the codebook
   # collapses in the first few hundred steps.
-  c.loss = dict(tau_start=1.0, tau_end=1 / 16, tau_steps=arg.steps, beta_start=0.08,
-                beta_end=0.08, beta_steps=1, hard=False)
-  c.optim = config_lib.adamw_config(lr=1e-3, min_lr=1e-5, warmup_steps=arg.steps // 20,
-                                    weight_decay=1e-4)
+  c.loss = dict(
+    tau_start=1.0,
+    tau_end=1 / 16,
+    tau_steps=arg.steps,
+    beta_start=0.08,
+    beta_end=0.08,
+    beta_steps=1,
+    hard=False,
+  )
+  c.optim = config_lib.adamw_config(
+    lr=1e-3, min_lr=1e-5, warmup_steps=arg.steps // 20, weight_decay=1e-4
+  )
   c.ema_decay = 0.0
   c.mesh = config_lib.mesh_config()
   c.ckpt = config_lib.ckpt_config(every=250, keep=2)

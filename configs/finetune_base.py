@@ -49,16 +49,24 @@ class Recipe(NamedTuple):
 
 
 RECIPES = {  # (setting, variant) -> the row of the paper's Table 13.
-    ("pt", "base"): Recipe(1024, 4e-3, 100, 20, 0.65, 0.1, 0.05, True),
-    ("pt", "large"): Recipe(1024, 1e-3, 50, 5, 0.75, 0.2, 0.05, True),
-    ("ft22k", "base"): Recipe(512, 2e-5, 30, 5, 0.85, 0.1, 1e-8, False),
-    ("ft22k", "large"): Recipe(512, 2e-5, 30, 5, 0.9, 0.4, 1e-8, False),
+  ("pt", "base"): Recipe(1024, 4e-3, 100, 20, 0.65, 0.1, 0.05, True),
+  ("pt", "large"): Recipe(1024, 1e-3, 50, 5, 0.75, 0.2, 0.05, True),
+  ("ft22k", "base"): Recipe(512, 2e-5, 30, 5, 0.85, 0.1, 1e-8, False),
+  ("ft22k", "large"): Recipe(512, 2e-5, 30, 5, 0.9, 0.4, 1e-8, False),
 }
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="base", setting="pt", image_size=224, epochs=0,
-                             batch_size=0, pretrained="", num_train_images=IMAGENET_TRAIN_IMAGES)
+  arg = config_lib.parse_arg(
+    arg,
+    variant="base",
+    setting="pt",
+    image_size=224,
+    epochs=0,
+    batch_size=0,
+    pretrained="",
+    num_train_images=IMAGENET_TRAIN_IMAGES,
+  )
   key = (arg.setting, "large" if arg.variant == "large" else "base")
   if key not in RECIPES:
     raise ValueError(f"Unknown setting {arg.setting!r}; choose one of pt, ft22k.")
@@ -73,25 +81,52 @@ def get_config(arg=None):
   c.seed = 0
   c.total_steps = epochs * steps_per_epoch
   c.pretrained = arg.pretrained
-  c.data = config_lib.data_config(source="tfds", name="imagenet2012", train_split="train",
-                                  eval_split="validation", num_workers=8)
+  c.data = config_lib.data_config(
+    source="tfds", name="imagenet2012", train_split="train", eval_split="validation", num_workers=8
+  )
   c.input = dict(
-      batch_size=batch, image_size=arg.image_size, crop_scale=(0.08, 1.0),
-      crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", flip_prob=0.5,
-      auto_augment="rand-m9-mstd0.5-inc1", color_jitter=0.4,  # Jitter unused with RandAugment.
-      reprob=0.25, remode="pixel", recount=1, norm="imagenet",
-      eval_crop_pct=1.0 if arg.image_size >= 384 else 224 / 256)
-  c.mixup = dict(mixup_alpha=0.8 if use_mixup else 0.0, cutmix_alpha=1.0 if use_mixup else 0.0,
-                 cutmix_minmax=(), prob=1.0 if use_mixup else 0.0, switch_prob=0.5)
+    batch_size=batch,
+    image_size=arg.image_size,
+    crop_scale=(0.08, 1.0),
+    crop_ratio=(3 / 4, 4 / 3),
+    interpolation="bicubic",
+    flip_prob=0.5,
+    auto_augment="rand-m9-mstd0.5-inc1",
+    color_jitter=0.4,  # Jitter unused with RandAugment.
+    reprob=0.25,
+    remode="pixel",
+    recount=1,
+    norm="imagenet",
+    eval_crop_pct=1.0 if arg.image_size >= 384 else 224 / 256,
+  )
+  c.mixup = dict(
+    mixup_alpha=0.8 if use_mixup else 0.0,
+    cutmix_alpha=1.0 if use_mixup else 0.0,
+    cutmix_minmax=(),
+    prob=1.0 if use_mixup else 0.0,
+    switch_prob=0.5,
+  )
   c.label_smoothing = 0.1
   # Used for random init; with `pretrained`, width/depth/heads/patch come from the export.
-  c.model = dict(variant=arg.variant, patch_size=16, drop_path_rate=recipe.drop_path,
-                 init_values=0.1,
-                 use_abs_pos_emb=False, use_rel_pos_bias=True, use_mean_pooling=True,
-                 init_scale=0.001, remat=False, dtype="auto")
+  c.model = dict(
+    variant=arg.variant,
+    patch_size=16,
+    drop_path_rate=recipe.drop_path,
+    init_values=0.1,
+    use_abs_pos_emb=False,
+    use_rel_pos_bias=True,
+    use_mean_pooling=True,
+    init_scale=0.001,
+    remat=False,
+    dtype="auto",
+  )
   c.optim = config_lib.adamw_config(
-      lr=recipe.lr, min_lr=1e-6, warmup_steps=recipe.warmup_epochs * steps_per_epoch,
-      weight_decay=recipe.weight_decay, clip_grad_norm=0.0)
+    lr=recipe.lr,
+    min_lr=1e-6,
+    warmup_steps=recipe.warmup_epochs * steps_per_epoch,
+    weight_decay=recipe.weight_decay,
+    clip_grad_norm=0.0,
+  )
   c.optim.layer_decay = recipe.layer_decay
   c.ema_decay = 0.0  # unilm --model_ema (off by default; 0.9999 when on).
   c.mesh = config_lib.mesh_config()

@@ -21,13 +21,14 @@ from beit_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="mini", steps=200, batch_size=32, pretrained="",
-                             lr=2e-3)
-  c = config_lib.sibling_config(__file__, "finetune_base.py",
-                                f"batch_size={arg.batch_size},pretrained={arg.pretrained}")
+  arg = config_lib.parse_arg(arg, variant="mini", steps=200, batch_size=32, pretrained="", lr=2e-3)
+  c = config_lib.sibling_config(
+    __file__, "finetune_base.py", f"batch_size={arg.batch_size},pretrained={arg.pretrained}"
+  )
   config_lib.small_downstream(c, variant=arg.variant, steps=arg.steps)
   c.mixup.prob = 0.0
-  c.optim = config_lib.adamw_config(lr=arg.lr, min_lr=1e-6, warmup_steps=max(arg.steps // 10, 1),
-                                    weight_decay=0.05)
+  c.optim = config_lib.adamw_config(
+    lr=arg.lr, min_lr=1e-6, warmup_steps=max(arg.steps // 10, 1), weight_decay=0.05
+  )
   c.optim.layer_decay = 0.75
   return c

@@ -23,23 +23,46 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="base", epochs=100, batch_size=1024, pretrained="",
-                             num_train_images=IMAGENET_TRAIN_IMAGES)
+  arg = config_lib.parse_arg(
+    arg,
+    variant="base",
+    epochs=100,
+    batch_size=1024,
+    pretrained="",
+    num_train_images=IMAGENET_TRAIN_IMAGES,
+  )
   steps_per_epoch = arg.num_train_images // arg.batch_size
   c = ml_collections.ConfigDict()
   c.task = "linear_probe"
   c.seed = 0
   c.total_steps = arg.epochs * steps_per_epoch
   c.pretrained = arg.pretrained
-  c.data = config_lib.data_config(source="tfds", name="imagenet2012", train_split="train",
-                                  eval_split="validation", num_workers=8)
-  c.input = dict(batch_size=arg.batch_size, image_size=224, crop_scale=(0.08, 1.0),
-                 crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic", flip_prob=0.5,
-                 norm="imagenet", eval_crop_pct=224 / 256)
+  c.data = config_lib.data_config(
+    source="tfds", name="imagenet2012", train_split="train", eval_split="validation", num_workers=8
+  )
+  c.input = dict(
+    batch_size=arg.batch_size,
+    image_size=224,
+    crop_scale=(0.08, 1.0),
+    crop_ratio=(3 / 4, 4 / 3),
+    interpolation="bicubic",
+    flip_prob=0.5,
+    norm="imagenet",
+    eval_crop_pct=224 / 256,
+  )
   # Used for the random-init baseline; with `pretrained`, the export's architecture.
-  c.model = dict(variant=arg.variant, patch_size=16, drop_path_rate=0.0, init_values=0.1,
-                 use_abs_pos_emb=False, use_rel_pos_bias=True, use_mean_pooling=True,
-                 init_scale=0.001, remat=False, dtype="auto")
+  c.model = dict(
+    variant=arg.variant,
+    patch_size=16,
+    drop_path_rate=0.0,
+    init_values=0.1,
+    use_abs_pos_emb=False,
+    use_rel_pos_bias=True,
+    use_mean_pooling=True,
+    init_scale=0.001,
+    remat=False,
+    dtype="auto",
+  )
   c.optim = config_lib.adamw_config(lr=4e-3, min_lr=0.0, warmup_steps=0, weight_decay=1e-4)
   c.knn = dict(k=20, temperature=0.07, max_train_images=0)  # k=0: no k-NN; 0 = all images.
   c.mesh = config_lib.mesh_config()

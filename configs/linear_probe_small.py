@@ -16,8 +16,9 @@ from beit_jax import config_lib
 
 def get_config(arg=None):
   arg = config_lib.parse_arg(arg, variant="mini", steps=200, batch_size=32, pretrained="")
-  c = config_lib.sibling_config(__file__, "linear_probe_base.py",
-                                f"batch_size={arg.batch_size},pretrained={arg.pretrained}")
+  c = config_lib.sibling_config(
+    __file__, "linear_probe_base.py", f"batch_size={arg.batch_size},pretrained={arg.pretrained}"
+  )
   config_lib.small_downstream(c, variant=arg.variant, steps=arg.steps)
   c.optim = config_lib.adamw_config(lr=4e-3, min_lr=0.0, warmup_steps=0, weight_decay=1e-4)
   c.knn.max_train_images = 10000

@@ -32,37 +32,63 @@ IMAGENET_TRAIN_IMAGES = 1_281_167
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="base", epochs=800, batch_size=2048, tokenizer="",
-                             warmup_epochs=10, num_train_images=IMAGENET_TRAIN_IMAGES)
+  arg = config_lib.parse_arg(
+    arg,
+    variant="base",
+    epochs=800,
+    batch_size=2048,
+    tokenizer="",
+    warmup_epochs=10,
+    num_train_images=IMAGENET_TRAIN_IMAGES,
+  )
   steps_per_epoch = arg.num_train_images // arg.batch_size
   c = ml_collections.ConfigDict()
   c.task = "pretrain"
   c.seed = 0
   c.total_steps = arg.epochs * steps_per_epoch
-  c.data = config_lib.data_config(source="tfds", name="imagenet2012", train_split="train",
-                                  eval_split="validation", num_workers=8)
+  c.data = config_lib.data_config(
+    source="tfds", name="imagenet2012", train_split="train", eval_split="validation", num_workers=8
+  )
 
   # unilm DataAugmentationForBEiT: ColorJitter(.4,.4,.4) -> flip -> one RandomResizedCrop
   # box (scale .08-1) -> 224 bicubic for the ViT and 112 lanczos for the tokenizer.
-  c.input = dict(batch_size=arg.batch_size, image_size=224, second_size=112,
-                 crop_scale=(0.08, 1.0), crop_ratio=(3 / 4, 4 / 3), interpolation="bicubic",
-                 second_interpolation="lanczos", color_jitter=0.4, flip_prob=0.5,
-                 norm="imagenet")  # --imagenet_default_mean_and_std (IN-1k); 'half' for 22k.
+  c.input = dict(
+    batch_size=arg.batch_size,
+    image_size=224,
+    second_size=112,
+    crop_scale=(0.08, 1.0),
+    crop_ratio=(3 / 4, 4 / 3),
+    interpolation="bicubic",
+    second_interpolation="lanczos",
+    color_jitter=0.4,
+    flip_prob=0.5,
+    norm="imagenet",
+  )  # --imagenet_default_mean_and_std (IN-1k); 'half' for 22k.
 
   # 0 = unilm's 75 / 16 of 196, scaled to other grids.
   c.mask = dict(kind="blockwise", num_patches=0, min_patches=0)
 
-  c.model = dict(variant=arg.variant, patch_size=16,
-                 vocab_size=0,            # 0 = the tokenizer's vocabulary.
-                 init_values=0.1, drop_path_rate=0.1, use_abs_pos_emb=False,
-                 use_shared_rel_pos_bias=True, remat=False,
-                 dtype="auto")            # bf16 compute on GPU/TPU, f32 on CPU.
+  c.model = dict(
+    variant=arg.variant,
+    patch_size=16,
+    vocab_size=0,  # 0 = the tokenizer's vocabulary.
+    init_values=0.1,
+    drop_path_rate=0.1,
+    use_abs_pos_emb=False,
+    use_shared_rel_pos_bias=True,
+    remat=False,
+    dtype="auto",
+  )  # bf16 compute on GPU/TPU, f32 on CPU.
 
   c.tokenizer = dict(path=arg.tokenizer)
 
-  c.optim = config_lib.adamw_config(lr=1.5e-3, min_lr=1e-5,
-                                    warmup_steps=arg.warmup_epochs * steps_per_epoch,
-                                    weight_decay=0.05, clip_grad_norm=3.0)
+  c.optim = config_lib.adamw_config(
+    lr=1.5e-3,
+    min_lr=1e-5,
+    warmup_steps=arg.warmup_epochs * steps_per_epoch,
+    weight_decay=0.05,
+    clip_grad_norm=3.0,
+  )
   c.mesh = config_lib.mesh_config()
   c.ckpt = config_lib.ckpt_config(every=5000, keep=3)
   c.nonfinite = config_lib.nonfinite_config()

@@ -24,10 +24,10 @@ from beit_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="mini", steps=300, tokenizer_steps=300,
-                             batch_size=32)
-  c = config_lib.sibling_config(__file__, "pretrain_base.py",
-                                f"variant={arg.variant},batch_size={arg.batch_size}")
+  arg = config_lib.parse_arg(arg, variant="mini", steps=300, tokenizer_steps=300, batch_size=32)
+  c = config_lib.sibling_config(
+    __file__, "pretrain_base.py", f"variant={arg.variant},batch_size={arg.batch_size}"
+  )
   c.total_steps = arg.steps
   c.data = config_lib.data_config()  # Built-in photos.
   c.input.image_size = 64
@@ -36,8 +36,13 @@ def get_config(arg=None):
   c.model.patch_size = 8
   c.model.drop_path_rate = 0.0
   c.model.dtype = "float32"
-  c.optim = config_lib.adamw_config(lr=1.5e-3, min_lr=1e-5, warmup_steps=max(arg.steps // 20, 1),
-                                    weight_decay=0.05, clip_grad_norm=3.0)
+  c.optim = config_lib.adamw_config(
+    lr=1.5e-3,
+    min_lr=1e-5,
+    warmup_steps=max(arg.steps // 20, 1),
+    weight_decay=0.05,
+    clip_grad_norm=3.0,
+  )
   c.ckpt = config_lib.ckpt_config(every=250, keep=2)
   c.nonfinite = config_lib.nonfinite_config()
   c.pictures = True  # Draw beit_jax.viz pictures at every checkpoint.
@@ -45,5 +50,6 @@ def get_config(arg=None):
   c.eval_batch_size = 64
   # Trained first (in <workdir>/tokenizer, on config.data) when tokenizer.path is empty.
   c.tokenizer.train = config_lib.sibling_config(
-      __file__, "dvae_small.py", f"image_size=32,steps={arg.tokenizer_steps}")
+    __file__, "dvae_small.py", f"image_size=32,steps={arg.tokenizer_steps}"
+  )
   return c

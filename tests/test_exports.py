@@ -8,9 +8,17 @@ import pytest
 from beit_jax import exports
 from beit_jax.models import dvae, vit
 
-TOKENIZER_CONFIG = dict(arch="compact", vocab_size=32, recon_loss="mse", input_norm="half",
-                        num_layers=2, hidden=8, num_resblocks=0, codebook_dim=8,
-                        dtype="float32")
+TOKENIZER_CONFIG = dict(
+  arch="compact",
+  vocab_size=32,
+  recon_loss="mse",
+  input_norm="half",
+  num_layers=2,
+  hidden=8,
+  num_resblocks=0,
+  codebook_dim=8,
+  dtype="float32",
+)
 
 
 def _random_like(abstract, seed=0):
@@ -25,7 +33,10 @@ def _assert_equal_trees(a, b):
 
 
 def test_export_and_load_params(tmp_path):
-  params = {"enc": {"w": np.arange(12.0, dtype=np.float32).reshape(3, 4)}, "b": np.ones(2, np.int32)}
+  params = {
+    "enc": {"w": np.arange(12.0, dtype=np.float32).reshape(3, 4)},
+    "b": np.ones(2, np.int32),
+  }
   out = exports.write(tmp_path / "export", params, metadata={"kind": "test", "n": 1})
   assert exports.read_metadata(out) == {"kind": "test", "n": 1}
   sharding = jax.sharding.SingleDeviceSharding(jax.devices()[0])
@@ -35,8 +46,9 @@ def test_export_and_load_params(tmp_path):
   # Re-exporting over an existing export replaces it.
   params["enc"]["w"] = params["enc"]["w"] + 1
   exports.write(out, params, metadata={"kind": "test", "n": 2})
-  np.testing.assert_array_equal(np.asarray(exports.load_params(out, target)["enc"]["w"]),
-                                params["enc"]["w"])
+  np.testing.assert_array_equal(
+    np.asarray(exports.load_params(out, target)["enc"]["w"]), params["enc"]["w"]
+  )
 
 
 def test_missing_export_is_a_clear_error(tmp_path):
@@ -47,16 +59,24 @@ def test_missing_export_is_a_clear_error(tmp_path):
 def test_tokenizer_export_round_trip_and_grid(tmp_path):
   model = dvae.from_config(TOKENIZER_CONFIG)
   params = _random_like(exports.tokenizer_abstract_params(model, 16))
-  out = exports.write_tokenizer(tmp_path / "tok", params, TOKENIZER_CONFIG, 16, step=7,
-                                eval_metrics={"psnr": 20.0}, source="test")
+  out = exports.write_tokenizer(
+    tmp_path / "tok",
+    params,
+    TOKENIZER_CONFIG,
+    16,
+    step=7,
+    eval_metrics={"psnr": 20.0},
+    source="test",
+  )
   assert exports.tokenizer_info(out) == dict(grid=4, vocab_size=32, image_size=16)
   loaded, variables, meta = exports.load_tokenizer(out)
   assert meta["kind"] == exports.TOKENIZER and meta["step"] == 7 and meta["source"] == "test"
   assert loaded.downsample == 4 and loaded.vocab_size == 32
   _assert_equal_trees(variables["params"], params)
   images = jnp.asarray(np.random.default_rng(1).uniform(size=(2, 16, 16, 3)), jnp.float32)
-  np.testing.assert_array_equal(dvae.tokenize(loaded, variables, images),
-                                dvae.tokenize(model, {"params": params}, images))
+  np.testing.assert_array_equal(
+    dvae.tokenize(loaded, variables, images), dvae.tokenize(model, {"params": params}, images)
+  )
   with pytest.raises(ValueError, match="not divisible"):
     exports.write_tokenizer(tmp_path / "bad", params, TOKENIZER_CONFIG, 18)
 
@@ -64,9 +84,16 @@ def test_tokenizer_export_round_trip_and_grid(tmp_path):
 def test_beit_exports_round_trip_and_refuse_the_wrong_kind(tmp_path):
   mim = vit.mim_model("test", image_size=16, patch_size=4, vocab_size=16)
   params = _random_like(vit.abstract_params(mim))
-  out = exports.write_mim(tmp_path / "mim", params, mim, input_norm="half",
-                          tokenizer=str(tmp_path / "tok"), tokenizer_image_size=16, step=3,
-                          eval_metrics={"loss": 1.0})
+  out = exports.write_mim(
+    tmp_path / "mim",
+    params,
+    mim,
+    input_norm="half",
+    tokenizer=str(tmp_path / "tok"),
+    tokenizer_image_size=16,
+    step=3,
+    eval_metrics={"loss": 1.0},
+  )
   model, loaded, meta = exports.load_pretrained(out)
   assert vit.architecture(model) == vit.architecture(mim) and meta["vocab_size"] == 16
   assert meta["patch_size"] == 4 and meta["tokenizer_image_size"] == 16
@@ -78,8 +105,15 @@ def test_beit_exports_round_trip_and_refuse_the_wrong_kind(tmp_path):
 
   clf = vit.classifier_model("test", 5, image_size=16, patch_size=4)
   clf_params = _random_like(vit.abstract_params(clf), seed=1)
-  out = exports.write_classifier(tmp_path / "clf", clf_params, clf, input_norm="half",
-                                 pretrained="", step=9, eval_metrics={"top1": 0.5})
+  out = exports.write_classifier(
+    tmp_path / "clf",
+    clf_params,
+    clf,
+    input_norm="half",
+    pretrained="",
+    step=9,
+    eval_metrics={"top1": 0.5},
+  )
   model, loaded, meta = exports.load_classifier(out)
   assert model.num_classes == 5 and meta["num_classes"] == 5 and meta["eval"]["top1"] == 0.5
   _assert_equal_trees(loaded, clf_params)
@@ -98,11 +132,20 @@ def test_beit_exports_round_trip_and_refuse_the_wrong_kind(tmp_path):
 def test_linear_probe_export_round_trip(tmp_path):
   backbone = vit.classifier_model("test", 3, image_size=16, patch_size=4)
   depth, dim = backbone.depth, 2 * backbone.embed_dim
-  probes = dict(kernel=np.random.default_rng(0).normal(size=(depth, dim, 3)).astype(np.float32),
-                bias=np.arange(depth * 3, dtype=np.float32).reshape(depth, 3))
-  out = exports.write_linear_probe(tmp_path / "probe", probes, backbone, backbone="",
-                                   num_classes=3, input_norm="half", step=4,
-                                   eval_metrics={"best_layer": 2})
+  probes = dict(
+    kernel=np.random.default_rng(0).normal(size=(depth, dim, 3)).astype(np.float32),
+    bias=np.arange(depth * 3, dtype=np.float32).reshape(depth, 3),
+  )
+  out = exports.write_linear_probe(
+    tmp_path / "probe",
+    probes,
+    backbone,
+    backbone="",
+    num_classes=3,
+    input_norm="half",
+    step=4,
+    eval_metrics={"best_layer": 2},
+  )
   model, loaded, meta = exports.load_linear_probe(out)
   assert model.depth == depth and meta["eval"]["best_layer"] == 2
   _assert_equal_trees(loaded, probes)

@@ -14,14 +14,17 @@ import pytest
 
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "beit_jax")
 LAYERS = {
-    "beit_jax.main": 7,
-    "beit_jax.tasks": 6,
-    "beit_jax.viz": 5, "beit_jax.convert": 5, "beit_jax.config_lib": 5,
-    "beit_jax.exports": 4,
-    "beit_jax.training": 3,
-    "beit_jax.models": 2, "beit_jax.data": 2,
-    "beit_jax.pixels": 1,
-    "beit_jax": 0,  # The package's __init__ (the version only).
+  "beit_jax.main": 7,
+  "beit_jax.tasks": 6,
+  "beit_jax.viz": 5,
+  "beit_jax.convert": 5,
+  "beit_jax.config_lib": 5,
+  "beit_jax.exports": 4,
+  "beit_jax.training": 3,
+  "beit_jax.models": 2,
+  "beit_jax.data": 2,
+  "beit_jax.pixels": 1,
+  "beit_jax": 0,  # The package's __init__ (the version only).
 }
 # Optional heavy dependencies that may be imported where they are used, so that the rest
 # works without them (the `convert` extra).
@@ -49,13 +52,13 @@ def _imports(path: str) -> list[tuple[str, bool]]:
 
   def visit(node, in_function):
     for child in ast.iter_child_nodes(node):
-      inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef,
-                                                ast.Lambda))
+      inner = in_function or isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda))
       if isinstance(child, ast.Import):
         found.extend((a.name, inner) for a in child.names)
       elif isinstance(child, ast.ImportFrom) and child.module and not child.level:
-        found.extend([(child.module, inner)] +
-                     [(f"{child.module}.{a.name}", inner) for a in child.names])
+        found.extend(
+          [(child.module, inner)] + [(f"{child.module}.{a.name}", inner) for a in child.names]
+        )
       visit(child, inner)
 
   visit(tree, False)
@@ -63,8 +66,10 @@ def _imports(path: str) -> list[tuple[str, bool]]:
 
 
 def _graph() -> dict[str, set[str]]:
-  return {m: {name for name, _ in _imports(p) if name in MODULES and name != m}
-          for m, p in MODULES.items()}
+  return {
+    m: {name for name, _ in _imports(p) if name in MODULES and name != m}
+    for m, p in MODULES.items()
+  }
 
 
 def _layer(module: str) -> tuple[str, int]:
@@ -84,7 +89,7 @@ def test_no_import_cycle():
     state[node] = "open"
     for nxt in sorted(graph[node]):
       if state.get(nxt) == "open":
-        pytest.fail("import cycle: " + " -> ".join(stack[stack.index(nxt):] + [nxt]))
+        pytest.fail("import cycle: " + " -> ".join(stack[stack.index(nxt) :] + [nxt]))
       if nxt not in state:
         visit(nxt, stack + [nxt])
     state[node] = "done"
@@ -106,22 +111,34 @@ def test_imports_go_down_the_layers():
 
 
 def test_no_import_inside_a_function():
-  hidden = [f"{module}: {name}" for module, path in MODULES.items()
-            for name, inside in _imports(path)
-            if inside and name.split(".")[0] not in LAZY_ALLOWED]
+  hidden = [
+    f"{module}: {name}"
+    for module, path in MODULES.items()
+    for name, inside in _imports(path)
+    if inside and name.split(".")[0] not in LAZY_ALLOWED
+  ]
   assert not hidden, "imports inside functions: " + ", ".join(hidden)
 
 
 def test_the_checks_catch_a_cycle_and_an_upward_import(tmp_path, monkeypatch):
   """The walker sees imports at module level and inside functions."""
   a = tmp_path / "a.py"
-  a.write_text("import os\nfrom beit_jax.training import loop\n\ndef f():\n"
-               "  from beit_jax.tasks import pretrain\n")
+  a.write_text(
+    "import os\nfrom beit_jax.training import loop\n\ndef f():\n"
+    "  from beit_jax.tasks import pretrain\n"
+  )
   names = dict(_imports(str(a)))
-  assert names == {"os": False, "beit_jax.training": False, "beit_jax.training.loop": False,
-                   "beit_jax.tasks": True, "beit_jax.tasks.pretrain": True}
+  assert names == {
+    "os": False,
+    "beit_jax.training": False,
+    "beit_jax.training.loop": False,
+    "beit_jax.tasks": True,
+    "beit_jax.tasks.pretrain": True,
+  }
 
 
 def test_no_module_above_600_lines():
-  long = {m: n for m, p in MODULES.items() if (n := len(open(p, encoding="utf-8").readlines())) > 600}
+  long = {
+    m: n for m, p in MODULES.items() if (n := len(open(p, encoding="utf-8").readlines())) > 600
+  }
   assert not long, long

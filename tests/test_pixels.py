@@ -7,7 +7,6 @@ import pytest
 
 from beit_jax import pixels
 
-
 # ----------------------------------------------------------------------------
 # normalize / denormalize.
 # ----------------------------------------------------------------------------
@@ -36,27 +35,28 @@ def test_normalize_values():
   np.testing.assert_allclose(pixels.normalize(x, "unit"), x / 255.0, atol=1e-6)
   mean = np.array([0.485, 0.456, 0.406])
   std = np.array([0.229, 0.224, 0.225])
-  np.testing.assert_allclose(pixels.normalize(x, "imagenet"), (x / 255.0 - mean) / std,
-                             atol=1e-5)
+  np.testing.assert_allclose(pixels.normalize(x, "imagenet"), (x / 255.0 - mean) / std, atol=1e-5)
   with pytest.raises(ValueError, match="normalisation"):
     pixels.normalize(x, "bogus")
 
 
 def test_normalize_unit_interval_input():
   x = np.array([[0.0, 0.2, 0.5, 1.0]] * 3, np.float32).T  # (4, 3), pixels in [0, 1]
-  np.testing.assert_allclose(pixels.normalize(x, "dall_e", max_value=1.0), 0.8 * x + 0.1,
-                             atol=1e-6)
-  np.testing.assert_allclose(pixels.normalize(x, "half", max_value=1.0), (x - 0.5) / 0.5,
-                             atol=1e-6)
+  np.testing.assert_allclose(pixels.normalize(x, "dall_e", max_value=1.0), 0.8 * x + 0.1, atol=1e-6)
+  np.testing.assert_allclose(pixels.normalize(x, "half", max_value=1.0), (x - 0.5) / 0.5, atol=1e-6)
   np.testing.assert_allclose(pixels.normalize(x, "unit", max_value=1.0), x, atol=1e-6)
   # Literal values: DALL-E's map_pixels sends [0, 1] to [0.1, 0.9].
-  np.testing.assert_allclose(pixels.normalize(x, "dall_e", max_value=1.0)[:, 0],
-                             [0.1, 0.26, 0.5, 0.9], atol=1e-6)
-  np.testing.assert_allclose(pixels.normalize(x, "half", max_value=1.0)[:, 0],
-                             [-1.0, -0.6, 0.0, 1.0], atol=1e-6)
   np.testing.assert_allclose(
-      pixels.denormalize(pixels.normalize(x, "dall_e", max_value=1.0), "dall_e",
-                         max_value=1.0), x, atol=1e-6)
+    pixels.normalize(x, "dall_e", max_value=1.0)[:, 0], [0.1, 0.26, 0.5, 0.9], atol=1e-6
+  )
+  np.testing.assert_allclose(
+    pixels.normalize(x, "half", max_value=1.0)[:, 0], [-1.0, -0.6, 0.0, 1.0], atol=1e-6
+  )
+  np.testing.assert_allclose(
+    pixels.denormalize(pixels.normalize(x, "dall_e", max_value=1.0), "dall_e", max_value=1.0),
+    x,
+    atol=1e-6,
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -81,8 +81,9 @@ def test_to_uint8_rounds_and_clips():
   np.testing.assert_array_equal(out, [0, 0, 51, 1, 0, 255, 255])
   # Works on JAX arrays too, and inverts to_unit exactly.
   all_values = np.arange(256, dtype=np.uint8)[:, None].repeat(3, axis=1)  # (256, 3)
-  np.testing.assert_array_equal(pixels.to_uint8(pixels.to_unit(jnp.asarray(all_values))),
-                                all_values)
+  np.testing.assert_array_equal(
+    pixels.to_uint8(pixels.to_unit(jnp.asarray(all_values))), all_values
+  )
 
 
 def test_psnr():

@@ -35,8 +35,9 @@ from beit_jax.convert import beit, dalle
 
 
 def main(argv=None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m beit_jax.convert",
-                                   description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m beit_jax.convert", description=__doc__.split("\n\n")[0]
+  )
   sub = parser.add_subparsers(dest="kind", required=True)
   p = sub.add_parser("beit", help="unilm / timm BEiT .pth -> Orbax params export")
   p.add_argument("src")
@@ -55,22 +56,27 @@ def main(argv=None) -> None:
 
   t0 = time.perf_counter()
   if args.kind == "to_pth":
-    import torch  # pylint: disable=g-import-not-at-top  # Optional: the `convert` extra.
+    import torch  # Optional: the `convert` extra.
+
     _, params, meta = exports.load_pretrained(args.export_dir)
     sd = beit.flax_to_unilm(params, grid=meta["image_size"] // meta["patch_size"])
     torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, args.out)
     print(f"Wrote {len(sd)} tensors to {args.out} in {time.perf_counter() - t0:.1f} s.")
     return
   if args.kind == "dalle":
-    params, config = dalle.convert(dalle.load_dalle_state_dict(args.encoder, args.trust_pickle),
-                                   dalle.load_dalle_state_dict(args.decoder, args.trust_pickle))
+    params, config = dalle.convert(
+      dalle.load_dalle_state_dict(args.encoder, args.trust_pickle),
+      dalle.load_dalle_state_dict(args.decoder, args.trust_pickle),
+    )
     exports.write_tokenizer(args.out, params, config, args.image_size, source=args.encoder)
     print(f"Converted DALL-E dVAE -> {args.out} in {time.perf_counter() - t0:.1f} s; {config}")
     return
   params, kwargs = beit.unilm_to_flax(beit.load_torch_checkpoint(args.src), args.num_heads)
   exports.write_converted_beit(args.out, params, kwargs, source=args.src)
-  print(f"Converted {args.src} -> {args.out} in {time.perf_counter() - t0:.1f} s; "
-        f"architecture: {kwargs}")
+  print(
+    f"Converted {args.src} -> {args.out} in {time.perf_counter() - t0:.1f} s; "
+    f"architecture: {kwargs}"
+  )
 
 
 if __name__ == "__main__":

@@ -15,10 +15,10 @@ from __future__ import annotations
 
 import re
 import warnings
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax
-import jax
 import numpy as np
 
 from beit_jax import exports
@@ -33,15 +33,21 @@ def load_dalle_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np
   except ValueError as e:
     if not trust_pickle:
       raise ValueError(
-          f"{path} is a pickled PyTorch module (like DALL-E's encoder.pkl / decoder.pkl): "
-          "loading it runs code stored in the file. Pass --trust_pickle (trust_pickle=True) "
-          "only for files from a source you trust, e.g. cdn.openai.com/dall-e/.") from e
-    import torch  # pylint: disable=g-import-not-at-top
-    warnings.warn(f"Unpickling {path} with weights_only=False: this runs code from the file.")
+        f"{path} is a pickled PyTorch module (like DALL-E's encoder.pkl / decoder.pkl): "
+        "loading it runs code stored in the file. Pass --trust_pickle (trust_pickle=True) "
+        "only for files from a source you trust, e.g. cdn.openai.com/dall-e/."
+      ) from e
+    import torch  # Optional: the `convert` extra.
+
+    warnings.warn(
+      f"Unpickling {path} with weights_only=False: this runs code from the file.", stacklevel=2
+    )
     module = torch.load(path, map_location="cpu", weights_only=False)
     sd = module.state_dict() if hasattr(module, "state_dict") else module
-  return {k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)
-          for k, v in sd.items()}
+  return {
+    k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)
+    for k, v in sd.items()
+  }
 
 
 def to_flax(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
@@ -56,25 +62,37 @@ def to_flax(sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
   return tree
 
 
-def model_config(encoder_sd: Mapping[str, np.ndarray],
-                 decoder_sd: Mapping[str, np.ndarray]) -> dict[str, Any]:
+def model_config(
+  encoder_sd: Mapping[str, np.ndarray], decoder_sd: Mapping[str, np.ndarray]
+) -> dict[str, Any]:
   """The `dvae.from_config` config of DALL-E weights."""
   n_hid = encoder_sd["blocks.input.w"].shape[0]
   vocab = encoder_sd["blocks.output.conv.w"].shape[0]
-  blocks = {int(m.group(1)) for k in encoder_sd
-            if (m := re.match(r"blocks\.group_1\.block_(\d+)\.", k))}
+  blocks = {
+    int(m.group(1)) for k in encoder_sd if (m := re.match(r"blocks\.group_1\.block_(\d+)\.", k))
+  }
   groups = {int(m.group(1)) for k in encoder_sd if (m := re.match(r"blocks\.group_(\d+)\.", k))}
   if decoder_sd["blocks.input.w"].shape[1] != vocab:
-    raise ValueError(f"The decoder takes {decoder_sd['blocks.input.w'].shape[1]} tokens but "
-                     f"the encoder makes {vocab}: not a matching pair.")
-  return dict(arch="dall_e", vocab_size=vocab, recon_loss="logit_laplace",
-              input_norm="dall_e", n_hid=n_hid, n_blk_per_group=len(blocks),
-              group_count=len(groups), n_init=decoder_sd["blocks.input.w"].shape[0],
-              dtype="float32")
+    raise ValueError(
+      f"The decoder takes {decoder_sd['blocks.input.w'].shape[1]} tokens but "
+      f"the encoder makes {vocab}: not a matching pair."
+    )
+  return dict(
+    arch="dall_e",
+    vocab_size=vocab,
+    recon_loss="logit_laplace",
+    input_norm="dall_e",
+    n_hid=n_hid,
+    n_blk_per_group=len(blocks),
+    group_count=len(groups),
+    n_init=decoder_sd["blocks.input.w"].shape[0],
+    dtype="float32",
+  )
 
 
-def convert(encoder_sd: Mapping[str, np.ndarray], decoder_sd: Mapping[str, np.ndarray]
-            ) -> tuple[dict[str, Any], dict[str, Any]]:
+def convert(
+  encoder_sd: Mapping[str, np.ndarray], decoder_sd: Mapping[str, np.ndarray]
+) -> tuple[dict[str, Any], dict[str, Any]]:
   """(params {'encoder', 'decoder'}, model config), checked against the dVAE's shapes."""
   config = model_config(encoder_sd, decoder_sd)
   params = {"encoder": to_flax(encoder_sd), "decoder": to_flax(decoder_sd)}
@@ -83,8 +101,10 @@ def convert(encoder_sd: Mapping[str, np.ndarray], decoder_sd: Mapping[str, np.nd
   got = flax.traverse_util.flatten_dict(params)
   for path, leaf in expected.items():
     if path not in got or got[path].shape != leaf.shape:
-      raise ValueError(f"{'/'.join(path)}: expected {leaf.shape}, checkpoint has "
-                       f"{got[path].shape if path in got else 'nothing'}.")
+      raise ValueError(
+        f"{'/'.join(path)}: expected {leaf.shape}, checkpoint has "
+        f"{got[path].shape if path in got else 'nothing'}."
+      )
   extra = sorted("/".join(p) for p in got if p not in expected)
   if extra:
     raise ValueError(f"Checkpoint keys with no place in the dVAE: {extra[:5]}.")

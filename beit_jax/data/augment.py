@@ -29,8 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from beit_jax import pixels
-from beit_jax.data import randaugment
-from beit_jax.data import transforms
+from beit_jax.data import randaugment, transforms
 
 # ----------------------------------------------------------------------------
 # Random erasing.
@@ -56,14 +55,14 @@ class RandomErasingBoxes:
   """
 
   def __init__(
-      self,
-      probability: float = 0.5,
-      min_area: float = 0.02,
-      max_area: float = 1 / 3,
-      min_aspect: float = 0.3,
-      max_aspect: float | None = None,
-      min_count: int = 1,
-      max_count: int | None = None,
+    self,
+    probability: float = 0.5,
+    min_area: float = 0.02,
+    max_area: float = 1 / 3,
+    min_aspect: float = 0.3,
+    max_aspect: float | None = None,
+    min_count: int = 1,
+    max_count: int | None = None,
   ):
     self.probability = float(probability)
     self.min_area = min_area
@@ -73,17 +72,18 @@ class RandomErasingBoxes:
     self.min_count = int(min_count)
     self.max_count = int(max_count or min_count)
     if not 1 <= self.min_count <= self.max_count:
-      raise ValueError(
-          f"Need 1 <= min_count <= max_count, got {min_count}, {max_count}.")
+      raise ValueError(f"Need 1 <= min_count <= max_count, got {min_count}, {max_count}.")
 
-  def __call__(
-      self, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
+  def __call__(self, height: int, width: int, rng: np.random.Generator) -> np.ndarray:
     boxes = np.zeros((self.max_count, 4), np.int32)
     if rng.random() > self.probability:
       return boxes
     area = height * width
-    count = (self.min_count if self.min_count == self.max_count
-             else int(rng.integers(self.min_count, self.max_count + 1)))
+    count = (
+      self.min_count
+      if self.min_count == self.max_count
+      else int(rng.integers(self.min_count, self.max_count + 1))
+    )
     placed = 0
     for _ in range(count):
       for _ in range(10):
@@ -100,8 +100,7 @@ class RandomErasingBoxes:
     return boxes
 
 
-def apply_random_erasing(
-    images: Any, boxes: Any, rng: Any, mode: str = "pixel") -> Any:
+def apply_random_erasing(images: Any, boxes: Any, rng: Any, mode: str = "pixel") -> Any:
   """Fills erase boxes of normalised images, like timm's ``RandomErasing``.
 
   For use inside ``jit``: masks come from iota comparisons, so shapes are
@@ -174,21 +173,21 @@ class FinetuneTrainTransform:
   """
 
   def __init__(
-      self,
-      size: int = 224,
-      scale: Sequence[float] = (0.08, 1.0),
-      ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
-      interpolation: str = "bicubic",
-      hflip: float = 0.5,
-      auto_augment: str | None = "rand-m9-mstd0.5-inc1",
-      color_jitter: float | Sequence[float] | None = 0.4,
-      mean: Sequence[float] = pixels.IMAGENET_MEAN,
-      re_prob: float = 0.25,
-      re_mode: str = "pixel",
-      re_count: int = 1,
-      *,
-      key: str = "image",
-      boxes_key: str = "erase_boxes",
+    self,
+    size: int = 224,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+    interpolation: str = "bicubic",
+    hflip: float = 0.5,
+    auto_augment: str | None = "rand-m9-mstd0.5-inc1",
+    color_jitter: float | Sequence[float] | None = 0.4,
+    mean: Sequence[float] = pixels.IMAGENET_MEAN,
+    re_prob: float = 0.25,
+    re_mode: str = "pixel",
+    re_count: int = 1,
+    *,
+    key: str = "image",
+    boxes_key: str = "erase_boxes",
   ):
     """Initialises the transform.
 
@@ -216,20 +215,25 @@ class FinetuneTrainTransform:
     self.ratio = tuple(float(r) for r in ratio)
     self.random_interpolation = interpolation == "random"
     self.interpolation = (
-        randaugment.RANDOM_INTERPOLATION if self.random_interpolation
-        else transforms.pil_interpolation(interpolation))
+      randaugment.RANDOM_INTERPOLATION
+      if self.random_interpolation
+      else transforms.pil_interpolation(interpolation)
+    )
     self.hflip = float(hflip)
     self.rand_augment = None
     self.jitter = None
     if auto_augment:
       if not auto_augment.startswith("rand"):
-        raise ValueError(
-            f"Only RandAugment (rand-...) is supported, got {auto_augment!r}.")
+        raise ValueError(f"Only RandAugment (rand-...) is supported, got {auto_augment!r}.")
       self.rand_augment = randaugment.rand_augment_transform(
-          auto_augment, randaugment.rand_augment_hparams(self.size, mean, interpolation))
+        auto_augment, randaugment.rand_augment_hparams(self.size, mean, interpolation)
+      )
     elif color_jitter is not None:
-      cj = ((float(color_jitter),) * 3
-            if isinstance(color_jitter, (int, float)) else tuple(color_jitter))
+      cj = (
+        (float(color_jitter),) * 3
+        if isinstance(color_jitter, (int, float))
+        else tuple(color_jitter)
+      )
       if len(cj) != 3:
         raise ValueError("color_jitter must be a scalar or 3 values (no hue).")
       self.jitter = transforms.ColorJitter(*cj)
@@ -245,12 +249,9 @@ class FinetuneTrainTransform:
   def output_keys(self) -> tuple[str, ...]:
     return (self.key, self.boxes_key)
 
-  def __call__(
-      self, image: np.ndarray, rng: np.random.Generator
-  ) -> dict[str, np.ndarray]:
+  def __call__(self, image: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     img = transforms.as_pil(image)
-    box = transforms.random_resized_crop_box(
-        img.height, img.width, rng, self.scale, self.ratio)
+    box = transforms.random_resized_crop_box(img.height, img.width, rng, self.scale, self.ratio)
     resample = self.interpolation
     if self.random_interpolation:
       resample = resample[int(rng.integers(len(resample)))]
@@ -265,5 +266,4 @@ class FinetuneTrainTransform:
       boxes = self.erasing(self.size, self.size, rng)
     else:
       boxes = np.zeros((self.re_count, 4), np.int32)
-    return {self.key: np.ascontiguousarray(array, dtype=np.uint8),
-            self.boxes_key: boxes}
+    return {self.key: np.ascontiguousarray(array, dtype=np.uint8), self.boxes_key: boxes}

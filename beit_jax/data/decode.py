@@ -9,12 +9,12 @@ from __future__ import annotations
 import io
 
 import numpy as np
-from PIL import Image
-from PIL import ImageOps
+from PIL import Image, ImageOps
 
 # PIL refuses (DecompressionBombError) images above twice its MAX_IMAGE_PIXELS,
 # i.e. 178,956,970 pixels by default; the same limit is our default.
 DEFAULT_MAX_PIXELS = 2 * 89_478_485
+
 
 def _alpha_over_white(img: Image.Image) -> np.ndarray:
   """Composites an image with an alpha channel over a white background."""
@@ -34,8 +34,7 @@ def _high_bit_depth_to_uint8(img: Image.Image) -> np.ndarray:
   values = np.asarray(img, dtype=np.float64)
   lo = float(values.min()) if values.size else 0.0
   hi = float(values.max()) if values.size else 0.0
-  if img.mode.startswith("I;16") or (
-      img.mode == "I" and lo >= 0.0 and hi <= 65535.0):
+  if img.mode.startswith("I;16") or (img.mode == "I" and lo >= 0.0 and hi <= 65535.0):
     scaled = values * (255.0 / 65535.0)
   elif img.mode == "F" and lo >= 0.0 and hi <= 1.0:
     scaled = values * 255.0
@@ -63,7 +62,7 @@ def _to_rgb_uint8(img: Image.Image) -> np.ndarray:
 
 
 def decode_image(
-    data: bytes | np.ndarray, *, max_pixels: int = DEFAULT_MAX_PIXELS
+  data: bytes | np.ndarray, *, max_pixels: int = DEFAULT_MAX_PIXELS
 ) -> np.ndarray | None:
   """Decodes an encoded image file to an RGB uint8 array, or ``None``.
 
@@ -106,15 +105,14 @@ def decode_image(
       img.load()
       try:
         upright = ImageOps.exif_transpose(img)
-      except Exception:  # pylint: disable=broad-except
+      except Exception:
         # A corrupt EXIF block should not throw away a decodable image.
         upright = img
       array = _to_rgb_uint8(upright)
-  except Exception:  # pylint: disable=broad-except
+  except Exception:
     # PIL raises many types (OSError, SyntaxError, ValueError,
     # DecompressionBombError, struct.error, ...) for bad data.
     return None
   if array.ndim != 3 or array.shape[-1] != 3 or array.size == 0:
     return None
   return np.ascontiguousarray(array)
-

@@ -50,18 +50,16 @@ UNILM_GRID = (14, 14)
 UNILM_NUM_MASKING_PATCHES = 75
 UNILM_MIN_NUM_PATCHES = 16
 
-MASK_KINDS = ('blockwise', 'random')
+MASK_KINDS = ("blockwise", "random")
 
 
 class MaskGenerator(Protocol):
   """What :class:`MaskedViewsTransform` needs from a mask generator."""
 
   @property
-  def shape(self) -> tuple[int, int]:
-    ...
+  def shape(self) -> tuple[int, int]: ...
 
-  def __call__(self, rng: np.random.Generator) -> np.ndarray:
-    ...
+  def __call__(self, rng: np.random.Generator) -> np.ndarray: ...
 
 
 def _grid_size(input_size: int | Sequence[int]) -> tuple[int, int]:
@@ -70,23 +68,21 @@ def _grid_size(input_size: int | Sequence[int]) -> tuple[int, int]:
     size = (int(input_size), int(input_size))
   else:
     size = tuple(input_size)
-    if len(size) != 2 or not all(
-        isinstance(s, numbers.Integral) for s in size):
+    if len(size) != 2 or not all(isinstance(s, numbers.Integral) for s in size):
       raise ValueError(
-          'input_size must be an int or a (height, width) pair of ints, got'
-          f' {input_size!r}.'
+        f"input_size must be an int or a (height, width) pair of ints, got {input_size!r}."
       )
     size = (int(size[0]), int(size[1]))
   if size[0] < 1 or size[1] < 1:
-    raise ValueError(f'The mask grid must be at least 1x1, got {size}.')
+    raise ValueError(f"The mask grid must be at least 1x1, got {size}.")
   return size
 
 
 def _check_num_masking_patches(num_masking_patches: int, num_patches: int):
   if not 1 <= num_masking_patches <= num_patches:
     raise ValueError(
-        f'num_masking_patches must be in [1, {num_patches}] (the number of'
-        f' patches of the grid), got {num_masking_patches}.'
+      f"num_masking_patches must be in [1, {num_patches}] (the number of"
+      f" patches of the grid), got {num_masking_patches}."
     )
 
 
@@ -124,13 +120,13 @@ class BlockwiseMaskGenerator(_PatchGrid):
   """
 
   def __init__(
-      self,
-      input_size: int | Sequence[int],
-      num_masking_patches: int,
-      min_num_patches: int = 4,
-      max_num_patches: int | None = None,
-      min_aspect: float = 0.3,
-      max_aspect: float | None = None,
+    self,
+    input_size: int | Sequence[int],
+    num_masking_patches: int,
+    min_num_patches: int = 4,
+    max_num_patches: int | None = None,
+    min_aspect: float = 0.3,
+    max_aspect: float | None = None,
   ):
     """Initialises the generator.
 
@@ -156,36 +152,33 @@ class BlockwiseMaskGenerator(_PatchGrid):
     self.min_num_patches = int(min_num_patches)
     if not 1 <= self.min_num_patches <= self.num_masking_patches:
       raise ValueError(
-          'min_num_patches must be in [1, num_masking_patches ='
-          f' {self.num_masking_patches}], got {min_num_patches}.'
+        "min_num_patches must be in [1, num_masking_patches ="
+        f" {self.num_masking_patches}], got {min_num_patches}."
       )
     self.max_num_patches = (
-        self.num_masking_patches if max_num_patches is None
-        else int(max_num_patches))
+      self.num_masking_patches if max_num_patches is None else int(max_num_patches)
+    )
     if self.max_num_patches < 1:
-      raise ValueError(
-          f'max_num_patches must be >= 1 (or None), got {max_num_patches}.')
+      raise ValueError(f"max_num_patches must be >= 1 (or None), got {max_num_patches}.")
     if not min_aspect > 0:
-      raise ValueError(f'min_aspect must be > 0, got {min_aspect}.')
+      raise ValueError(f"min_aspect must be > 0, got {min_aspect}.")
     if max_aspect is None:
       max_aspect = 1.0 / min_aspect
     if not max_aspect > 0:
-      raise ValueError(f'max_aspect must be > 0 (or None), got {max_aspect}.')
+      raise ValueError(f"max_aspect must be > 0 (or None), got {max_aspect}.")
     self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
 
   def __repr__(self) -> str:
     lo, hi = self.log_aspect_ratio
     return (
-        f'{type(self).__name__}(input_size={self.shape},'
-        f' num_masking_patches={self.num_masking_patches},'
-        f' min_num_patches={self.min_num_patches},'
-        f' max_num_patches={self.max_num_patches},'
-        f' aspect=({math.exp(lo):.3f}, {math.exp(hi):.3f}))'
+      f"{type(self).__name__}(input_size={self.shape},"
+      f" num_masking_patches={self.num_masking_patches},"
+      f" min_num_patches={self.min_num_patches},"
+      f" max_num_patches={self.max_num_patches},"
+      f" aspect=({math.exp(lo):.3f}, {math.exp(hi):.3f}))"
     )
 
-  def _mask(
-      self, mask: np.ndarray, max_mask_patches: int,
-      rng: np.random.Generator) -> int:
+  def _mask(self, mask: np.ndarray, max_mask_patches: int, rng: np.random.Generator) -> int:
     """Adds one block to ``mask`` in place; returns how many cells it set.
 
     unilm's ``_mask``: up to 10 attempts, stopping at the first one that adds
@@ -211,7 +204,7 @@ class BlockwiseMaskGenerator(_PatchGrid):
       if w < self.width and h < self.height:
         top = int(rng.integers(0, self.height - h + 1))
         left = int(rng.integers(0, self.width - w + 1))
-        block = mask[top:top + h, left:left + w]
+        block = mask[top : top + h, left : left + w]
         new = h * w - int(np.count_nonzero(block))
         if 0 < new <= max_mask_patches:
           block[...] = True
@@ -223,8 +216,7 @@ class BlockwiseMaskGenerator(_PatchGrid):
     mask = np.zeros(self.shape, dtype=bool)
     mask_count = 0
     while mask_count < self.num_masking_patches:
-      max_mask_patches = min(
-          self.num_masking_patches - mask_count, self.max_num_patches)
+      max_mask_patches = min(self.num_masking_patches - mask_count, self.max_num_patches)
       delta = self._mask(mask, max_mask_patches, rng)
       if delta == 0:
         break
@@ -239,8 +231,7 @@ class RandomMaskGenerator(_PatchGrid):
   generator (BEiT's random-masking ablation).
   """
 
-  def __init__(
-      self, input_size: int | Sequence[int], num_masking_patches: int):
+  def __init__(self, input_size: int | Sequence[int], num_masking_patches: int):
     """Initialises the generator.
 
     Args:
@@ -257,15 +248,14 @@ class RandomMaskGenerator(_PatchGrid):
 
   def __repr__(self) -> str:
     return (
-        f'{type(self).__name__}(input_size={self.shape},'
-        f' num_masking_patches={self.num_masking_patches})'
+      f"{type(self).__name__}(input_size={self.shape},"
+      f" num_masking_patches={self.num_masking_patches})"
     )
 
   def __call__(self, rng: np.random.Generator) -> np.ndarray:
     """Draws a mask: bool ``(height, width)``, True for masked patches."""
     flat = np.zeros(self.num_patches, dtype=bool)
-    flat[rng.choice(self.num_patches, self.num_masking_patches,
-                    replace=False)] = True
+    flat[rng.choice(self.num_patches, self.num_masking_patches, replace=False)] = True
     return flat.reshape(self.shape)
 
 
@@ -289,9 +279,9 @@ def default_mask_counts(grid_h: int, grid_w: int) -> tuple[int, int]:
   Raises:
     ValueError: A grid dimension is not a positive integer.
   """
-  for name, value in (('grid_h', grid_h), ('grid_w', grid_w)):
+  for name, value in (("grid_h", grid_h), ("grid_w", grid_w)):
     if not isinstance(value, numbers.Integral) or value < 1:
-      raise ValueError(f'{name} must be a positive integer, got {value!r}.')
+      raise ValueError(f"{name} must be a positive integer, got {value!r}.")
   grid_h, grid_w = int(grid_h), int(grid_w)
   if (grid_h, grid_w) == UNILM_GRID:
     return UNILM_NUM_MASKING_PATCHES, UNILM_MIN_NUM_PATCHES
@@ -303,10 +293,10 @@ def default_mask_counts(grid_h: int, grid_w: int) -> tuple[int, int]:
 
 
 def make_mask_generator(
-    kind: str,
-    input_size: int | Sequence[int],
-    num_masking_patches: int,
-    min_num_patches: int,
+  kind: str,
+  input_size: int | Sequence[int],
+  num_masking_patches: int,
+  min_num_patches: int,
 ) -> BlockwiseMaskGenerator | RandomMaskGenerator:
   """Builds a mask generator by name.
 
@@ -324,13 +314,11 @@ def make_mask_generator(
   Raises:
     ValueError: Unknown ``kind`` or out-of-range arguments.
   """
-  if kind == 'blockwise':
-    return BlockwiseMaskGenerator(
-        input_size, num_masking_patches, min_num_patches)
-  if kind == 'random':
+  if kind == "blockwise":
+    return BlockwiseMaskGenerator(input_size, num_masking_patches, min_num_patches)
+  if kind == "random":
     return RandomMaskGenerator(input_size, num_masking_patches)
-  raise ValueError(
-      f'Unknown mask generator kind {kind!r}; expected one of {MASK_KINDS}.')
+  raise ValueError(f"Unknown mask generator kind {kind!r}; expected one of {MASK_KINDS}.")
 
 
 class MaskedViewsTransform:
@@ -346,11 +334,10 @@ class MaskedViewsTransform:
   """
 
   def __init__(
-      self,
-      transform: Callable[
-          [np.ndarray, np.random.Generator], Mapping[str, np.ndarray]],
-      mask_generator: MaskGenerator,
-      mask_key: str = 'mask',
+    self,
+    transform: Callable[[np.ndarray, np.random.Generator], Mapping[str, np.ndarray]],
+    mask_generator: MaskGenerator,
+    mask_key: str = "mask",
   ):
     """Initialises the transform.
 
@@ -369,14 +356,11 @@ class MaskedViewsTransform:
     """The wrapped transform's output keys followed by ``mask_key``."""
     return tuple(self.transform.output_keys()) + (self.mask_key,)
 
-  def __call__(
-      self, image: np.ndarray, rng: np.random.Generator
-  ) -> dict[str, Any]:
+  def __call__(self, image: np.ndarray, rng: np.random.Generator) -> dict[str, Any]:
     out = dict(self.transform(image, rng))
     if self.mask_key in out:
       raise ValueError(
-          f'The wrapped transform already outputs {self.mask_key!r}; pick'
-          ' another mask_key.'
+        f"The wrapped transform already outputs {self.mask_key!r}; pick another mask_key."
       )
     mask = np.asarray(self.mask_generator(rng), dtype=bool)
     out[self.mask_key] = mask.reshape(-1)
@@ -384,6 +368,6 @@ class MaskedViewsTransform:
 
   def __repr__(self) -> str:
     return (
-        f'{type(self).__name__}({self.transform!r}, {self.mask_generator!r},'
-        f' mask_key={self.mask_key!r})'
+      f"{type(self).__name__}({self.transform!r}, {self.mask_generator!r},"
+      f" mask_key={self.mask_key!r})"
     )

@@ -90,17 +90,17 @@ class MixupSampler:
   """
 
   def __init__(
-      self,
-      mixup_alpha: float = 1.0,
-      cutmix_alpha: float = 0.0,
-      cutmix_minmax: Sequence[float] | None = None,
-      prob: float = 1.0,
-      switch_prob: float = 0.5,
-      correct_lam: bool = True,
-      image_size: int | Sequence[int] = 224,
-      mode: str = "batch",
-      batch_size: int | None = None,
-      legacy_bbox: bool = False,
+    self,
+    mixup_alpha: float = 1.0,
+    cutmix_alpha: float = 0.0,
+    cutmix_minmax: Sequence[float] | None = None,
+    prob: float = 1.0,
+    switch_prob: float = 0.5,
+    correct_lam: bool = True,
+    image_size: int | Sequence[int] = 224,
+    mode: str = "batch",
+    batch_size: int | None = None,
+    legacy_bbox: bool = False,
   ):
     """Initialises the sampler.
 
@@ -129,8 +129,7 @@ class MixupSampler:
       self.cutmix_minmax = tuple(float(v) for v in cutmix_minmax)
       self.cutmix_alpha = 1.0
     if not (self.mixup_alpha > 0 or self.cutmix_alpha > 0):
-      raise ValueError("One of mixup_alpha > 0, cutmix_alpha > 0 or "
-                       "cutmix_minmax must be set.")
+      raise ValueError("One of mixup_alpha > 0, cutmix_alpha > 0 or cutmix_minmax must be set.")
     self.prob = float(prob)
     self.switch_prob = float(switch_prob)
     self.correct_lam = bool(correct_lam)
@@ -149,12 +148,12 @@ class MixupSampler:
 
   def __repr__(self) -> str:
     return (
-        f"MixupSampler(mixup_alpha={self.mixup_alpha},"
-        f" cutmix_alpha={self.cutmix_alpha},"
-        f" cutmix_minmax={self.cutmix_minmax}, prob={self.prob},"
-        f" switch_prob={self.switch_prob}, correct_lam={self.correct_lam},"
-        f" image_size={self.image_size}, mode={self.mode!r},"
-        f" batch_size={self.batch_size}, legacy_bbox={self.legacy_bbox})"
+      f"MixupSampler(mixup_alpha={self.mixup_alpha},"
+      f" cutmix_alpha={self.cutmix_alpha},"
+      f" cutmix_minmax={self.cutmix_minmax}, prob={self.prob},"
+      f" switch_prob={self.switch_prob}, correct_lam={self.correct_lam},"
+      f" image_size={self.image_size}, mode={self.mode!r},"
+      f" batch_size={self.batch_size}, legacy_bbox={self.legacy_bbox})"
     )
 
   # timm's _params_per_batch.
@@ -174,9 +173,7 @@ class MixupSampler:
     return lam, use_cutmix
 
   # timm's _params_per_elem (float32 lam, as there).
-  def _params_per_elem(
-      self, d: _Draws, n: int
-  ) -> tuple[np.ndarray, np.ndarray]:
+  def _params_per_elem(self, d: _Draws, n: int) -> tuple[np.ndarray, np.ndarray]:
     lam = np.ones(n, dtype=np.float32)
     use_cutmix = np.zeros(n, dtype=bool)
     if self.mixup_alpha > 0 and self.cutmix_alpha > 0:
@@ -235,9 +232,9 @@ class MixupSampler:
         box, lam = self._cutmix_box(d, lam)
         cutmix = True
       return {
-          "lam": np.asarray(lam, np.float32),
-          "box": np.asarray(box, np.int32),
-          "cutmix": np.asarray(cutmix, bool),
+        "lam": np.asarray(lam, np.float32),
+        "box": np.asarray(box, np.int32),
+        "cutmix": np.asarray(cutmix, bool),
       }
     n = self.batch_size if self.mode == "elem" else self.batch_size // 2
     lam, use_cutmix = self._params_per_elem(d, n)
@@ -248,8 +245,7 @@ class MixupSampler:
         box[i], lam[i] = self._cutmix_box(d, lam[i])
         cutmix[i] = True
     if self.mode == "pair":
-      lam, box, cutmix = (
-          np.concatenate([v, v[::-1]]) for v in (lam, box, cutmix))
+      lam, box, cutmix = (np.concatenate([v, v[::-1]]) for v in (lam, box, cutmix))
     return {"lam": lam.astype(np.float32), "box": box, "cutmix": cutmix}
 
   def sample_step(self, seed: int, step: int) -> dict[str, np.ndarray]:
@@ -260,15 +256,15 @@ class MixupSampler:
     """Parameters that leave images and (smoothed) one-hot targets unmixed."""
     if self.mode == "batch":
       return {
-          "lam": np.ones((), np.float32),
-          "box": np.zeros(4, np.int32),
-          "cutmix": np.zeros((), bool),
+        "lam": np.ones((), np.float32),
+        "box": np.zeros(4, np.int32),
+        "cutmix": np.zeros((), bool),
       }
     b = self.batch_size
     return {
-        "lam": np.ones(b, np.float32),
-        "box": np.zeros((b, 4), np.int32),
-        "cutmix": np.zeros(b, bool),
+      "lam": np.ones(b, np.float32),
+      "box": np.zeros((b, 4), np.int32),
+      "cutmix": np.zeros(b, bool),
     }
 
 
@@ -282,9 +278,7 @@ def _hw(v: Array) -> Array:
   return v[..., None, None]
 
 
-def mix_images(
-    images: Any, lam: Any, box: Any, cutmix: Any | None = None
-) -> Array:
+def mix_images(images: Any, lam: Any, box: Any, cutmix: Any | None = None) -> Array:
   """Mixes each image with its partner ``B - 1 - i`` (timm ``Mixup``).
 
   Mixup: ``x * lam + flip(x) * (1 - lam)``. CutMix: pixels inside ``box`` come
@@ -313,17 +307,18 @@ def mix_images(
   lam = jnp.asarray(lam, jnp.float32)
   box = jnp.asarray(box, jnp.int32)
   if lam.ndim not in (0, 1) or box.shape != lam.shape + (4,):
-    raise ValueError(f"lam {lam.shape} / box {box.shape}: expected () / (4,) "
-                     f"or (B,) / (B, 4).")
+    raise ValueError(f"lam {lam.shape} / box {box.shape}: expected () / (4,) or (B,) / (B, 4).")
   if cutmix is None:
     cutmix = (box[..., 1] > box[..., 0]) & (box[..., 3] > box[..., 2])
   cutmix = jnp.asarray(cutmix, bool)
   ys = jax.lax.broadcasted_iota(jnp.int32, (h, w), 0)
   xs = jax.lax.broadcasted_iota(jnp.int32, (h, w), 1)
   in_box = (
-      _hw(cutmix)
-      & (ys >= _hw(box[..., 0])) & (ys < _hw(box[..., 1]))
-      & (xs >= _hw(box[..., 2])) & (xs < _hw(box[..., 3]))
+    _hw(cutmix)
+    & (ys >= _hw(box[..., 0]))
+    & (ys < _hw(box[..., 1]))
+    & (xs >= _hw(box[..., 2]))
+    & (xs < _hw(box[..., 3]))
   )
   # Weight of an image's own pixels outside the box: lam (mixup), 1 (CutMix).
   keep = _hw(jnp.where(cutmix, 1.0, lam))[..., None].astype(x.dtype)
@@ -332,9 +327,7 @@ def mix_images(
   return jnp.where(in_box[..., None], flipped, mixed)
 
 
-def mix_targets(
-    labels: Any, num_classes: int, lam: Any, smoothing: float = 0.0
-) -> Array:
+def mix_targets(labels: Any, num_classes: int, lam: Any, smoothing: float = 0.0) -> Array:
   """timm ``mixup_target``: smoothed one-hot targets mixed with flipped ones.
 
   Args:
@@ -358,13 +351,12 @@ def mix_targets(
 
 
 def mix_batch(
-    images: Any,
-    labels: Any,
-    params: dict[str, Any],
-    num_classes: int,
-    smoothing: float = 0.0,
+  images: Any,
+  labels: Any,
+  params: dict[str, Any],
+  num_classes: int,
+  smoothing: float = 0.0,
 ) -> tuple[Array, Array]:
   """:func:`mix_images` and :func:`mix_targets` with a sampler's ``params``."""
   mixed = mix_images(images, params["lam"], params["box"], params.get("cutmix"))
   return mixed, mix_targets(labels, num_classes, params["lam"], smoothing)
-

@@ -58,8 +58,7 @@ import numpy as np
 
 from beit_jax.data import decode
 
-Transform = Callable[
-    [np.ndarray, np.random.Generator], Mapping[str, np.ndarray]]
+Transform = Callable[[np.ndarray, np.random.Generator], Mapping[str, np.ndarray]]
 
 DEFAULT_MAX_CONSECUTIVE_FAILURES = 100
 DEFAULT_MAX_FAILED_FRACTION = 0.1
@@ -87,13 +86,12 @@ class DecodeAndTransform:
   output keys are kept and ``label`` (int32) is added.
   """
 
-  def __init__(
-      self, transform: Transform, max_pixels: int = decode.DEFAULT_MAX_PIXELS):
+  def __init__(self, transform: Transform, max_pixels: int = decode.DEFAULT_MAX_PIXELS):
     self.transform = transform
     self.max_pixels = max_pixels
 
   def __call__(
-      self, element: Mapping[str, Any], rng: np.random.Generator | None
+    self, element: Mapping[str, Any], rng: np.random.Generator | None
   ) -> dict[str, np.ndarray] | Undecodable:
     label = np.int32(element["label"])
     image = decode.decode_image(element["image"], max_pixels=self.max_pixels)
@@ -110,11 +108,11 @@ class _SkipUndecodableIterator(grain.DatasetIterator):
   _MUTATES_ELEMENT_SPEC = True
 
   def __init__(
-      self,
-      parent: grain.DatasetIterator,
-      max_consecutive_failures: int,
-      source_name: str,
-      max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
+    self,
+    parent: grain.DatasetIterator,
+    max_consecutive_failures: int,
+    source_name: str,
+    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
   ):
     super().__init__(parent)
     self._max_consecutive_failures = max_consecutive_failures
@@ -125,9 +123,10 @@ class _SkipUndecodableIterator(grain.DatasetIterator):
 
   def _fail(self, why: str) -> None:
     raise RuntimeError(
-        f"{why} of {self._source_name} could not be decoded as images, e.g. "
-        f"{', '.join(self._examples)}. Remove or fix those files, or point the config at "
-        "the right data (config.data.max_failed_fraction sets the tolerated fraction).")
+      f"{why} of {self._source_name} could not be decoded as images, e.g. "
+      f"{', '.join(self._examples)}. Remove or fix those files, or point the config at "
+      "the right data (config.data.max_failed_fraction sets the tolerated fraction)."
+    )
 
   def __next__(self) -> dict[str, np.ndarray]:
     skipped = 0
@@ -143,10 +142,14 @@ class _SkipUndecodableIterator(grain.DatasetIterator):
         self._examples.append(element.name)
       if skipped >= self._max_consecutive_failures:
         self._fail(f"{skipped} consecutive elements")
-      if (self._read >= MIN_READ_FOR_FRACTION
-          and self._failed > self._max_failed_fraction * self._read):
-        self._fail(f"{self._failed} of the {self._read} elements read "
-                   f"(more than {self._max_failed_fraction:.0%})")
+      if (
+        self._read >= MIN_READ_FOR_FRACTION
+        and self._failed > self._max_failed_fraction * self._read
+      ):
+        self._fail(
+          f"{self._failed} of the {self._read} elements read "
+          f"(more than {self._max_failed_fraction:.0%})"
+        )
 
   def get_state(self) -> Any:
     # Nothing is buffered between `next` calls, so the parent's state is the
@@ -171,12 +174,12 @@ class SkipUndecodableIterDataset(grain.IterDataset):
   """
 
   def __init__(
-      self,
-      parent: grain.IterDataset,
-      *,
-      max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES,
-      max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
-      source_name: str = "the data source",
+    self,
+    parent: grain.IterDataset,
+    *,
+    max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES,
+    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
+    source_name: str = "the data source",
   ):
     super().__init__(parent)
     if max_consecutive_failures < 1:
@@ -189,10 +192,10 @@ class SkipUndecodableIterDataset(grain.IterDataset):
 
   def __iter__(self) -> _SkipUndecodableIterator:
     return _SkipUndecodableIterator(
-        self._parent.__iter__(),
-        self._max_consecutive_failures,
-        self._source_name,
-        self._max_failed_fraction,
+      self._parent.__iter__(),
+      self._max_consecutive_failures,
+      self._source_name,
+      self._max_failed_fraction,
     )
 
   def __str__(self) -> str:
@@ -209,21 +212,18 @@ def local_batch_size(global_batch_size: int, process_count: int) -> int:
   """Per-process batch size; raises if it does not divide evenly."""
   if global_batch_size <= 0 or global_batch_size % process_count:
     raise ValueError(
-        f"Global batch size {global_batch_size} must be a positive multiple of"
-        f" the process count {process_count} (each process loads"
-        " global_batch_size // process_count examples)."
+      f"Global batch size {global_batch_size} must be a positive multiple of"
+      f" the process count {process_count} (each process loads"
+      " global_batch_size // process_count examples)."
     )
   return global_batch_size // process_count
 
 
-def _process_info(
-    process_index: int | None, process_count: int | None) -> tuple[int, int]:
+def _process_info(process_index: int | None, process_count: int | None) -> tuple[int, int]:
   """Resolves ``None`` to JAX's process index/count and validates."""
   if process_index is None or process_count is None:
-    process_index = (
-        jax.process_index() if process_index is None else process_index)
-    process_count = (
-        jax.process_count() if process_count is None else process_count)
+    process_index = jax.process_index() if process_index is None else process_index
+    process_count = jax.process_count() if process_count is None else process_count
   index, count = int(process_index), int(process_count)
   if count < 1 or not 0 <= index < count:
     raise ValueError(f"Bad process_index={index} / process_count={count}.")
@@ -231,54 +231,51 @@ def _process_info(
 
 
 def make_train_dataset(
-    source: Any,
-    transform: Transform,
-    *,
-    global_batch_size: int,
-    seed: int,
-    process_index: int | None = None,
-    process_count: int | None = None,
-    num_workers: int = 0,
-    max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES,
-    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
-    read_threads: int = 16,
-    prefetch_buffer_size: int = 256,
-    max_pixels: int = decode.DEFAULT_MAX_PIXELS,
+  source: Any,
+  transform: Transform,
+  *,
+  global_batch_size: int,
+  seed: int,
+  process_index: int | None = None,
+  process_count: int | None = None,
+  num_workers: int = 0,
+  max_consecutive_failures: int = DEFAULT_MAX_CONSECUTIVE_FAILURES,
+  max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION,
+  read_threads: int = 16,
+  prefetch_buffer_size: int = 256,
+  max_pixels: int = decode.DEFAULT_MAX_PIXELS,
 ) -> grain.IterDataset:
   """The training ``IterDataset`` (see :func:`make_train_iterator`)."""
   process_index, process_count = _process_info(process_index, process_count)
   batch_size = local_batch_size(global_batch_size, process_count)
-  if len(source) == 0:  # pylint: disable=g-explicit-length-test
+  if len(source) == 0:
     raise ValueError(f"{source!r} is empty.")
   if num_workers < 0:
     raise ValueError(f"num_workers must be >= 0, got {num_workers}.")
   shuffle_seed, map_seed = derive_seeds(seed)
   ds = (
-      grain.MapDataset.source(source)
-      .shuffle(seed=shuffle_seed)
-      .repeat(None)
-      .random_map(DecodeAndTransform(transform, max_pixels), seed=map_seed)
+    grain.MapDataset.source(source)
+    .shuffle(seed=shuffle_seed)
+    .repeat(None)
+    .random_map(DecodeAndTransform(transform, max_pixels), seed=map_seed)
   )
   ds = ds[process_index::process_count]
   it_ds = ds.to_iter_dataset(
-      grain.ReadOptions(
-          num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size))
+    grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=prefetch_buffer_size)
+  )
   it_ds = SkipUndecodableIterDataset(
-      it_ds,
-      max_consecutive_failures=max_consecutive_failures,
-      max_failed_fraction=max_failed_fraction,
-      source_name=repr(source),
+    it_ds,
+    max_consecutive_failures=max_consecutive_failures,
+    max_failed_fraction=max_failed_fraction,
+    source_name=repr(source),
   )
   it_ds = it_ds.batch(batch_size, drop_remainder=True)
   if num_workers > 0:
-    it_ds = it_ds.mp_prefetch(
-        grain.MultiprocessingOptions(num_workers=num_workers))
+    it_ds = it_ds.mp_prefetch(grain.MultiprocessingOptions(num_workers=num_workers))
   return it_ds
 
 
-def make_train_iterator(
-    source: Any, transform: Transform, **kwargs: Any
-) -> grain.DatasetIterator:
+def make_train_iterator(source: Any, transform: Transform, **kwargs: Any) -> grain.DatasetIterator:
   """An infinite, deterministic, checkpointable training batch iterator.
 
   ``iter(make_train_dataset(source, transform, **kwargs))``; the keyword
@@ -318,14 +315,19 @@ def make_train_iterator(
   return iter(make_train_dataset(source, transform, **kwargs))
 
 
-def make_task_train_iterator(config: Any, source: Any,
-                             transform: Transform) -> grain.DatasetIterator:
+def make_task_train_iterator(
+  config: Any, source: Any, transform: Transform
+) -> grain.DatasetIterator:
   """`make_train_iterator` with a task config's settings: `input.batch_size`, `seed`,
   `data.num_workers`, `data.max_failed_fraction` (what every training task passes)."""
   return make_train_iterator(
-      source, transform, global_batch_size=config.input.batch_size, seed=config.seed,
-      num_workers=config.data.num_workers,
-      max_failed_fraction=config.data.max_failed_fraction)
+    source,
+    transform,
+    global_batch_size=config.input.batch_size,
+    seed=config.seed,
+    num_workers=config.data.num_workers,
+    max_failed_fraction=config.data.max_failed_fraction,
+  )
 
 
 class _EvalElement:
@@ -354,26 +356,24 @@ class EvalIterable:
   """
 
   def __init__(
-      self,
-      source: Any,
-      transform: Transform,
-      *,
-      batch_size: int,
-      process_index: int | None = None,
-      process_count: int | None = None,
-      read_threads: int = 16,
-      max_pixels: int = decode.DEFAULT_MAX_PIXELS,
+    self,
+    source: Any,
+    transform: Transform,
+    *,
+    batch_size: int,
+    process_index: int | None = None,
+    process_count: int | None = None,
+    read_threads: int = 16,
+    max_pixels: int = decode.DEFAULT_MAX_PIXELS,
   ):
-    self._process_index, self._process_count = _process_info(
-        process_index, process_count)
+    self._process_index, self._process_count = _process_info(process_index, process_count)
     self.local_batch_size = local_batch_size(batch_size, self._process_count)
     self._source = source
     self._transform = transform
     self._read_threads = read_threads
     self._max_pixels = max_pixels
     num_examples = len(source)
-    self.num_examples = len(
-        range(self._process_index, num_examples, self._process_count))
+    self.num_examples = len(range(self._process_index, num_examples, self._process_count))
     per_process = math.ceil(num_examples / self._process_count)
     self.num_batches = math.ceil(per_process / self.local_batch_size)
 
@@ -400,11 +400,12 @@ class EvalIterable:
     elements: Iterator[Any] = iter(())
     if self.num_examples:
       ds = grain.MapDataset.source(self._source).map_with_index(
-          _EvalElement(self._transform, self._max_pixels))
-      ds = ds[self._process_index::self._process_count]
+        _EvalElement(self._transform, self._max_pixels)
+      )
+      ds = ds[self._process_index :: self._process_count]
       read_options = grain.ReadOptions(
-          num_threads=self._read_threads,
-          prefetch_buffer_size=4 * self.local_batch_size)
+        num_threads=self._read_threads, prefetch_buffer_size=4 * self.local_batch_size
+      )
       elements = iter(ds.to_iter_dataset(read_options))
     for _ in range(self.num_batches):
       batch = self._new_batch(template)
@@ -421,9 +422,7 @@ class EvalIterable:
       yield batch
 
 
-def make_eval_iterator(
-    source: Any, transform: Transform, **kwargs: Any
-) -> EvalIterable:
+def make_eval_iterator(source: Any, transform: Transform, **kwargs: Any) -> EvalIterable:
   """A finite iterable over this process's slice of ``source``, once.
 
   ``EvalIterable(source, transform, **kwargs)``; the keyword arguments

@@ -31,9 +31,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import numpy as np
-from PIL import Image
-from PIL import ImageEnhance
-from PIL import ImageOps
+from PIL import Image, ImageEnhance, ImageOps
 
 from beit_jax import pixels
 from beit_jax.data import transforms
@@ -47,37 +45,87 @@ RANDOM_INTERPOLATION = (Image.Resampling.BILINEAR, Image.Resampling.BICUBIC)
 # timm 0.3.2 _RAND_TRANSFORMS / _RAND_INCREASING_TRANSFORMS (same order, so the
 # w0 weights below apply by position to either set, as in timm).
 RAND_TRANSFORMS = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "Posterize", "Solarize",
-    "SolarizeAdd", "Color", "Contrast", "Brightness", "Sharpness", "ShearX",
-    "ShearY", "TranslateXRel", "TranslateYRel",
+  "AutoContrast",
+  "Equalize",
+  "Invert",
+  "Rotate",
+  "Posterize",
+  "Solarize",
+  "SolarizeAdd",
+  "Color",
+  "Contrast",
+  "Brightness",
+  "Sharpness",
+  "ShearX",
+  "ShearY",
+  "TranslateXRel",
+  "TranslateYRel",
 )
 RAND_INCREASING_TRANSFORMS = (
-    "AutoContrast", "Equalize", "Invert", "Rotate", "PosterizeIncreasing",
-    "SolarizeIncreasing", "SolarizeAdd", "ColorIncreasing",
-    "ContrastIncreasing", "BrightnessIncreasing", "SharpnessIncreasing",
-    "ShearX", "ShearY", "TranslateXRel", "TranslateYRel",
+  "AutoContrast",
+  "Equalize",
+  "Invert",
+  "Rotate",
+  "PosterizeIncreasing",
+  "SolarizeIncreasing",
+  "SolarizeAdd",
+  "ColorIncreasing",
+  "ContrastIncreasing",
+  "BrightnessIncreasing",
+  "SharpnessIncreasing",
+  "ShearX",
+  "ShearY",
+  "TranslateXRel",
+  "TranslateYRel",
 )
 # timm 0.3.2 _RAND_CHOICE_WEIGHTS_0, keyed by the RAND_TRANSFORMS names.
 _RAND_CHOICE_WEIGHTS_0 = {
-    "Rotate": 0.3, "ShearX": 0.2, "ShearY": 0.2, "TranslateXRel": 0.1,
-    "TranslateYRel": 0.1, "Color": .025, "Sharpness": 0.025,
-    "AutoContrast": 0.025, "Solarize": .005, "SolarizeAdd": .005,
-    "Contrast": .005, "Brightness": .005, "Equalize": .005, "Posterize": 0,
-    "Invert": 0,
+  "Rotate": 0.3,
+  "ShearX": 0.2,
+  "ShearY": 0.2,
+  "TranslateXRel": 0.1,
+  "TranslateYRel": 0.1,
+  "Color": 0.025,
+  "Sharpness": 0.025,
+  "AutoContrast": 0.025,
+  "Solarize": 0.005,
+  "SolarizeAdd": 0.005,
+  "Contrast": 0.005,
+  "Brightness": 0.005,
+  "Equalize": 0.005,
+  "Posterize": 0,
+  "Invert": 0,
 }
 
 # Ops whose argument is randomly negated (timm's _randomly_negate).
-_SIGNED_OPS = frozenset({
-    "Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel",
-    "TranslateYRel", "ColorIncreasing", "ContrastIncreasing",
-    "BrightnessIncreasing", "SharpnessIncreasing",
-})
+_SIGNED_OPS = frozenset(
+  {
+    "Rotate",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "TranslateXRel",
+    "TranslateYRel",
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+  }
+)
 # Ops that resample (timm's _check_args_tf: random.choice when interpolation
 # is a tuple, i.e. the 'random' interpolation).
-_GEOMETRIC_OPS = frozenset({
-    "Rotate", "ShearX", "ShearY", "TranslateX", "TranslateY", "TranslateXRel",
+_GEOMETRIC_OPS = frozenset(
+  {
+    "Rotate",
+    "ShearX",
+    "ShearY",
+    "TranslateX",
+    "TranslateY",
+    "TranslateXRel",
     "TranslateYRel",
-})
+  }
+)
 
 
 # ----------------------------------------------------------------------------
@@ -86,7 +134,7 @@ _GEOMETRIC_OPS = frozenset({
 
 
 def _level_args(
-    name: str, level: float, hparams: Mapping[str, Any], negate: bool
+  name: str, level: float, hparams: Mapping[str, Any], negate: bool
 ) -> tuple[Any, ...]:
   """timm's ``LEVEL_TO_ARG[name](level, hparams)`` with the sign given."""
 
@@ -96,7 +144,7 @@ def _level_args(
   if name in ("AutoContrast", "Equalize", "Invert"):
     return ()
   if name == "Rotate":  # [-30, 30] degrees.
-    return (sign((level / MAX_LEVEL) * 30.),)
+    return (sign((level / MAX_LEVEL) * 30.0),)
   if name == "Posterize":  # [0, 4] bits kept, decreasing severity.
     return (int((level / MAX_LEVEL) * 4),)
   if name == "PosterizeIncreasing":  # [4, 0] bits kept.
@@ -111,10 +159,14 @@ def _level_args(
     return (int((level / MAX_LEVEL) * 110),)
   if name in ("Color", "Contrast", "Brightness", "Sharpness"):  # [0.1, 1.9].
     return ((level / MAX_LEVEL) * 1.8 + 0.1,)
-  if name in ("ColorIncreasing", "ContrastIncreasing", "BrightnessIncreasing",
-              "SharpnessIncreasing"):
+  if name in (
+    "ColorIncreasing",
+    "ContrastIncreasing",
+    "BrightnessIncreasing",
+    "SharpnessIncreasing",
+  ):
     # 0.3.2: no max(0.1, .) clamp (timm 1.x adds one).
-    return (1.0 + sign((level / MAX_LEVEL) * .9),)
+    return (1.0 + sign((level / MAX_LEVEL) * 0.9),)
   if name in ("ShearX", "ShearY"):  # [-0.3, 0.3].
     return (sign((level / MAX_LEVEL) * 0.3),)
   if name in ("TranslateX", "TranslateY"):  # pixels, +-translate_const.
@@ -151,14 +203,16 @@ def _posterize(img: Image.Image, bits: int) -> Image.Image:
 
 
 def _affine(img, matrix, resample, fill):
-  return img.transform(
-      img.size, Image.Transform.AFFINE, matrix, resample=resample,
-      fillcolor=fill)
+  return img.transform(img.size, Image.Transform.AFFINE, matrix, resample=resample, fillcolor=fill)
 
 
 def _apply(
-    img: Image.Image, name: str, args: tuple[Any, ...],
-    resample: Image.Resampling, fill: tuple[int, ...]) -> Image.Image:
+  img: Image.Image,
+  name: str,
+  args: tuple[Any, ...],
+  resample: Image.Resampling,
+  fill: tuple[int, ...],
+) -> Image.Image:
   """timm's ``NAME_TO_OP[name](img, *args, fillcolor=, resample=)``."""
   if name == "AutoContrast":
     return ImageOps.autocontrast(img)
@@ -175,9 +229,10 @@ def _apply(
   if name == "SolarizeAdd":
     return _solarize_add(img, args[0])
   enhancers = {
-      "Color": ImageEnhance.Color, "Contrast": ImageEnhance.Contrast,
-      "Brightness": ImageEnhance.Brightness,
-      "Sharpness": ImageEnhance.Sharpness,
+    "Color": ImageEnhance.Color,
+    "Contrast": ImageEnhance.Contrast,
+    "Brightness": ImageEnhance.Brightness,
+    "Sharpness": ImageEnhance.Sharpness,
   }
   base = name.removesuffix("Increasing")
   if base in enhancers:
@@ -197,14 +252,13 @@ def _apply(
   raise ValueError(f"Unknown augmentation op {name!r}.")
 
 
-def _resample_choices(
-    hparams: Mapping[str, Any]) -> tuple[Image.Resampling, ...]:
+def _resample_choices(hparams: Mapping[str, Any]) -> tuple[Image.Resampling, ...]:
   """timm's ``resample`` kwarg: ``hparams['interpolation']`` or random."""
   interp = hparams.get("interpolation", RANDOM_INTERPOLATION)
   if isinstance(interp, (list, tuple)):
     return tuple(
-        transforms.pil_interpolation(i) if isinstance(i, str)
-        else Image.Resampling(i) for i in interp)
+      transforms.pil_interpolation(i) if isinstance(i, str) else Image.Resampling(i) for i in interp
+    )
   if isinstance(interp, str):
     return (transforms.pil_interpolation(interp),)
   return (Image.Resampling(interp),)
@@ -215,13 +269,13 @@ def _clip_magnitude(magnitude: float) -> float:
 
 
 def apply_op(
-    img: Image.Image,
-    name: str,
-    magnitude: float,
-    hparams: Mapping[str, Any] | None = None,
-    *,
-    negate: bool = False,
-    resample: Image.Resampling | None = None,
+  img: Image.Image,
+  name: str,
+  magnitude: float,
+  hparams: Mapping[str, Any] | None = None,
+  *,
+  negate: bool = False,
+  resample: Image.Resampling | None = None,
 ) -> Image.Image:
   """One timm ``AugmentOp`` at a fixed magnitude and sign (no randomness).
 
@@ -273,8 +327,12 @@ class AugmentOp:
   """
 
   def __init__(
-      self, name: str, prob: float = 0.5, magnitude: float = 10,
-      hparams: Mapping[str, Any] | None = None):
+    self,
+    name: str,
+    prob: float = 0.5,
+    magnitude: float = 10,
+    hparams: Mapping[str, Any] | None = None,
+  ):
     hparams = _HPARAMS_DEFAULT if hparams is None else hparams
     _level_args(name, 0.0, {"translate_const": 0}, False)  # Validates name.
     self.name = name
@@ -285,8 +343,9 @@ class AugmentOp:
     self.resample_choices = _resample_choices(self.hparams)
 
   def __repr__(self) -> str:
-    return (f"AugmentOp(name={self.name}, p={self.prob}, m={self.magnitude},"
-            f" mstd={self.magnitude_std})")
+    return (
+      f"AugmentOp(name={self.name}, p={self.prob}, m={self.magnitude}, mstd={self.magnitude_std})"
+    )
 
   def get_params(self, rng: np.random.Generator) -> OpDraw:
     if self.prob < 1.0 and rng.random() > self.prob:
@@ -300,15 +359,15 @@ class AugmentOp:
     resample = None
     if self.name in _GEOMETRIC_OPS:
       choices = self.resample_choices
-      resample = (choices[0] if len(choices) == 1
-                  else choices[int(rng.integers(len(choices)))])
+      resample = choices[0] if len(choices) == 1 else choices[int(rng.integers(len(choices)))]
     return OpDraw(self.name, True, magnitude, negate, resample)
 
   def apply(self, img: Image.Image, draw: OpDraw) -> Image.Image:
     if not draw.applied:
       return img
-    return apply_op(img, self.name, draw.magnitude, self.hparams,
-                    negate=draw.negate, resample=draw.resample)
+    return apply_op(
+      img, self.name, draw.magnitude, self.hparams, negate=draw.negate, resample=draw.resample
+    )
 
   def __call__(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
     return self.apply(img, self.get_params(rng))
@@ -323,12 +382,14 @@ class RandAugment:
   """
 
   def __init__(
-      self, ops: Sequence[AugmentOp], num_layers: int = 2,
-      choice_weights: Sequence[float] | None = None):
+    self,
+    ops: Sequence[AugmentOp],
+    num_layers: int = 2,
+    choice_weights: Sequence[float] | None = None,
+  ):
     self.ops = list(ops)
     self.num_layers = int(num_layers)
-    self.choice_weights = (
-        None if choice_weights is None else np.asarray(choice_weights, float))
+    self.choice_weights = None if choice_weights is None else np.asarray(choice_weights, float)
 
   def __repr__(self) -> str:
     ops = ", ".join(op.name for op in self.ops)
@@ -339,8 +400,7 @@ class RandAugment:
     if self.choice_weights is None:
       idx = rng.integers(0, len(self.ops), size=self.num_layers)
     else:
-      idx = rng.choice(len(self.ops), self.num_layers, replace=False,
-                       p=self.choice_weights)
+      idx = rng.choice(len(self.ops), self.num_layers, replace=False, p=self.choice_weights)
     return tuple(self.ops[int(i)].get_params(rng) for i in idx)
 
   def apply(self, img: Image.Image, draws: Sequence[OpDraw]) -> Image.Image:
@@ -356,9 +416,9 @@ class RandAugment:
 
 
 def rand_augment_hparams(
-    img_size: int | Sequence[int],
-    mean: Sequence[float] = pixels.IMAGENET_MEAN,
-    interpolation: str = "bicubic",
+  img_size: int | Sequence[int],
+  mean: Sequence[float] = pixels.IMAGENET_MEAN,
+  interpolation: str = "bicubic",
 ) -> dict[str, Any]:
   """timm ``transforms_imagenet_train``'s ``aa_params``.
 
@@ -370,8 +430,8 @@ def rand_augment_hparams(
   """
   size = img_size if isinstance(img_size, int) else min(img_size)
   hparams = {
-      "translate_const": int(size * 0.45),
-      "img_mean": tuple(min(255, round(255 * x)) for x in mean),
+    "translate_const": int(size * 0.45),
+    "img_mean": tuple(min(255, round(255 * x)) for x in mean),
   }
   if interpolation and interpolation != "random":
     hparams["interpolation"] = transforms.pil_interpolation(interpolation)
@@ -379,7 +439,8 @@ def rand_augment_hparams(
 
 
 def rand_augment_transform(
-    config_str: str, hparams: Mapping[str, Any] | None = None) -> RandAugment:
+  config_str: str, hparams: Mapping[str, Any] | None = None
+) -> RandAugment:
   """timm 0.3.2 ``rand_augment_transform``: parses ``rand-m9-mstd0.5-inc1``.
 
   Dash-separated sections after ``rand``: ``m{int}`` magnitude (default 10),
@@ -413,10 +474,8 @@ def rand_augment_transform(
     elif key == "w":
       weight_idx = int(val)
     else:
-      raise ValueError(
-          f"Unknown RandAugment config section {c!r} in {config_str!r}.")
-  ops = [AugmentOp(n, prob=0.5, magnitude=magnitude, hparams=hparams)
-         for n in names]
+      raise ValueError(f"Unknown RandAugment config section {c!r} in {config_str!r}.")
+  ops = [AugmentOp(n, prob=0.5, magnitude=magnitude, hparams=hparams) for n in names]
   weights = None
   if weight_idx is not None:
     if weight_idx != 0:

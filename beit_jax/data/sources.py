@@ -25,11 +25,10 @@ import importlib.util
 import os
 from typing import Any
 
-from absl import logging
 import numpy as np
+from absl import logging
 
-from beit_jax.data import decode
-from beit_jax.data import tfds_source
+from beit_jax.data import decode, tfds_source
 
 Element = dict[str, Any]
 
@@ -58,9 +57,7 @@ def _list_files(directory: str) -> list[str]:
   files = []
   for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
     dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-    files.extend(
-        os.path.join(dirpath, f) for f in filenames if not _is_hidden(f)
-    )
+    files.extend(os.path.join(dirpath, f) for f in filenames if not _is_hidden(f))
   return sorted(files)
 
 
@@ -100,13 +97,12 @@ class ImageFolderSource(_ListedSource):
   def __init__(self, root: str | os.PathLike):
     root = os.fspath(root)
     expected = (
-        "expected an image folder laid out as ROOT/<class_name>/<image file>"
-        " (ImageNet style), or image files directly in ROOT for a single class"
+      "expected an image folder laid out as ROOT/<class_name>/<image file>"
+      " (ImageNet style), or image files directly in ROOT for a single class"
     )
     if not os.path.isdir(root):
       raise FileNotFoundError(
-          f"Image folder {root!r} does not exist or is not a directory; "
-          f"{expected}."
+        f"Image folder {root!r} does not exist or is not a directory; {expected}."
       )
     entries = sorted(e for e in os.listdir(root) if not _is_hidden(e))
     class_dirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
@@ -116,8 +112,11 @@ class ImageFolderSource(_ListedSource):
       loose = [e for e in entries if os.path.isfile(os.path.join(root, e))]
       if loose:
         logging.warning(
-            "Image folder %s has class sub-folders; ignoring %d file(s)"
-            " directly in it (e.g. %s).", root, len(loose), loose[0])
+          "Image folder %s has class sub-folders; ignoring %d file(s) directly in it (e.g. %s).",
+          root,
+          len(loose),
+          loose[0],
+        )
       class_names = class_dirs
       for label, name in enumerate(class_dirs):
         files = _list_files(os.path.join(root, name))
@@ -125,16 +124,12 @@ class ImageFolderSource(_ListedSource):
         labels.extend([label] * len(files))
     else:
       class_names = [os.path.basename(os.path.normpath(root)) or "images"]
-      paths = [
-          os.path.join(root, e)
-          for e in entries
-          if os.path.isfile(os.path.join(root, e))
-      ]
+      paths = [os.path.join(root, e) for e in entries if os.path.isfile(os.path.join(root, e))]
       labels = [0] * len(paths)
     if not paths:
       raise FileNotFoundError(
-          f"Image folder {root!r} contains no files (found {len(class_dirs)}"
-          f" class folder(s)); {expected}."
+        f"Image folder {root!r} contains no files (found {len(class_dirs)}"
+        f" class folder(s)); {expected}."
       )
     self._root = root
     self._paths = paths
@@ -157,15 +152,15 @@ class ImageFolderSource(_ListedSource):
 
   def __getitem__(self, index: int) -> Element:
     return {
-        "image": _read_bytes(self._paths[index]),
-        "label": np.int32(self._labels[index]),
-        "path": self._paths[index],
+      "image": _read_bytes(self._paths[index]),
+      "label": np.int32(self._labels[index]),
+      "path": self._paths[index],
     }
 
   def __repr__(self) -> str:
     return (
-        f"ImageFolderSource(root={self._root!r}, num_images={len(self)},"
-        f" num_classes={self.num_classes})"
+      f"ImageFolderSource(root={self._root!r}, num_images={len(self)},"
+      f" num_classes={self.num_classes})"
     )
 
 
@@ -179,27 +174,27 @@ class ImageFolderSource(_ListedSource):
 # clock_motion, images whose shorter side is below 256 px (microaneurysms, page,
 # text), and non-image or multi-frame files (xml, npy, npz, tif, gif).
 SKIMAGE_PHOTOS = (
-    "astronaut.png",  # 512x512 RGB, astronaut Eileen Collins.
-    "brick.png",  # 512x512 gray, brick wall texture.
-    "camera.png",  # 512x512 gray, cameraman.
-    "cell.png",  # 660x550 gray, cell micrograph.
-    "chelsea.png",  # 451x300 RGB, Chelsea the cat.
-    "coffee.png",  # 600x400 RGB, coffee cup.
-    "coins.png",  # 384x303 gray, Greek coins.
-    "grass.png",  # 512x512 gray, grass texture.
-    "gravel.png",  # 512x512 gray, gravel texture.
-    "hubble_deep_field.jpg",  # 1000x872 RGB, Hubble deep field.
-    "ihc.png",  # 512x512 RGB, immunohistochemistry micrograph.
-    "moon.png",  # 512x512 gray, moon surface.
-    "motorcycle_left.png",  # 741x500 RGB, stereo pair left.
-    "motorcycle_right.png",  # 741x500 RGB, stereo pair right.
-    "retina.jpg",  # 1411x1411 RGB, retina fundus.
-    "rocket.jpg",  # 640x427 RGB, rocket launch.
+  "astronaut.png",  # 512x512 RGB, astronaut Eileen Collins.
+  "brick.png",  # 512x512 gray, brick wall texture.
+  "camera.png",  # 512x512 gray, cameraman.
+  "cell.png",  # 660x550 gray, cell micrograph.
+  "chelsea.png",  # 451x300 RGB, Chelsea the cat.
+  "coffee.png",  # 600x400 RGB, coffee cup.
+  "coins.png",  # 384x303 gray, Greek coins.
+  "grass.png",  # 512x512 gray, grass texture.
+  "gravel.png",  # 512x512 gray, gravel texture.
+  "hubble_deep_field.jpg",  # 1000x872 RGB, Hubble deep field.
+  "ihc.png",  # 512x512 RGB, immunohistochemistry micrograph.
+  "moon.png",  # 512x512 gray, moon surface.
+  "motorcycle_left.png",  # 741x500 RGB, stereo pair left.
+  "motorcycle_right.png",  # 741x500 RGB, stereo pair right.
+  "retina.jpg",  # 1411x1411 RGB, retina fundus.
+  "rocket.jpg",  # 640x427 RGB, rocket launch.
 )
 # Photographs shipped in the scikit-learn wheel (sklearn/datasets/images).
 SKLEARN_PHOTOS = (
-    "china.jpg",  # 640x427 RGB, Chinese temple.
-    "flower.jpg",  # 640x427 RGB, flower.
+  "china.jpg",  # 640x427 RGB, Chinese temple.
+  "flower.jpg",  # 640x427 RGB, flower.
 )
 
 
@@ -215,8 +210,8 @@ def builtin_photo_paths() -> list[tuple[str, str]]:
   """``(name, path)`` of the built-in photos that exist in this installation."""
   found = []
   for package, subdir, files in (
-      ("skimage", "data", SKIMAGE_PHOTOS),
-      ("sklearn", os.path.join("datasets", "images"), SKLEARN_PHOTOS),
+    ("skimage", "data", SKIMAGE_PHOTOS),
+    ("sklearn", os.path.join("datasets", "images"), SKLEARN_PHOTOS),
   ):
     pkg_dir = _package_dir(package)
     if pkg_dir is None:
@@ -245,9 +240,9 @@ class BuiltinPhotosSource(_ListedSource):
     found = builtin_photo_paths()
     if not found:
       raise FileNotFoundError(
-          "No built-in photos found: scikit-image (skimage/data/*.png|jpg) and"
-          " scikit-learn (sklearn/datasets/images/*.jpg) are not installed or"
-          " do not ship their sample images."
+        "No built-in photos found: scikit-image (skimage/data/*.png|jpg) and"
+        " scikit-learn (sklearn/datasets/images/*.jpg) are not installed or"
+        " do not ship their sample images."
       )
     self._class_names = [name for name, _ in found]
     self._paths = [path for _, path in found]
@@ -302,19 +297,17 @@ def make_source(data_config: Any, split: str) -> Any | None:
       return ImageFolderSource(split_dir)
     if split == data_config.train_split:
       return ImageFolderSource(path)
-    logging.info(
-        "No %s folder for split %r; skipping evaluation.", split_dir, split)
+    logging.info("No %s folder for split %r; skipping evaluation.", split_dir, split)
     return None
   if kind == "tfds":
     if not data_config.name:
       raise ValueError("data.source='tfds' needs data.name (the TFDS name).")
     return tfds_source.TfdsSource(
-        str(data_config.name),
-        split,
-        data_dir=str(data_config.data_dir) or None,
-        label_key=str(getattr(data_config, "label_key", "label") or "label"),
+      str(data_config.name),
+      split,
+      data_dir=str(data_config.data_dir) or None,
+      label_key=str(getattr(data_config, "label_key", "label") or "label"),
     )
   raise ValueError(
-      f"Unknown data.source {data_config.source!r}; expected 'builtin',"
-      " 'folder' or 'tfds'."
+    f"Unknown data.source {data_config.source!r}; expected 'builtin', 'folder' or 'tfds'."
   )

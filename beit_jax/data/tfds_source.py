@@ -15,14 +15,14 @@ import os
 import re
 import types
 from collections.abc import Mapping, Sequence
-from typing import Any, Union
+from typing import Any
 
 import numpy as np
-from PIL import Image
 import tensorflow_datasets as tfds
+from PIL import Image
 
 Element = dict[str, Any]
-ImageLike = Union[bytes, Image.Image, np.ndarray, str, os.PathLike]
+ImageLike = bytes | Image.Image | np.ndarray | str | os.PathLike
 
 
 class TfdsSource:
@@ -37,54 +37,49 @@ class TfdsSource:
   """
 
   def __init__(
-      self,
-      name: str,
-      split: str,
-      data_dir: str | None = None,
-      *,
-      label_key: str = "label",
-      image_key: str = "image",
+    self,
+    name: str,
+    split: str,
+    data_dir: str | None = None,
+    *,
+    label_key: str = "label",
+    image_key: str = "image",
   ):
     data_dir = data_dir or None
-    shown_dir = data_dir or (
-        "<TFDS default: $TFDS_DATA_DIR or ~/tensorflow_datasets>")
+    shown_dir = data_dir or ("<TFDS default: $TFDS_DATA_DIR or ~/tensorflow_datasets>")
     where = f"TFDS dataset {name!r} (split {split!r}, data_dir {shown_dir!r})"
     hint = (
-        "Prepare it in the ArrayRecord format first, e.g. `tfds build"
-        f" --file_format=array_record --data_dir=DIR {name}`,"
-        f" `tfds.builder({name!r}, data_dir=DIR,"
-        " file_format='array_record').download_and_prepare()`, or"
-        " beit_jax.data.tfds_source.write_tfds_image_dataset for your own images."
+      "Prepare it in the ArrayRecord format first, e.g. `tfds build"
+      f" --file_format=array_record --data_dir=DIR {name}`,"
+      f" `tfds.builder({name!r}, data_dir=DIR,"
+      " file_format='array_record').download_and_prepare()`, or"
+      " beit_jax.data.tfds_source.write_tfds_image_dataset for your own images."
     )
     try:
       builder = tfds.builder(name, data_dir=data_dir)
     except Exception as e:  # DatasetNotFoundError and friends.
       raise FileNotFoundError(f"{where} was not found. {hint}") from e
     if not builder.is_prepared():
-      raise FileNotFoundError(
-          f"{where} is not prepared (no data in {builder.data_dir!r}). {hint}"
-      )
+      raise FileNotFoundError(f"{where} is not prepared (no data in {builder.data_dir!r}). {hint}")
     file_format = builder.info.file_format
     format_name = str(getattr(file_format, "value", file_format)).lower()
     if file_format is not None and format_name != "array_record":
       raise ValueError(
-          f"{where} was prepared as {file_format}, which does not support"
-          f" random access. {hint}"
+        f"{where} was prepared as {file_format}, which does not support random access. {hint}"
       )
     features = builder.info.features
     if image_key not in features:
       raise KeyError(
-          f"{where} has no image feature {image_key!r}; features are"
-          f" {list(features.keys())}."
+        f"{where} has no image feature {image_key!r}; features are {list(features.keys())}."
       )
     try:
       self._source = builder.as_data_source(
-          split=split, decoders={image_key: tfds.decode.SkipDecoding()}
+        split=split, decoders={image_key: tfds.decode.SkipDecoding()}
       )
     except (ValueError, KeyError) as e:
       raise ValueError(
-          f"{where}: cannot read split {split!r}; available splits are"
-          f" {list(builder.info.splits.keys())}. ({e})"
+        f"{where}: cannot read split {split!r}; available splits are"
+        f" {list(builder.info.splits.keys())}. ({e})"
       ) from e
     self._name = name
     self._split = split
@@ -126,18 +121,18 @@ class TfdsSource:
 
   def __repr__(self) -> str:
     return (
-        f"TfdsSource(name={self._name!r}, split={self._split!r},"
-        f" data_dir={self._data_dir!r}, num_images={len(self)})"
+      f"TfdsSource(name={self._name!r}, split={self._split!r},"
+      f" data_dir={self._data_dir!r}, num_images={len(self)})"
     )
 
 
 def tfds_source(
-    name: str,
-    split: str,
-    data_dir: str | None = None,
-    *,
-    label_key: str = "label",
-    image_key: str = "image",
+  name: str,
+  split: str,
+  data_dir: str | None = None,
+  *,
+  label_key: str = "label",
+  image_key: str = "image",
 ) -> TfdsSource:
   """Opens a prepared TFDS ArrayRecord split with undecoded image bytes.
 
@@ -159,9 +154,7 @@ def tfds_source(
     FileNotFoundError: The dataset is unknown or not prepared in ``data_dir``.
     ValueError: Wrong file format or unknown split.
   """
-  return TfdsSource(
-      name, split, data_dir, label_key=label_key, image_key=image_key
-  )
+  return TfdsSource(name, split, data_dir, label_key=label_key, image_key=image_key)
 
 
 def _encode_for_tfds(image: ImageLike) -> bytes:
@@ -184,13 +177,13 @@ def _encode_for_tfds(image: ImageLike) -> bytes:
 
 # Not store_as_tfds_dataset(): without TF it raises "No module named 'tensorflow'" (TFDS 4.9.10).
 def write_tfds_image_dataset(
-    name: str,
-    data_dir: str | os.PathLike,
-    splits: Mapping[str, Sequence[tuple[ImageLike, int]]],
-    num_classes: int | None = None,
-    *,
-    class_names: Sequence[str] | None = None,
-    version: str = "1.0.0",
+  name: str,
+  data_dir: str | os.PathLike,
+  splits: Mapping[str, Sequence[tuple[ImageLike, int]]],
+  num_classes: int | None = None,
+  *,
+  class_names: Sequence[str] | None = None,
+  version: str = "1.0.0",
 ) -> str:
   """Writes a small image classification TFDS dataset as ArrayRecord, no TF.
 
@@ -238,17 +231,19 @@ def write_tfds_image_dataset(
 
   def info(self):
     label = (
-        tfds.features.ClassLabel(names=class_names)
-        if class_names is not None
-        else tfds.features.ClassLabel(num_classes=num_classes)
+      tfds.features.ClassLabel(names=class_names)
+      if class_names is not None
+      else tfds.features.ClassLabel(num_classes=num_classes)
     )
     return tfds.core.DatasetInfo(
-        builder=self,
-        features=tfds.features.FeaturesDict({
-            "image": tfds.features.Image(shape=(None, None, 3)),
-            "label": label,
-        }),
-        supervised_keys=("image", "label"),
+      builder=self,
+      features=tfds.features.FeaturesDict(
+        {
+          "image": tfds.features.Image(shape=(None, None, 3)),
+          "label": label,
+        }
+      ),
+      supervised_keys=("image", "label"),
     )
 
   def split_generators(self, dl_manager):
@@ -262,26 +257,24 @@ def write_tfds_image_dataset(
 
   def body(ns):
     ns.update(
-        name=name,
-        VERSION=tfds.core.Version(version),
-        _info=info,
-        _split_generators=split_generators,
-        _generate_examples=generate_examples,
-        # A module name without dots that is not imported: TFDS then finds no
-        # code path, so it looks for no checksums/metadata next to our code
-        # (its package-resource lookup would need `importlib_resources`).
-        __module__="beit_jax_tfds_image_writer",
+      name=name,
+      VERSION=tfds.core.Version(version),
+      _info=info,
+      _split_generators=split_generators,
+      _generate_examples=generate_examples,
+      # A module name without dots that is not imported: TFDS then finds no
+      # code path, so it looks for no checksums/metadata next to our code
+      # (its package-resource lookup would need `importlib_resources`).
+      __module__="beit_jax_tfds_image_writer",
     )
 
   camel = "".join(part.capitalize() for part in name.split("_")) or "Images"
   builder_cls = types.new_class(
-      camel,
-      (tfds.core.GeneratorBasedBuilder,),
-      {"skip_registration": True},
-      body,
+    camel,
+    (tfds.core.GeneratorBasedBuilder,),
+    {"skip_registration": True},
+    body,
   )
-  builder = builder_cls(
-      data_dir=os.fspath(data_dir), file_format="array_record")
+  builder = builder_cls(data_dir=os.fspath(data_dir), file_format="array_record")
   builder.download_and_prepare()
   return os.fspath(builder.data_dir)
-

@@ -20,16 +20,15 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
-from PIL import Image
-from PIL import ImageEnhance
+from PIL import Image, ImageEnhance
 
 INTERPOLATIONS = {
-    "nearest": Image.Resampling.NEAREST,
-    "bilinear": Image.Resampling.BILINEAR,
-    "bicubic": Image.Resampling.BICUBIC,
-    "lanczos": Image.Resampling.LANCZOS,
-    "box": Image.Resampling.BOX,
-    "hamming": Image.Resampling.HAMMING,
+  "nearest": Image.Resampling.NEAREST,
+  "bilinear": Image.Resampling.BILINEAR,
+  "bicubic": Image.Resampling.BICUBIC,
+  "lanczos": Image.Resampling.LANCZOS,
+  "box": Image.Resampling.BOX,
+  "hamming": Image.Resampling.HAMMING,
 }
 
 
@@ -39,8 +38,7 @@ def pil_interpolation(name: str) -> Image.Resampling:
     return INTERPOLATIONS[name.lower()]
   except KeyError:
     raise ValueError(
-        f"Unknown interpolation {name!r}; expected one of"
-        f" {sorted(INTERPOLATIONS)}."
+      f"Unknown interpolation {name!r}; expected one of {sorted(INTERPOLATIONS)}."
     ) from None
 
 
@@ -50,9 +48,7 @@ def as_pil(image: np.ndarray | Image.Image) -> Image.Image:
     return image if image.mode == "RGB" else image.convert("RGB")
   array = np.asarray(image)
   if array.dtype != np.uint8 or array.ndim != 3 or array.shape[-1] != 3:
-    raise ValueError(
-        f"Expected an (H, W, 3) uint8 image, got {array.shape} {array.dtype}."
-    )
+    raise ValueError(f"Expected an (H, W, 3) uint8 image, got {array.shape} {array.dtype}.")
   return Image.fromarray(array)
 
 
@@ -83,56 +79,43 @@ class ColorJitter:
   disabled and draws no factor. Hue is not supported (BEiT uses none).
   """
 
-  def __init__(
-      self, brightness: float = 0.0, contrast: float = 0.0,
-      saturation: float = 0.0):
+  def __init__(self, brightness: float = 0.0, contrast: float = 0.0, saturation: float = 0.0):
     self.ranges = (
-        _jitter_range(float(brightness), "brightness"),
-        _jitter_range(float(contrast), "contrast"),
-        _jitter_range(float(saturation), "saturation"),
+      _jitter_range(float(brightness), "brightness"),
+      _jitter_range(float(contrast), "contrast"),
+      _jitter_range(float(saturation), "saturation"),
     )
 
   @property
   def enabled(self) -> bool:
     return any(r is not None for r in self.ranges)
 
-  def get_params(
-      self, rng: np.random.Generator
-  ) -> tuple[list[int], list[float | None]]:
+  def get_params(self, rng: np.random.Generator) -> tuple[list[int], list[float | None]]:
     """Draws ``(order, factors)``; ``factors[i]`` is None for disabled ops."""
     order = [int(i) for i in rng.permutation(4)]
-    factors = [
-        None if r is None else float(rng.uniform(r[0], r[1]))
-        for r in self.ranges
-    ]
+    factors = [None if r is None else float(rng.uniform(r[0], r[1])) for r in self.ranges]
     return order, factors
 
   @staticmethod
-  def apply(
-      img: Image.Image, order: Sequence[int], factors: Sequence[float | None]
-  ) -> Image.Image:
+  def apply(img: Image.Image, order: Sequence[int], factors: Sequence[float | None]) -> Image.Image:
     """Applies the ops in ``order`` with ``factors`` (PIL in, PIL out)."""
     enhancers = (
-        ImageEnhance.Brightness,
-        ImageEnhance.Contrast,
-        ImageEnhance.Color,
+      ImageEnhance.Brightness,
+      ImageEnhance.Contrast,
+      ImageEnhance.Color,
     )
     for op in order:
       if op < 3 and factors[op] is not None:
         img = enhancers[op](img).enhance(factors[op])
     return img
 
-  def jitter_pil(
-      self, img: Image.Image, rng: np.random.Generator
-  ) -> Image.Image:
+  def jitter_pil(self, img: Image.Image, rng: np.random.Generator) -> Image.Image:
     if not self.enabled:
       return img
     order, factors = self.get_params(rng)
     return self.apply(img, order, factors)
 
-  def __call__(
-      self, image: np.ndarray, rng: np.random.Generator
-  ) -> np.ndarray:
+  def __call__(self, image: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     """Jitters an ``(H, W, 3)`` uint8 image; returns uint8."""
     return np.asarray(self.jitter_pil(as_pil(image), rng), dtype=np.uint8)
 
@@ -143,11 +126,11 @@ class ColorJitter:
 
 
 def random_resized_crop_box(
-    height: int,
-    width: int,
-    rng: np.random.Generator,
-    scale: Sequence[float] = (0.08, 1.0),
-    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+  height: int,
+  width: int,
+  rng: np.random.Generator,
+  scale: Sequence[float] = (0.08, 1.0),
+  ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
 ) -> tuple[int, int, int, int]:
   """torchvision/timm ``RandomResizedCrop.get_params``: ``(top, left, h, w)``.
 
@@ -199,8 +182,8 @@ def random_resized_crop_box(
 
 
 def resized_crop(
-    img: Image.Image, box: tuple[int, int, int, int], size: int,
-    resample: Image.Resampling) -> np.ndarray:
+  img: Image.Image, box: tuple[int, int, int, int], size: int, resample: Image.Resampling
+) -> np.ndarray:
   """torchvision ``F.resized_crop`` on PIL: crop, then resize to size x size."""
   top, left, h, w = box
   cropped = img.crop((left, top, left + w, top + h))
@@ -228,18 +211,18 @@ class TwoViewTransform:
   """
 
   def __init__(
-      self,
-      size: int,
-      second_size: int | None = None,
-      scale: Sequence[float] = (0.08, 1.0),
-      ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
-      interpolation: str = "bicubic",
-      second_interpolation: str = "lanczos",
-      color_jitter: float = 0.4,
-      flip_prob: float = 0.5,
-      *,
-      key: str = "image",
-      second_key: str = "tokenizer_image",
+    self,
+    size: int,
+    second_size: int | None = None,
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+    interpolation: str = "bicubic",
+    second_interpolation: str = "lanczos",
+    color_jitter: float = 0.4,
+    flip_prob: float = 0.5,
+    *,
+    key: str = "image",
+    second_key: str = "tokenizer_image",
   ):
     self.size = int(size)
     self.second_size = None if second_size is None else int(second_size)
@@ -261,18 +244,14 @@ class TwoViewTransform:
       return (self.key,)
     return (self.key, self.second_key)
 
-  def __call__(
-      self, image: np.ndarray, rng: np.random.Generator
-  ) -> dict[str, np.ndarray]:
+  def __call__(self, image: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     img = self.jitter.jitter_pil(as_pil(image), rng)
     if rng.random() < self.flip_prob:
       img = img.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    box = random_resized_crop_box(
-        img.height, img.width, rng, self.scale, self.ratio)
+    box = random_resized_crop_box(img.height, img.width, rng, self.scale, self.ratio)
     out = {self.key: resized_crop(img, box, self.size, self.interpolation)}
     if self.second_size is not None:
-      out[self.second_key] = resized_crop(
-          img, box, self.second_size, self.second_interpolation)
+      out[self.second_key] = resized_crop(img, box, self.second_size, self.second_interpolation)
     return out
 
 
@@ -286,26 +265,31 @@ class SingleViewTransform:
   """
 
   def __init__(
-      self,
-      size: int,
-      key: str = "image",
-      scale: Sequence[float] = (0.08, 1.0),
-      ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
-      interpolation: str = "bicubic",
-      flip_prob: float = 0.5,
-      color_jitter: float = 0.0,
+    self,
+    size: int,
+    key: str = "image",
+    scale: Sequence[float] = (0.08, 1.0),
+    ratio: Sequence[float] = (3.0 / 4.0, 4.0 / 3.0),
+    interpolation: str = "bicubic",
+    flip_prob: float = 0.5,
+    color_jitter: float = 0.0,
   ):
     self.key = key
     self._two_view = TwoViewTransform(
-        size, None, scale, ratio, interpolation,
-        color_jitter=color_jitter, flip_prob=flip_prob, key=key)
+      size,
+      None,
+      scale,
+      ratio,
+      interpolation,
+      color_jitter=color_jitter,
+      flip_prob=flip_prob,
+      key=key,
+    )
 
   def output_keys(self) -> tuple[str, ...]:
     return (self.key,)
 
-  def __call__(
-      self, image: np.ndarray, rng: np.random.Generator
-  ) -> dict[str, np.ndarray]:
+  def __call__(self, image: np.ndarray, rng: np.random.Generator) -> dict[str, np.ndarray]:
     return self._two_view(image, rng)
 
 
@@ -320,11 +304,11 @@ class CenterCropTransform:
   """
 
   def __init__(
-      self,
-      size: int,
-      key: str = "image",
-      interpolation: str = "bicubic",
-      crop_pct: float = 1.0,
+    self,
+    size: int,
+    key: str = "image",
+    interpolation: str = "bicubic",
+    crop_pct: float = 1.0,
   ):
     if not 0.0 < crop_pct <= 1.0:
       raise ValueError(f"crop_pct must be in (0, 1], got {crop_pct}.")
@@ -338,7 +322,7 @@ class CenterCropTransform:
     return (self.key,)
 
   def __call__(
-      self, image: np.ndarray, rng: np.random.Generator | None = None
+    self, image: np.ndarray, rng: np.random.Generator | None = None
   ) -> dict[str, np.ndarray]:
     del rng  # Deterministic.
     img = as_pil(image)
@@ -375,7 +359,7 @@ class ParallelViews:
     return tuple(k for v in self.views for k in v.output_keys())
 
   def __call__(
-      self, image: np.ndarray, rng: np.random.Generator | None = None
+    self, image: np.ndarray, rng: np.random.Generator | None = None
   ) -> dict[str, np.ndarray]:
     out = {}
     for view in self.views:

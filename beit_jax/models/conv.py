@@ -51,8 +51,8 @@ def correlate(x: Array, w: Array, strides: int, padding: Padding) -> Array:
 
 def _xla_correlate(x: Array, w: Array, strides: int, padding: Padding) -> Array:
   return jax.lax.conv_general_dilated(
-      x, w, window_strides=(strides, strides), padding=padding,
-      dimension_numbers=_DIMENSIONS)
+    x, w, window_strides=(strides, strides), padding=padding, dimension_numbers=_DIMENSIONS
+  )
 
 
 def _im2col_correlate(x: Array, w: Array, strides: int, padding: Padding) -> Array:
@@ -61,16 +61,17 @@ def _im2col_correlate(x: Array, w: Array, strides: int, padding: Padding) -> Arr
   xp = jnp.pad(x, ((0, 0), padding[0], padding[1], (0, 0)))
   ho = (xp.shape[1] - kh) // strides + 1
   wo = (xp.shape[2] - kw) // strides + 1
-  cols = [xp[:, i:i + strides * (ho - 1) + 1:strides,
-             j:j + strides * (wo - 1) + 1:strides, :]
-          for i in range(kh) for j in range(kw)]
+  cols = [
+    xp[:, i : i + strides * (ho - 1) + 1 : strides, j : j + strides * (wo - 1) + 1 : strides, :]
+    for i in range(kh)
+    for j in range(kw)
+  ]
   patches = jnp.concatenate(cols, axis=-1)  # (B, ho, wo, kh*kw*C), tap-major.
   return jnp.einsum("bhwk,ko->bhwo", patches, w.reshape(-1, w.shape[-1]))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(2, 3))
-def _correlate_with_im2col_gradient(x: Array, w: Array, strides: int,
-                                    padding: Padding) -> Array:
+def _correlate_with_im2col_gradient(x: Array, w: Array, strides: int, padding: Padding) -> Array:
   """XLA's convolution forward with im2col's gradient (both the faster one on XLA:CPU)."""
   return _xla_correlate(x, w, strides, padding)
 
@@ -97,11 +98,14 @@ def transposed_correlate(x: Array, w: Array, strides: int, pad: int) -> Array:
   """
   if not ops.cpu_kernels_enabled():
     return jax.lax.conv_transpose(
-        x, w, strides=(strides, strides), padding=((pad, pad), (pad, pad)),
-        dimension_numbers=_DIMENSIONS)
+      x,
+      w,
+      strides=(strides, strides),
+      padding=((pad, pad), (pad, pad)),
+      dimension_numbers=_DIMENSIONS,
+    )
   s, k = strides, w.shape[0]
-  taps = [(r, t, (r + t - pad) // s) for r in range(s) for t in range(k)
-          if (r + t - pad) % s == 0]
+  taps = [(r, t, (r + t - pad) // s) for r in range(s) for t in range(k) if (r + t - pad) % s == 0]
   d_lo = min(d for _, _, d in taps)
   d_hi = max(d for _, _, d in taps)
   n = d_hi - d_lo + 1
@@ -111,8 +115,7 @@ def transposed_correlate(x: Array, w: Array, strides: int, pad: int) -> Array:
   for ry, ty, dy in taps:
     for rx, tx, dx in taps:
       w_eff = w_eff.at[dy - d_lo, dx - d_lo, :, ry, rx, :].set(w[ty, tx])
-  y = correlate(x, w_eff.reshape(n, n, c, s * s * o), 1,
-                ((-d_lo, d_hi), (-d_lo, d_hi)))
+  y = correlate(x, w_eff.reshape(n, n, c, s * s * o), 1, ((-d_lo, d_hi), (-d_lo, d_hi)))
   y = y.reshape(b, h, wd, s, s, o).transpose(0, 1, 3, 2, 4, 5)
   return y.reshape(b, h * s, wd * s, o)
 
@@ -130,6 +133,7 @@ class Conv2d(nn.Module):
     strides: spatial stride.
     dtype: computation dtype; inputs and parameters are cast to it.
   """
+
   features: int
   kernel_size: int
   strides: int = 1
@@ -141,12 +145,14 @@ class Conv2d(nn.Module):
     k = self.kernel_size
     n_in = x.shape[-1]
     std = 1.0 / math.sqrt(n_in * k * k)
-    w = self.param("w", nn.initializers.normal(stddev=std),
-                   (k, k, n_in, self.features), jnp.float32)
+    w = self.param(
+      "w", nn.initializers.normal(stddev=std), (k, k, n_in, self.features), jnp.float32
+    )
     b = self.param("b", nn.initializers.zeros, (self.features,), jnp.float32)
     pad = (k - 1) // 2
-    y = correlate(x.astype(self.dtype), w.astype(self.dtype), self.strides,
-                  ((pad, pad), (pad, pad)))
+    y = correlate(
+      x.astype(self.dtype), w.astype(self.dtype), self.strides, ((pad, pad), (pad, pad))
+    )
     return y + b.astype(self.dtype)
 
 
@@ -165,6 +171,7 @@ class ConvTranspose2d(nn.Module):
     strides: upsampling factor s.
     dtype: computation dtype.
   """
+
   features: int
   kernel_size: int = 4
   strides: int = 2
@@ -178,8 +185,9 @@ class ConvTranspose2d(nn.Module):
       raise ValueError(f"kernel_size - strides must be even and >= 0, got k={k}, s={s}")
     n_in = x.shape[-1]
     std = s / math.sqrt(n_in * k * k)
-    w = self.param("w", nn.initializers.normal(stddev=std),
-                   (k, k, n_in, self.features), jnp.float32)
+    w = self.param(
+      "w", nn.initializers.normal(stddev=std), (k, k, n_in, self.features), jnp.float32
+    )
     b = self.param("b", nn.initializers.zeros, (self.features,), jnp.float32)
     torch_pad = (k - s) // 2
     pad = k - 1 - torch_pad

@@ -38,12 +38,21 @@ INPUT_NORMS = ("dall_e", "half")
 # Every key `from_config` reads, with the value a missing key takes. A config holds the keys
 # of both architectures; the other architecture's keys are ignored.
 CONFIG_DEFAULTS = {
-    "arch": "dall_e", "vocab_size": 8192, "recon_loss": "logit_laplace", "input_norm": "dall_e",
-    # compact
-    "num_layers": 3, "hidden": 64, "num_resblocks": 1, "codebook_dim": 512,
-    # dall_e
-    "n_hid": 256, "n_blk_per_group": 2, "group_count": 4, "n_init": 128,
-    "dtype": "float32",
+  "arch": "dall_e",
+  "vocab_size": 8192,
+  "recon_loss": "logit_laplace",
+  "input_norm": "dall_e",
+  # compact
+  "num_layers": 3,
+  "hidden": 64,
+  "num_resblocks": 1,
+  "codebook_dim": 512,
+  # dall_e
+  "n_hid": 256,
+  "n_blk_per_group": 2,
+  "group_count": 4,
+  "n_init": 128,
+  "dtype": "float32",
 }
 
 
@@ -74,7 +83,7 @@ def _reconstruct(raw_out: Array, recon_loss: str, input_norm: str) -> Array:
   """Raw decoder output -> images in [0, 1] (see `DiscreteVAE.reconstruct`)."""
   raw_out = raw_out.astype(jnp.float32)
   if recon_loss == "logit_laplace":
-    mu = raw_out[..., :raw_out.shape[-1] // 2]
+    mu = raw_out[..., : raw_out.shape[-1] // 2]
     return unmap_pixels(jax.nn.sigmoid(mu))
   return jnp.clip(pixels.denormalize(raw_out, input_norm, max_value=1.0), 0.0, 1.0)
 
@@ -103,6 +112,7 @@ class DiscreteVAE(nn.Module):
     input_norm: encoder input normalisation: 'dall_e' (map_pixels, 0.8x+0.1) or 'half'
       ((x-0.5)/0.5). With 'mse' the decoder output lives in the same space.
   """
+
   encoder: nn.Module
   decoder: nn.Module
   vocab_size: int
@@ -118,12 +128,16 @@ class DiscreteVAE(nn.Module):
       raise ValueError(f"vocab_size must be >= 2, got {self.vocab_size}")
     for part in (self.encoder, self.decoder):
       if part.vocab_size != self.vocab_size:
-        raise ValueError(f"{type(part).__name__} has vocab_size {part.vocab_size}, the "
-                         f"DiscreteVAE {self.vocab_size}")
+        raise ValueError(
+          f"{type(part).__name__} has vocab_size {part.vocab_size}, the "
+          f"DiscreteVAE {self.vocab_size}"
+        )
     if self.decoder.raw_channels != self.output_channels:
-      raise ValueError(f"recon_loss={self.recon_loss!r} needs {self.output_channels} decoder "
-                       f"output channels, {type(self.decoder).__name__} has "
-                       f"{self.decoder.raw_channels}")
+      raise ValueError(
+        f"recon_loss={self.recon_loss!r} needs {self.output_channels} decoder "
+        f"output channels, {type(self.decoder).__name__} has "
+        f"{self.decoder.raw_channels}"
+      )
     super().__post_init__()
 
   @property
@@ -159,8 +173,9 @@ class DiscreteVAE(nn.Module):
     """
     return _reconstruct(raw_out, self.recon_loss, self.input_norm)
 
-  def __call__(self, images01: Array, *, rng: Array, tau: float | Array = 1.0,
-               hard: bool = False) -> dict[str, Array]:
+  def __call__(
+    self, images01: Array, *, rng: Array, tau: float | Array = 1.0, hard: bool = False
+  ) -> dict[str, Array]:
     """Encode, sample Gumbel-softmax codes, decode.
 
     Args:
@@ -184,9 +199,16 @@ class DiscreteVAE(nn.Module):
 # ----------------------------------------------------------------------------
 
 
-def dalle_dvae(vocab_size: int = 8192, n_hid: int = 256, n_blk_per_group: int = 2,
-               group_count: int = 4, n_init: int = 128, *, input_norm: str = "dall_e",
-               dtype: Dtype = jnp.float32) -> DiscreteVAE:
+def dalle_dvae(
+  vocab_size: int = 8192,
+  n_hid: int = 256,
+  n_blk_per_group: int = 2,
+  group_count: int = 4,
+  n_init: int = 128,
+  *,
+  input_norm: str = "dall_e",
+  dtype: Dtype = jnp.float32,
+) -> DiscreteVAE:
   """The DALL-E dVAE (`dvae_dalle.DalleEncoder` / `DalleDecoder`), logit-Laplace loss.
 
   Args:
@@ -199,17 +221,24 @@ def dalle_dvae(vocab_size: int = 8192, n_hid: int = 256, n_blk_per_group: int = 
     dtype: computation dtype of the convs; the encoder's final 1x1 and the decoder's input
       1x1 always run in float32, and logits and decoder outputs are float32.
   """
-  encoder = dvae_dalle.DalleEncoder(group_count, n_hid, n_blk_per_group, 3, vocab_size,
-                                    dtype=dtype)
-  decoder = dvae_dalle.DalleDecoder(group_count, n_init, n_hid, n_blk_per_group, 3,
-                                    vocab_size, dtype=dtype)
+  encoder = dvae_dalle.DalleEncoder(group_count, n_hid, n_blk_per_group, 3, vocab_size, dtype=dtype)
+  decoder = dvae_dalle.DalleDecoder(
+    group_count, n_init, n_hid, n_blk_per_group, 3, vocab_size, dtype=dtype
+  )
   return DiscreteVAE(encoder, decoder, vocab_size, "logit_laplace", input_norm)
 
 
-def compact_dvae(vocab_size: int = 8192, num_layers: int = 3, hidden: int = 64,
-                 num_resblocks: int = 1, codebook_dim: int = 512, *,
-                 recon_loss: str = "logit_laplace", input_norm: str = "dall_e",
-                 dtype: Dtype = jnp.float32) -> DiscreteVAE:
+def compact_dvae(
+  vocab_size: int = 8192,
+  num_layers: int = 3,
+  hidden: int = 64,
+  num_resblocks: int = 1,
+  codebook_dim: int = 512,
+  *,
+  recon_loss: str = "logit_laplace",
+  input_norm: str = "dall_e",
+  dtype: Dtype = jnp.float32,
+) -> DiscreteVAE:
   """The compact dVAE (`dvae_compact.CompactEncoder` / `CompactDecoder`).
 
   Args:
@@ -226,10 +255,10 @@ def compact_dvae(vocab_size: int = 8192, num_layers: int = 3, hidden: int = 64,
   if recon_loss not in RECON_LOSSES:
     raise ValueError(f"recon_loss must be one of {RECON_LOSSES}, got {recon_loss!r}")
   out_channels = 6 if recon_loss == "logit_laplace" else 3
-  encoder = dvae_compact.CompactEncoder(num_layers, hidden, num_resblocks, vocab_size,
-                                        dtype=dtype)
-  decoder = dvae_compact.CompactDecoder(num_layers, hidden, num_resblocks, vocab_size,
-                                        codebook_dim, out_channels, dtype=dtype)
+  encoder = dvae_compact.CompactEncoder(num_layers, hidden, num_resblocks, vocab_size, dtype=dtype)
+  decoder = dvae_compact.CompactDecoder(
+    num_layers, hidden, num_resblocks, vocab_size, codebook_dim, out_channels, dtype=dtype
+  )
   return DiscreteVAE(encoder, decoder, vocab_size, recon_loss, input_norm)
 
 
@@ -250,14 +279,30 @@ def from_config(model_config: Mapping[str, Any]) -> DiscreteVAE:
   dtype = precision.compute_dtype(c["dtype"])
   if c["arch"] == "dall_e":
     if c["recon_loss"] != "logit_laplace":
-      raise ValueError("arch='dall_e' has a 6-channel logit-Laplace decoder, so recon_loss "
-                       f"must be 'logit_laplace', got {c['recon_loss']!r}")
-    return dalle_dvae(c["vocab_size"], c["n_hid"], c["n_blk_per_group"], c["group_count"],
-                      c["n_init"], input_norm=c["input_norm"], dtype=dtype)
+      raise ValueError(
+        "arch='dall_e' has a 6-channel logit-Laplace decoder, so recon_loss "
+        f"must be 'logit_laplace', got {c['recon_loss']!r}"
+      )
+    return dalle_dvae(
+      c["vocab_size"],
+      c["n_hid"],
+      c["n_blk_per_group"],
+      c["group_count"],
+      c["n_init"],
+      input_norm=c["input_norm"],
+      dtype=dtype,
+    )
   if c["arch"] == "compact":
-    return compact_dvae(c["vocab_size"], c["num_layers"], c["hidden"], c["num_resblocks"],
-                        c["codebook_dim"], recon_loss=c["recon_loss"],
-                        input_norm=c["input_norm"], dtype=dtype)
+    return compact_dvae(
+      c["vocab_size"],
+      c["num_layers"],
+      c["hidden"],
+      c["num_resblocks"],
+      c["codebook_dim"],
+      recon_loss=c["recon_loss"],
+      input_norm=c["input_norm"],
+      dtype=dtype,
+    )
   raise ValueError(f"arch must be one of {ARCHS}, got {c['arch']!r}")
 
 
@@ -266,8 +311,7 @@ def from_config(model_config: Mapping[str, Any]) -> DiscreteVAE:
 # ----------------------------------------------------------------------------
 
 
-def gumbel_softmax(rng: Array, logits: Array, tau: float | Array,
-                   hard: bool = False) -> Array:
+def gumbel_softmax(rng: Array, logits: Array, tau: float | Array, hard: bool = False) -> Array:
   """Gumbel-softmax sample over the last axis, float32.
 
   ``y = softmax((logits + g) / tau)`` with g ~ Gumbel(0, 1). With ``hard`` the forward value
@@ -325,13 +369,18 @@ def logit_laplace_nll(target01: Array, raw_out: Array) -> Array:
   c = raw_out.shape[-1] // 2
   mu, ln_b = raw_out[..., :c], raw_out[..., c:]
   logit_x = jnp.log(x) - jnp.log1p(-x)
-  return (math.log(2.0) + ln_b + jnp.log(x) + jnp.log1p(-x)
-          + jnp.abs(logit_x - mu) * jnp.exp(-ln_b))
+  return math.log(2.0) + ln_b + jnp.log(x) + jnp.log1p(-x) + jnp.abs(logit_x - mu) * jnp.exp(-ln_b)
 
 
-def elbo_loss(model: DiscreteVAE, params: Any, images01: Array, rng: Array,
-              tau: float | Array, beta: float | Array,
-              hard: bool = False) -> tuple[Array, dict[str, Array]]:
+def elbo_loss(
+  model: DiscreteVAE,
+  params: Any,
+  images01: Array,
+  rng: Array,
+  tau: float | Array,
+  beta: float | Array,
+  hard: bool = False,
+) -> tuple[Array, dict[str, Array]]:
   """Negative ELBO with DALL-E's normalisation, and training metrics.
 
   ``loss = mean_subpixels(recon) + beta * mean_positions(KL) / (d^2 * 3)`` with
@@ -365,20 +414,19 @@ def elbo_loss(model: DiscreteVAE, params: Any, images01: Array, rng: Array,
   kl = jnp.mean(kl_to_uniform(logits))
   loss = recon + beta * kl / (model.downsample**2 * 3)
 
-  recon_images = jax.lax.stop_gradient(
-      _reconstruct(out, model.recon_loss, model.input_norm))
+  recon_images = jax.lax.stop_gradient(_reconstruct(out, model.recon_loss, model.input_norm))
   mse_per_image = jnp.mean(jnp.square(recon_images - images01), axis=(1, 2, 3))
   logq = jax.nn.log_softmax(jax.lax.stop_gradient(logits), axis=-1)
   entropy = jnp.mean(-jnp.sum(jnp.exp(logq) * logq, axis=-1))
   ids = jnp.argmax(logits, axis=-1).reshape(-1)
   token_counts = jnp.zeros((model.vocab_size,), jnp.int32).at[ids].add(1)
   aux = {
-      "recon_loss": recon,
-      "kl": kl,
-      "mse": jnp.mean(mse_per_image),
-      "psnr": jnp.mean(pixels.psnr(mse_per_image)),
-      "logits_entropy": entropy,
-      "token_counts": token_counts,
+    "recon_loss": recon,
+    "kl": kl,
+    "mse": jnp.mean(mse_per_image),
+    "psnr": jnp.mean(pixels.psnr(mse_per_image)),
+    "logits_entropy": entropy,
+    "token_counts": token_counts,
   }
   return loss, aux
 
@@ -432,12 +480,25 @@ def codebook_stats(token_counts: Array) -> dict[str, Array]:
   counts = jnp.asarray(token_counts, jnp.float32)
   p = counts / jnp.maximum(jnp.sum(counts), 1.0)
   entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
-  return {"perplexity": jnp.exp(entropy),
-          "usage": jnp.mean((counts > 0).astype(jnp.float32))}
+  return {"perplexity": jnp.exp(entropy), "usage": jnp.mean((counts > 0).astype(jnp.float32))}
 
 
 __all__ = [
-    "ARCHS", "RECON_LOSSES", "INPUT_NORMS", "CONFIG_DEFAULTS", "DiscreteVAE", "dalle_dvae",
-    "compact_dvae", "from_config", "gumbel_softmax", "kl_to_uniform", "map_pixels",
-    "unmap_pixels", "logit_laplace_nll", "elbo_loss", "tokenize", "decode", "codebook_stats",
+  "ARCHS",
+  "RECON_LOSSES",
+  "INPUT_NORMS",
+  "CONFIG_DEFAULTS",
+  "DiscreteVAE",
+  "dalle_dvae",
+  "compact_dvae",
+  "from_config",
+  "gumbel_softmax",
+  "kl_to_uniform",
+  "map_pixels",
+  "unmap_pixels",
+  "logit_laplace_nll",
+  "elbo_loss",
+  "tokenize",
+  "decode",
+  "codebook_stats",
 ]

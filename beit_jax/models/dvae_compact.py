@@ -31,6 +31,7 @@ class CompactResBlock(nn.Module):
     features: channels (input and output).
     dtype: computation dtype.
   """
+
   features: int
   dtype: Dtype = jnp.float32
 
@@ -56,6 +57,7 @@ class CompactEncoder(nn.Module):
     vocab_size: number of codes V.
     dtype: computation dtype of every conv except the float32 output conv.
   """
+
   num_layers: int
   hidden: int
   num_resblocks: int
@@ -75,8 +77,7 @@ class CompactEncoder(nn.Module):
   def __call__(self, x: Array) -> Array:
     """Encodes normalised images (B, H, W, C) to float32 logits."""
     for i in range(self.num_layers):
-      x = nn.relu(Conv2d(self.hidden, 4, strides=2, dtype=self.dtype,
-                         name=f"down_{i + 1}")(x))
+      x = nn.relu(Conv2d(self.hidden, 4, strides=2, dtype=self.dtype, name=f"down_{i + 1}")(x))
     for i in range(self.num_resblocks):
       x = CompactResBlock(self.hidden, dtype=self.dtype, name=f"res_{i + 1}")(x)
     return Conv2d(self.vocab_size, 1, dtype=jnp.float32, name="output")(x)
@@ -99,6 +100,7 @@ class CompactDecoder(nn.Module):
     output_channels: channels of the raw output.
     dtype: computation dtype after the input 1x1 conv.
   """
+
   num_layers: int
   hidden: int
   num_resblocks: int
@@ -120,16 +122,20 @@ class CompactDecoder(nn.Module):
   def __call__(self, codes: Array) -> Array:
     """Decodes one-hot or soft codes (B, h, w, V) to raw float32 outputs."""
     if codes.shape[-1] != self.vocab_size:
-      raise ValueError(f"codes have {codes.shape[-1]} channels but model built "
-                       f"for {self.vocab_size}")
-    codebook = self.param("codebook", nn.initializers.normal(stddev=1.0),
-                          (self.vocab_size, self.codebook_dim), jnp.float32)
+      raise ValueError(
+        f"codes have {codes.shape[-1]} channels but model built for {self.vocab_size}"
+      )
+    codebook = self.param(
+      "codebook",
+      nn.initializers.normal(stddev=1.0),
+      (self.vocab_size, self.codebook_dim),
+      jnp.float32,
+    )
     x = jnp.einsum("bhwv,vd->bhwd", codes.astype(jnp.float32), codebook)
     x = Conv2d(self.hidden, 1, dtype=jnp.float32, name="input")(x)
     for i in range(self.num_resblocks):
       x = CompactResBlock(self.hidden, dtype=self.dtype, name=f"res_{i + 1}")(x)
     for i in range(self.num_layers):
-      x = nn.relu(ConvTranspose2d(self.hidden, 4, 2, dtype=self.dtype,
-                                  name=f"up_{i + 1}")(x))
+      x = nn.relu(ConvTranspose2d(self.hidden, 4, 2, dtype=self.dtype, name=f"up_{i + 1}")(x))
     out = Conv2d(self.output_channels, 1, dtype=self.dtype, name="output")(x)
     return out.astype(jnp.float32)

@@ -34,6 +34,7 @@ class _ResPath(nn.Module):
     kernel_sizes: kernel sizes of conv_1..conv_4.
     dtype: computation dtype.
   """
+
   features: tuple[int, int, int, int]
   kernel_sizes: tuple[int, int, int, int]
   dtype: Dtype = jnp.float32
@@ -59,6 +60,7 @@ class DalleEncoderBlock(nn.Module):
     n_layers: total number of blocks in the network (sets post_gain).
     dtype: computation dtype.
   """
+
   n_in: int
   n_out: int
   n_layers: int
@@ -82,6 +84,7 @@ class DalleDecoderBlock(nn.Module):
     n_layers: total number of blocks in the network (sets post_gain).
     dtype: computation dtype.
   """
+
   n_in: int
   n_out: int
   n_layers: int
@@ -92,8 +95,9 @@ class DalleDecoderBlock(nn.Module):
     return _dalle_block(self, x, kernel_sizes=(1, 3, 3, 3))
 
 
-def _dalle_block(block: DalleEncoderBlock | DalleDecoderBlock, x: Array,
-                 kernel_sizes: tuple[int, int, int, int]) -> Array:
+def _dalle_block(
+  block: DalleEncoderBlock | DalleDecoderBlock, x: Array, kernel_sizes: tuple[int, int, int, int]
+) -> Array:
   """Shared body of the DALL-E encoder and decoder blocks (inside compact)."""
   if x.shape[-1] != block.n_in:
     raise ValueError(f"block built for {block.n_in} input channels, got {x.shape[-1]}")
@@ -105,8 +109,9 @@ def _dalle_block(block: DalleEncoderBlock | DalleDecoderBlock, x: Array,
     identity = Conv2d(block.n_out, 1, dtype=block.dtype, name="id_path")(x)
   else:
     identity = x.astype(block.dtype)
-  res = _ResPath((n_hid, n_hid, n_hid, block.n_out), kernel_sizes,
-                 dtype=block.dtype, name="res_path")(x)
+  res = _ResPath(
+    (n_hid, n_hid, n_hid, block.n_out), kernel_sizes, dtype=block.dtype, name="res_path"
+  )(x)
   return identity + post_gain * res
 
 
@@ -122,6 +127,7 @@ class _DalleGroup(nn.Module):
     resample: 'pool' (2x2 max-pool), 'upsample' (nearest x2) or 'none'.
     dtype: computation dtype.
   """
+
   block_cls: type[nn.Module]
   n_in: int
   n_out: int
@@ -134,8 +140,9 @@ class _DalleGroup(nn.Module):
   def __call__(self, x: Array) -> Array:
     for i in range(self.n_blk):
       n_in = self.n_in if i == 0 else self.n_out
-      x = self.block_cls(n_in, self.n_out, self.n_layers, dtype=self.dtype,
-                         name=f"block_{i + 1}")(x)
+      x = self.block_cls(n_in, self.n_out, self.n_layers, dtype=self.dtype, name=f"block_{i + 1}")(
+        x
+      )
     if self.resample == "pool":
       x = nn.max_pool(x, (2, 2), strides=(2, 2), padding="VALID")
     elif self.resample == "upsample":
@@ -153,18 +160,19 @@ class _ReluConv(nn.Module):
     kernel_size: kernel size of the conv.
     dtype: computation dtype of the conv.
   """
+
   features: int
   kernel_size: int = 1
   dtype: Dtype = jnp.float32
 
   @nn.compact
   def __call__(self, x: Array) -> Array:
-    return Conv2d(self.features, self.kernel_size, dtype=self.dtype,
-                  name="conv")(nn.relu(x))
+    return Conv2d(self.features, self.kernel_size, dtype=self.dtype, name="conv")(nn.relu(x))
 
 
 class _DalleEncoderBlocks(nn.Module):
   """DALL-E encoder's ``blocks`` Sequential (see `DalleEncoder`)."""
+
   group_count: int
   n_hid: int
   n_blk_per_group: int
@@ -176,11 +184,18 @@ class _DalleEncoderBlocks(nn.Module):
     n_layers = self.group_count * self.n_blk_per_group
     h = self.n_hid
     x = Conv2d(h, 7, dtype=self.dtype, name="input")(x)
-    groups = ((h, h, "pool"), (h, 2 * h, "pool"), (2 * h, 4 * h, "pool"),
-              (4 * h, 8 * h, "none"))
+    groups = ((h, h, "pool"), (h, 2 * h, "pool"), (2 * h, 4 * h, "pool"), (4 * h, 8 * h, "none"))
     for g, (n_in, n_out, resample) in enumerate(groups):
-      x = _DalleGroup(DalleEncoderBlock, n_in, n_out, self.n_blk_per_group,
-                      n_layers, resample, dtype=self.dtype, name=f"group_{g + 1}")(x)
+      x = _DalleGroup(
+        DalleEncoderBlock,
+        n_in,
+        n_out,
+        self.n_blk_per_group,
+        n_layers,
+        resample,
+        dtype=self.dtype,
+        name=f"group_{g + 1}",
+      )(x)
     # DALL-E builds the final 1x1 with use_float16=False: always float32.
     return _ReluConv(self.vocab_size, 1, dtype=jnp.float32, name="output")(x)
 
@@ -203,6 +218,7 @@ class DalleEncoder(nn.Module):
     vocab_size: number of codes V (8192).
     dtype: computation dtype of every conv except the float32 output conv.
   """
+
   group_count: int = 4
   n_hid: int = 256
   n_blk_per_group: int = 2
@@ -226,15 +242,22 @@ class DalleEncoder(nn.Module):
     if x.ndim != 4:
       raise ValueError(f"input shape {x.shape} is not 4d")
     if x.shape[-1] != self.input_channels:
-      raise ValueError(f"input has {x.shape[-1]} channels but model built for "
-                       f"{self.input_channels}")
-    return _DalleEncoderBlocks(self.group_count, self.n_hid, self.n_blk_per_group,
-                               self.vocab_size, dtype=self.dtype,
-                               name="blocks")(x.astype(jnp.float32))
+      raise ValueError(
+        f"input has {x.shape[-1]} channels but model built for {self.input_channels}"
+      )
+    return _DalleEncoderBlocks(
+      self.group_count,
+      self.n_hid,
+      self.n_blk_per_group,
+      self.vocab_size,
+      dtype=self.dtype,
+      name="blocks",
+    )(x.astype(jnp.float32))
 
 
 class _DalleDecoderBlocks(nn.Module):
   """DALL-E decoder's ``blocks`` Sequential (see `DalleDecoder`)."""
+
   group_count: int
   n_init: int
   n_hid: int
@@ -248,11 +271,23 @@ class _DalleDecoderBlocks(nn.Module):
     h = self.n_hid
     # DALL-E builds the input 1x1 with use_float16=False: always float32.
     x = Conv2d(self.n_init, 1, dtype=jnp.float32, name="input")(x)
-    groups = ((self.n_init, 8 * h, "upsample"), (8 * h, 4 * h, "upsample"),
-              (4 * h, 2 * h, "upsample"), (2 * h, h, "none"))
+    groups = (
+      (self.n_init, 8 * h, "upsample"),
+      (8 * h, 4 * h, "upsample"),
+      (4 * h, 2 * h, "upsample"),
+      (2 * h, h, "none"),
+    )
     for g, (n_in, n_out, resample) in enumerate(groups):
-      x = _DalleGroup(DalleDecoderBlock, n_in, n_out, self.n_blk_per_group,
-                      n_layers, resample, dtype=self.dtype, name=f"group_{g + 1}")(x)
+      x = _DalleGroup(
+        DalleDecoderBlock,
+        n_in,
+        n_out,
+        self.n_blk_per_group,
+        n_layers,
+        resample,
+        dtype=self.dtype,
+        name=f"group_{g + 1}",
+      )(x)
     return _ReluConv(2 * self.output_channels, 1, dtype=self.dtype, name="output")(x)
 
 
@@ -275,6 +310,7 @@ class DalleDecoder(nn.Module):
     vocab_size: number of codes V (8192).
     dtype: computation dtype of every conv except the float32 input conv.
   """
+
   group_count: int = 4
   n_init: int = 128
   n_hid: int = 256
@@ -299,9 +335,16 @@ class DalleDecoder(nn.Module):
     if codes.ndim != 4:
       raise ValueError(f"input shape {codes.shape} is not 4d")
     if codes.shape[-1] != self.vocab_size:
-      raise ValueError(f"input has {codes.shape[-1]} channels but model built "
-                       f"for {self.vocab_size}")
-    out = _DalleDecoderBlocks(self.group_count, self.n_init, self.n_hid, self.n_blk_per_group,
-                              self.output_channels, dtype=self.dtype,
-                              name="blocks")(codes.astype(jnp.float32))
+      raise ValueError(
+        f"input has {codes.shape[-1]} channels but model built for {self.vocab_size}"
+      )
+    out = _DalleDecoderBlocks(
+      self.group_count,
+      self.n_init,
+      self.n_hid,
+      self.n_blk_per_group,
+      self.output_channels,
+      dtype=self.dtype,
+      name="blocks",
+    )(codes.astype(jnp.float32))
     return out.astype(jnp.float32)

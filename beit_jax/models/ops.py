@@ -133,8 +133,11 @@ def _layer_norm_bwd(eps, res, g):
   d_scale = jnp.sum(g * x_hat, axis=axes).astype(scale.dtype)
   d_bias = jnp.sum(g, axis=axes).astype(bias.dtype)
   g_hat = g * scale.astype(jnp.float32)
-  dx = inv_std * (g_hat - jnp.mean(g_hat, axis=-1, keepdims=True)
-                  - x_hat * jnp.mean(g_hat * x_hat, axis=-1, keepdims=True))
+  dx = inv_std * (
+    g_hat
+    - jnp.mean(g_hat, axis=-1, keepdims=True)
+    - x_hat * jnp.mean(g_hat * x_hat, axis=-1, keepdims=True)
+  )
   return dx.astype(x_dtype), d_scale, d_bias
 
 
@@ -173,4 +176,3 @@ def _add_broadcast_bwd(bias, g):
 
 
 _add_broadcast_matvec_vjp.defvjp(_add_broadcast_fwd, _add_broadcast_bwd)
-

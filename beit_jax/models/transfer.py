@@ -31,7 +31,8 @@ from __future__ import annotations
 
 import math
 import re
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax
 import numpy as np
@@ -65,7 +66,7 @@ def _geometric_coords(src_side: int, dst_side: int) -> np.ndarray:
   """
 
   def geometric_progression(a, r, n):
-    return a * (1.0 - r ** n) / (1.0 - r)
+    return a * (1.0 - r**n) / (1.0 - r)
 
   left, right = 1.01, 1.5
   while right - left > 1e-6:
@@ -85,8 +86,7 @@ def _geometric_coords(src_side: int, dst_side: int) -> np.ndarray:
 def _table_side(rows: int, num_extra: int) -> int:
   side = math.isqrt(rows - num_extra)
   if side * side != rows - num_extra or side % 2 == 0:
-    raise ValueError(f"A relative-position table with {rows} rows is not (2W-1)^2 + "
-                     f"{num_extra}.")
+    raise ValueError(f"A relative-position table with {rows} rows is not (2W-1)^2 + {num_extra}.")
   return side
 
 
@@ -107,9 +107,11 @@ def resize_rel_pos_table(table: Any, dst_grid: int, num_extra: int = 3) -> np.nd
   if src_side == dst_side:
     return table.copy()
   if src_side <= 3:
-    raise ValueError(f"A {src_side}x{src_side} relative-position table (grid "
-                     f"{(src_side + 1) // 2}) is too small for a bicubic spline fit.")
-  body, extra = table[:table.shape[0] - num_extra], table[table.shape[0] - num_extra:]
+    raise ValueError(
+      f"A {src_side}x{src_side} relative-position table (grid "
+      f"{(src_side + 1) // 2}) is too small for a bicubic spline fit."
+    )
+  body, extra = table[: table.shape[0] - num_extra], table[table.shape[0] - num_extra :]
   coords = _geometric_coords(src_side, dst_side)
   t = dst_side // 2.0
   targets = np.arange(-t, t + 0.1, 1.0)
@@ -159,8 +161,10 @@ def resize_abs_pos_embed(pos_embed: Any, dst_grid: int, num_extra: int = 1) -> n
   tokens = pos_embed.shape[-2] - num_extra
   src_grid = math.isqrt(tokens)
   if src_grid * src_grid != tokens:
-    raise ValueError(f"pos_embed {pos_embed.shape} has {tokens} patch tokens after "
-                     f"{num_extra} extra ones, not a square grid.")
+    raise ValueError(
+      f"pos_embed {pos_embed.shape} has {tokens} patch tokens after "
+      f"{num_extra} extra ones, not a square grid."
+    )
   if src_grid == dst_grid:
     return pos_embed.copy()
   extra = pos_embed[..., :num_extra, :].astype(np.float64)
@@ -208,16 +212,17 @@ def _resize(key: str, value: np.ndarray, init: np.ndarray, grid: int) -> np.ndar
     if key.endswith(TABLE_SUFFIX) and value.ndim == 2 and value.shape[1] == init.shape[1]:
       return resize_rel_pos_table(value, grid)
     if key == "pos_embed" and value.shape[:-2] + value.shape[-1:] == (
-        init.shape[:-2] + init.shape[-1:]):
+      init.shape[:-2] + init.shape[-1:]
+    ):
       return resize_abs_pos_embed(value, grid)
   except ValueError as e:
-    raise ValueError(f"{key}: cannot resize source shape {value.shape} to "
-                     f"{init.shape}: {e}") from e
+    raise ValueError(f"{key}: cannot resize source shape {value.shape} to {init.shape}: {e}") from e
   return None
 
 
-def transfer_params(src_params: Any, dst_model: vit.BEiT, dst_init_params: Any
-                    ) -> tuple[dict[str, Any], dict[str, list[str]]]:
+def transfer_params(
+  src_params: Any, dst_model: vit.BEiT, dst_init_params: Any
+) -> tuple[dict[str, Any], dict[str, list[str]]]:
   """(params for `dst_model`, report) from any BEiT params, with unilm's fine-tuning rules.
 
   `dst_init_params` is the destination's freshly initialised tree: params the source
@@ -226,11 +231,15 @@ def transfer_params(src_params: Any, dst_model: vit.BEiT, dst_init_params: Any
   param names: `loaded` (copied as is), `resized` (copied, resized to the new grid) and
   `kept_from_init` partition the destination tree; `dropped` are source params not
   used (a head of another shape is both dropped and kept from init); `notes` are
-  sentences (the shared table's copy, unexpected non-MIM params, head mismatches). Raises ValueError for a shared table wanted
-  from per-block ones, or for a shape mismatch that no rule covers (naming the key).
+  sentences (the shared table's copy, unexpected non-MIM params, head mismatches). Raises
+  ValueError for a shared table wanted from per-block ones, or for a shape mismatch that
+  no rule covers (naming the key).
   """
-  src = {k: np.asarray(v) for k, v in _flatten(src_params).items()
-         if not k.endswith("relative_position_index")}
+  src = {
+    k: np.asarray(v)
+    for k, v in _flatten(src_params).items()
+    if not k.endswith("relative_position_index")
+  }
   dst = _flatten(dst_init_params)
   report = {k: [] for k in REPORT_KEYS}
   grid = dst_model.grid[0]
@@ -240,10 +249,11 @@ def transfer_params(src_params: Any, dst_model: vit.BEiT, dst_init_params: Any
 
   if SHARED_TABLE in dst and SHARED_TABLE not in src and src_per_block:
     raise ValueError(
-        "The destination model uses one shared relative-position table "
-        f"({SHARED_TABLE}) but the source has per-block tables "
-        f"({BLOCK_TABLE.format(0)}, ...); they cannot be merged into one. Build the "
-        "destination with use_shared_rel_pos_bias=False, use_rel_pos_bias=True.")
+      "The destination model uses one shared relative-position table "
+      f"({SHARED_TABLE}) but the source has per-block tables "
+      f"({BLOCK_TABLE.format(0)}, ...); they cannot be merged into one. Build the "
+      "destination with use_shared_rel_pos_bias=False, use_rel_pos_bias=True."
+    )
   if dst_per_block and SHARED_TABLE in src:  # unilm: overrides any per-block tables.
     depth = sum(1 for k in dst if k.endswith(TABLE_SUFFIX) and _BLOCK_RE.match(k))
     shared = src[SHARED_TABLE]
@@ -273,15 +283,21 @@ def transfer_params(src_params: Any, dst_model: vit.BEiT, dst_init_params: Any
       report["dropped"].append(key)
       report["notes"].append(f"{key}: source shape {value.shape} != {init.shape}, kept init.")
     else:
-      raise ValueError(f"{key}: source shape {value.shape} but the destination model "
-                       f"expects {init.shape}.")
+      raise ValueError(
+        f"{key}: source shape {value.shape} but the destination model expects {init.shape}."
+      )
     if out[key].shape != init.shape:  # A resize that cannot reach the destination.
-      raise ValueError(f"{key}: source shape {value.shape} resized to {out[key].shape}, "
-                       f"but the destination model expects {init.shape}.")
+      raise ValueError(
+        f"{key}: source shape {value.shape} resized to {out[key].shape}, "
+        f"but the destination model expects {init.shape}."
+      )
 
   for key in sorted(src):
     report["dropped"].append(key)
-    if not (key.startswith(MIM_ONLY_PREFIXES) or key == "pos_embed" or
-            (key.endswith(TABLE_SUFFIX) and not dst_has_rel)):
+    if not (
+      key.startswith(MIM_ONLY_PREFIXES)
+      or key == "pos_embed"
+      or (key.endswith(TABLE_SUFFIX) and not dst_has_rel)
+    ):
       report["notes"].append(f"{key}: not in the destination model, dropped.")
   return flax.traverse_util.unflatten_dict(out, sep="/"), report

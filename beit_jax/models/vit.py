@@ -54,12 +54,12 @@ INIT_STD = 0.02
 
 # name -> (embed_dim, depth, num_heads). "test" is for unit tests only.
 VARIANTS: dict[str, tuple[int, int, int]] = {
-    "test": (32, 2, 2),
-    "mini": (128, 6, 4),
-    "tiny": (192, 12, 3),
-    "small": (384, 12, 6),
-    "base": (768, 12, 12),
-    "large": (1024, 24, 16),
+  "test": (32, 2, 2),
+  "mini": (128, 6, 4),
+  "tiny": (192, 12, 3),
+  "small": (384, 12, 6),
+  "base": (768, 12, 12),
+  "large": (1024, 24, 16),
 }
 
 
@@ -113,18 +113,24 @@ def gather_relative_bias(table: Array, grid: tuple[int, int]) -> Array:
 
 class RelativePositionBias(nn.Module):
   """The shared relative-position bias (`rel_pos_bias` in unilm)."""
+
   grid: tuple[int, int]
   num_heads: int
 
   @nn.compact
   def __call__(self) -> Array:
-    table = self.param("relative_position_bias_table", nn.initializers.zeros,
-                       (num_relative_distance(self.grid), self.num_heads), jnp.float32)
+    table = self.param(
+      "relative_position_bias_table",
+      nn.initializers.zeros,
+      (num_relative_distance(self.grid), self.num_heads),
+      jnp.float32,
+    )
     return gather_relative_bias(table, self.grid)
 
 
 class Attention(nn.Module):
   """Multi-head self-attention with q/v biases (no k bias) and an optional rel-pos table."""
+
   num_heads: int
   grid: tuple[int, int]
   use_rel_pos_bias: bool = False
@@ -144,20 +150,26 @@ class Attention(nn.Module):
     qkv = ops.add_broadcast(qkv, jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]))
     # (3, B, heads, N, hd): batched matmuls over (B, heads) in the canonical layout.
     qkv = qkv.reshape(b, n, 3, self.num_heads, hd).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0] * (hd ** -0.5), qkv[1], qkv[2]
+    q, k, v = qkv[0] * (hd**-0.5), qkv[1], qkv[2]
     logits = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
     if self.use_rel_pos_bias:
-      table = self.param("relative_position_bias_table", nn.initializers.zeros,
-                         (num_relative_distance(self.grid), self.num_heads), jnp.float32)
+      table = self.param(
+        "relative_position_bias_table",
+        nn.initializers.zeros,
+        (num_relative_distance(self.grid), self.num_heads),
+        jnp.float32,
+      )
       logits = ops.add_broadcast(logits, gather_relative_bias(table, self.grid))
     if shared_bias is not None:
       logits = ops.add_broadcast(logits, shared_bias)
     attn = ops.softmax(logits).astype(self.dtype)
     self.sow("intermediates", "attention", attn)  # Only kept when asked (beit_jax.viz).
     out = jnp.matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, d)
-    return dense(d, kernel_init=trunc_normal_init(truncation=self.init_truncation,
-                                                  scale=self.proj_init_scale),
-                 name="proj")(out)
+    return dense(
+      d,
+      kernel_init=trunc_normal_init(truncation=self.init_truncation, scale=self.proj_init_scale),
+      name="proj",
+    )(out)
 
 
 class Mlp(nn.Module):
@@ -170,16 +182,21 @@ class Mlp(nn.Module):
   def __call__(self, x: Array) -> Array:
     d = x.shape[-1]
     dense = functools.partial(nn.Dense, dtype=self.dtype, param_dtype=jnp.float32)
-    x = dense(self.hidden_dim, kernel_init=trunc_normal_init(truncation=self.init_truncation),
-              name="fc1")(x)
+    x = dense(
+      self.hidden_dim, kernel_init=trunc_normal_init(truncation=self.init_truncation), name="fc1"
+    )(x)
     x = ops.gelu(x)
-    return dense(d, kernel_init=trunc_normal_init(truncation=self.init_truncation,
-                                                  scale=self.fc2_init_scale), name="fc2")(x)
+    return dense(
+      d,
+      kernel_init=trunc_normal_init(truncation=self.init_truncation, scale=self.fc2_init_scale),
+      name="fc2",
+    )(x)
 
 
 class LayerNorm(nn.Module):
   """LayerNorm over the last axis (params `scale`, `bias`, like `nn.LayerNorm`), statistics
   in float32, output in `dtype`; `ops.layer_norm`'s closed-form backward."""
+
   epsilon: float = LN_EPS
   dtype: DType = jnp.float32
 
@@ -208,6 +225,7 @@ class Block(nn.Module):
   `layer` is 1-based (unilm's `fix_init_weight` divides this block's attention-output
   and fc2 kernels by sqrt(2 layer)).
   """
+
   num_heads: int
   mlp_ratio: float
   grid: tuple[int, int]
@@ -223,25 +241,38 @@ class Block(nn.Module):
     d = x.shape[-1]
     rescale = 1.0 / np.sqrt(2.0 * self.layer)
 
-    y = Attention(self.num_heads, self.grid, self.use_rel_pos_bias, proj_init_scale=rescale,
-                  init_truncation=self.init_truncation, dtype=self.dtype,
-                  name="attn")(layer_norm("norm1", self.dtype)(x), shared_bias)
+    y = Attention(
+      self.num_heads,
+      self.grid,
+      self.use_rel_pos_bias,
+      proj_init_scale=rescale,
+      init_truncation=self.init_truncation,
+      dtype=self.dtype,
+      name="attn",
+    )(layer_norm("norm1", self.dtype)(x), shared_bias)
     if self.init_values > 0:
-      y = y * self.param("gamma_1", nn.initializers.constant(self.init_values), (d,),
-                         jnp.float32).astype(y.dtype)
+      y = y * self.param(
+        "gamma_1", nn.initializers.constant(self.init_values), (d,), jnp.float32
+      ).astype(y.dtype)
     x = x + drop_path(self.drop_path_rate, "drop_path_1")(y, deterministic=deterministic)
 
-    y = Mlp(int(d * self.mlp_ratio), fc2_init_scale=rescale,
-            init_truncation=self.init_truncation, dtype=self.dtype,
-            name="mlp")(layer_norm("norm2", self.dtype)(x))
+    y = Mlp(
+      int(d * self.mlp_ratio),
+      fc2_init_scale=rescale,
+      init_truncation=self.init_truncation,
+      dtype=self.dtype,
+      name="mlp",
+    )(layer_norm("norm2", self.dtype)(x))
     if self.init_values > 0:
-      y = y * self.param("gamma_2", nn.initializers.constant(self.init_values), (d,),
-                         jnp.float32).astype(y.dtype)
+      y = y * self.param(
+        "gamma_2", nn.initializers.constant(self.init_values), (d,), jnp.float32
+      ).astype(y.dtype)
     return x + drop_path(self.drop_path_rate, "drop_path_2")(y, deterministic=deterministic)
 
 
 class PatchEmbed(nn.Module):
   """Conv(k=s=patch) as patchify + matmul; kernel (p, p, 3, D) HWIO, bias (D,)."""
+
   patch_size: int
   embed_dim: int
   init_truncation: float = 1.0
@@ -251,8 +282,12 @@ class PatchEmbed(nn.Module):
   def __call__(self, images: Array) -> Array:
     b, h, w, c = images.shape
     p = self.patch_size
-    kernel = self.param("kernel", trunc_normal_init(truncation=self.init_truncation),
-                        (p, p, c, self.embed_dim), jnp.float32)
+    kernel = self.param(
+      "kernel",
+      trunc_normal_init(truncation=self.init_truncation),
+      (p, p, c, self.embed_dim),
+      jnp.float32,
+    )
     bias = self.param("bias", nn.initializers.zeros, (self.embed_dim,), jnp.float32)
     patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
     patches = patches.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
@@ -265,6 +300,7 @@ class BEiT(nn.Module):
 
   Inputs are normalised images (B, H, W, 3) with H, W = `image_size`.
   """
+
   image_size: int = 224
   patch_size: int = 16
   embed_dim: int = 768
@@ -300,44 +336,66 @@ class BEiT(nn.Module):
 
   def setup(self) -> None:
     if self.image_size % self.patch_size:
-      raise ValueError(f"image_size={self.image_size} is not divisible by patch_size="
-                       f"{self.patch_size}.")
+      raise ValueError(
+        f"image_size={self.image_size} is not divisible by patch_size={self.patch_size}."
+      )
     if self.embed_dim % self.num_heads:
-      raise ValueError(f"embed_dim={self.embed_dim} is not divisible by num_heads="
-                       f"{self.num_heads}.")
+      raise ValueError(
+        f"embed_dim={self.embed_dim} is not divisible by num_heads={self.num_heads}."
+      )
     token_init = trunc_normal_init(truncation=self.init_truncation)
     d = self.embed_dim
-    self.patch_embed = PatchEmbed(self.patch_size, d, self.init_truncation, self.dtype,
-                                  name="patch_embed")
+    self.patch_embed = PatchEmbed(
+      self.patch_size, d, self.init_truncation, self.dtype, name="patch_embed"
+    )
     self.cls_token = self.param("cls_token", token_init, (1, 1, d), jnp.float32)
     if self.use_mask_token:
       self.mask_token = self.param("mask_token", token_init, (1, 1, d), jnp.float32)
     if self.use_abs_pos_emb:
-      self.pos_embed = self.param("pos_embed", token_init, (1, self.num_patches + 1, d),
-                                  jnp.float32)
+      self.pos_embed = self.param(
+        "pos_embed", token_init, (1, self.num_patches + 1, d), jnp.float32
+      )
     if self.use_shared_rel_pos_bias:
       self.rel_pos_bias = RelativePositionBias(self.grid, self.num_heads, name="rel_pos_bias")
     block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
     dpr = np.linspace(0.0, self.drop_path_rate, self.depth)
     self.blocks = [
-        block_cls(self.num_heads, self.mlp_ratio, self.grid, layer=i + 1,
-                  drop_path_rate=float(dpr[i]), init_values=self.init_values,
-                  use_rel_pos_bias=self.use_rel_pos_bias,
-                  init_truncation=self.init_truncation, dtype=self.dtype, name=f"blocks_{i}")
-        for i in range(self.depth)
+      block_cls(
+        self.num_heads,
+        self.mlp_ratio,
+        self.grid,
+        layer=i + 1,
+        drop_path_rate=float(dpr[i]),
+        init_values=self.init_values,
+        use_rel_pos_bias=self.use_rel_pos_bias,
+        init_truncation=self.init_truncation,
+        dtype=self.dtype,
+        name=f"blocks_{i}",
+      )
+      for i in range(self.depth)
     ]
     use_norm = self.vocab_size > 0 or (self.num_classes > 0 and not self.use_mean_pooling)
     if use_norm:
       self.norm = layer_norm("norm", jnp.float32)
     if self.vocab_size > 0:
-      self.lm_head = nn.Dense(self.vocab_size, kernel_init=token_init, dtype=jnp.float32,
-                              param_dtype=jnp.float32, name="lm_head")
+      self.lm_head = nn.Dense(
+        self.vocab_size,
+        kernel_init=token_init,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        name="lm_head",
+      )
     if self.num_classes > 0:
       if self.use_mean_pooling:
         self.fc_norm = layer_norm("fc_norm", jnp.float32)
       head_init = trunc_normal_init(truncation=self.init_truncation, scale=self.init_scale)
-      self.head = nn.Dense(self.num_classes, kernel_init=head_init, dtype=jnp.float32,
-                           param_dtype=jnp.float32, name="head")
+      self.head = nn.Dense(
+        self.num_classes,
+        kernel_init=head_init,
+        dtype=jnp.float32,
+        param_dtype=jnp.float32,
+        name="head",
+      )
 
   # -- Backbone ---------------------------------------------------------------------
   def embed(self, images: Array, mask: Array | None = None) -> Array:
@@ -357,8 +415,14 @@ class BEiT(nn.Module):
       x = x + self.pos_embed.astype(x.dtype)
     return x
 
-  def encode(self, images: Array, mask: Array | None = None, *, train: bool = False,
-             return_layers: bool = False) -> Array | tuple[Array, list[Array]]:
+  def encode(
+    self,
+    images: Array,
+    mask: Array | None = None,
+    *,
+    train: bool = False,
+    return_layers: bool = False,
+  ) -> Array | tuple[Array, list[Array]]:
     """Block outputs (B, 1 + N, D) without the final norm; optionally every block's."""
     x = self.embed(images, mask)
     shared = self.rel_pos_bias() if self.use_shared_rel_pos_bias else None
@@ -370,8 +434,9 @@ class BEiT(nn.Module):
     return (x, layers) if return_layers else x
 
   # -- Heads --------------------------------------------------------------------------
-  def mim_logits(self, images: Array, mask: Array, positions: Array, *,
-                 train: bool = False) -> Array:
+  def mim_logits(
+    self, images: Array, mask: Array, positions: Array, *, train: bool = False
+  ) -> Array:
     """Vocabulary logits (B, K, vocab) at patch `positions` (B, K) of the masked input.
 
     `mask` (B, N) bool marks the patches replaced by the mask token; `positions` are
@@ -394,8 +459,14 @@ class BEiT(nn.Module):
       return self.fc_norm(x[:, 1:].mean(axis=1))
     return self.norm(x)[:, 0]
 
-  def __call__(self, images: Array, mask: Array | None = None, positions: Array | None = None,
-               *, train: bool = False) -> Array:
+  def __call__(
+    self,
+    images: Array,
+    mask: Array | None = None,
+    positions: Array | None = None,
+    *,
+    train: bool = False,
+  ) -> Array:
     """MIM logits when `mask`/`positions` are given (MIM model), else class logits;
     a model with neither head returns the encoder output. Initialises every parameter."""
     if self.vocab_size > 0:
@@ -424,17 +495,33 @@ def model_kwargs(variant: str, **overrides: Any) -> dict[str, Any]:
 
 def mim_model(variant: str, **overrides: Any) -> BEiT:
   """unilm `beit_*_patch16_224_8k_vocab`: MIM head, shared rel-pos, mask token."""
-  kw = dict(vocab_size=8192, num_classes=0, use_mask_token=True, use_shared_rel_pos_bias=True,
-            use_rel_pos_bias=False, use_abs_pos_emb=False, init_values=0.1, init_truncation=1.0)
+  kw = dict(
+    vocab_size=8192,
+    num_classes=0,
+    use_mask_token=True,
+    use_shared_rel_pos_bias=True,
+    use_rel_pos_bias=False,
+    use_abs_pos_emb=False,
+    init_values=0.1,
+    init_truncation=1.0,
+  )
   kw.update(overrides)
   return BEiT(**model_kwargs(variant, **kw))
 
 
 def classifier_model(variant: str, num_classes: int, **overrides: Any) -> BEiT:
   """unilm fine-tuning `beit_*_patch16_224`: per-block rel-pos, mean pooling, no mask token."""
-  kw = dict(vocab_size=0, num_classes=num_classes, use_mask_token=False,
-            use_shared_rel_pos_bias=False, use_rel_pos_bias=True, use_abs_pos_emb=False,
-            use_mean_pooling=True, init_values=0.1, init_truncation=100.0)
+  kw = dict(
+    vocab_size=0,
+    num_classes=num_classes,
+    use_mask_token=False,
+    use_shared_rel_pos_bias=False,
+    use_rel_pos_bias=True,
+    use_abs_pos_emb=False,
+    use_mean_pooling=True,
+    init_values=0.1,
+    init_truncation=100.0,
+  )
   kw.update(overrides)
   return BEiT(**model_kwargs(variant, **kw))
 
@@ -442,8 +529,7 @@ def classifier_model(variant: str, num_classes: int, **overrides: Any) -> BEiT:
 def architecture(model: BEiT) -> dict[str, Any]:
   """The model's constructor arguments except `dtype` (JSON-able; `BEiT(**a)` rebuilds it)."""
   skip = ("parent", "name", "dtype")
-  return {f.name: getattr(model, f.name) for f in dataclasses.fields(model)
-          if f.name not in skip}
+  return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in skip}
 
 
 def param_count(model: BEiT, batch: int = 1) -> int:
@@ -456,4 +542,3 @@ def abstract_params(model: BEiT, batch: int = 1) -> Any:
   """ShapeDtypeStructs of the model's params."""
   images = jax.ShapeDtypeStruct((batch, model.image_size, model.image_size, 3), jnp.float32)
   return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x)["params"], images)
-

@@ -12,7 +12,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,8 +38,10 @@ def labelled_sources(config: ml_collections.ConfigDict) -> tuple[Any, Any, int]:
   evals = sources.make_source(config.data, config.data.eval_split)
   num_classes = int(train.num_classes)
   if evals is not None and int(evals.num_classes) != num_classes:
-    raise ValueError(f"The eval split has {evals.num_classes} classes but the train split "
-                     f"{num_classes}; they must share one label set.")
+    raise ValueError(
+      f"The eval split has {evals.num_classes} classes but the train split "
+      f"{num_classes}; they must share one label set."
+    )
   return train, evals, num_classes
 
 
@@ -48,9 +51,10 @@ def check_data_exists(config: ml_collections.ConfigDict, task: str) -> None:
     sources.make_source(config.data, config.data.train_split)
   except (FileNotFoundError, ValueError, KeyError) as e:
     raise FileNotFoundError(
-        f"Cannot start {task}: training data: {e}\nTry it without any download on the "
-        f"built-in photos: python -m beit_jax.main --config=configs/{task}_small.py "
-        "--config.data.source=builtin") from e
+      f"Cannot start {task}: training data: {e}\nTry it without any download on the "
+      f"built-in photos: python -m beit_jax.main --config=configs/{task}_small.py "
+      "--config.data.source=builtin"
+    ) from e
 
 
 def check_pretrained(path: str) -> dict[str, Any] | None:
@@ -60,10 +64,11 @@ def check_pretrained(path: str) -> dict[str, Any] | None:
     return None
   if not exports.is_export(path):
     raise FileNotFoundError(
-        f"config.pretrained={path!r} is not a params export (no metadata.json). Pass the "
-        "`export/beit` folder of a `pretrain` run, the output of `python -m beit_jax.convert "
-        "beit CKPT.pth OUT`, or an `export/best` of a fine-tuning run; or '' to start from "
-        "random init.")
+      f"config.pretrained={path!r} is not a params export (no metadata.json). Pass the "
+      "`export/beit` folder of a `pretrain` run, the output of `python -m beit_jax.convert "
+      "beit CKPT.pth OUT`, or an `export/best` of a fine-tuning run; or '' to start from "
+      "random init."
+    )
   try:
     return exports.read_metadata_of_kind(path, exports.BEIT_KINDS, "BEiT params")
   except ValueError as e:
@@ -73,18 +78,28 @@ def check_pretrained(path: str) -> dict[str, Any] | None:
 # ----------------------------------------------------------------------------------
 # The backbone.
 # ----------------------------------------------------------------------------------
-def backbone_model(config: ml_collections.ConfigDict, num_classes: int,
-                   pretrained_meta: Mapping[str, Any] | None, dtype: Any) -> vit.BEiT:
+def backbone_model(
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+  pretrained_meta: Mapping[str, Any] | None,
+  dtype: Any,
+) -> vit.BEiT:
   """The classifier BEiT of the task: `config.model` for random init; with a pretrained
   export its width/depth/heads/patch, LayerScale presence and absolute position
   embedding, at `config.input.image_size` with per-block rel-pos (unilm fine-tuning)."""
   m = config.model
   overrides = dict(
-      image_size=config.input.image_size, patch_size=m.patch_size,
-      drop_path_rate=m.drop_path_rate, init_values=m.init_values,
-      use_abs_pos_emb=m.use_abs_pos_emb, use_rel_pos_bias=m.use_rel_pos_bias,
-      use_mean_pooling=m.use_mean_pooling, init_scale=m.init_scale, remat=m.remat,
-      dtype=dtype)
+    image_size=config.input.image_size,
+    patch_size=m.patch_size,
+    drop_path_rate=m.drop_path_rate,
+    init_values=m.init_values,
+    use_abs_pos_emb=m.use_abs_pos_emb,
+    use_rel_pos_bias=m.use_rel_pos_bias,
+    use_mean_pooling=m.use_mean_pooling,
+    init_scale=m.init_scale,
+    remat=m.remat,
+    dtype=dtype,
+  )
   if pretrained_meta is not None:
     src = pretrained_meta["model_kwargs"]
     overrides.update({k: src[k] for k in ARCHITECTURE_KEYS})
@@ -92,8 +107,10 @@ def backbone_model(config: ml_collections.ConfigDict, num_classes: int,
     src_rel = bool(src["use_rel_pos_bias"] or src["use_shared_rel_pos_bias"])
     overrides["use_rel_pos_bias"] = src_rel and m.use_rel_pos_bias
     if not src_rel and m.use_rel_pos_bias:
-      logging.info("The pretrained backbone has no relative position bias (vanilla ViT): "
-                   "fine-tuning without it, as unilm does.")
+      logging.info(
+        "The pretrained backbone has no relative position bias (vanilla ViT): "
+        "fine-tuning without it, as unilm does."
+      )
       overrides["use_rel_pos_bias"] = False
     # LayerScale exists iff the checkpoint has gammas (their values are loaded).
     overrides["init_values"] = (m.init_values or 0.1) if src["init_values"] > 0 else 0.0
@@ -103,8 +120,11 @@ def backbone_model(config: ml_collections.ConfigDict, num_classes: int,
 def init_params(model: vit.BEiT, seed: int) -> Any:
   """Random-init params of `model` (numpy, on the host)."""
   size = model.image_size
-  params = jax.jit(lambda: model.init(jax.random.PRNGKey(seed),
-                                      jnp.zeros((1, size, size, 3), jnp.float32))["params"])()
+  params = jax.jit(
+    lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3), jnp.float32))[
+      "params"
+    ]
+  )()
   return jax.tree.map(np.asarray, params)
 
 
@@ -118,8 +138,12 @@ def backbone_params(model: vit.BEiT, pretrained: str, seed: int) -> tuple[Any, d
   params, report = transfer.transfer_params(jax.tree.map(np.asarray, src), model, params)
   for key, names in report.items():
     if names:
-      logging.info("Pretrained %s: %d (%s)", key, len(names),
-                   ", ".join(map(str, list(names)[:8])) + (" ..." if len(names) > 8 else ""))
+      logging.info(
+        "Pretrained %s: %d (%s)",
+        key,
+        len(names),
+        ", ".join(map(str, list(names)[:8])) + (" ..." if len(names) > 8 else ""),
+      )
   return params, report
 
 
@@ -131,10 +155,12 @@ def summarize_sums(sums: Mapping[str, np.ndarray] | None, prefix: str = "") -> d
   if sums is None:
     return {}
   count = max(float(sums["count"]), 1.0)
-  return {f"{prefix}loss": float(sums["loss_sum"]) / count,
-          f"{prefix}top1": float(sums["top1"]) / count,
-          f"{prefix}top5": float(sums["top5"]) / count,
-          f"{prefix}num_images": int(sums["count"])}
+  return {
+    f"{prefix}loss": float(sums["loss_sum"]) / count,
+    f"{prefix}top1": float(sums["top1"]) / count,
+    f"{prefix}top5": float(sums["top5"]) / count,
+    f"{prefix}num_images": int(sums["count"]),
+  }
 
 
 class BestExport:
@@ -166,15 +192,28 @@ def common_checks(config: ml_collections.ConfigDict, tasks: tuple[str, ...]) -> 
   config_lib.check_choice(config, "model.variant", tuple(vit.VARIANTS))
   config_lib.check_choice(config, "model.dtype", precision.DTYPE_NAMES)
   config_lib.check_choice(config, "input.norm", ("half", "imagenet"))
-  config_lib.check_positive(config, "total_steps", "input.batch_size", "input.image_size",
-                            "model.patch_size", "log_every", "ckpt.every", "ckpt.keep",
-                            "optim.lr", "eval_batch_size")
+  config_lib.check_positive(
+    config,
+    "total_steps",
+    "input.batch_size",
+    "input.image_size",
+    "model.patch_size",
+    "log_every",
+    "ckpt.every",
+    "ckpt.keep",
+    "optim.lr",
+    "eval_batch_size",
+  )
   config_lib.check_positive(config, "eval_every", "optim.warmup_steps", allow_zero=True)
   if not 0.0 < config.input.eval_crop_pct <= 1.0:
-    raise ValueError(f"config.input.eval_crop_pct={config.input.eval_crop_pct} must be in "
-                     "(0, 1] (224/256 = 0.875 for ImageNet at 224 px, 1.0 at 384).")
+    raise ValueError(
+      f"config.input.eval_crop_pct={config.input.eval_crop_pct} must be in "
+      "(0, 1] (224/256 = 0.875 for ImageNet at 224 px, 1.0 at 384)."
+    )
   meta = check_pretrained(config.pretrained)
   patch = meta["model_kwargs"]["patch_size"] if meta else config.model.patch_size
   if config.input.image_size % patch:
-    raise ValueError(f"config.input.image_size={config.input.image_size} is not divisible by "
-                     f"the patch size {patch}; use a multiple of {patch}.")
+    raise ValueError(
+      f"config.input.image_size={config.input.image_size} is not divisible by "
+      f"the patch size {patch}; use a multiple of {patch}."
+    )

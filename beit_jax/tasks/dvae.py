@@ -13,7 +13,7 @@ metadata.json), which the masked-image-modeling stage loads.
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -25,9 +25,8 @@ from absl import logging
 from beit_jax import config_lib, exports, pixels
 from beit_jax.data import pipeline, sources, transforms
 from beit_jax.models import dvae, precision
-from beit_jax.training import checkpointing, loop
+from beit_jax.training import checkpointing, loop, optim
 from beit_jax.training import mesh as mesh_lib
-from beit_jax.training import optim
 from beit_jax.training.train_state import TrainState, init_sharded
 from beit_jax.viz import pictures
 
@@ -46,23 +45,36 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   config_lib.check_choice(config, "model.input_norm", dvae.INPUT_NORMS)
   config_lib.check_choice(config, "model.dtype", tuple(precision.DTYPES))
   config_lib.check_choice(config, "input.interpolation", tuple(transforms.INTERPOLATIONS))
-  config_lib.check_positive(config, "total_steps", "input.batch_size", "input.image_size",
-                            "model.vocab_size", "log_every", "ckpt.every", "ckpt.keep",
-                            "loss.tau_end", "optim.lr")
+  config_lib.check_positive(
+    config,
+    "total_steps",
+    "input.batch_size",
+    "input.image_size",
+    "model.vocab_size",
+    "log_every",
+    "ckpt.every",
+    "ckpt.keep",
+    "loss.tau_end",
+    "optim.lr",
+  )
   config_lib.check_positive(config, "eval_every", "loss.beta_end", "ema_decay", allow_zero=True)
   if config.model.arch == "dall_e" and config.model.recon_loss != "logit_laplace":
-    raise ValueError("config.model.arch='dall_e' has a logit-Laplace decoder (6 output "
-                     "channels): set config.model.recon_loss='logit_laplace'.")
+    raise ValueError(
+      "config.model.arch='dall_e' has a logit-Laplace decoder (6 output "
+      "channels): set config.model.recon_loss='logit_laplace'."
+    )
   lo, hi = config.input.crop_scale
   if not 0 < lo <= hi <= 1:
-    raise ValueError(f"config.input.crop_scale={tuple(config.input.crop_scale)} must satisfy "
-                     "0 < lo <= hi <= 1.")
+    raise ValueError(
+      f"config.input.crop_scale={tuple(config.input.crop_scale)} must satisfy 0 < lo <= hi <= 1."
+    )
   down = dvae.from_config(config.model).downsample
   if config.input.image_size % down:
     raise ValueError(
-        f"config.input.image_size={config.input.image_size} is not divisible by the dVAE's "
-        f"downsampling factor {down}; use a multiple of {down} (e.g. "
-        f"{max(down, config.input.image_size // down * down)}).")
+      f"config.input.image_size={config.input.image_size} is not divisible by the dVAE's "
+      f"downsampling factor {down}; use a multiple of {down} (e.g. "
+      f"{max(down, config.input.image_size // down * down)})."
+    )
   if not 0 <= config.ema_decay < 1:
     raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1) (0 = no EMA).")
 
@@ -70,8 +82,12 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------------
 # Steps.
 # ----------------------------------------------------------------------------------
-def make_train_step(model: dvae.DiscreteVAE, tx: optax.GradientTransformation,
-                    lr_fn: optim.Schedule, config: ml_collections.ConfigDict):
+def make_train_step(
+  model: dvae.DiscreteVAE,
+  tx: optax.GradientTransformation,
+  lr_fn: optim.Schedule,
+  config: ml_collections.ConfigDict,
+):
   """`train_step(state, batch) -> (state, metrics)`: the ELB loss with annealed tau and
   beta, AdamW, optional EMA."""
   inject_at_steps = config_lib.injected_nonfinite_steps(config)
@@ -83,15 +99,26 @@ def make_train_step(model: dvae.DiscreteVAE, tx: optax.GradientTransformation,
     tau, beta = tau_fn(state.step), beta_fn(state.step)
 
     def loss_fn(params):
-      return dvae.elbo_loss(model, {"params": params}, images, state.step_rng(), tau, beta,
-                            config.loss.hard)
+      return dvae.elbo_loss(
+        model, {"params": params}, images, state.step_rng(), tau, beta, config.loss.hard
+      )
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state, update_metrics = state.apply_gradients(
-        grads, tx, loss, ema_decay=config.ema_decay, inject_at_steps=inject_at_steps)
-    metrics = dict(loss=loss, recon_loss=aux["recon_loss"], kl=aux["kl"], mse=aux["mse"],
-                   psnr=aux["psnr"], token_counts=aux["token_counts"], tau=tau, beta=beta,
-                   lr=lr_fn(state.step), **update_metrics)
+      grads, tx, loss, ema_decay=config.ema_decay, inject_at_steps=inject_at_steps
+    )
+    metrics = dict(
+      loss=loss,
+      recon_loss=aux["recon_loss"],
+      kl=aux["kl"],
+      mse=aux["mse"],
+      psnr=aux["psnr"],
+      token_counts=aux["token_counts"],
+      tau=tau,
+      beta=beta,
+      lr=lr_fn(state.step),
+      **update_metrics,
+    )
     return new_state, metrics
 
   return train_step
@@ -122,23 +149,34 @@ def make_eval_step(model: dvae.DiscreteVAE):
     psnr_model = pixels.psnr(mse_model)
     psnr_base = pixels.psnr(jnp.mean((baseline - images) ** 2, axis=(1, 2, 3)))
     vocab = model.vocab_size
-    counts = jnp.zeros((vocab,), jnp.int32).at[ids.reshape(b, -1)].add(
-        jnp.broadcast_to(batch["valid"][:, None], (b, ids[0].size)).astype(jnp.int32))
-    return dict(psnr=jnp.sum(psnr_model * valid), baseline_psnr=jnp.sum(psnr_base * valid),
-                mse=jnp.sum(mse_model * valid), num_images=jnp.sum(valid), token_counts=counts)
+    counts = (
+      jnp.zeros((vocab,), jnp.int32)
+      .at[ids.reshape(b, -1)]
+      .add(jnp.broadcast_to(batch["valid"][:, None], (b, ids[0].size)).astype(jnp.int32))
+    )
+    return dict(
+      psnr=jnp.sum(psnr_model * valid),
+      baseline_psnr=jnp.sum(psnr_base * valid),
+      mse=jnp.sum(mse_model * valid),
+      num_images=jnp.sum(valid),
+      token_counts=counts,
+    )
 
   return eval_step
 
 
 def evaluate(eval_step, params, eval_iter, batch_sharding) -> dict[str, float]:
   """Runs over the whole eval split once; returns per-image means and codebook stats."""
-  sums = loop.sum_over_batches(eval_step, eval_iter, (IMAGE_KEY, "valid"), batch_sharding,
-                               params)
+  sums = loop.sum_over_batches(eval_step, eval_iter, (IMAGE_KEY, "valid"), batch_sharding, params)
   if sums is None:
     return {}
   n = max(float(sums["num_images"]), 1.0)
-  result = dict(psnr=sums["psnr"] / n, baseline_psnr=sums["baseline_psnr"] / n,
-                mse=sums["mse"] / n, num_images=int(sums["num_images"]))
+  result = dict(
+    psnr=sums["psnr"] / n,
+    baseline_psnr=sums["baseline_psnr"] / n,
+    mse=sums["mse"] / n,
+    num_images=int(sums["num_images"]),
+  )
   result["psnr_gain_over_baseline"] = result["psnr"] - result["baseline_psnr"]
   result.update(dvae.codebook_stats(sums["token_counts"]))
   return {k: float(v) if k != "num_images" else v for k, v in result.items()}
@@ -158,14 +196,24 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   train_source = sources.make_source(config.data, config.data.train_split)
   eval_source = sources.make_source(config.data, config.data.eval_split)
   train_transform = transforms.SingleViewTransform(
-      size=config.input.image_size, key=IMAGE_KEY, scale=tuple(config.input.crop_scale),
-      ratio=tuple(config.input.crop_ratio), interpolation=config.input.interpolation,
-      flip_prob=config.input.flip_prob, color_jitter=config.input.color_jitter)
+    size=config.input.image_size,
+    key=IMAGE_KEY,
+    scale=tuple(config.input.crop_scale),
+    ratio=tuple(config.input.crop_ratio),
+    interpolation=config.input.interpolation,
+    flip_prob=config.input.flip_prob,
+    color_jitter=config.input.color_jitter,
+  )
   eval_transform = transforms.CenterCropTransform(
-      size=config.input.image_size, key=IMAGE_KEY, interpolation=config.input.interpolation)
+    size=config.input.image_size, key=IMAGE_KEY, interpolation=config.input.interpolation
+  )
   data_iter = pipeline.make_task_train_iterator(config, train_source, train_transform)
-  logging.info("Train source: %s (%d images); eval: %s", config.data.source, len(train_source),
-               "none" if eval_source is None else f"{len(eval_source)} images")
+  logging.info(
+    "Train source: %s (%d images); eval: %s",
+    config.data.source,
+    len(train_source),
+    "none" if eval_source is None else f"{len(eval_source)} images",
+  )
 
   # --- Model, schedules and optimizer ---------------------------------------------
   model = dvae.from_config(config.model)
@@ -189,34 +237,57 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   state = ckpt.restore_latest(state, state_sharding, data_iter)
 
   # --- Compiled steps -------------------------------------------------------------
-  train_step = loop.compile_train_step(make_train_step(model, tx, lr_fn, config),
-                                       state_sharding, batch_sharding)
-  eval_step = jax.jit(make_eval_step(model),
-                      in_shardings=(state_sharding.eval_params, batch_sharding),
-                      out_shardings=replicated)
+  train_step = loop.compile_train_step(
+    make_train_step(model, tx, lr_fn, config), state_sharding, batch_sharding
+  )
+  eval_step = jax.jit(
+    make_eval_step(model),
+    in_shardings=(state_sharding.eval_params, batch_sharding),
+    out_shardings=replicated,
+  )
 
   def eval_fn(state: TrainState) -> dict[str, float]:
-    eval_iter = pipeline.make_eval_iterator(eval_source, eval_transform,
-                                            batch_size=config.eval_batch_size)
+    eval_iter = pipeline.make_eval_iterator(
+      eval_source, eval_transform, batch_size=config.eval_batch_size
+    )
     return evaluate(eval_step, state.eval_params, eval_iter, batch_sharding)
 
   # --- Train, then export ------------------------------------------------------------
   def export(result: loop.RunResult) -> None:
     export_dir = config.export_dir or os.path.join(workdir, "export", "tokenizer")
     state = result.state
-    exports.write_tokenizer(export_dir, state.eval_params, config.model.to_dict(), size,
-                            step=int(jax.device_get(state.step)), ema=state.ema_params is not None,
-                            eval_metrics=result.eval)
+    exports.write_tokenizer(
+      export_dir,
+      state.eval_params,
+      config.model.to_dict(),
+      size,
+      step=int(jax.device_get(state.step)),
+      ema=state.ema_params is not None,
+      eval_metrics=result.eval,
+    )
     logging.info("Exported tokenizer params to %s", export_dir)
 
   painter = None
   if config.get("pictures", True):  # Reconstructions etc. at every checkpoint (beit_jax/viz).
     sample = pictures.sample_images(train_source, 4)
-    painter = pictures.checkpoint_painter(workdir, lambda state: pictures.tokenizer_pictures(
-        model, {"params": state.eval_params}, sample, config.input.image_size)[0],
-        config.tensorboard)
+    painter = pictures.checkpoint_painter(
+      workdir,
+      lambda state: pictures.tokenizer_pictures(
+        model, {"params": state.eval_params}, sample, config.input.image_size
+      )[0],
+      config.tensorboard,
+    )
   return loop.run_job(
-      config=config, workdir=workdir, state=state, train_step=train_step, data_iter=data_iter,
-      batch_keys=(IMAGE_KEY,), batch_sharding=batch_sharding, checkpointer=ckpt,
-      eval_fn=eval_fn if eval_source is not None else None, summarize=summarize_train,
-      finish=export, on_checkpoint=painter)
+    config=config,
+    workdir=workdir,
+    state=state,
+    train_step=train_step,
+    data_iter=data_iter,
+    batch_keys=(IMAGE_KEY,),
+    batch_sharding=batch_sharding,
+    checkpointer=ckpt,
+    eval_fn=eval_fn if eval_source is not None else None,
+    summarize=summarize_train,
+    finish=export,
+    on_checkpoint=painter,
+  )

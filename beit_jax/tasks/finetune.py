@@ -21,7 +21,8 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -33,9 +34,8 @@ from beit_jax import config_lib, exports, pixels
 from beit_jax.data import augment, mixup, pipeline, randaugment, transforms
 from beit_jax.models import precision, vit
 from beit_jax.tasks import downstream
-from beit_jax.training import checkpointing, loop, losses
+from beit_jax.training import checkpointing, loop, losses, optim
 from beit_jax.training import mesh as mesh_lib
-from beit_jax.training import optim
 from beit_jax.training.train_state import TrainState, init_sharded_from_params
 
 IMAGE_KEY, LABEL_KEY, ERASE_KEY = "image", "label", "erase_boxes"
@@ -46,13 +46,24 @@ EVAL_KEYS = (IMAGE_KEY, LABEL_KEY, "valid")
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises naming the first bad value, before anything is compiled or written."""
   downstream.common_checks(config, ("finetune",))
-  config_lib.check_positive(config, "model.drop_path_rate", "label_smoothing", "ema_decay",
-                            "mixup.mixup_alpha", "mixup.cutmix_alpha", "mixup.prob",
-                            "mixup.switch_prob", "input.reprob", allow_zero=True)
+  config_lib.check_positive(
+    config,
+    "model.drop_path_rate",
+    "label_smoothing",
+    "ema_decay",
+    "mixup.mixup_alpha",
+    "mixup.cutmix_alpha",
+    "mixup.prob",
+    "mixup.switch_prob",
+    "input.reprob",
+    allow_zero=True,
+  )
   config_lib.check_choice(config, "input.remode", ("pixel", "rand", "const"))
   if not 0.0 < config.optim.layer_decay <= 1.0:
-    raise ValueError(f"config.optim.layer_decay={config.optim.layer_decay} must be in (0, 1] "
-                     "(1 = no layer-wise decay; unilm: 0.65 Base, 0.75 Large).")
+    raise ValueError(
+      f"config.optim.layer_decay={config.optim.layer_decay} must be in (0, 1] "
+      "(1 = no layer-wise decay; unilm: 0.65 Base, 0.75 Large)."
+    )
   if not 0.0 <= config.ema_decay < 1.0:
     raise ValueError(f"config.ema_decay={config.ema_decay} must be in [0, 1) (0 = no EMA).")
   if config.input.auto_augment:
@@ -71,19 +82,36 @@ def make_transforms(config: ml_collections.ConfigDict):
   # RandAugment fills with the normalisation mean, as timm's create_transform does.
   mean = pixels.IMAGENET_MEAN if inputs.norm == "imagenet" else (0.5, 0.5, 0.5)
   train = augment.FinetuneTrainTransform(
-      inputs.image_size, scale=tuple(inputs.crop_scale), ratio=tuple(inputs.crop_ratio),
-      interpolation=inputs.interpolation, hflip=inputs.flip_prob,
-      auto_augment=inputs.auto_augment or None, color_jitter=inputs.color_jitter, mean=mean,
-      re_prob=inputs.reprob, re_mode=inputs.remode, re_count=inputs.recount, key=IMAGE_KEY,
-      boxes_key=ERASE_KEY)
-  evals = transforms.CenterCropTransform(inputs.image_size, key=IMAGE_KEY,
-                                         interpolation=inputs.interpolation,
-                                         crop_pct=inputs.eval_crop_pct)
+    inputs.image_size,
+    scale=tuple(inputs.crop_scale),
+    ratio=tuple(inputs.crop_ratio),
+    interpolation=inputs.interpolation,
+    hflip=inputs.flip_prob,
+    auto_augment=inputs.auto_augment or None,
+    color_jitter=inputs.color_jitter,
+    mean=mean,
+    re_prob=inputs.reprob,
+    re_mode=inputs.remode,
+    re_count=inputs.recount,
+    key=IMAGE_KEY,
+    boxes_key=ERASE_KEY,
+  )
+  evals = transforms.CenterCropTransform(
+    inputs.image_size,
+    key=IMAGE_KEY,
+    interpolation=inputs.interpolation,
+    crop_pct=inputs.eval_crop_pct,
+  )
   return train, evals
 
 
-def make_train_step(model: vit.BEiT, tx: optax.GradientTransformation, lr_fn: optim.Schedule,
-                    config: ml_collections.ConfigDict, num_classes: int):
+def make_train_step(
+  model: vit.BEiT,
+  tx: optax.GradientTransformation,
+  lr_fn: optim.Schedule,
+  config: ml_collections.ConfigDict,
+  num_classes: int,
+):
   """`train_step(state, batch, mix) -> (state, metrics)`; `mix` = the step's mixup draw
   ({'lam', 'box'}, replicated) or None without mixup."""
   use_mixup, smoothing = mixup_enabled(config), config.label_smoothing
@@ -99,8 +127,13 @@ def make_train_step(model: vit.BEiT, tx: optax.GradientTransformation, lr_fn: op
       images, targets = mixup.mix_batch(images, labels, mix, num_classes, smoothing)
 
     def loss_fn(params):
-      logits = model.apply({"params": params}, images, train=True,
-                           rngs={"dropout": dropout_rng}, method=vit.BEiT.classify)
+      logits = model.apply(
+        {"params": params},
+        images,
+        train=True,
+        rngs={"dropout": dropout_rng},
+        method=vit.BEiT.classify,
+      )
       if use_mixup:
         loss = losses.soft_target_cross_entropy(logits, targets)
       else:
@@ -109,10 +142,15 @@ def make_train_step(model: vit.BEiT, tx: optax.GradientTransformation, lr_fn: op
 
     (loss, logits), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state, update_metrics = state.apply_gradients(
-        grads, tx, loss, ema_decay=ema_decay, inject_at_steps=inject_at_steps)
+      grads, tx, loss, ema_decay=ema_decay, inject_at_steps=inject_at_steps
+    )
     dominant = jnp.argmax(targets, axis=-1) if use_mixup else labels
-    metrics = dict(loss=loss, lr=lr_fn(state.step),
-                   train_top1=jnp.mean(jnp.argmax(logits, -1) == dominant), **update_metrics)
+    metrics = dict(
+      loss=loss,
+      lr=lr_fn(state.step),
+      train_top1=jnp.mean(jnp.argmax(logits, -1) == dominant),
+      **update_metrics,
+    )
     return new_state, metrics
 
   return train_step
@@ -123,6 +161,7 @@ def make_eval_step(model: vit.BEiT, norm: str):
     images = pixels.normalize(batch[IMAGE_KEY], norm)
     logits = model.apply({"params": params}, images, train=False, method=vit.BEiT.classify)
     return losses.classification_sums(logits, batch[LABEL_KEY], batch["valid"])
+
   return eval_step
 
 
@@ -132,9 +171,15 @@ def make_mixup_sampler(config: ml_collections.ConfigDict) -> mixup.MixupSampler 
     return None
   m = config.mixup
   return mixup.MixupSampler(
-      mixup_alpha=m.mixup_alpha, cutmix_alpha=m.cutmix_alpha,
-      cutmix_minmax=tuple(m.cutmix_minmax) or None, prob=m.prob, switch_prob=m.switch_prob,
-      correct_lam=True, image_size=config.input.image_size, legacy_bbox=True)
+    mixup_alpha=m.mixup_alpha,
+    cutmix_alpha=m.cutmix_alpha,
+    cutmix_minmax=tuple(m.cutmix_minmax) or None,
+    prob=m.prob,
+    switch_prob=m.switch_prob,
+    correct_lam=True,
+    image_size=config.input.image_size,
+    legacy_bbox=True,
+  )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
@@ -154,16 +199,22 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   host_params, report = downstream.backbone_params(model, config.pretrained, config.seed)
   lr_fn = config_lib.lr_schedule(config)
   scales = optim.layerwise_lr_scales(host_params, config.optim.layer_decay, model.depth)
-  tx = optim.make_optimizer(config.optim, lr_fn, wd_skip=model.no_weight_decay(),
-                            lr_scales=scales)
+  tx = optim.make_optimizer(config.optim, lr_fn, wd_skip=model.no_weight_decay(), lr_scales=scales)
   use_ema = config.ema_decay > 0
 
   state, state_sharding = init_sharded_from_params(
-      host_params, lambda p: TrainState.create(p, tx, jax.random.PRNGKey(config.seed + 1),
-                                               use_ema=use_ema), mesh)
-  logging.info("Fine-tuning BEiT (%s params, %d blocks, %dx%d patches) on %d classes from %s",
-               f"{vit.param_count(model):,}", model.depth, *model.grid, num_classes,
-               config.pretrained or "random init")
+    host_params,
+    lambda p: TrainState.create(p, tx, jax.random.PRNGKey(config.seed + 1), use_ema=use_ema),
+    mesh,
+  )
+  logging.info(
+    "Fine-tuning BEiT (%s params, %d blocks, %dx%d patches) on %d classes from %s",
+    f"{vit.param_count(model):,}",
+    model.depth,
+    *model.grid,
+    num_classes,
+    config.pretrained or "random init",
+  )
 
   # --- Resume ---------------------------------------------------------------------
   ckpt = checkpointing.make_checkpointer(workdir, config.ckpt)
@@ -171,35 +222,52 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
 
   # --- Compiled steps -------------------------------------------------------------
   sampler = make_mixup_sampler(config)
-  train_step = loop.compile_train_step(make_train_step(model, tx, lr_fn, config, num_classes),
-                                       state_sharding, batch_sharding, replicated)
+  train_step = loop.compile_train_step(
+    make_train_step(model, tx, lr_fn, config, num_classes),
+    state_sharding,
+    batch_sharding,
+    replicated,
+  )
 
   def step_args(step: int) -> tuple[Any]:
     """The step's mixup draw: host numpy from (seed, step), the same after a resume."""
     return (None if sampler is None else sampler.sample_step(config.seed, step),)
 
-  eval_step = jax.jit(make_eval_step(model, config.input.norm),
-                      in_shardings=(state_sharding.params, batch_sharding),
-                      out_shardings=replicated)
+  eval_step = jax.jit(
+    make_eval_step(model, config.input.norm),
+    in_shardings=(state_sharding.params, batch_sharding),
+    out_shardings=replicated,
+  )
   export_root = config.export_dir or os.path.join(workdir, "export")
   best = downstream.BestExport(os.path.join(export_root, "best"))
 
   def write(directory: str, params: Any, step: int, **metadata: Any) -> None:
-    exports.write_classifier(directory, params, model, input_norm=config.input.norm,
-                             pretrained=config.pretrained, step=step, **metadata)
+    exports.write_classifier(
+      directory,
+      params,
+      model,
+      input_norm=config.input.norm,
+      pretrained=config.pretrained,
+      step=step,
+      **metadata,
+    )
 
   def eval_fn(state: TrainState) -> dict[str, float]:
     def one_pass(params, prefix):
-      batches = pipeline.make_eval_iterator(eval_source, eval_transform,
-                                            batch_size=config.eval_batch_size)
+      batches = pipeline.make_eval_iterator(
+        eval_source, eval_transform, batch_size=config.eval_batch_size
+      )
       return downstream.summarize_sums(
-          loop.sum_over_batches(eval_step, batches, EVAL_KEYS, batch_sharding, params), prefix)
+        loop.sum_over_batches(eval_step, batches, EVAL_KEYS, batch_sharding, params), prefix
+      )
+
     scalars = one_pass(state.params, "")
     if state.ema_params is not None:
       scalars.update(one_pass(state.ema_params, "ema_"))
     step = int(jax.device_get(state.step))
-    best.update(step, scalars, lambda: write(best.directory, state.params, step,
-                                             eval_metrics=scalars))
+    best.update(
+      step, scalars, lambda: write(best.directory, state.params, step, eval_metrics=scalars)
+    )
     scalars["best_top1"] = best.best
     return scalars
 
@@ -207,14 +275,28 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   def export(result: loop.RunResult) -> None:
     final_dir = os.path.join(export_root, "final")
     state, step = result.state, int(jax.device_get(result.state.step))
-    write(final_dir, state.params, step, eval_metrics=result.eval, final_train=result.train,
-          pretrained_report={k: list(map(str, v)) for k, v in report.items()})
+    write(
+      final_dir,
+      state.params,
+      step,
+      eval_metrics=result.eval,
+      final_train=result.train,
+      pretrained_report={k: list(map(str, v)) for k, v in report.items()},
+    )
     if state.ema_params is not None:
       write(final_dir + "_ema", state.ema_params, step, eval_metrics=result.eval)
     logging.info("Exported the fine-tuned classifier to %s", final_dir)
 
   return loop.run_job(
-      config=config, workdir=workdir, state=state, train_step=train_step, data_iter=data_iter,
-      batch_keys=BATCH_KEYS, batch_sharding=batch_sharding, checkpointer=ckpt,
-      step_args=step_args, eval_fn=eval_fn if eval_source is not None else None,
-      finish=export)
+    config=config,
+    workdir=workdir,
+    state=state,
+    train_step=train_step,
+    data_iter=data_iter,
+    batch_keys=BATCH_KEYS,
+    batch_sharding=batch_sharding,
+    checkpointer=ckpt,
+    step_args=step_args,
+    eval_fn=eval_fn if eval_source is not None else None,
+    finish=export,
+  )

@@ -22,7 +22,8 @@ figure; `exports.load_linear_probe` reads it).
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -35,9 +36,8 @@ from beit_jax import config_lib, exports, pixels
 from beit_jax.data import pipeline, transforms
 from beit_jax.models import precision, vit
 from beit_jax.tasks import downstream
-from beit_jax.training import checkpointing, loop, losses
+from beit_jax.training import checkpointing, loop, losses, optim
 from beit_jax.training import mesh as mesh_lib
-from beit_jax.training import optim
 from beit_jax.training.train_state import TrainState, init_sharded, place
 
 IMAGE_KEY, LABEL_KEY = "image", "label"
@@ -56,16 +56,19 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 
 def block_features(model: vit.BEiT, backbone_params: Any, images: jax.Array) -> jax.Array:
   """(depth, B, 2D) float32: `[h_cls, mean(h_patches)]` of every block's output."""
-  _, layers = model.apply({"params": backbone_params}, images, train=False, return_layers=True,
-                          method=vit.BEiT.encode)
+  _, layers = model.apply(
+    {"params": backbone_params}, images, train=False, return_layers=True, method=vit.BEiT.encode
+  )
   feats = [jnp.concatenate([h[:, 0], jnp.mean(h[:, 1:], axis=1)], axis=-1) for h in layers]
   return jax.lax.stop_gradient(jnp.stack(feats).astype(jnp.float32))
 
 
 def init_probes(rng: jax.Array, depth: int, dim: int, num_classes: int) -> dict[str, jax.Array]:
   """One Linear(dim, classes) per block, stacked: kernel (depth, dim, C), bias (depth, C)."""
-  return dict(kernel=PROBE_INIT_STD * jax.random.normal(rng, (depth, dim, num_classes)),
-              bias=jnp.zeros((depth, num_classes)))
+  return dict(
+    kernel=PROBE_INIT_STD * jax.random.normal(rng, (depth, dim, num_classes)),
+    bias=jnp.zeros((depth, num_classes)),
+  )
 
 
 def probe_logits(probes: Mapping[str, jax.Array], feats: jax.Array) -> jax.Array:
@@ -78,13 +81,19 @@ def probe_loss(probes: Mapping[str, jax.Array], feats: jax.Array, labels: jax.Ar
   term's gradient); aux: (per-block losses (depth,), logits (depth, B, C))."""
   logits = probe_logits(probes, feats)
   ce = optax.softmax_cross_entropy_with_integer_labels(
-      logits, jnp.broadcast_to(labels, logits.shape[:2]))
+    logits, jnp.broadcast_to(labels, logits.shape[:2])
+  )
   per_block = jnp.mean(ce, axis=1)
   return jnp.sum(per_block), (per_block, logits)
 
 
-def make_train_step(model: vit.BEiT, tx: optax.GradientTransformation, lr_fn: optim.Schedule,
-                    norm: str, inject_at_steps: tuple[int, ...] = ()):
+def make_train_step(
+  model: vit.BEiT,
+  tx: optax.GradientTransformation,
+  lr_fn: optim.Schedule,
+  norm: str,
+  inject_at_steps: tuple[int, ...] = (),
+):
   """`train_step(state, batch, backbone_params) -> (state, metrics)`."""
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array], backbone_params: Any):
@@ -92,12 +101,19 @@ def make_train_step(model: vit.BEiT, tx: optax.GradientTransformation, lr_fn: op
     labels = batch[LABEL_KEY]
 
     (objective, (per_block, logits)), grads = jax.value_and_grad(probe_loss, has_aux=True)(
-        state.params, feats, labels)
-    new_state, update_metrics = state.apply_gradients(grads, tx, objective,
-                                                      inject_at_steps=inject_at_steps)
+      state.params, feats, labels
+    )
+    new_state, update_metrics = state.apply_gradients(
+      grads, tx, objective, inject_at_steps=inject_at_steps
+    )
     acc = jnp.mean(jnp.argmax(logits, -1) == labels[None], axis=1)
-    metrics = dict(loss=jnp.mean(per_block), loss_last_block=per_block[-1],
-                   train_top1_best_block=jnp.max(acc), lr=lr_fn(state.step), **update_metrics)
+    metrics = dict(
+      loss=jnp.mean(per_block),
+      loss_last_block=per_block[-1],
+      train_top1_best_block=jnp.max(acc),
+      lr=lr_fn(state.step),
+      **update_metrics,
+    )
     return new_state, metrics
 
   return train_step
@@ -110,7 +126,8 @@ def make_eval_step(model: vit.BEiT, norm: str):
     feats = block_features(model, backbone_params, pixels.normalize(batch[IMAGE_KEY], norm))
     logits = probe_logits(probes, feats)
     return jax.vmap(losses.classification_sums, in_axes=(0, None, None))(
-        logits, batch[LABEL_KEY], batch["valid"])
+      logits, batch[LABEL_KEY], batch["valid"]
+    )
 
   return eval_step
 
@@ -121,19 +138,30 @@ def summarize_blocks(sums: Mapping[str, np.ndarray] | None) -> dict[str, Any]:
     return {}
   count = max(float(sums["count"][0]), 1.0)
   top1, top5 = sums["top1"] / count, sums["top5"] / count
-  out: dict[str, Any] = {f"top1_block_{l + 1}": float(v) for l, v in enumerate(top1)}
-  out.update({f"top5_block_{l + 1}": float(v) for l, v in enumerate(top5)})
+  out: dict[str, Any] = {f"top1_block_{block + 1}": float(v) for block, v in enumerate(top1)}
+  out.update({f"top5_block_{block + 1}": float(v) for block, v in enumerate(top5)})
   best = int(np.argmax(top1))
-  out.update(best_layer=best + 1, best_top1=float(top1[best]), best_top5=float(top5[best]),
-             loss_best_block=float(sums["loss_sum"][best]) / count, num_images=int(count))
+  out.update(
+    best_layer=best + 1,
+    best_top1=float(top1[best]),
+    best_top5=float(top5[best]),
+    loss_best_block=float(sums["loss_sum"][best]) / count,
+    num_images=int(count),
+  )
   return out
 
 
 # ----------------------------------------------------------------------------------
 # k-NN on the frozen features (DINO's weighted vote).
 # ----------------------------------------------------------------------------------
-def knn_predict(train_feats: jax.Array, train_labels: jax.Array, query: jax.Array, k: int,
-                temperature: float, num_classes: int) -> jax.Array:
+def knn_predict(
+  train_feats: jax.Array,
+  train_labels: jax.Array,
+  query: jax.Array,
+  k: int,
+  temperature: float,
+  num_classes: int,
+) -> jax.Array:
   """Class scores (Q, C): the k most cosine-similar training features vote with weight
   exp(sim / T)."""
   a = train_feats / jnp.linalg.norm(train_feats, axis=-1, keepdims=True).clip(1e-12)
@@ -143,8 +171,9 @@ def knn_predict(train_feats: jax.Array, train_labels: jax.Array, query: jax.Arra
   return jnp.sum(votes, axis=1)
 
 
-def extract_features(features_fn, backbone_params, source, transform, batch_size, sharding,
-                     max_images=0):
+def extract_features(
+  features_fn, backbone_params, source, transform, batch_size, sharding, max_images=0
+):
   """(features (N, F), labels (N,)) host numpy over a source's centre crops, with
   `features_fn(params, images)` (jitted, one compile for every batch: eval batches are
   padded to a static size)."""
@@ -166,30 +195,51 @@ def extract_features(features_fn, backbone_params, source, transform, batch_size
 KNN_CHUNK = 512  # Queries per k-NN call (the last chunk is padded: one compile).
 
 
-def knn_eval(config, model, backbone_params, train_source, eval_source, eval_transform,
-             block: int, num_classes: int, sharding) -> dict[str, float]:
+def knn_eval(
+  config,
+  model,
+  backbone_params,
+  train_source,
+  eval_source,
+  eval_transform,
+  block: int,
+  num_classes: int,
+  sharding,
+) -> dict[str, float]:
   """Weighted k-NN top-1 of block `block`'s features (train: up to max_train_images)."""
-  features_fn = jax.jit(lambda p, x: block_features(
-      model, p, pixels.normalize(x, config.input.norm))[block])
+  features_fn = jax.jit(
+    lambda p, x: block_features(model, p, pixels.normalize(x, config.input.norm))[block]
+  )
   kw = dict(batch_size=config.eval_batch_size, sharding=sharding)
-  train_f, train_y = extract_features(features_fn, backbone_params, train_source,
-                                      eval_transform, max_images=config.knn.max_train_images,
-                                      **kw)
-  eval_f, eval_y = extract_features(features_fn, backbone_params, eval_source, eval_transform,
-                                    **kw)
+  train_f, train_y = extract_features(
+    features_fn,
+    backbone_params,
+    train_source,
+    eval_transform,
+    max_images=config.knn.max_train_images,
+    **kw,
+  )
+  eval_f, eval_y = extract_features(features_fn, backbone_params, eval_source, eval_transform, **kw)
   k = min(config.knn.k, len(train_y))
-  predict = jax.jit(lambda a, y, q: jnp.argmax(
-      knn_predict(a, y, q, k, config.knn.temperature, num_classes), axis=-1))
+  predict = jax.jit(
+    lambda a, y, q: jnp.argmax(
+      knn_predict(a, y, q, k, config.knn.temperature, num_classes), axis=-1
+    )
+  )
   train_f, train_y = jnp.asarray(train_f), jnp.asarray(train_y)
   correct = 0
   for start in range(0, len(eval_y), KNN_CHUNK):
-    chunk = eval_f[start:start + KNN_CHUNK]
+    chunk = eval_f[start : start + KNN_CHUNK]
     padded = np.zeros((KNN_CHUNK, chunk.shape[1]), chunk.dtype)
-    padded[:len(chunk)] = chunk
-    pred = np.asarray(predict(train_f, train_y, jnp.asarray(padded)))[:len(chunk)]
-    correct += int(np.sum(pred == eval_y[start:start + KNN_CHUNK]))
-  return dict(knn_top1=correct / max(len(eval_y), 1), knn_k=k, knn_train_images=len(train_y),
-              knn_block=block + 1)
+    padded[: len(chunk)] = chunk
+    pred = np.asarray(predict(train_f, train_y, jnp.asarray(padded)))[: len(chunk)]
+    correct += int(np.sum(pred == eval_y[start : start + KNN_CHUNK]))
+  return dict(
+    knn_top1=correct / max(len(eval_y), 1),
+    knn_k=k,
+    knn_train_images=len(train_y),
+    knn_block=block + 1,
+  )
 
 
 # ----------------------------------------------------------------------------------
@@ -204,12 +254,19 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   train_source, eval_source, num_classes = downstream.labelled_sources(config)
   inputs = config.input
   transform = transforms.SingleViewTransform(
-      inputs.image_size, key=IMAGE_KEY, scale=tuple(inputs.crop_scale),
-      ratio=tuple(inputs.crop_ratio), interpolation=inputs.interpolation,
-      flip_prob=inputs.flip_prob)
-  eval_transform = transforms.CenterCropTransform(inputs.image_size, key=IMAGE_KEY,
-                                                  interpolation=inputs.interpolation,
-                                                  crop_pct=inputs.eval_crop_pct)
+    inputs.image_size,
+    key=IMAGE_KEY,
+    scale=tuple(inputs.crop_scale),
+    ratio=tuple(inputs.crop_ratio),
+    interpolation=inputs.interpolation,
+    flip_prob=inputs.flip_prob,
+  )
+  eval_transform = transforms.CenterCropTransform(
+    inputs.image_size,
+    key=IMAGE_KEY,
+    interpolation=inputs.interpolation,
+    crop_pct=inputs.eval_crop_pct,
+  )
   data_iter = pipeline.make_task_train_iterator(config, train_source, transform)
 
   # --- Frozen backbone and the probes ----------------------------------------------
@@ -227,45 +284,85 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
     return TrainState.create(init_probes(rng, model.depth, dim, num_classes), tx, state_rng)
 
   state, state_sharding = init_sharded(init_fn, mesh)
-  logging.info("Linear probes on %d blocks (%d-d features, %d classes) of a frozen backbone "
-               "from %s", model.depth, dim, num_classes, config.pretrained or "random init")
+  logging.info(
+    "Linear probes on %d blocks (%d-d features, %d classes) of a frozen backbone from %s",
+    model.depth,
+    dim,
+    num_classes,
+    config.pretrained or "random init",
+  )
   ckpt = checkpointing.make_checkpointer(workdir, config.ckpt)
   state = ckpt.restore_latest(state, state_sharding, data_iter)
 
   train_step = loop.compile_train_step(
-      make_train_step(model, tx, lr_fn, inputs.norm, config_lib.injected_nonfinite_steps(config)),
-      state_sharding, batch_sharding, backbone_sharding)
-  eval_step = jax.jit(make_eval_step(model, inputs.norm),
-                      in_shardings=(state_sharding.eval_params, batch_sharding,
-                                    backbone_sharding),
-                      out_shardings=replicated)
+    make_train_step(model, tx, lr_fn, inputs.norm, config_lib.injected_nonfinite_steps(config)),
+    state_sharding,
+    batch_sharding,
+    backbone_sharding,
+  )
+  eval_step = jax.jit(
+    make_eval_step(model, inputs.norm),
+    in_shardings=(state_sharding.eval_params, batch_sharding, backbone_sharding),
+    out_shardings=replicated,
+  )
 
   def eval_fn(state: TrainState) -> dict[str, Any]:
-    batches = pipeline.make_eval_iterator(eval_source, eval_transform,
-                                          batch_size=config.eval_batch_size)
-    scalars = summarize_blocks(loop.sum_over_batches(eval_step, batches, EVAL_KEYS,
-                                                     batch_sharding, state.eval_params, backbone))
+    batches = pipeline.make_eval_iterator(
+      eval_source, eval_transform, batch_size=config.eval_batch_size
+    )
+    scalars = summarize_blocks(
+      loop.sum_over_batches(
+        eval_step, batches, EVAL_KEYS, batch_sharding, state.eval_params, backbone
+      )
+    )
     if scalars and config.knn.k > 0 and int(jax.device_get(state.step)) >= config.total_steps:
-      scalars.update(knn_eval(config, model, backbone, train_source, eval_source,
-                              eval_transform, scalars["best_layer"] - 1, num_classes,
-                              batch_sharding))
+      scalars.update(
+        knn_eval(
+          config,
+          model,
+          backbone,
+          train_source,
+          eval_source,
+          eval_transform,
+          scalars["best_layer"] - 1,
+          num_classes,
+          batch_sharding,
+        )
+      )
     return scalars
 
   def export(result: loop.RunResult) -> None:
     export_dir = config.export_dir or os.path.join(workdir, "export", "final")
     final = result.eval
     exports.write_linear_probe(
-        export_dir, result.state.eval_params, model, backbone=config.pretrained,
-        num_classes=num_classes, input_norm=inputs.norm,
-        step=int(jax.device_get(result.state.step)), final_train=result.train,
-        eval_metrics=final)
+      export_dir,
+      result.state.eval_params,
+      model,
+      backbone=config.pretrained,
+      num_classes=num_classes,
+      input_norm=inputs.norm,
+      step=int(jax.device_get(result.state.step)),
+      final_train=result.train,
+      eval_metrics=final,
+    )
     if final:
-      logging.info("Linear probe: best block %d, top-1 %.4f (per block: %s)",
-                   final["best_layer"], final["best_top1"],
-                   ", ".join(f"{final[f'top1_block_{l + 1}']:.3f}" for l in range(model.depth)))
+      logging.info(
+        "Linear probe: best block %d, top-1 %.4f (per block: %s)",
+        final["best_layer"],
+        final["best_top1"],
+        ", ".join(f"{final[f'top1_block_{block + 1}']:.3f}" for block in range(model.depth)),
+      )
 
   return loop.run_job(
-      config=config, workdir=workdir, state=state, train_step=train_step, data_iter=data_iter,
-      batch_keys=BATCH_KEYS, batch_sharding=batch_sharding, checkpointer=ckpt,
-      step_args=lambda _: (backbone,), eval_fn=eval_fn if eval_source is not None else None,
-      finish=export)
+    config=config,
+    workdir=workdir,
+    state=state,
+    train_step=train_step,
+    data_iter=data_iter,
+    batch_keys=BATCH_KEYS,
+    batch_sharding=batch_sharding,
+    checkpointer=ckpt,
+    step_args=lambda _: (backbone,),
+    eval_fn=eval_fn if eval_source is not None else None,
+    finish=export,
+  )

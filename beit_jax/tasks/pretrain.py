@@ -25,7 +25,8 @@ tokenizer is trained first in `<workdir>/tokenizer` and then used.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +38,8 @@ from beit_jax import config_lib, exports, pixels
 from beit_jax.data import masking, pipeline, sources, transforms
 from beit_jax.models import dvae, precision, vit
 from beit_jax.tasks import dvae as dvae_task
-from beit_jax.training import checkpointing, loop, losses
+from beit_jax.training import checkpointing, loop, losses, optim
 from beit_jax.training import mesh as mesh_lib
-from beit_jax.training import optim
 from beit_jax.training.train_state import TrainState, init_sharded
 from beit_jax.viz import pictures
 
@@ -52,15 +52,24 @@ BATCH_KEYS = (IMAGE_KEY, TOKENIZER_KEY, MASK_KEY)
 # ----------------------------------------------------------------------------------
 # Config checks and the resolved pieces (before anything is compiled or written).
 # ----------------------------------------------------------------------------------
-def make_model(model_config: Mapping[str, Any], image_size: int, vocab_size: int,
-               dtype: Any = jnp.float32) -> vit.BEiT:
+def make_model(
+  model_config: Mapping[str, Any], image_size: int, vocab_size: int, dtype: Any = jnp.float32
+) -> vit.BEiT:
   """The MIM model from `config.model` (a named variant plus overrides)."""
   m = dict(model_config)
   return vit.mim_model(
-      m["variant"], image_size=image_size, patch_size=m["patch_size"], vocab_size=vocab_size,
-      init_values=m["init_values"], drop_path_rate=m["drop_path_rate"],
-      use_abs_pos_emb=m["use_abs_pos_emb"], use_shared_rel_pos_bias=m["use_shared_rel_pos_bias"],
-      use_rel_pos_bias=not m["use_shared_rel_pos_bias"], remat=m["remat"], dtype=dtype)
+    m["variant"],
+    image_size=image_size,
+    patch_size=m["patch_size"],
+    vocab_size=vocab_size,
+    init_values=m["init_values"],
+    drop_path_rate=m["drop_path_rate"],
+    use_abs_pos_emb=m["use_abs_pos_emb"],
+    use_shared_rel_pos_bias=m["use_shared_rel_pos_bias"],
+    use_rel_pos_bias=not m["use_shared_rel_pos_bias"],
+    remat=m["remat"],
+    dtype=dtype,
+  )
 
 
 def mask_counts(config: ml_collections.ConfigDict) -> tuple[int, int]:
@@ -86,8 +95,11 @@ def tokenizer_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
   if train is not None:
     dvae_task.check_config(train)
     down = dvae.from_config(train.model).downsample
-    return dict(grid=train.input.image_size // down, vocab_size=train.model.vocab_size,
-                image_size=train.input.image_size)
+    return dict(
+      grid=train.input.image_size // down,
+      vocab_size=train.model.vocab_size,
+      image_size=train.input.image_size,
+    )
   try:
     return exports.tokenizer_info(config.tokenizer.path)
   except ValueError as e:
@@ -99,22 +111,28 @@ def missing_inputs_message(config: ml_collections.ConfigDict) -> str | None:
   problems = []
   if not config.tokenizer.path and tokenizer_train_config(config) is None:
     problems.append(
-        "config.tokenizer.path is empty. Pass the export of a trained tokenizer "
-        "(--config.tokenizer.path=RUN/export/tokenizer, written by e.g. `python -m "
-        "beit_jax.main --config=configs/dvae_dalle.py`) or the official DALL-E dVAE "
-        "converted to that format.")
+      "config.tokenizer.path is empty. Pass the export of a trained tokenizer "
+      "(--config.tokenizer.path=RUN/export/tokenizer, written by e.g. `python -m "
+      "beit_jax.main --config=configs/dvae_dalle.py`) or the official DALL-E dVAE "
+      "converted to that format."
+    )
   elif config.tokenizer.path and not exports.is_export(config.tokenizer.path):
-    problems.append(f"config.tokenizer.path={config.tokenizer.path!r} is not a tokenizer "
-                    "export (no metadata.json there).")
+    problems.append(
+      f"config.tokenizer.path={config.tokenizer.path!r} is not a tokenizer "
+      "export (no metadata.json there)."
+    )
   try:
     sources.make_source(config.data, config.data.train_split)
   except (FileNotFoundError, ValueError, KeyError) as e:
     problems.append(f"Training data: {e}")
   if not problems:
     return None
-  return ("Cannot start pretraining:\n  - " + "\n  - ".join(problems) +
-          "\nTo try BEiT without any download, run the quick start: python -m beit_jax.main "
-          "--config=configs/pretrain_small.py (tokenizer + MIM on built-in photos).")
+  return (
+    "Cannot start pretraining:\n  - "
+    + "\n  - ".join(problems)
+    + "\nTo try BEiT without any download, run the quick start: python -m beit_jax.main "
+    "--config=configs/pretrain_small.py (tokenizer + MIM on built-in photos)."
+  )
 
 
 def check_config(config: ml_collections.ConfigDict) -> None:
@@ -127,41 +145,69 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   config_lib.check_choice(config, "input.norm", ("half", "imagenet"))
   config_lib.check_choice(config, "input.interpolation", tuple(transforms.INTERPOLATIONS))
   config_lib.check_choice(config, "input.second_interpolation", tuple(transforms.INTERPOLATIONS))
-  config_lib.check_positive(config, "total_steps", "input.batch_size", "input.image_size",
-                            "input.second_size", "model.patch_size", "log_every", "ckpt.every",
-                            "ckpt.keep", "optim.lr")
+  config_lib.check_positive(
+    config,
+    "total_steps",
+    "input.batch_size",
+    "input.image_size",
+    "input.second_size",
+    "model.patch_size",
+    "log_every",
+    "ckpt.every",
+    "ckpt.keep",
+    "optim.lr",
+  )
   config_lib.check_positive(config, "eval_batch_size")
-  config_lib.check_positive(config, "mask.num_patches", "mask.min_patches", "eval_every",
-                            "model.drop_path_rate", "model.init_values", "optim.warmup_steps",
-                            "model.vocab_size", allow_zero=True)
+  config_lib.check_positive(
+    config,
+    "mask.num_patches",
+    "mask.min_patches",
+    "eval_every",
+    "model.drop_path_rate",
+    "model.init_values",
+    "optim.warmup_steps",
+    "model.vocab_size",
+    allow_zero=True,
+  )
   size, patch = config.input.image_size, config.model.patch_size
   if size % patch:
-    raise ValueError(f"config.input.image_size={size} is not divisible by "
-                     f"config.model.patch_size={patch}; use a multiple of {patch}.")
+    raise ValueError(
+      f"config.input.image_size={size} is not divisible by "
+      f"config.model.patch_size={patch}; use a multiple of {patch}."
+    )
   grid = size // patch
   num, min_block = mask_counts(config)
   if num > grid * grid:
-    raise ValueError(f"config.mask.num_patches={num} exceeds the {grid}x{grid}={grid * grid} "
-                     "patches of the image; lower it (unilm: 75 of 196).")
+    raise ValueError(
+      f"config.mask.num_patches={num} exceeds the {grid}x{grid}={grid * grid} "
+      "patches of the image; lower it (unilm: 75 of 196)."
+    )
   if config.mask.kind == "blockwise" and min_block > num:
-    raise ValueError(f"config.mask.min_patches={min_block} is above "
-                     f"config.mask.num_patches={num}; a block cannot be larger than the mask.")
+    raise ValueError(
+      f"config.mask.min_patches={min_block} is above "
+      f"config.mask.num_patches={num}; a block cannot be larger than the mask."
+    )
   message = missing_inputs_message(config)
   if message:
     raise FileNotFoundError(message)
   tokenizer = tokenizer_spec(config)
   if tokenizer["grid"] != grid:
     raise ValueError(
-        f"The tokenizer makes a {tokenizer['grid']}x{tokenizer['grid']} token grid but the ViT "
-        f"has {grid}x{grid} patches (image_size {size} / patch {patch}); they must match (e.g. "
-        f"input.second_size = tokenizer image size, image_size = patch * {tokenizer['grid']}).")
+      f"The tokenizer makes a {tokenizer['grid']}x{tokenizer['grid']} token grid but the ViT "
+      f"has {grid}x{grid} patches (image_size {size} / patch {patch}); they must match (e.g. "
+      f"input.second_size = tokenizer image size, image_size = patch * {tokenizer['grid']})."
+    )
   if config.input.second_size != tokenizer["image_size"]:
-    raise ValueError(f"config.input.second_size={config.input.second_size} but the tokenizer "
-                     f"was trained on {tokenizer['image_size']} px views; set them equal.")
+    raise ValueError(
+      f"config.input.second_size={config.input.second_size} but the tokenizer "
+      f"was trained on {tokenizer['image_size']} px views; set them equal."
+    )
   if config.model.vocab_size and config.model.vocab_size != tokenizer["vocab_size"]:
-    raise ValueError(f"config.model.vocab_size={config.model.vocab_size} but the tokenizer has "
-                     f"{tokenizer['vocab_size']} tokens; set it to {tokenizer['vocab_size']} "
-                     "(or 0 to take the tokenizer's).")
+    raise ValueError(
+      f"config.model.vocab_size={config.model.vocab_size} but the tokenizer has "
+      f"{tokenizer['vocab_size']} tokens; set it to {tokenizer['vocab_size']} "
+      "(or 0 to take the tokenizer's)."
+    )
 
 
 # ----------------------------------------------------------------------------------
@@ -179,8 +225,14 @@ def masked_positions(mask: jax.Array, max_masked: int) -> tuple[jax.Array, jax.A
   return order.astype(jnp.int32), weights
 
 
-def make_mim_update(model: vit.BEiT, tx: optax.GradientTransformation, lr_fn: optim.Schedule,
-                    max_masked: int, input_norm: str, inject_at_steps: tuple[int, ...] = ()):
+def make_mim_update(
+  model: vit.BEiT,
+  tx: optax.GradientTransformation,
+  lr_fn: optim.Schedule,
+  max_masked: int,
+  input_norm: str,
+  inject_at_steps: tuple[int, ...] = (),
+):
   """`update(state, images_uint8, mask, token_ids) -> (state, metrics)`: the ViT half of
   the step (normalise, mask tokens, logits at the masked positions, cross-entropy, AdamW)
   given the target ids (B, N) of every patch."""
@@ -192,23 +244,42 @@ def make_mim_update(model: vit.BEiT, tx: optax.GradientTransformation, lr_fn: op
     targets = jnp.take_along_axis(ids, positions, axis=1)
 
     def loss_fn(params):
-      logits = model.apply({"params": params}, images, mask, positions, train=True,
-                           rngs={"dropout": state.step_rng()}, method=vit.BEiT.mim_logits)
+      logits = model.apply(
+        {"params": params},
+        images,
+        mask,
+        positions,
+        train=True,
+        rngs={"dropout": state.step_rng()},
+        method=vit.BEiT.mim_logits,
+      )
       return losses.masked_token_loss(logits, targets, weights)
 
     (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    new_state, update_metrics = state.apply_gradients(grads, tx, loss,
-                                                      inject_at_steps=inject_at_steps)
-    metrics = dict(loss=loss, mlm_acc=acc, lr=lr_fn(state.step),
-                   masked_per_image=jnp.mean(jnp.sum(weights, axis=1)), **update_metrics)
+    new_state, update_metrics = state.apply_gradients(
+      grads, tx, loss, inject_at_steps=inject_at_steps
+    )
+    metrics = dict(
+      loss=loss,
+      mlm_acc=acc,
+      lr=lr_fn(state.step),
+      masked_per_image=jnp.mean(jnp.sum(weights, axis=1)),
+      **update_metrics,
+    )
     return new_state, metrics
 
   return update
 
 
-def make_train_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, tx: optax.GradientTransformation,
-                    lr_fn: optim.Schedule, max_masked: int, input_norm: str,
-                    inject_at_steps: tuple[int, ...] = ()):
+def make_train_step(
+  model: vit.BEiT,
+  tokenizer: dvae.DiscreteVAE,
+  tx: optax.GradientTransformation,
+  lr_fn: optim.Schedule,
+  max_masked: int,
+  input_norm: str,
+  inject_at_steps: tuple[int, ...] = (),
+):
   """`train_step(state, batch, tokenizer_params) -> (state, metrics)`, for `jax.jit`:
   the frozen tokenizer's ids of the tokenizer view, then `make_mim_update`."""
   update = make_mim_update(model, tx, lr_fn, max_masked, input_norm, inject_at_steps)
@@ -221,8 +292,7 @@ def make_train_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, tx: optax.Grad
   return train_step
 
 
-def make_eval_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, max_masked: int,
-                   input_norm: str):
+def make_eval_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, max_masked: int, input_norm: str):
   """Sums over a padded eval batch: masked-token cross-entropy, correct, count, images."""
 
   def eval_step(params: Any, batch: Mapping[str, jax.Array], tokenizer_params: Any):
@@ -233,24 +303,32 @@ def make_eval_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, max_masked: int
     mask = jnp.logical_and(batch[MASK_KEY].astype(bool), valid[:, None])
     positions, weights = masked_positions(mask, max_masked)
     targets = jnp.take_along_axis(ids, positions, axis=1)
-    logits = model.apply({"params": params}, images, mask, positions, train=False,
-                         method=vit.BEiT.mim_logits)
-    return dict(losses.masked_token_sums(logits, targets, weights),
-                num_images=jnp.sum(valid.astype(jnp.float32)))
+    logits = model.apply(
+      {"params": params}, images, mask, positions, train=False, method=vit.BEiT.mim_logits
+    )
+    return dict(
+      losses.masked_token_sums(logits, targets, weights),
+      num_images=jnp.sum(valid.astype(jnp.float32)),
+    )
 
   return eval_step
 
 
-def evaluate(eval_step, params: Any, tokenizer_params: Any, eval_iter,
-             batch_sharding) -> dict[str, float]:
+def evaluate(
+  eval_step, params: Any, tokenizer_params: Any, eval_iter, batch_sharding
+) -> dict[str, float]:
   """MIM loss and accuracy over one pass of the eval split (masks fixed per image)."""
-  sums = loop.sum_over_batches(eval_step, eval_iter, BATCH_KEYS + ("valid",), batch_sharding,
-                               params, tokenizer_params)
+  sums = loop.sum_over_batches(
+    eval_step, eval_iter, BATCH_KEYS + ("valid",), batch_sharding, params, tokenizer_params
+  )
   if sums is None:
     return {}
   count = max(float(sums["count"]), 1.0)
-  return dict(loss=float(sums["loss_sum"]) / count, mlm_acc=float(sums["correct"]) / count,
-              num_images=int(sums["num_images"]))
+  return dict(
+    loss=float(sums["loss_sum"]) / count,
+    mlm_acc=float(sums["correct"]) / count,
+    num_images=int(sums["num_images"]),
+  )
 
 
 # ----------------------------------------------------------------------------------
@@ -278,18 +356,29 @@ def make_transforms(config: ml_collections.ConfigDict):
   size, patch = config.input.image_size, config.model.patch_size
   num, min_block = mask_counts(config)
   views = transforms.TwoViewTransform(
-      size, config.input.second_size, scale=tuple(config.input.crop_scale),
-      ratio=tuple(config.input.crop_ratio), interpolation=config.input.interpolation,
-      second_interpolation=config.input.second_interpolation,
-      color_jitter=config.input.color_jitter, flip_prob=config.input.flip_prob,
-      key=IMAGE_KEY, second_key=TOKENIZER_KEY)
+    size,
+    config.input.second_size,
+    scale=tuple(config.input.crop_scale),
+    ratio=tuple(config.input.crop_ratio),
+    interpolation=config.input.interpolation,
+    second_interpolation=config.input.second_interpolation,
+    color_jitter=config.input.color_jitter,
+    flip_prob=config.input.flip_prob,
+    key=IMAGE_KEY,
+    second_key=TOKENIZER_KEY,
+  )
   generator = masking.make_mask_generator(config.mask.kind, size // patch, num, min_block)
   eval_views = transforms.ParallelViews(
-      transforms.CenterCropTransform(size, key=IMAGE_KEY, interpolation=config.input.interpolation),
-      transforms.CenterCropTransform(config.input.second_size, key=TOKENIZER_KEY,
-                                     interpolation=config.input.second_interpolation))
-  return (masking.MaskedViewsTransform(views, generator, mask_key=MASK_KEY),
-          masking.MaskedViewsTransform(eval_views, generator, mask_key=MASK_KEY), num)
+    transforms.CenterCropTransform(size, key=IMAGE_KEY, interpolation=config.input.interpolation),
+    transforms.CenterCropTransform(
+      config.input.second_size, key=TOKENIZER_KEY, interpolation=config.input.second_interpolation
+    ),
+  )
+  return (
+    masking.MaskedViewsTransform(views, generator, mask_key=MASK_KEY),
+    masking.MaskedViewsTransform(eval_views, generator, mask_key=MASK_KEY),
+    num,
+  )
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
@@ -302,8 +391,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
 
   # --- Tokenizer (trained first in the quick start) -------------------------------
   tokenizer_path = prepare_tokenizer(config, workdir)
-  tokenizer, tokenizer_vars, tokenizer_meta = exports.load_tokenizer(tokenizer_path,
-                                                                     sharding=replicated)
+  tokenizer, tokenizer_vars, tokenizer_meta = exports.load_tokenizer(
+    tokenizer_path, sharding=replicated
+  )
   tokenizer_params = {"params": tokenizer_vars["params"]}
   tokenizer_size, tokenizer_grid = tokenizer_meta["image_size"], tokenizer_meta["grid"]
 
@@ -312,10 +402,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   eval_source = sources.make_source(config.data, config.data.eval_split)
   transform, eval_transform, max_masked = make_transforms(config)
   data_iter = pipeline.make_task_train_iterator(config, train_source, transform)
-  logging.info("Train source: %s (%d images); eval: %s; tokenizer %s (%d tokens, %dx%d grid)",
-               config.data.source, len(train_source),
-               "none" if eval_source is None else f"{len(eval_source)} images", tokenizer_path,
-               vocab, tokenizer_grid, tokenizer_grid)
+  logging.info(
+    "Train source: %s (%d images); eval: %s; tokenizer %s (%d tokens, %dx%d grid)",
+    config.data.source,
+    len(train_source),
+    "none" if eval_source is None else f"{len(eval_source)} images",
+    tokenizer_path,
+    vocab,
+    tokenizer_grid,
+    tokenizer_grid,
+  )
 
   # --- Model and optimizer --------------------------------------------------------
   dtype = precision.compute_dtype(config.model.dtype)
@@ -331,9 +427,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
 
   state, state_sharding = init_sharded(init_fn, mesh)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
-  logging.info("BEiT-%s MIM: %s params, %d patches, %d masked (%s), compute %s",
-               config.model.variant, f"{num_params:,}", model.num_patches, max_masked,
-               config.mask.kind, jnp.dtype(dtype).name)
+  logging.info(
+    "BEiT-%s MIM: %s params, %d patches, %d masked (%s), compute %s",
+    config.model.variant,
+    f"{num_params:,}",
+    model.num_patches,
+    max_masked,
+    config.mask.kind,
+    jnp.dtype(dtype).name,
+  )
 
   # --- Resume ---------------------------------------------------------------------
   ckpt = checkpointing.make_checkpointer(workdir, config.ckpt)
@@ -342,39 +444,77 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   # --- Compiled steps -------------------------------------------------------------
   tokenizer_sharding = jax.tree.map(lambda _: replicated, tokenizer_params)
   train_step = loop.compile_train_step(
-      make_train_step(model, tokenizer, tx, lr_fn, max_masked, config.input.norm,
-                      config_lib.injected_nonfinite_steps(config)),
-      state_sharding, batch_sharding, tokenizer_sharding)
-  eval_step = jax.jit(make_eval_step(model, tokenizer, max_masked, config.input.norm),
-                      in_shardings=(state_sharding.eval_params, batch_sharding,
-                                    tokenizer_sharding),
-                      out_shardings=replicated)
+    make_train_step(
+      model,
+      tokenizer,
+      tx,
+      lr_fn,
+      max_masked,
+      config.input.norm,
+      config_lib.injected_nonfinite_steps(config),
+    ),
+    state_sharding,
+    batch_sharding,
+    tokenizer_sharding,
+  )
+  eval_step = jax.jit(
+    make_eval_step(model, tokenizer, max_masked, config.input.norm),
+    in_shardings=(state_sharding.eval_params, batch_sharding, tokenizer_sharding),
+    out_shardings=replicated,
+  )
 
   def eval_fn(state: TrainState) -> dict[str, float]:
-    eval_iter = pipeline.make_eval_iterator(eval_source, eval_transform,
-                                            batch_size=config.eval_batch_size)
+    eval_iter = pipeline.make_eval_iterator(
+      eval_source, eval_transform, batch_size=config.eval_batch_size
+    )
     return evaluate(eval_step, state.eval_params, tokenizer_params, eval_iter, batch_sharding)
 
   # --- Train, then export ------------------------------------------------------------
   def export(result: loop.RunResult) -> None:
     export_dir = config.export_dir or os.path.join(workdir, "export", "beit")
     exports.write_mim(
-        export_dir, result.state.eval_params, model, input_norm=config.input.norm,
-        tokenizer=tokenizer_path, tokenizer_image_size=tokenizer_size,
-        step=int(jax.device_get(result.state.step)), model_config=config.model.to_dict(),
-        final_train=result.train, eval_metrics=result.eval)
+      export_dir,
+      result.state.eval_params,
+      model,
+      input_norm=config.input.norm,
+      tokenizer=tokenizer_path,
+      tokenizer_image_size=tokenizer_size,
+      step=int(jax.device_get(result.state.step)),
+      model_config=config.model.to_dict(),
+      final_train=result.train,
+      eval_metrics=result.eval,
+    )
     logging.info("Exported BEiT MIM params to %s", export_dir)
 
   painter = None
   if config.get("pictures", True):  # What it learned, at every checkpoint (beit_jax/viz).
     sample = pictures.sample_images(train_source, 4)
-    painter = pictures.checkpoint_painter(workdir, lambda state: pictures.mim_pictures(
-        model, state.eval_params, tokenizer, tokenizer_params, sample, input_norm=config.input.norm,
-        tokenizer_image_size=tokenizer_size, seed=config.seed), config.tensorboard)
+    painter = pictures.checkpoint_painter(
+      workdir,
+      lambda state: pictures.mim_pictures(
+        model,
+        state.eval_params,
+        tokenizer,
+        tokenizer_params,
+        sample,
+        input_norm=config.input.norm,
+        tokenizer_image_size=tokenizer_size,
+        seed=config.seed,
+      ),
+      config.tensorboard,
+    )
 
   return loop.run_job(
-      config=config, workdir=workdir, state=state, train_step=train_step, data_iter=data_iter,
-      batch_keys=BATCH_KEYS, batch_sharding=batch_sharding, checkpointer=ckpt,
-      step_args=lambda _: (tokenizer_params,),
-      eval_fn=eval_fn if eval_source is not None else None, finish=export,
-      on_checkpoint=painter)
+    config=config,
+    workdir=workdir,
+    state=state,
+    train_step=train_step,
+    data_iter=data_iter,
+    batch_keys=BATCH_KEYS,
+    batch_sharding=batch_sharding,
+    checkpointer=ckpt,
+    step_args=lambda _: (tokenizer_params,),
+    eval_fn=eval_fn if eval_source is not None else None,
+    finish=export,
+    on_checkpoint=painter,
+  )

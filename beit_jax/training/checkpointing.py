@@ -9,7 +9,8 @@ stages) are `beit_jax/exports.py`.
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import flax
 import grain
@@ -22,23 +23,32 @@ from etils import epath
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
   """ShapeDtypeStructs carrying the target shardings (restore targets)."""
   return jax.tree.map(
-      lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings)
+    lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s), abstract, shardings
+  )
 
 
 class Checkpointer:
   """Train state + data iterator under one Orbax `CheckpointManager`."""
 
-  def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 3,
-               save_interval_steps: int = 1000, async_save: bool = True):
+  def __init__(
+    self,
+    directory: str | os.PathLike,
+    *,
+    max_to_keep: int = 3,
+    save_interval_steps: int = 1000,
+    async_save: bool = True,
+  ):
     self.directory = epath.Path(directory).absolute()
     self._manager = ocp.CheckpointManager(
-        self.directory,
-        item_names=("state", "data"),
-        options=ocp.CheckpointManagerOptions(
-            max_to_keep=max_to_keep,
-            save_interval_steps=save_interval_steps,
-            enable_async_checkpointing=async_save,
-            create=True))
+      self.directory,
+      item_names=("state", "data"),
+      options=ocp.CheckpointManagerOptions(
+        max_to_keep=max_to_keep,
+        save_interval_steps=save_interval_steps,
+        enable_async_checkpointing=async_save,
+        create=True,
+      ),
+    )
 
   def latest_step(self) -> int | None:
     return self._manager.latest_step()
@@ -75,13 +85,18 @@ class Checkpointer:
     if not isinstance(tree, Mapping) or not isinstance(tree.get("params"), Mapping):
       return  # Metadata of an unexpected layout: let Orbax's own check speak.
     stored, wanted = _shapes(tree["params"]), _shapes(state.params)
-    diffs = [f"params/{k}: checkpoint {stored.get(k, 'absent')}, config {wanted.get(k, 'absent')}"
-             for k in sorted(set(stored) | set(wanted)) if stored.get(k) != wanted.get(k)]
+    diffs = [
+      f"params/{k}: checkpoint {stored.get(k, 'absent')}, config {wanted.get(k, 'absent')}"
+      for k in sorted(set(stored) | set(wanted))
+      if stored.get(k) != wanted.get(k)
+    ]
     if diffs:
       raise ValueError(
-          f"Checkpoint {self.directory}/{step} does not match this config's model: "
-          f"{diffs[0]}" + (f" (and {len(diffs) - 1} more keys)" if len(diffs) > 1 else "") +
-          ". Resume with the config that wrote it, or use a new --workdir.")
+        f"Checkpoint {self.directory}/{step} does not match this config's model: "
+        f"{diffs[0]}"
+        + (f" (and {len(diffs) - 1} more keys)" if len(diffs) > 1 else "")
+        + ". Resume with the config that wrote it, or use a new --workdir."
+      )
 
   def restore_latest(self, state: Any, shardings: Any, data_iter: Any = None) -> Any:
     """The latest checkpoint restored into `shardings` (and `data_iter`), or `state` as is."""
@@ -109,5 +124,9 @@ def _shapes(tree: Mapping[str, Any]) -> dict[str, tuple[int, ...]]:
 
 def make_checkpointer(workdir: str, ckpt_config: Any) -> Checkpointer:
   """`workdir/checkpoints` with a config's `ckpt` section (every, keep, async_save)."""
-  return Checkpointer(os.path.join(workdir, "checkpoints"), max_to_keep=ckpt_config.keep,
-                      save_interval_steps=ckpt_config.every, async_save=ckpt_config.async_save)
+  return Checkpointer(
+    os.path.join(workdir, "checkpoints"),
+    max_to_keep=ckpt_config.keep,
+    save_interval_steps=ckpt_config.every,
+    async_save=ckpt_config.async_save,
+  )

@@ -22,7 +22,7 @@ including several processes on one CPU machine (collectives over gloo).
 from __future__ import annotations
 
 import os
-from typing import Mapping
+from collections.abc import Mapping
 
 import jax
 from absl import logging
@@ -47,8 +47,9 @@ def cluster_hint(env: Mapping[str, str]) -> str | None:
   return None
 
 
-def should_initialize(mode: str, coordinator_address: str | None,
-                      env: Mapping[str, str]) -> tuple[bool, str]:
+def should_initialize(
+  mode: str, coordinator_address: str | None, env: Mapping[str, str]
+) -> tuple[bool, str]:
   """(initialise?, why) for a `--distributed` mode."""
   if mode not in MODES:
     raise ValueError(f"--distributed={mode!r}; choose one of {MODES}.")
@@ -62,10 +63,14 @@ def should_initialize(mode: str, coordinator_address: str | None,
   return (hint is not None), (hint or "single process")
 
 
-def initialize(mode: str = "auto", coordinator_address: str | None = None,
-               num_processes: int | None = None, process_id: int | None = None,
-               local_device_ids: list[int] | None = None,
-               env: Mapping[str, str] | None = None) -> bool:
+def initialize(
+  mode: str = "auto",
+  coordinator_address: str | None = None,
+  num_processes: int | None = None,
+  process_id: int | None = None,
+  local_device_ids: list[int] | None = None,
+  env: Mapping[str, str] | None = None,
+) -> bool:
   """Initialises JAX's distributed runtime if the job needs it; returns whether it did.
 
   Must run before anything creates a JAX backend (no `jax.devices()` before it).
@@ -79,8 +84,9 @@ def initialize(mode: str = "auto", coordinator_address: str | None = None,
     raise ValueError("--coordinator_address needs --num_processes and --process_id too.")
   kwargs = {}
   if coordinator_address:
-    kwargs = dict(coordinator_address=coordinator_address, num_processes=num_processes,
-                  process_id=process_id)
+    kwargs = dict(
+      coordinator_address=coordinator_address, num_processes=num_processes, process_id=process_id
+    )
   if local_device_ids is not None:
     kwargs["local_device_ids"] = local_device_ids
   logging.info("Initialising jax.distributed (%s).", why)

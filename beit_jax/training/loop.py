@@ -21,7 +21,8 @@ from __future__ import annotations
 import signal
 import threading
 import time
-from typing import Any, Callable, Iterable, Iterator, Mapping, NamedTuple, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any, NamedTuple
 
 import chex
 import jax
@@ -43,29 +44,37 @@ Summarize = Callable[[Mapping[str, np.ndarray], int], dict[str, float]]
 
 class RunResult(NamedTuple):
   """What a training run ends with (`run`, `run_job` and every task's `train_and_evaluate`)."""
+
   state: Any
   train: dict[str, float]  # The last logged train means ({} if nothing was trained).
   eval: dict[str, Any]  # The final evaluation ({} without an eval split or when stopped).
   stopped_by: str | None = None  # The signal that stopped the run early, else None.
 
 
-def compile_train_step(train_step: StepFn, state_sharding: Any, batch_sharding: NamedSharding,
-                       *arg_shardings: Any) -> StepFn:
+def compile_train_step(
+  train_step: StepFn, state_sharding: Any, batch_sharding: NamedSharding, *arg_shardings: Any
+) -> StepFn:
   """`jax.jit` of `train_step(state, batch, *args) -> (state, metrics)` as every task runs
   it: the state donated and kept in its shardings, the metrics replicated, and traced
   exactly once (static shapes; `chex.assert_max_traces` raises on a retrace). The trace
   counters are reset first, so a job built again in one process (a notebook) starts
   from zero."""
   chex.clear_trace_counter()
-  return jax.jit(chex.assert_max_traces(train_step, n=1),
-                 in_shardings=(state_sharding, batch_sharding, *arg_shardings),
-                 out_shardings=(state_sharding, mesh_lib.replicated(batch_sharding.mesh)),
-                 donate_argnums=(0,))
+  return jax.jit(
+    chex.assert_max_traces(train_step, n=1),
+    in_shardings=(state_sharding, batch_sharding, *arg_shardings),
+    out_shardings=(state_sharding, mesh_lib.replicated(batch_sharding.mesh)),
+    donate_argnums=(0,),
+  )
 
 
-def sum_over_batches(step_fn: Callable[..., Mapping[str, jax.Array]],
-                     batches: Iterable[Mapping[str, np.ndarray]], keys: Sequence[str],
-                     batch_sharding: NamedSharding, *args: Any) -> dict[str, np.ndarray] | None:
+def sum_over_batches(
+  step_fn: Callable[..., Mapping[str, jax.Array]],
+  batches: Iterable[Mapping[str, np.ndarray]],
+  keys: Sequence[str],
+  batch_sharding: NamedSharding,
+  *args: Any,
+) -> dict[str, np.ndarray] | None:
   """Sums `step_fn(*args[:1], batch, *args[1:])` outputs over host batches (eval passes).
 
   Each host batch is restricted to `keys` and made global; the sums stay on the device
@@ -95,7 +104,7 @@ class StopRequests:
     self.signal_name: str | None = None
     self._previous: dict[int, Any] = {}
 
-  def __enter__(self) -> "StopRequests":
+  def __enter__(self) -> StopRequests:
     if jax.process_count() == 1 and threading.current_thread() is threading.main_thread():
       for sig in (signal.SIGTERM, signal.SIGINT):
         self._previous[sig] = signal.signal(sig, self._handle)
@@ -106,8 +115,7 @@ class StopRequests:
     if self.signal_name is not None and signum == signal.SIGINT:
       raise KeyboardInterrupt  # A second Ctrl-C stops at once.
     self.signal_name = signal.Signals(signum).name
-    logging.warning("%s received: stopping after this step with a checkpoint.",
-                    self.signal_name)
+    logging.warning("%s received: stopping after this step with a checkpoint.", self.signal_name)
 
   def stop_now(self, step: int) -> bool:
     if jax.process_count() > 1:
@@ -124,24 +132,25 @@ class StopRequests:
 
 @jax.jit
 def _all_finite(tree: Any) -> jax.Array:
-  leaves = [jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree)
-            if jnp.issubdtype(x.dtype, jnp.inexact)]
+  leaves = [
+    jnp.all(jnp.isfinite(x)) for x in jax.tree.leaves(tree) if jnp.issubdtype(x.dtype, jnp.inexact)
+  ]
   return jnp.all(jnp.stack(leaves)) if leaves else jnp.bool_(True)
 
 
-def _check_streak(streak: Any, step: int, max_consecutive: int,
-                  checkpointer: Checkpointer) -> None:
+def _check_streak(streak: Any, step: int, max_consecutive: int, checkpointer: Checkpointer) -> None:
   """`streak`: the state's `nonfinite_streak`, fetched with the log step's metrics."""
   if not max_consecutive or streak is None:
     return
   streak = int(streak)
   if streak >= max_consecutive:
     raise NonFiniteError(
-        f"The last {streak} steps (up to step {step}) had a non-finite loss or gradient norm "
-        f"and were skipped (limit config.nonfinite.max_consecutive={max_consecutive}). The "
-        f"latest checkpoint (step {checkpointer.latest_step()}) holds finite params. Lower "
-        "config.optim.lr or raise config.optim.warmup_steps, set optim.clip_grad_norm, or use "
-        "float32 (config.model.dtype), then rerun the same command to resume.")
+      f"The last {streak} steps (up to step {step}) had a non-finite loss or gradient norm "
+      f"and were skipped (limit config.nonfinite.max_consecutive={max_consecutive}). The "
+      f"latest checkpoint (step {checkpointer.latest_step()}) holds finite params. Lower "
+      "config.optim.lr or raise config.optim.warmup_steps, set optim.clip_grad_norm, or use "
+      "float32 (config.model.dtype), then rerun the same command to resume."
+    )
 
 
 def mean_scalars(sums: Mapping[str, np.ndarray], num_steps: int) -> dict[str, float]:
@@ -149,13 +158,24 @@ def mean_scalars(sums: Mapping[str, np.ndarray], num_steps: int) -> dict[str, fl
   return {k: float(v) / num_steps for k, v in sums.items() if np.ndim(v) == 0}
 
 
-def run(*, state: Any, train_step: StepFn, data_iter: Iterator[dict[str, np.ndarray]],
-        batch_keys: Sequence[str], batch_sharding: NamedSharding, total_steps: int,
-        writer: MetricWriter, checkpointer: Checkpointer, log_every: int,
-        step_args: StepArgs | None = None, summarize: Summarize = mean_scalars,
-        eval_every: int = 0, eval_fn: Callable[[Any], dict[str, Any]] | None = None,
-        max_consecutive_nonfinite: int = 0,
-        on_checkpoint: Callable[[Any, int], None] | None = None) -> RunResult:
+def run(
+  *,
+  state: Any,
+  train_step: StepFn,
+  data_iter: Iterator[dict[str, np.ndarray]],
+  batch_keys: Sequence[str],
+  batch_sharding: NamedSharding,
+  total_steps: int,
+  writer: MetricWriter,
+  checkpointer: Checkpointer,
+  log_every: int,
+  step_args: StepArgs | None = None,
+  summarize: Summarize = mean_scalars,
+  eval_every: int = 0,
+  eval_fn: Callable[[Any], dict[str, Any]] | None = None,
+  max_consecutive_nonfinite: int = 0,
+  on_checkpoint: Callable[[Any, int], None] | None = None,
+) -> RunResult:
   """Runs `train_step(state, batch, *step_args(step))` from the state's step to
   `total_steps`, then `eval_fn` once more.
 
@@ -202,42 +222,65 @@ def run(*, state: Any, train_step: StepFn, data_iter: Iterator[dict[str, np.ndar
         sums, num, images = None, 0, 0
         t_interval = time.time()
         _check_streak(streak, step, max_consecutive_nonfinite, checkpointer)
-      if (eval_fn is not None and eval_every and step % eval_every == 0 and step < total_steps
-          and not stopping):
+      if (
+        eval_fn is not None
+        and eval_every
+        and step % eval_every == 0
+        and step < total_steps
+        and not stopping
+      ):
         writer.write(step, eval_fn(state), split="eval")
         t_interval = time.time()
       force = step == total_steps or stopping
       if (force or checkpointer.should_save(step)) and not bool(_all_finite(state)):
         raise NonFiniteError(
-            f"Non-finite values in the train state at step {step}: not saving a checkpoint. "
-            f"The latest checkpoint (step {checkpointer.latest_step()}) is intact; lower "
-            "config.optim.lr and rerun the same command to resume from it.")
+          f"Non-finite values in the train state at step {step}: not saving a checkpoint. "
+          f"The latest checkpoint (step {checkpointer.latest_step()}) is intact; lower "
+          "config.optim.lr and rerun the same command to resume from it."
+        )
       saved = checkpointer.save(step, state, data_iter, force=force)
       if saved and on_checkpoint is not None and not stopping:
         on_checkpoint(state, step)
       if stopping:
         checkpointer.wait()
         logging.warning(
-            "Stopped by %s at step %d of %d; checkpoint %s/%d written. Rerun the same command "
-            "to resume.", stop.signal_name, step, total_steps, checkpointer.directory, step)
+          "Stopped by %s at step %d of %d; checkpoint %s/%d written. Rerun the same command "
+          "to resume.",
+          stop.signal_name,
+          step,
+          total_steps,
+          checkpointer.directory,
+          step,
+        )
         return RunResult(state, last, {}, stop.signal_name)
   checkpointer.wait()
-  logging.info("Input: %d images trained on, %d undecodable images skipped (this process, "
-               "this run).", total_images, total_skipped)
+  logging.info(
+    "Input: %d images trained on, %d undecodable images skipped (this process, this run).",
+    total_images,
+    total_skipped,
+  )
   final = eval_fn(state) if eval_fn is not None else {}
   if final:
     writer.write(total_steps, final, split="final_eval")
   return RunResult(state, last, final)
 
 
-def run_job(*, config: Any, workdir: str, state: Any, train_step: StepFn,
-            data_iter: Iterator[dict[str, np.ndarray]], batch_keys: Sequence[str],
-            batch_sharding: NamedSharding, checkpointer: Checkpointer,
-            step_args: StepArgs | None = None,
-            eval_fn: Callable[[Any], dict[str, Any]] | None = None,
-            summarize: Summarize = mean_scalars,
-            finish: Callable[[RunResult], None] | None = None,
-            on_checkpoint: Callable[[Any, int], None] | None = None) -> RunResult:
+def run_job(
+  *,
+  config: Any,
+  workdir: str,
+  state: Any,
+  train_step: StepFn,
+  data_iter: Iterator[dict[str, np.ndarray]],
+  batch_keys: Sequence[str],
+  batch_sharding: NamedSharding,
+  checkpointer: Checkpointer,
+  step_args: StepArgs | None = None,
+  eval_fn: Callable[[Any], dict[str, Any]] | None = None,
+  summarize: Summarize = mean_scalars,
+  finish: Callable[[RunResult], None] | None = None,
+  on_checkpoint: Callable[[Any, int], None] | None = None,
+) -> RunResult:
   """A task's whole training run: metric writer, `run`, then `finish(result)` (the
   export) unless the run was stopped; the checkpointer, writer and data iterator are
   closed whatever happens. Reads `total_steps`, `log_every`, `eval_every`, `tensorboard`
@@ -247,12 +290,22 @@ def run_job(*, config: Any, workdir: str, state: Any, train_step: StepFn,
   try:
     nonfinite = config.get("nonfinite")
     result = run(
-        state=state, train_step=train_step, data_iter=data_iter, batch_keys=batch_keys,
-        batch_sharding=batch_sharding, total_steps=config.total_steps, writer=writer,
-        checkpointer=checkpointer, log_every=config.log_every, step_args=step_args,
-        summarize=summarize, eval_every=config.eval_every, eval_fn=eval_fn,
-        max_consecutive_nonfinite=0 if nonfinite is None else nonfinite.max_consecutive,
-        on_checkpoint=on_checkpoint)
+      state=state,
+      train_step=train_step,
+      data_iter=data_iter,
+      batch_keys=batch_keys,
+      batch_sharding=batch_sharding,
+      total_steps=config.total_steps,
+      writer=writer,
+      checkpointer=checkpointer,
+      log_every=config.log_every,
+      step_args=step_args,
+      summarize=summarize,
+      eval_every=config.eval_every,
+      eval_fn=eval_fn,
+      max_consecutive_nonfinite=0 if nonfinite is None else nonfinite.max_consecutive,
+      on_checkpoint=on_checkpoint,
+    )
     if finish is not None and result.stopped_by is None:
       finish(result)
   finally:

@@ -30,12 +30,14 @@ def soft_target_cross_entropy(logits: Any, targets: Any, weights: Any | None = N
   for (B, K) soft targets (mixup / cutmix); `weights` (B,) gives a weighted mean (a
   padded batch's `valid`)."""
   per_example = optax.softmax_cross_entropy(
-      jnp.asarray(logits, jnp.float32), jnp.asarray(targets, jnp.float32))
+    jnp.asarray(logits, jnp.float32), jnp.asarray(targets, jnp.float32)
+  )
   return _mean(per_example, weights)
 
 
-def label_smoothing_cross_entropy(logits: Any, labels: Any, smoothing: float = 0.1,
-                                  weights: Any | None = None) -> Array:
+def label_smoothing_cross_entropy(
+  logits: Any, labels: Any, smoothing: float = 0.1, weights: Any | None = None
+) -> Array:
   """timm `LabelSmoothingCrossEntropy`, `(1 - s) * nll + s * mean(-log_softmax(z))`: the
   cross-entropy with `optax.smooth_labels(one_hot, s)` targets."""
   logits = jnp.asarray(logits, jnp.float32)
@@ -49,8 +51,9 @@ def masked_token_sums(logits: Array, targets: Array, weights: Array) -> dict[str
   logits = logits.astype(jnp.float32)
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
   correct = (jnp.argmax(logits, axis=-1) == targets).astype(jnp.float32)
-  return dict(loss_sum=jnp.sum(ce * weights), correct=jnp.sum(correct * weights),
-              count=jnp.sum(weights))
+  return dict(
+    loss_sum=jnp.sum(ce * weights), correct=jnp.sum(correct * weights), count=jnp.sum(weights)
+  )
 
 
 def masked_token_loss(logits: Array, targets: Array, weights: Array) -> tuple[Array, Array]:
@@ -69,5 +72,9 @@ def classification_sums(logits: Array, labels: Array, valid: Array) -> dict[str,
   ce = optax.softmax_cross_entropy_with_integer_labels(logits, labels)
   top = jax.lax.top_k(logits, min(5, logits.shape[-1]))[1]
   hits = top == labels[:, None]
-  return dict(loss_sum=jnp.sum(ce * w), top1=jnp.sum(hits[:, 0] * w),
-              top5=jnp.sum(jnp.any(hits, axis=1) * w), count=jnp.sum(w))
+  return dict(
+    loss_sum=jnp.sum(ce * w),
+    top1=jnp.sum(hits[:, 0] * w),
+    top5=jnp.sum(jnp.any(hits, axis=1) * w),
+    count=jnp.sum(w),
+  )

@@ -13,7 +13,8 @@ from typing import Any
 import jax
 import ml_collections
 import numpy as np
-from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import AxisType, Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 BATCH_AXES = ("data", "fsdp")
 
@@ -29,8 +30,9 @@ def mesh_shape(mesh_config: ml_collections.ConfigDict, num_devices: int) -> tupl
     fsdp = num_devices // data if data > 0 and num_devices % data == 0 else 0
   if data <= 0 or fsdp <= 0 or data * fsdp != num_devices:
     raise ValueError(
-        f"mesh.data={mesh_config.data} x mesh.fsdp={mesh_config.fsdp} does not tile the "
-        f"{num_devices} devices; choose sizes whose product is {num_devices} (or use -1 for one).")
+      f"mesh.data={mesh_config.data} x mesh.fsdp={mesh_config.fsdp} does not tile the "
+      f"{num_devices} devices; choose sizes whose product is {num_devices} (or use -1 for one)."
+    )
   return data, fsdp
 
 
@@ -66,8 +68,8 @@ def state_shardings(abstract_state: Any, mesh: Mesh, min_size: int = 2**18) -> A
   """NamedShardings for a pytree of arrays/ShapeDtypeStructs under the FSDP rule."""
   fsdp_size = mesh.shape["fsdp"]
   return jax.tree.map(
-      lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp_size, min_size)),
-      abstract_state)
+    lambda x: NamedSharding(mesh, fsdp_spec(tuple(x.shape), fsdp_size, min_size)), abstract_state
+  )
 
 
 def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
@@ -75,8 +77,9 @@ def check_batch_size(global_batch_size: int, mesh: Mesh) -> None:
   n, p = mesh.size, jax.process_count()
   if global_batch_size % n or global_batch_size % p:
     raise ValueError(
-        f"batch_size={global_batch_size} is not divisible by the {n} devices / {p} processes "
-        f"of the mesh; use a multiple of {np.lcm(n, p)}.")
+      f"batch_size={global_batch_size} is not divisible by the {n} devices / {p} processes "
+      f"of the mesh; use a multiple of {np.lcm(n, p)}."
+    )
 
 
 def task_mesh(config: Any) -> tuple[Mesh, NamedSharding, NamedSharding]:
@@ -88,7 +91,10 @@ def task_mesh(config: Any) -> tuple[Mesh, NamedSharding, NamedSharding]:
   return mesh, batch_sharding(mesh), replicated(mesh)
 
 
-def global_batch(host_batch: dict[str, np.ndarray], sharding: NamedSharding) -> dict[str, jax.Array]:
+def global_batch(
+  host_batch: dict[str, np.ndarray], sharding: NamedSharding
+) -> dict[str, jax.Array]:
   """Builds global arrays from this process's slice of the batch (multi-host safe)."""
   return jax.tree.map(
-      lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch)
+    lambda x: jax.make_array_from_process_local_data(sharding, np.asarray(x)), host_batch
+  )

@@ -7,7 +7,8 @@ the annealing schedule of the DALL-E paper (App. A.2) for tau, beta and the lr.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Sequence
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import flax
 import jax
@@ -53,8 +54,8 @@ def weight_decay_mask(params: Any, skip: Sequence[str] = ()) -> Any:
   """True where weight decay applies: unilm's rule (no decay on 1-D leaves, biases, skip list)."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
   mask = {
-      k: v.ndim > 1 and not k.endswith("bias") and not any(s in k.split("/") for s in skip)
-      for k, v in flat.items()
+    k: v.ndim > 1 and not k.endswith("bias") and not any(s in k.split("/") for s in skip)
+    for k, v in flat.items()
   }
   return flax.traverse_util.unflatten_dict(mask, sep="/")
 
@@ -69,7 +70,7 @@ def vit_layer_id(path: str, depth: int) -> int:
   if top in ("cls_token", "mask_token", "pos_embed", "patch_embed"):
     return 0
   if top.startswith("blocks_"):
-    return int(top[len("blocks_"):]) + 1
+    return int(top[len("blocks_") :]) + 1
   return depth + 1
 
 
@@ -94,9 +95,12 @@ def scale_by_tree(scales: Any) -> optax.GradientTransformation:
   return optax.GradientTransformation(lambda _: optax.EmptyState(), update_fn)
 
 
-def make_optimizer(optim_config: ml_collections.ConfigDict, lr: Schedule,
-                   wd_skip: Sequence[str] = (),
-                   lr_scales: Any = None) -> optax.GradientTransformation:
+def make_optimizer(
+  optim_config: ml_collections.ConfigDict,
+  lr: Schedule,
+  wd_skip: Sequence[str] = (),
+  lr_scales: Any = None,
+) -> optax.GradientTransformation:
   """AdamW (decoupled wd, masked) behind optional global-norm clipping.
 
   `wd_skip` names extra params without weight decay (unilm's `no_weight_decay()`);
@@ -108,10 +112,16 @@ def make_optimizer(optim_config: ml_collections.ConfigDict, lr: Schedule,
   parts = []
   if optim_config.clip_grad_norm and optim_config.clip_grad_norm > 0:
     parts.append(optax.clip_by_global_norm(optim_config.clip_grad_norm))
-  parts.append(optax.adamw(
-      learning_rate=lr, b1=optim_config.b1, b2=optim_config.b2, eps=optim_config.eps,
+  parts.append(
+    optax.adamw(
+      learning_rate=lr,
+      b1=optim_config.b1,
+      b2=optim_config.b2,
+      eps=optim_config.eps,
       weight_decay=optim_config.weight_decay,
-      mask=lambda p: weight_decay_mask(p, wd_skip)))
+      mask=lambda p: weight_decay_mask(p, wd_skip),
+    )
+  )
   if lr_scales is not None:
     parts.append(scale_by_tree(lr_scales))
   return optax.chain(*parts)

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import flax
 import jax
@@ -20,6 +21,7 @@ class TrainState:
   The per-step RNG is `fold_in(rng, step)`, so it never needs a host round trip and
   continues exactly after a resume.
   """
+
   step: jax.Array
   params: Any
   opt_state: Any
@@ -28,11 +30,17 @@ class TrainState:
   nonfinite_streak: Any = None  # Consecutive steps skipped for a non-finite loss/gradient.
 
   @classmethod
-  def create(cls, params: Any, tx: optax.GradientTransformation, rng: jax.Array,
-             use_ema: bool = False) -> "TrainState":
-    return cls(step=jnp.zeros((), jnp.int32), params=params, opt_state=tx.init(params), rng=rng,
-               ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
-               nonfinite_streak=jnp.zeros((), jnp.int32))
+  def create(
+    cls, params: Any, tx: optax.GradientTransformation, rng: jax.Array, use_ema: bool = False
+  ) -> TrainState:
+    return cls(
+      step=jnp.zeros((), jnp.int32),
+      params=params,
+      opt_state=tx.init(params),
+      rng=rng,
+      ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
+      nonfinite_streak=jnp.zeros((), jnp.int32),
+    )
 
   @property
   def eval_params(self) -> Any:
@@ -42,9 +50,15 @@ class TrainState:
   def step_rng(self) -> jax.Array:
     return jax.random.fold_in(self.rng, self.step)
 
-  def apply_gradients(self, grads: Any, tx: optax.GradientTransformation, loss: jax.Array, *,
-                      ema_decay: float | None = None,
-                      inject_at_steps: tuple[int, ...] = ()) -> tuple["TrainState", dict]:
+  def apply_gradients(
+    self,
+    grads: Any,
+    tx: optax.GradientTransformation,
+    loss: jax.Array,
+    *,
+    ema_decay: float | None = None,
+    inject_at_steps: tuple[int, ...] = (),
+  ) -> tuple[TrainState, dict]:
     """One optimizer step, skipped when the loss or the gradient norm is not finite.
 
     Inside the jitted step (no host sync): a skipped step keeps params, optimizer state
@@ -65,19 +79,24 @@ class TrainState:
     ema = self.ema_params
     if ema is not None and ema_decay is not None:
       ema = optax.incremental_update(params, ema, step_size=1.0 - ema_decay)
-    keep = lambda new, old: jax.tree.map(  # pylint: disable=unnecessary-lambda-assignment
-        lambda n, o: jnp.where(ok, n, o), new, old)
+
+    def keep(new, old):
+      return jax.tree.map(lambda n, o: jnp.where(ok, n, o), new, old)
+
     streak = jnp.zeros((), jnp.int32) if self.nonfinite_streak is None else self.nonfinite_streak
     state = self.replace(
-        step=self.step + 1, params=keep(params, self.params),
-        opt_state=keep(opt_state, self.opt_state),
-        ema_params=None if ema is None else keep(ema, self.ema_params),
-        nonfinite_streak=jnp.where(ok, 0, streak + 1).astype(jnp.int32))
+      step=self.step + 1,
+      params=keep(params, self.params),
+      opt_state=keep(opt_state, self.opt_state),
+      ema_params=None if ema is None else keep(ema, self.ema_params),
+      nonfinite_streak=jnp.where(ok, 0, streak + 1).astype(jnp.int32),
+    )
     return state, dict(grad_norm=grad_norm, nonfinite=1.0 - ok.astype(jnp.float32))
 
 
-def init_sharded(init_fn: Callable[[], TrainState], mesh: Mesh,
-                 min_shard_size: int = 2**18) -> tuple[TrainState, Any]:
+def init_sharded(
+  init_fn: Callable[[], TrainState], mesh: Mesh, min_shard_size: int = 2**18
+) -> tuple[TrainState, Any]:
   """Initialises the state directly into its shardings (never whole on one device).
 
   Leaves with at least `min_shard_size` elements are split over the mesh's 'fsdp' axis
@@ -95,12 +114,15 @@ def place(host_tree: Any, shardings: Any) -> Any:
   """Host (numpy) arrays -> global arrays with `shardings`; each process (every process
   holds the same host values) copies only the shards of its own devices."""
   return jax.tree.map(
-      lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda index: x[index]),
-      host_tree, shardings)
+    lambda x, sh: jax.make_array_from_callback(x.shape, sh, lambda index: x[index]),
+    host_tree,
+    shardings,
+  )
 
 
-def init_sharded_from_params(host_params: Any, create: Callable[[Any], TrainState], mesh: Mesh,
-                             min_shard_size: int = 2**18) -> tuple[TrainState, Any]:
+def init_sharded_from_params(
+  host_params: Any, create: Callable[[Any], TrainState], mesh: Mesh, min_shard_size: int = 2**18
+) -> tuple[TrainState, Any]:
   """`init_sharded` for a state built from given params (pretrained weights): the params
   go straight into their shards (`place`) and `create(params)` (optimizer state etc.) runs
   sharded; the weights are never baked into a compiled program as constants."""

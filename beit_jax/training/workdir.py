@@ -65,9 +65,10 @@ def check(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = Fal
   if not overwrite:
     shown = "; ".join(diffs[:5]) + (f"; and {len(diffs) - 5} more" if len(diffs) > 5 else "")
     raise ValueError(
-        f"{workdir} holds a run of a different config ({shown}). Rerun it with the config "
-        "that started it to resume, choose a new --workdir, or pass --overwrite to move the "
-        f"old run into {workdir}/replaced-<time>/ and start afresh.")
+      f"{workdir} holds a run of a different config ({shown}). Rerun it with the config "
+      "that started it to resume, choose a new --workdir, or pass --overwrite to move the "
+      f"old run into {workdir}/replaced-<time>/ and start afresh."
+    )
   if jax.process_index() == 0:
     aside = os.path.join(workdir, time.strftime("replaced-%Y%m%d-%H%M%S"))
     os.makedirs(aside)
@@ -85,5 +86,9 @@ def write(config: ml_collections.ConfigDict, workdir: str) -> None:
     return
   os.makedirs(workdir, exist_ok=True)
   with open(path, "w") as f:
-    json.dump({"identity": identity(config), "config": _plain(config.to_dict())}, f, indent=2,
-              sort_keys=True)
+    json.dump(
+      {"identity": identity(config), "config": _plain(config.to_dict())},
+      f,
+      indent=2,
+      sort_keys=True,
+    )

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 
@@ -25,24 +25,37 @@ from beit_jax.data import sources
 from beit_jax.viz import pictures
 
 
-def pretrain_pictures(export_dir: str, out_dir: str, images: np.ndarray, seed: int = 0,
-                      metrics_path: str | None = None,
-                      tensorboard_workdir: str | None = None) -> dict[str, str]:
+def pretrain_pictures(
+  export_dir: str,
+  out_dir: str,
+  images: np.ndarray,
+  seed: int = 0,
+  metrics_path: str | None = None,
+  tensorboard_workdir: str | None = None,
+) -> dict[str, str]:
   """`pictures.mim_pictures` of a MIM export and its tokenizer, written by
   `pictures.write_pictures`; returns name -> path."""
   model, params, meta = exports.load_pretrained(export_dir)
   tokenizer, tokenizer_vars, tokenizer_meta = exports.load_tokenizer(meta["tokenizer"])
   drawn = pictures.mim_pictures(
-      model, params, tokenizer, tokenizer_vars, images, input_norm=meta["input_norm"],
-      tokenizer_image_size=meta.get("tokenizer_image_size", tokenizer_meta["image_size"]),
-      seed=seed)
-  return pictures.write_pictures(drawn, out_dir, int(meta.get("step", 0)), metrics_path,
-                                 tensorboard_workdir)
+    model,
+    params,
+    tokenizer,
+    tokenizer_vars,
+    images,
+    input_norm=meta["input_norm"],
+    tokenizer_image_size=meta.get("tokenizer_image_size", tokenizer_meta["image_size"]),
+    seed=seed,
+  )
+  return pictures.write_pictures(
+    drawn, out_dir, int(meta.get("step", 0)), metrics_path, tensorboard_workdir
+  )
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-  parser = argparse.ArgumentParser(prog="python -m beit_jax.viz",
-                                   description=__doc__.split("\n\n")[0])
+  parser = argparse.ArgumentParser(
+    prog="python -m beit_jax.viz", description=__doc__.split("\n\n")[0]
+  )
   parser.add_argument("--workdir", default="", help="a pretrain workdir (export/beit inside)")
   parser.add_argument("--export", default="", help="a MIM export dir (default WORKDIR/export/beit)")
   parser.add_argument("--out", default="", help="output dir (default WORKDIR/pictures)")
@@ -52,11 +65,14 @@ def main(argv: Sequence[str] | None = None) -> None:
   args = parser.parse_args(argv)
   export = args.export or os.path.join(args.workdir, "export", "beit")
   if not exports.is_export(export):
-    raise SystemExit(f"No MIM export at {export}: run the quick start first "
-                     "(python -m beit_jax.main --config=configs/pretrain_small.py) and pass "
-                     "--workdir=runs/pretrain_small, or --export=DIR.")
-  out = args.out or os.path.join(args.workdir or os.path.dirname(os.path.dirname(export)),
-                                 "pictures")
+    raise SystemExit(
+      f"No MIM export at {export}: run the quick start first "
+      "(python -m beit_jax.main --config=configs/pretrain_small.py) and pass "
+      "--workdir=runs/pretrain_small, or --export=DIR."
+    )
+  out = args.out or os.path.join(
+    args.workdir or os.path.dirname(os.path.dirname(export)), "pictures"
+  )
   src = sources.ImageFolderSource(args.folder) if args.folder else sources.BuiltinPhotosSource()
   images = pictures.sample_images(src, args.num_images)
   metrics = os.path.join(args.workdir, "metrics.jsonl") if args.workdir else None

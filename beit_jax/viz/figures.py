@@ -10,7 +10,8 @@ import colorsys
 import json
 import math
 import os
-from typing import Any, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -22,8 +23,13 @@ Array = np.ndarray
 
 
 # -- Layout ----------------------------------------------------------------------------
-def grid(tiles: Sequence[Array], cols: int, captions: Sequence[str] | None = None,
-         pad: int = 2, caption_height: int = 12) -> Array:
+def grid(
+  tiles: Sequence[Array],
+  cols: int,
+  captions: Sequence[str] | None = None,
+  pad: int = 2,
+  caption_height: int = 12,
+) -> Array:
   """Tiles (h, w, 3) uint8 of equal size in rows of `cols`, white padding, optional captions
   under each tile."""
   h, w = tiles[0].shape[:2]
@@ -55,10 +61,9 @@ def save_png(image: Array, path: str) -> str:
 
 
 def resize_square(images: Array, size: int) -> Array:
-  return np.stack([np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC))
-                   for x in images])
-
-
+  return np.stack(
+    [np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC)) for x in images]
+  )
 
 
 # -- Masks -----------------------------------------------------------------------------
@@ -71,8 +76,9 @@ def mask_overlay(image: Array, mask: Array, patch: int) -> Array:
   return out
 
 
-def masks_figure(images: Array, patch: int, generator: Any, per_image: int = 3,
-                 seed: int = 0) -> Array:
+def masks_figure(
+  images: Array, patch: int, generator: Any, per_image: int = 3, seed: int = 0
+) -> Array:
   """Each image then `per_image` blockwise masks of it (one row an image)."""
   rng = np.random.default_rng(seed)
   tiles, captions = [], []
@@ -106,7 +112,7 @@ def token_colours(vocab_size: int) -> Array:
   ids = np.arange(vocab_size)
   hues = (ids * 0.618033988749895) % 1.0
   light = 0.35 + 0.3 * ((ids * 0.381966) % 1.0)
-  rgb = [colorsys.hls_to_rgb(h, l, 0.85) for h, l in zip(hues, light)]
+  rgb = [colorsys.hls_to_rgb(h, lightness, 0.85) for h, lightness in zip(hues, light)]
   return np.asarray(np.rint(np.asarray(rgb) * 255), np.uint8)
 
 
@@ -126,21 +132,30 @@ def codebook_figure(ids: Array, vocab_size: int, width: int = 512, height: int =
   bar = width / vocab_size
   for i, c in enumerate(counts[:used]):
     x = int(i * bar)
-    draw.rectangle([x, base - int(c * scale), max(x, int((i + 1) * bar) - 1), base],
-                   fill=(40, 90, 200))
-  draw.text((4, 1), f"{used} of {vocab_size} tokens used ({used / vocab_size:.1%}), "
-            f"{int(counts.sum())} positions", fill=(0, 0, 0))
+    draw.rectangle(
+      [x, base - int(c * scale), max(x, int((i + 1) * bar) - 1), base], fill=(40, 90, 200)
+    )
+  draw.text(
+    (4, 1),
+    f"{used} of {vocab_size} tokens used ({used / vocab_size:.1%}), {int(counts.sum())} positions",
+    fill=(0, 0, 0),
+  )
   return np.asarray(out)
 
 
 # -- Masked image modeling ---------------------------------------------------------------
-def inpainting_figure(images: Array, masks: Array, patch: int, inpainted: Array,
-                      reconstructed: Array, accuracy: Sequence[float]) -> Array:
+def inpainting_figure(
+  images: Array,
+  masks: Array,
+  patch: int,
+  inpainted: Array,
+  reconstructed: Array,
+  accuracy: Sequence[float],
+) -> Array:
   tiles, captions = [], []
   for image, mask, inp, rec, acc in zip(images, masks, inpainted, reconstructed, accuracy):
-    size = image.shape[0]
-    as_view = lambda x: np.asarray(Image.fromarray(x).resize((size, size), Image.BICUBIC))  # pylint: disable=unnecessary-lambda-assignment
-    tiles += [image, mask_overlay(image, mask, patch), as_view(inp), as_view(rec)]
+    inp_view, rec_view = resize_square(np.stack([inp, rec]), image.shape[0])
+    tiles += [image, mask_overlay(image, mask, patch), inp_view, rec_view]
     captions += ["original", "masked input", f"BEiT {acc:.0%} right", "true tokens"]
   return grid(tiles, 4, captions)
 
@@ -151,8 +166,12 @@ def heatmap_overlay(image: Array, heat: Array) -> Array:
   h = np.asarray(heat, np.float64)
   h = (h - h.min()) / max(h.max() - h.min(), 1e-12)
   size = image.shape[:2]
-  h = np.asarray(Image.fromarray(np.uint8(np.rint(h * 255))).resize(size[::-1], Image.BILINEAR),
-                 np.float64)[..., None] / 255.0
+  h = (
+    np.asarray(
+      Image.fromarray(np.uint8(np.rint(h * 255))).resize(size[::-1], Image.BILINEAR), np.float64
+    )[..., None]
+    / 255.0
+  )
   red = np.zeros_like(image, np.float64)
   red[..., 0] = 255
   return np.asarray(np.rint(image * (1 - 0.6 * h) + red * 0.6 * h), np.uint8)
@@ -175,9 +194,12 @@ def read_metrics(path: str, split: str = "train") -> list[dict[str, Any]]:
     return [r for r in map(json.loads, f) if r.get("split") == split]
 
 
-def curves_figure(records: Sequence[Mapping[str, Any]],
-                  keys: Iterable[str] = ("loss", "mlm_acc", "lr", "grad_norm"),
-                  width: int = 300, height: int = 160) -> Array:
+def curves_figure(
+  records: Sequence[Mapping[str, Any]],
+  keys: Iterable[str] = ("loss", "mlm_acc", "lr", "grad_norm"),
+  width: int = 300,
+  height: int = 160,
+) -> Array:
   """One panel a metric (those present): value against step, min/max in the corner."""
   panels = []
   for key in keys:
@@ -197,8 +219,11 @@ def curves_figure(records: Sequence[Mapping[str, Any]],
       draw.line(xy, fill=(200, 40, 40), width=2)
     else:
       draw.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=(200, 40, 40))
-    draw.text((4, 2), f"{key}: {values[0]:.4g} -> {values[-1]:.4g} (steps {int(steps.min())}-"
-              f"{int(steps.max())})", fill=(0, 0, 0))
+    draw.text(
+      (4, 2),
+      f"{key}: {values[0]:.4g} -> {values[-1]:.4g} (steps {int(steps.min())}-{int(steps.max())})",
+      fill=(0, 0, 0),
+    )
     panels.append(np.asarray(out))
   if not panels:
     raise ValueError(f"None of {list(keys)} is in the metrics records.")

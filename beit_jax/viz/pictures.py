@@ -9,7 +9,8 @@ saves them as PNGs (and into TensorBoard); `checkpoint_painter` is the `loop.run
 from __future__ import annotations
 
 import os
-from typing import Any, Callable, Mapping
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -36,8 +37,9 @@ def decode_ids(tokenizer: dvae.DiscreteVAE, tokenizer_vars: Any, ids: Array) -> 
   return pixels.to_uint8(dvae.decode(tokenizer, tokenizer_vars, jnp.asarray(ids)))
 
 
-def tokenizer_pictures(tokenizer: dvae.DiscreteVAE, tokenizer_vars: Any, images: Array,
-                       image_size: int) -> tuple[dict[str, Array], Array, Array, Array]:
+def tokenizer_pictures(
+  tokenizer: dvae.DiscreteVAE, tokenizer_vars: Any, images: Array, image_size: int
+) -> tuple[dict[str, Array], Array, Array, Array]:
   """reconstructions / tokens / codebook pictures of uint8 `images` at the tokenizer's size;
   also returns (tokenizer views, true ids, reconstructions)."""
   views = figures.resize_square(images, image_size)
@@ -45,46 +47,66 @@ def tokenizer_pictures(tokenizer: dvae.DiscreteVAE, tokenizer_vars: Any, images:
   recons = decode_ids(tokenizer, tokenizer_vars, ids)
   up = max(1, 64 // image_size)
   pictures = {
-      "reconstructions": figures.reconstructions_figure(figures.upscale_all(views, up),
-                                                        figures.upscale_all(recons, up)),
-      "tokens": figures.grid([figures.token_map(i, tokenizer.vocab_size,
-                                                cell=max(4, 64 // i.shape[0])) for i in ids],
-                             min(6, len(ids))),
-      "codebook": figures.codebook_figure(ids, tokenizer.vocab_size),
+    "reconstructions": figures.reconstructions_figure(
+      figures.upscale_all(views, up), figures.upscale_all(recons, up)
+    ),
+    "tokens": figures.grid(
+      [figures.token_map(i, tokenizer.vocab_size, cell=max(4, 64 // i.shape[0])) for i in ids],
+      min(6, len(ids)),
+    ),
+    "codebook": figures.codebook_figure(ids, tokenizer.vocab_size),
   }
   return pictures, views, ids, recons
 
 
 # -- The MIM model -----------------------------------------------------------------------
-def predicted_ids(model: vit.BEiT, params: Any, images: Array, masks: Array,
-                  input_norm: str) -> Array:
+def predicted_ids(
+  model: vit.BEiT, params: Any, images: Array, masks: Array, input_norm: str
+) -> Array:
   """(B, N) argmax token ids the ViT predicts at every patch of the masked images."""
   n = masks.shape[1]
   positions = jnp.broadcast_to(jnp.arange(n, dtype=jnp.int32), masks.shape)
-  logits = model.apply({"params": params}, pixels.normalize(jnp.asarray(images), input_norm),
-                       jnp.asarray(masks, bool), positions, method=vit.BEiT.mim_logits)
+  logits = model.apply(
+    {"params": params},
+    pixels.normalize(jnp.asarray(images), input_norm),
+    jnp.asarray(masks, bool),
+    positions,
+    method=vit.BEiT.mim_logits,
+  )
   return np.asarray(jnp.argmax(logits, axis=-1))
 
 
 def inpainted_ids(true_ids: Array, pred_ids: Array, masks: Array) -> Array:
   """Predicted ids at the masked patches, the true ids elsewhere (same shape as true_ids)."""
-  return np.where(np.asarray(masks, bool).reshape(true_ids.shape),
-                  pred_ids.reshape(true_ids.shape), true_ids)
+  return np.where(
+    np.asarray(masks, bool).reshape(true_ids.shape), pred_ids.reshape(true_ids.shape), true_ids
+  )
 
 
 def cls_attention(model: vit.BEiT, params: Any, images: Array, input_norm: str) -> Array:
   """The cls token's attention over the patches in the last block: (B, heads, gh, gw)."""
-  _, state = model.apply({"params": params},
-                         pixels.normalize(jnp.asarray(images), input_norm),
-                         method=vit.BEiT.encode, mutable=["intermediates"])
+  _, state = model.apply(
+    {"params": params},
+    pixels.normalize(jnp.asarray(images), input_norm),
+    method=vit.BEiT.encode,
+    mutable=["intermediates"],
+  )
   attn = state["intermediates"][f"blocks_{model.depth - 1}"]["attn"]["attention"][0]
   gh, gw = model.grid
   return np.asarray(attn[:, :, 0, 1:], np.float32).reshape(attn.shape[0], attn.shape[1], gh, gw)
 
 
-def mim_pictures(model: vit.BEiT, params: Any, tokenizer: dvae.DiscreteVAE, tokenizer_vars: Any,
-                 images: Array, *, input_norm: str, tokenizer_image_size: int,
-                 seed: int = 0) -> dict[str, Array]:
+def mim_pictures(
+  model: vit.BEiT,
+  params: Any,
+  tokenizer: dvae.DiscreteVAE,
+  tokenizer_vars: Any,
+  images: Array,
+  *,
+  input_norm: str,
+  tokenizer_image_size: int,
+  seed: int = 0,
+) -> dict[str, Array]:
   """Every picture of a BEiT MIM model and its tokenizer for uint8 `images` (square, any
   size: resized to the model's and the tokenizer's views):
 
@@ -97,8 +119,9 @@ def mim_pictures(model: vit.BEiT, params: Any, tokenizer: dvae.DiscreteVAE, toke
     attention        the cls token's attention in the last block, one map per head
   """
   size, patch = model.image_size, model.patch_size
-  pictures, _, true_ids, recons = tokenizer_pictures(tokenizer, tokenizer_vars, images,
-                                                     tokenizer_image_size)
+  pictures, _, true_ids, recons = tokenizer_pictures(
+    tokenizer, tokenizer_vars, images, tokenizer_image_size
+  )
   views = figures.resize_square(images, size)
   gh = size // patch
   generator = masking.BlockwiseMaskGenerator(gh, *masking.default_mask_counts(gh, gh))
@@ -110,18 +133,23 @@ def mim_pictures(model: vit.BEiT, params: Any, tokenizer: dvae.DiscreteVAE, toke
   large_views = figures.upscale_all(views, big)
   inpainted = decode_ids(tokenizer, tokenizer_vars, inpainted_ids(true_ids, pred, masks))
   pictures.update(
-      masks=figures.masks_figure(large_views, patch * big, generator, seed=seed),
-      inpainting=figures.inpainting_figure(large_views, masks, patch * big, inpainted, recons,
-                                           acc),
-      attention=figures.attention_figure(large_views,
-                                         cls_attention(model, params, views, input_norm)))
+    masks=figures.masks_figure(large_views, patch * big, generator, seed=seed),
+    inpainting=figures.inpainting_figure(large_views, masks, patch * big, inpainted, recons, acc),
+    attention=figures.attention_figure(
+      large_views, cls_attention(model, params, views, input_norm)
+    ),
+  )
   return pictures
 
 
 # -- Writing them ------------------------------------------------------------------------
-def write_pictures(pictures: Mapping[str, Array], out_dir: str, step: int = 0,
-                   metrics_path: str | None = None,
-                   tensorboard_workdir: str | None = None) -> dict[str, str]:
+def write_pictures(
+  pictures: Mapping[str, Array],
+  out_dir: str,
+  step: int = 0,
+  metrics_path: str | None = None,
+  tensorboard_workdir: str | None = None,
+) -> dict[str, str]:
   """PNGs into `out_dir` (plus `curves.png`, loss / mlm_acc / lr / grad norm, from
   `metrics_path` if it exists), and the same images into TensorBoard under
   `tensorboard_workdir/tb` at `step`; returns name -> path."""
@@ -132,12 +160,15 @@ def write_pictures(pictures: Mapping[str, Array], out_dir: str, step: int = 0,
       pictures["curves"] = figures.curves_figure(records)
   if tensorboard_workdir:
     metrics_lib.write_images(tensorboard_workdir, step, pictures)
-  return {name: figures.save_png(img, os.path.join(out_dir, f"{name}.png"))
-          for name, img in pictures.items()}
+  return {
+    name: figures.save_png(img, os.path.join(out_dir, f"{name}.png"))
+    for name, img in pictures.items()
+  }
 
 
-def checkpoint_painter(workdir: str, draw: Callable[[Any], Mapping[str, Array]],
-                       tensorboard: bool) -> Callable[[Any, int], None] | None:
+def checkpoint_painter(
+  workdir: str, draw: Callable[[Any], Mapping[str, Array]], tensorboard: bool
+) -> Callable[[Any, int], None] | None:
   """A `loop.run` hook drawing `draw(state)` into WORKDIR/pictures (latest) and TensorBoard
   (history) at every checkpoint; None with several processes (use the CLI afterwards).
   A drawing error is logged, never raised: it must not cost a training run."""
@@ -146,11 +177,15 @@ def checkpoint_painter(workdir: str, draw: Callable[[Any], Mapping[str, Array]],
 
   def paint(state: Any, step: int) -> None:
     try:
-      paths = write_pictures(draw(state), os.path.join(workdir, "pictures"), step,
-                             os.path.join(workdir, "metrics.jsonl"),
-                             workdir if tensorboard else None)
+      paths = write_pictures(
+        draw(state),
+        os.path.join(workdir, "pictures"),
+        step,
+        os.path.join(workdir, "metrics.jsonl"),
+        workdir if tensorboard else None,
+      )
       logging.info("Pictures at step %d: %s", step, os.path.dirname(next(iter(paths.values()))))
-    except Exception as e:  # pylint: disable=broad-except
+    except Exception as e:
       logging.warning("Could not draw the pictures at step %d: %s", step, e)
 
   return paint

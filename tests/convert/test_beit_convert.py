@@ -31,8 +31,11 @@ def unilm_forward(sd, images, heads):
     x = x + sd["pos_embed"]
   n, d = x.shape[1], x.shape[2]
   hd = d // heads
-  shared = (ref._np_rel_bias(sd["rel_pos_bias.relative_position_bias_table"], (g, g))
-            if "rel_pos_bias.relative_position_bias_table" in sd else 0.0)
+  shared = (
+    ref._np_rel_bias(sd["rel_pos_bias.relative_position_bias_table"], (g, g))
+    if "rel_pos_bias.relative_position_bias_table" in sd
+    else 0.0
+  )
   i = 0
   while f"blocks.{i}.norm1.weight" in sd:
     pre = f"blocks.{i}."
@@ -43,19 +46,21 @@ def unilm_forward(sd, images, heads):
     qkv_bias = np.concatenate([sd[pre + "attn.q_bias"], np.zeros(d), sd[pre + "attn.v_bias"]])
     qkv = (y @ sd[pre + "attn.qkv.weight"].T + qkv_bias).reshape(b, n, 3, heads, hd)
     q, k, v = [qkv[:, :, j].transpose(0, 2, 1, 3) for j in range(3)]
-    attn = ref._np_softmax(q * hd ** -0.5 @ k.transpose(0, 1, 3, 2) + bias)
+    attn = ref._np_softmax(q * hd**-0.5 @ k.transpose(0, 1, 3, 2) + bias)
     y = (attn @ v).transpose(0, 2, 1, 3).reshape(b, n, d)
     y = y @ sd[pre + "attn.proj.weight"].T + sd[pre + "attn.proj.bias"]
     x = x + sd.get(pre + "gamma_1", 1.0) * y
-    y = ref._np_gelu(_ln(x, sd, pre + "norm2") @ sd[pre + "mlp.fc1.weight"].T
-                     + sd[pre + "mlp.fc1.bias"])
+    y = ref._np_gelu(
+      _ln(x, sd, pre + "norm2") @ sd[pre + "mlp.fc1.weight"].T + sd[pre + "mlp.fc1.bias"]
+    )
     y = y @ sd[pre + "mlp.fc2.weight"].T + sd[pre + "mlp.fc2.bias"]
     x = x + sd.get(pre + "gamma_2", 1.0) * y
     i += 1
   if "lm_head.weight" in sd:
     return _ln(x, sd, "norm")[:, 1:] @ sd["lm_head.weight"].T + sd["lm_head.bias"]
-  feat = _ln(x[:, 1:].mean(1), sd, "fc_norm") if "fc_norm.weight" in sd else _ln(
-      x, sd, "norm")[:, 0]
+  feat = (
+    _ln(x[:, 1:].mean(1), sd, "fc_norm") if "fc_norm.weight" in sd else _ln(x, sd, "norm")[:, 0]
+  )
   return feat @ sd["head.weight"].T + sd["head.bias"]
 
 
@@ -64,27 +69,38 @@ def random_unilm_state_dict(model: vit.BEiT, seed=0):
   params = ref._random_params(model, seed)
   sd = convert.flax_to_unilm(params)
   rng = np.random.default_rng(seed + 1)
-  return {k: (rng.normal(size=v.shape).astype(np.float32) * 0.3 if "index" not in k else v)
-          for k, v in sd.items()}
+  return {
+    k: (rng.normal(size=v.shape).astype(np.float32) * 0.3 if "index" not in k else v)
+    for k, v in sd.items()
+  }
 
 
 CASES = {
-    "mim_shared_rel_pos": dict(vocab_size=50, use_shared_rel_pos_bias=True),
-    "cls_per_block_rel_pos": dict(vocab_size=0, num_classes=7, use_shared_rel_pos_bias=False,
-                                  use_rel_pos_bias=True, use_mask_token=False),
-    "vanilla_abs_pos_no_layerscale": dict(vocab_size=0, num_classes=5, use_abs_pos_emb=True,
-                                          use_shared_rel_pos_bias=False, init_values=0.0,
-                                          use_mask_token=False, use_mean_pooling=False),
+  "mim_shared_rel_pos": dict(vocab_size=50, use_shared_rel_pos_bias=True),
+  "cls_per_block_rel_pos": dict(
+    vocab_size=0,
+    num_classes=7,
+    use_shared_rel_pos_bias=False,
+    use_rel_pos_bias=True,
+    use_mask_token=False,
+  ),
+  "vanilla_abs_pos_no_layerscale": dict(
+    vocab_size=0,
+    num_classes=5,
+    use_abs_pos_emb=True,
+    use_shared_rel_pos_bias=False,
+    init_values=0.0,
+    use_mask_token=False,
+    use_mean_pooling=False,
+  ),
 }
 
 
 @pytest.mark.parametrize("case", sorted(CASES))
 def test_converted_weights_give_unilm_outputs(case):
-  model = vit.BEiT(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4,
-                   **CASES[case])
+  model = vit.BEiT(image_size=16, patch_size=4, embed_dim=32, depth=2, num_heads=4, **CASES[case])
   sd = random_unilm_state_dict(model)
-  ckpt = {"model": {("backbone." + k if case.startswith("cls") else k): v
-                    for k, v in sd.items()}}
+  ckpt = {"model": {("backbone." + k if case.startswith("cls") else k): v for k, v in sd.items()}}
   params, kwargs = convert.unilm_to_flax(ckpt, num_heads=None if "rel" in case else 4)
   assert kwargs["image_size"] == 16 and kwargs["depth"] == 2 and kwargs["num_heads"] == 4
   converted = vit.BEiT(**kwargs)
@@ -92,36 +108,43 @@ def test_converted_weights_give_unilm_outputs(case):
   expected = unilm_forward(sd, images.astype(np.float64), 4)
   if converted.vocab_size:
     positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
-    got = converted.apply({"params": params}, images, jnp.zeros((2, 16), bool), positions,
-                          method=vit.BEiT.mim_logits)
+    got = converted.apply(
+      {"params": params}, images, jnp.zeros((2, 16), bool), positions, method=vit.BEiT.mim_logits
+    )
   else:
     got = converted.apply({"params": params}, images, method=vit.BEiT.classify)
   assert np.max(np.abs(np.asarray(got) - expected)) <= 1e-4
 
 
 def test_round_trip_is_identity_and_infers_base():
-  params = ref._random_params(vit.mim_model("test", image_size=32, patch_size=8,
-                                            vocab_size=20), 0)
+  params = ref._random_params(vit.mim_model("test", image_size=32, patch_size=8, vocab_size=20), 0)
   sd = convert.flax_to_unilm(params)
   assert sd["blocks.0.attn.qkv.weight"].shape == (96, 32)
   assert sd["patch_embed.proj.weight"].shape == (32, 3, 8, 8)
-  np.testing.assert_array_equal(sd["rel_pos_bias.relative_position_index"],
-                                vit.relative_position_index((4, 4)))
+  np.testing.assert_array_equal(
+    sd["rel_pos_bias.relative_position_index"], vit.relative_position_index((4, 4))
+  )
   back, kwargs = convert.unilm_to_flax(sd)
   jax.tree.map(np.testing.assert_array_equal, back, jax.tree.map(np.asarray, params))
   assert kwargs["use_shared_rel_pos_bias"] and kwargs["vocab_size"] == 20
-  zeros = jax.tree.map(lambda a: np.zeros(a.shape, np.float32),
-                       vit.abstract_params(vit.mim_model("base")))
+  zeros = jax.tree.map(
+    lambda a: np.zeros(a.shape, np.float32), vit.abstract_params(vit.mim_model("base"))
+  )
   base = convert.flax_to_unilm(zeros, with_index=False)
   kwargs = convert.infer_model_kwargs(base)
-  assert (kwargs["embed_dim"], kwargs["depth"], kwargs["num_heads"], kwargs["image_size"],
-          kwargs["patch_size"], kwargs["vocab_size"]) == (768, 12, 12, 224, 16, 8192)
+  assert (
+    kwargs["embed_dim"],
+    kwargs["depth"],
+    kwargs["num_heads"],
+    kwargs["image_size"],
+    kwargs["patch_size"],
+    kwargs["vocab_size"],
+  ) == (768, 12, 12, 224, 16, 8192)
   assert vit.param_count(vit.BEiT(**kwargs)) == 91_965_776
 
 
 def test_mismatches_name_the_key():
-  params = ref._random_params(vit.mim_model("test", image_size=16, patch_size=4,
-                                            vocab_size=20), 0)
+  params = ref._random_params(vit.mim_model("test", image_size=16, patch_size=4, vocab_size=20), 0)
   sd = convert.flax_to_unilm(params)
   broken = dict(sd)
   del broken["blocks.1.mlp.fc2.bias"]
@@ -143,35 +166,49 @@ class NotWeights:
 
 
 def test_cli_converts_a_torch_checkpoint_to_a_loadable_export(tmp_path):
-  import os  # pylint: disable=g-import-not-at-top
-  import subprocess  # pylint: disable=g-import-not-at-top
-  import sys  # pylint: disable=g-import-not-at-top
-  import torch  # pylint: disable=g-import-not-at-top
-  from beit_jax.tasks import pretrain  # pylint: disable=g-import-not-at-top
+  import os
+  import subprocess
+  import sys
+
+  import torch
+
   model = vit.mim_model("test", image_size=16, patch_size=4, vocab_size=30)
   sd = random_unilm_state_dict(model, seed=5)
   src = tmp_path / "beit.pth"
-  torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()},
-              "epoch": 3}, src)
+  torch.save(
+    {"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}, "epoch": 3},
+    src,
+  )
   out = tmp_path / "converted"
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-m", "beit_jax.convert", "beit", str(src), str(out)],
-                          capture_output=True, text=True, env=env, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-m", "beit_jax.convert", "beit", str(src), str(out)],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   assert "Converted" in result.stdout
   loaded, params, meta = exports.load_pretrained(str(out))
   assert meta["kind"] == "beit" and loaded.vocab_size == 30 and loaded.depth == 2
   images = np.random.default_rng(4).normal(size=(2, 16, 16, 3)).astype(np.float32)
   positions = jnp.broadcast_to(jnp.arange(16), (2, 16))
-  got = loaded.apply({"params": params}, images, jnp.zeros((2, 16), bool), positions,
-                     method=vit.BEiT.mim_logits)
+  got = loaded.apply(
+    {"params": params}, images, jnp.zeros((2, 16), bool), positions, method=vit.BEiT.mim_logits
+  )
   expected = unilm_forward(sd, images.astype(np.float64), 2)
   assert np.max(np.abs(np.asarray(got) - expected)) <= 1e-4
 
   # And back: export -> unilm-layout .pth equal to the original state dict.
   back = tmp_path / "back.pth"
-  result = subprocess.run([sys.executable, "-m", "beit_jax.convert", "to_pth", str(out),
-                           str(back)], capture_output=True, text=True, env=env, timeout=300)
+  result = subprocess.run(
+    [sys.executable, "-m", "beit_jax.convert", "to_pth", str(out), str(back)],
+    capture_output=True,
+    text=True,
+    env=env,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   returned = torch.load(back, weights_only=True)["model"]
   assert set(returned) == set(sd)

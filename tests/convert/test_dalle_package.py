@@ -11,7 +11,6 @@ import torch
 
 from beit_jax.convert import dalle
 from beit_jax.models import dvae
-from beit_jax import exports
 from tests.convert.test_dalle_convert import real_photos
 
 TOL = 1e-4
@@ -54,8 +53,13 @@ def full_size():
 
 def test_full_size_dalle_equals_the_package_on_real_photos(full_size):
   enc, dec, params, config = full_size
-  assert (config["n_hid"], config["n_blk_per_group"], config["group_count"],
-          config["n_init"], config["vocab_size"]) == (256, 2, 4, 128, 8192)
+  assert (
+    config["n_hid"],
+    config["n_blk_per_group"],
+    config["group_count"],
+    config["n_init"],
+    config["vocab_size"],
+  ) == (256, 2, 4, 128, 8192)
   model = dvae.from_config(config)
   variables = {"params": params}
   images = real_photos(size=SIZE)  # (4, 112, 112, 3) in [0, 1].
@@ -63,8 +67,7 @@ def test_full_size_dalle_equals_the_package_on_real_photos(full_size):
   with torch.no_grad():
     expected = enc(dall_e.map_pixels(x)).numpy().transpose(0, 2, 3, 1)
   # Our encode applies map_pixels itself (input_norm='dall_e'): it takes [0, 1] images.
-  logits = np.asarray(model.apply(variables, jnp.asarray(images),
-                                  method=dvae.DiscreteVAE.encode))
+  logits = np.asarray(model.apply(variables, jnp.asarray(images), method=dvae.DiscreteVAE.encode))
   assert logits.shape == (4, SIZE // 8, SIZE // 8, 8192)
   assert max_diff(logits, expected) <= TOL
   ids = logits.argmax(-1).astype(np.int32)  # What dvae.tokenize returns (saves a pass).

@@ -16,19 +16,49 @@ BATCH = 2
 
 # Reduced depth (2 blocks) and images; Base / Large widths and head counts kept.
 LAYOUTS = {
-    "base_rel_pos_mean_pool": dict(
-        img_size=64, patch_size=16, embed_dim=768, num_heads=12, num_classes=10,
-        global_pool="avg", use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=0.1),
-    "base_shared_rel_pos_cls_pool": dict(
-        img_size=32, patch_size=8, embed_dim=768, num_heads=12, num_classes=7,
-        global_pool="token", use_abs_pos_emb=False, use_shared_rel_pos_bias=True,
-        init_values=0.1),
-    "large_rel_pos": dict(
-        img_size=48, patch_size=16, embed_dim=1024, num_heads=16, num_classes=5,
-        global_pool="avg", use_abs_pos_emb=False, use_rel_pos_bias=True, init_values=1e-5),
-    "vanilla_abs_pos": dict(  # Like beit_base_patch16_224_pt1k_800ep: no table, no gammas.
-        img_size=64, patch_size=16, embed_dim=768, num_heads=12, num_classes=3,
-        global_pool="avg", use_abs_pos_emb=True, init_values=None),
+  "base_rel_pos_mean_pool": dict(
+    img_size=64,
+    patch_size=16,
+    embed_dim=768,
+    num_heads=12,
+    num_classes=10,
+    global_pool="avg",
+    use_abs_pos_emb=False,
+    use_rel_pos_bias=True,
+    init_values=0.1,
+  ),
+  "base_shared_rel_pos_cls_pool": dict(
+    img_size=32,
+    patch_size=8,
+    embed_dim=768,
+    num_heads=12,
+    num_classes=7,
+    global_pool="token",
+    use_abs_pos_emb=False,
+    use_shared_rel_pos_bias=True,
+    init_values=0.1,
+  ),
+  "large_rel_pos": dict(
+    img_size=48,
+    patch_size=16,
+    embed_dim=1024,
+    num_heads=16,
+    num_classes=5,
+    global_pool="avg",
+    use_abs_pos_emb=False,
+    use_rel_pos_bias=True,
+    init_values=1e-5,
+  ),
+  "vanilla_abs_pos": dict(  # Like beit_base_patch16_224_pt1k_800ep: no table, no gammas.
+    img_size=64,
+    patch_size=16,
+    embed_dim=768,
+    num_heads=12,
+    num_classes=3,
+    global_pool="avg",
+    use_abs_pos_emb=True,
+    init_values=None,
+  ),
 }
 
 
@@ -130,14 +160,16 @@ def test_flax_to_unilm_loads_back_into_timm(case):
   index_keys = {k for k in sd if k.endswith("relative_position_index")}
   # Our indices equal timm's (non-persistent) buffers, which timm's state dict omits.
   buffers = dict(model.named_buffers())
-  assert bool(index_keys) == bool(LAYOUTS[layout].get("use_rel_pos_bias")
-                                  or LAYOUTS[layout].get("use_shared_rel_pos_bias"))
+  assert bool(index_keys) == bool(
+    LAYOUTS[layout].get("use_rel_pos_bias") or LAYOUTS[layout].get("use_shared_rel_pos_bias")
+  )
   for k in index_keys:
     np.testing.assert_array_equal(sd[k], buffers[k].numpy())
   assert set(convert.flax_to_unilm(params, with_index=False)) == set(sd) - index_keys
   fresh = timm_beit.Beit(depth=2, mlp_ratio=4.0, **LAYOUTS[layout]).eval()
-  fresh.load_state_dict({k: torch.from_numpy(v) for k, v in sd.items() if k not in index_keys},
-                        strict=True)
+  fresh.load_state_dict(
+    {k: torch.from_numpy(v) for k, v in sd.items() if k not in index_keys}, strict=True
+  )
   for key, value in model.state_dict().items():
     np.testing.assert_array_equal(fresh.state_dict()[key].numpy(), value.numpy(), err_msg=key)
   _, back = timm_outputs(fresh, x)

@@ -10,17 +10,15 @@ import pickle
 import jax
 import jax.numpy as jnp
 import numpy as np
-from PIL import Image
 import pytest
 import timm.data.random_erasing as timm_re
-from timm.data.transforms_factory import transforms_imagenet_train
 import torch
+from PIL import Image
+from timm.data.transforms_factory import transforms_imagenet_train
 
 from beit_jax import pixels
 from beit_jax.data import augment
-from tests.data.timm_draws import Draws
-from tests.data.timm_draws import patch_timm_random
-from tests.data.timm_draws import photo
+from tests.data.timm_draws import Draws, patch_timm_random, photo
 
 
 class _BoxRecorder:
@@ -31,8 +29,7 @@ class _BoxRecorder:
 
   def __setitem__(self, key, value):
     _, ys, xs = key
-    self.boxes.append((ys.start, xs.start, ys.stop - ys.start,
-                       xs.stop - xs.start))
+    self.boxes.append((ys.start, xs.start, ys.stop - ys.start, xs.stop - xs.start))
     assert value.shape[0] == 3
 
 
@@ -63,16 +60,13 @@ def test_erase_box_statistics():
   assert abs(np.mean(np.log(aspect))) < 0.02  # Symmetric in log aspect.
 
 
-@pytest.mark.parametrize("height,width", [(224, 224), (31, 17), (8, 8),
-                                          (5, 12)])
+@pytest.mark.parametrize("height,width", [(224, 224), (31, 17), (8, 8), (5, 12)])
 @pytest.mark.parametrize("min_count,max_count", [(1, 1), (1, 3), (2, 4)])
-def test_erase_boxes_match_timm(height, width, min_count, max_count,
-                                monkeypatch):
-  ours = augment.RandomErasingBoxes(
-      0.7, min_count=min_count, max_count=max_count)
+def test_erase_boxes_match_timm(height, width, min_count, max_count, monkeypatch):
+  ours = augment.RandomErasingBoxes(0.7, min_count=min_count, max_count=max_count)
   theirs = timm_re.RandomErasing(
-      0.7, mode="const", min_count=min_count, max_count=max_count,
-      device="cpu")
+    0.7, mode="const", min_count=min_count, max_count=max_count, device="cpu"
+  )
   placed = 0
   for seed in range(150):
     draws = Draws(seed)
@@ -99,16 +93,19 @@ def _box_union(boxes, height, width):
   mask = np.zeros((len(boxes), height, width), bool)
   for i, rows in enumerate(boxes):
     for top, left, h, w in rows:
-      mask[i, top:top + h, left:left + w] = True
+      mask[i, top : top + h, left : left + w] = True
   return mask
 
 
-_BOXES = np.array([
+_BOXES = np.array(
+  [
     [[2, 3, 10, 20], [5, 10, 30, 30]],  # Overlapping.
     [[0, 0, 0, 0], [4, 4, 0, 9]],  # Nothing (an h = 0 box).
     [[0, 0, 40, 48], [0, 0, 0, 0]],  # The whole image.
     [[39, 47, 1, 1], [0, 20, 40, 1]],  # A corner pixel and a column.
-], np.int32)
+  ],
+  np.int32,
+)
 
 
 def test_apply_random_erasing_pixel():
@@ -144,7 +141,8 @@ def test_apply_random_erasing_rand_and_const():
   assert len(set(c1[0]) | set(c0[0])) == 6
   out = np.asarray(fn(images, _BOXES, jax.random.key(0), mode="const"))
   np.testing.assert_array_equal(
-      out, np.broadcast_to(np.where(union[..., None], 0.0, 5.0), out.shape))
+    out, np.broadcast_to(np.where(union[..., None], 0.0, 5.0), out.shape)
+  )
   with pytest.raises(ValueError):
     augment.apply_random_erasing(images, _BOXES, jax.random.key(0), "foo")
 
@@ -154,24 +152,38 @@ def test_apply_random_erasing_rand_and_const():
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("interp,re_count,auto_augment", [
+@pytest.mark.parametrize(
+  "interp,re_count,auto_augment",
+  [
     ("bicubic", 1, "rand-m9-mstd0.5-inc1"),  # BEiT's setting.
     ("random", 3, "rand-m9-mstd0.5-inc1"),
     ("bicubic", 2, None),  # No RandAugment, no colour jitter.
-])
-def test_finetune_transform_matches_timm(interp, re_count, auto_augment,
-                                         monkeypatch):
+  ],
+)
+def test_finetune_transform_matches_timm(interp, re_count, auto_augment, monkeypatch):
   image = photo()
   size = 64
   ours = augment.FinetuneTrainTransform(
-      size, interpolation=interp, auto_augment=auto_augment,
-      color_jitter=0.4 if auto_augment else None, re_prob=0.6,
-      re_count=re_count)
+    size,
+    interpolation=interp,
+    auto_augment=auto_augment,
+    color_jitter=0.4 if auto_augment else None,
+    re_prob=0.6,
+    re_count=re_count,
+  )
   primary, secondary, final = transforms_imagenet_train(
-      size, hflip=0.5, color_jitter=0.4 if auto_augment else None,
-      auto_augment=auto_augment, interpolation=interp,
-      mean=pixels.IMAGENET_MEAN, std=pixels.IMAGENET_STD,
-      re_prob=0.6, re_mode="pixel", re_count=re_count, separate=True)
+    size,
+    hflip=0.5,
+    color_jitter=0.4 if auto_augment else None,
+    auto_augment=auto_augment,
+    interpolation=interp,
+    mean=pixels.IMAGENET_MEAN,
+    std=pixels.IMAGENET_STD,
+    re_prob=0.6,
+    re_mode="pixel",
+    re_count=re_count,
+    separate=True,
+  )
   erasing = final.transforms[-1]
   assert isinstance(erasing, timm_re.RandomErasing)
   boxes = 0
@@ -183,11 +195,9 @@ def test_finetune_transform_matches_timm(interp, re_count, auto_augment,
     erasing._erase(recorder, 3, size, size, torch.float32)
     rng = np.random.default_rng(seed)
     out = ours(image, rng)
-    np.testing.assert_array_equal(out["image"], np.asarray(want),
-                                  err_msg=f"seed {seed}")
+    np.testing.assert_array_equal(out["image"], np.asarray(want), err_msg=f"seed {seed}")
     n = len(recorder.boxes)
-    assert [tuple(b) for b in out["erase_boxes"][:n].tolist()] == (
-        recorder.boxes)
+    assert [tuple(b) for b in out["erase_boxes"][:n].tolist()] == (recorder.boxes)
     assert np.all(out["erase_boxes"][n:] == 0)
     assert rng.random() == draws.g.random()
     boxes += n > 0
@@ -211,8 +221,7 @@ def test_finetune_transform_output_and_determinism():
   assert not np.array_equal(a["image"], c["image"])
   # Picklable for Grain workers, and the copy draws the same.
   t2 = pickle.loads(pickle.dumps(t))
-  np.testing.assert_array_equal(
-      t2(image, np.random.default_rng(7))["image"], a["image"])
+  np.testing.assert_array_equal(t2(image, np.random.default_rng(7))["image"], a["image"])
 
 
 def test_finetune_transform_options():
@@ -227,17 +236,18 @@ def test_finetune_transform_options():
     assert a["erase_boxes"][0, 2] > 0
     assert b["erase_boxes"].shape == (2, 4) and not b["erase_boxes"].any()
   # Without RandAugment the colour jitter runs (and only then).
-  plain = augment.FinetuneTrainTransform(
-      64, auto_augment="", color_jitter=None, re_prob=0)
-  jitter = augment.FinetuneTrainTransform(
-      64, auto_augment=None, color_jitter=0.4, re_prob=0)
+  plain = augment.FinetuneTrainTransform(64, auto_augment="", color_jitter=None, re_prob=0)
+  jitter = augment.FinetuneTrainTransform(64, auto_augment=None, color_jitter=0.4, re_prob=0)
   assert plain.rand_augment is None and plain.jitter is None
   assert jitter.jitter is not None and jitter.jitter.enabled
   assert on.jitter is None and on.rand_augment is not None
   differ = sum(
-      not np.array_equal(plain(image, np.random.default_rng(s))["image"],
-                         jitter(image, np.random.default_rng(s))["image"])
-      for s in range(5))
+    not np.array_equal(
+      plain(image, np.random.default_rng(s))["image"],
+      jitter(image, np.random.default_rng(s))["image"],
+    )
+    for s in range(5)
+  )
   assert differ == 5
   with pytest.raises(ValueError):
     augment.FinetuneTrainTransform(64, auto_augment="original-mstd0.5")

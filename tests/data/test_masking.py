@@ -7,9 +7,7 @@ import random
 import numpy as np
 import pytest
 
-from beit_jax.data import masking
-from beit_jax.data import pipeline
-from beit_jax.data import transforms
+from beit_jax.data import masking, pipeline, transforms
 
 # ----------------------------------------------------------------------------
 # Verbatim transcription of unilm beit/masking_generator.py (MaskingGenerator),
@@ -32,20 +30,24 @@ class _PyRandomAdapter:
 
 
 class _UnilmMaskingGenerator:
-
   def __init__(
-      self, input_size, num_masking_patches, min_num_patches=4,
-      max_num_patches=None, min_aspect=0.3, max_aspect=None):
+    self,
+    input_size,
+    num_masking_patches,
+    min_num_patches=4,
+    max_num_patches=None,
+    min_aspect=0.3,
+    max_aspect=None,
+  ):
     if not isinstance(input_size, tuple):
-      input_size = (input_size, ) * 2
+      input_size = (input_size,) * 2
     self.height, self.width = input_size
 
     self.num_patches = self.height * self.width
     self.num_masking_patches = num_masking_patches
 
     self.min_num_patches = min_num_patches
-    self.max_num_patches = (
-        num_masking_patches if max_num_patches is None else max_num_patches)
+    self.max_num_patches = num_masking_patches if max_num_patches is None else max_num_patches
 
     max_aspect = max_aspect or 1 / min_aspect
     self.log_aspect_ratio = (math.log(min_aspect), math.log(max_aspect))
@@ -53,10 +55,9 @@ class _UnilmMaskingGenerator:
   def get_shape(self):
     return self.height, self.width
 
-  # pylint: disable-next=redefined-outer-name
   def _mask(self, mask, max_mask_patches, random):
     delta = 0
-    for attempt in range(10):  # pylint: disable=unused-variable
+    for _ in range(10):
       target_area = random.uniform(self.min_num_patches, max_mask_patches)
       aspect_ratio = math.exp(random.uniform(*self.log_aspect_ratio))
       h = int(round(math.sqrt(target_area * aspect_ratio)))
@@ -65,7 +66,7 @@ class _UnilmMaskingGenerator:
         top = random.randint(0, self.height - h)
         left = random.randint(0, self.width - w)
 
-        num_masked = mask[top: top + h, left: left + w].sum()
+        num_masked = mask[top : top + h, left : left + w].sum()
         # Overlap
         if 0 < h * w - num_masked <= max_mask_patches:
           for i in range(top, top + h):
@@ -78,7 +79,6 @@ class _UnilmMaskingGenerator:
           break
     return delta
 
-  # pylint: disable-next=redefined-outer-name
   def __call__(self, random):
     mask = np.zeros(shape=self.get_shape(), dtype=int)
     mask_count = 0
@@ -105,17 +105,16 @@ def _unilm_mask(ref, seed):
 
 
 @pytest.mark.parametrize(
-    'args, kwargs, num_seeds',
-    [
-        # BEiT's pre-training setting (max_mask_patches < min_num_patches, the
-        # a > b uniform, happens near the end of most masks).
-        (((14, 14), 75, 16), {}, 2000),
-        # Non-square grid, unilm's class defaults.
-        (((10, 16), 60), {}, 2000),
-        # Explicit max block size and asymmetric aspect range.
-        (((8, 12), 40, 3), dict(max_num_patches=10, min_aspect=0.5,
-                                max_aspect=4.0), 500),
-    ],
+  "args, kwargs, num_seeds",
+  [
+    # BEiT's pre-training setting (max_mask_patches < min_num_patches, the
+    # a > b uniform, happens near the end of most masks).
+    (((14, 14), 75, 16), {}, 2000),
+    # Non-square grid, unilm's class defaults.
+    (((10, 16), 60), {}, 2000),
+    # Explicit max block size and asymmetric aspect range.
+    (((8, 12), 40, 3), dict(max_num_patches=10, min_aspect=0.5, max_aspect=4.0), 500),
+  ],
 )
 def test_blockwise_matches_unilm_transcription(args, kwargs, num_seeds):
   ours = masking.BlockwiseMaskGenerator(*args, **kwargs)
@@ -125,7 +124,7 @@ def test_blockwise_matches_unilm_transcription(args, kwargs, num_seeds):
     got = ours(np.random.default_rng(seed))
     assert got.dtype == np.bool_ and got.shape == ref.get_shape()
     want = _unilm_mask(ref, seed)
-    np.testing.assert_array_equal(got, want.astype(bool), err_msg=f'{seed=}')
+    np.testing.assert_array_equal(got, want.astype(bool), err_msg=f"{seed=}")
     counts.append(int(got.sum()))
   # The comparison must cover both complete and early-stopped masks.
   assert max(counts) == ref.num_masking_patches
@@ -162,7 +161,6 @@ def test_blockwise_rounds_half_to_even_like_python():
   # so sqrt = 2.5 and Python's round gives h = w = 2 (half-up would give 3).
   ours = masking.BlockwiseMaskGenerator(14, 13, 4, min_aspect=1.0)
   ref = _UnilmMaskingGenerator(14, 13, 4, min_aspect=1.0)
-  # pylint: disable=protected-access
   mask = np.zeros((14, 14), bool)
   assert ours._mask(mask, 13, _ScriptedRng(0.25)) == 4
   assert mask[:2, :2].all() and mask.sum() == 4
@@ -220,7 +218,7 @@ def test_single_block_is_a_filled_rectangle_respecting_min_area():
   areas = []
   for _ in range(3000):
     mask = np.zeros((14, 14), bool)
-    delta = gen._mask(mask, 75, rng)  # pylint: disable=protected-access
+    delta = gen._mask(mask, 75, rng)
     assert delta == mask.sum()
     if delta == 0:
       continue
@@ -229,7 +227,7 @@ def test_single_block_is_a_filled_rectangle_respecting_min_area():
     h, w = rows[-1] - rows[0] + 1, cols[-1] - cols[0] + 1
     # The mask equals its bounding box, which is strictly smaller than the grid.
     assert delta == h * w
-    assert mask[rows[0]:rows[-1] + 1, cols[0]:cols[-1] + 1].all()
+    assert mask[rows[0] : rows[-1] + 1, cols[0] : cols[-1] + 1].all()
     assert h < 14 and w < 14
     areas.append(h * w)
   areas = np.array(areas)
@@ -249,7 +247,7 @@ def test_mask_never_overshoots_and_block_limit_respected():
     count = 0
     while count < gen.num_masking_patches:
       cap = min(gen.num_masking_patches - count, gen.max_num_patches)
-      delta = gen._mask(mask, cap, rng)  # pylint: disable=protected-access
+      delta = gen._mask(mask, cap, rng)
       assert 0 <= delta <= cap
       if delta == 0:
         break
@@ -280,35 +278,41 @@ class _Source:
 
   def __init__(self, n):
     self._images = [
-        np.random.default_rng(i).integers(0, 256, (40, 48, 3), np.uint8)
-        for i in range(n)
+      np.random.default_rng(i).integers(0, 256, (40, 48, 3), np.uint8) for i in range(n)
     ]
 
   def __len__(self):
     return len(self._images)
 
   def __getitem__(self, index):
-    return {'image': self._images[index], 'label': index}
+    return {"image": self._images[index], "label": index}
 
 
 def _masked_transform():
   return masking.MaskedViewsTransform(
-      transforms.TwoViewTransform(32, 16, color_jitter=0.0),
-      masking.BlockwiseMaskGenerator(4, 6, 2))
+    transforms.TwoViewTransform(32, 16, color_jitter=0.0), masking.BlockwiseMaskGenerator(4, 6, 2)
+  )
 
 
 def _masks(seed, num_batches=3, batch=4):
   it = pipeline.make_train_iterator(
-      _Source(8), _masked_transform(), global_batch_size=batch, seed=seed,
-      process_index=0, process_count=1, read_threads=2, prefetch_buffer_size=8)
+    _Source(8),
+    _masked_transform(),
+    global_batch_size=batch,
+    seed=seed,
+    process_index=0,
+    process_count=1,
+    read_threads=2,
+    prefetch_buffer_size=8,
+  )
   out = []
   for _ in range(num_batches):
     b = next(it)
-    assert b['mask'].shape == (batch, 16) and b['mask'].dtype == np.bool_
-    assert b['image'].shape == (batch, 32, 32, 3)
-    assert b['tokenizer_image'].shape == (batch, 16, 16, 3)
-    assert (b['mask'].sum(axis=1) <= 6).all()
-    out.append(b['mask'])
+    assert b["mask"].shape == (batch, 16) and b["mask"].dtype == np.bool_
+    assert b["image"].shape == (batch, 32, 32, 3)
+    assert b["tokenizer_image"].shape == (batch, 16, 16, 3)
+    assert (b["mask"].sum(axis=1) <= 6).all()
+    out.append(b["mask"])
   return np.stack(out)
 
 
@@ -325,28 +329,27 @@ def test_masked_views_transform_draws_mask_after_transform_with_same_rng():
   image = np.random.default_rng(0).integers(0, 256, (40, 48, 3), np.uint8)
   tf = _masked_transform()
   out = tf(image, np.random.default_rng(9))
-  assert tf.output_keys() == ('image', 'tokenizer_image', 'mask')
+  assert tf.output_keys() == ("image", "tokenizer_image", "mask")
   assert tuple(out) == tf.output_keys()
   g = np.random.default_rng(9)
   views = tf.transform(image, g)
   expected_mask = tf.mask_generator(g)
-  np.testing.assert_array_equal(out['image'], views['image'])
-  np.testing.assert_array_equal(out['tokenizer_image'],
-                                views['tokenizer_image'])
-  assert out['mask'].shape == (16,) and out['mask'].dtype == np.bool_
-  np.testing.assert_array_equal(out['mask'], expected_mask.reshape(-1))
+  np.testing.assert_array_equal(out["image"], views["image"])
+  np.testing.assert_array_equal(out["tokenizer_image"], views["tokenizer_image"])
+  assert out["mask"].shape == (16,) and out["mask"].dtype == np.bool_
+  np.testing.assert_array_equal(out["mask"], expected_mask.reshape(-1))
 
 
 def test_masked_views_transform_custom_key_and_collision():
   base = transforms.TwoViewTransform(32, None, color_jitter=0.0)
   gen = masking.RandomMaskGenerator((2, 3), 2)
-  tf = masking.MaskedViewsTransform(base, gen, mask_key='bool_masked_pos')
+  tf = masking.MaskedViewsTransform(base, gen, mask_key="bool_masked_pos")
   image = np.zeros((40, 40, 3), np.uint8)
   out = tf(image, np.random.default_rng(0))
-  assert set(out) == {'image', 'bool_masked_pos'}
-  assert out['bool_masked_pos'].shape == (6,)
-  clash = masking.MaskedViewsTransform(base, gen, mask_key='image')
-  with pytest.raises(ValueError, match='already outputs'):
+  assert set(out) == {"image", "bool_masked_pos"}
+  assert out["bool_masked_pos"].shape == (6,)
+  clash = masking.MaskedViewsTransform(base, gen, mask_key="image")
+  with pytest.raises(ValueError, match="already outputs"):
     clash(image, np.random.default_rng(0))
 
 
@@ -377,8 +380,7 @@ def test_random_mask_generator_exact_count_and_uniform():
   freq = masks.mean(axis=0)
   # Per-position std is sqrt(p (1 - p) / 5000) ~ 0.0069; 0.035 is ~5 sigma.
   np.testing.assert_allclose(freq, 75 / 196, atol=0.035)
-  np.testing.assert_array_equal(
-      gen(np.random.default_rng(3)), gen(np.random.default_rng(3)))
+  np.testing.assert_array_equal(gen(np.random.default_rng(3)), gen(np.random.default_rng(3)))
   # Full masking is allowed.
   assert masking.RandomMaskGenerator(3, 9)(rng).all()
 
@@ -396,28 +398,27 @@ def test_default_mask_counts():
   assert abs(num / 64 - 75 / 196) < 0.01
   # Non-square 16x24 (e.g. 256x384 images with 16-px patches).
   n = 16 * 24
-  assert masking.default_mask_counts(16, 24) == (
-      round(n * 75 / 196), round(n * 16 / 196))
+  assert masking.default_mask_counts(16, 24) == (round(n * 75 / 196), round(n * 16 / 196))
   # Tiny grids stay valid.
   for h, w in [(1, 1), (1, 2), (2, 2), (3, 3)]:
     num, min_patches = masking.default_mask_counts(h, w)
     assert 1 <= min_patches <= num <= h * w
     masking.BlockwiseMaskGenerator((h, w), num, min_patches)
   for bad in [(0, 14), (14, -1), (14.0, 14)]:
-    with pytest.raises(ValueError, match='positive integer'):
+    with pytest.raises(ValueError, match="positive integer"):
       masking.default_mask_counts(*bad)
 
 
 def test_make_mask_generator():
-  g = masking.make_mask_generator('blockwise', (14, 14), 75, 16)
+  g = masking.make_mask_generator("blockwise", (14, 14), 75, 16)
   assert isinstance(g, masking.BlockwiseMaskGenerator)
   assert (g.num_masking_patches, g.min_num_patches) == (75, 16)
   assert g.shape == (14, 14) and g.num_patches == 196
-  r = masking.make_mask_generator('random', 7, 20, 16)
+  r = masking.make_mask_generator("random", 7, 20, 16)
   assert isinstance(r, masking.RandomMaskGenerator)
   assert r.shape == (7, 7) and r.num_patches == 49
   with pytest.raises(ValueError, match="'blockwise', 'random'"):
-    masking.make_mask_generator('block', 14, 75, 16)
+    masking.make_mask_generator("block", 14, 75, 16)
 
 
 def test_properties_and_repr():
@@ -425,26 +426,25 @@ def test_properties_and_repr():
   assert g.shape == (10, 16) and g.num_patches == 160
   assert g.max_num_patches == 60 and g.min_num_patches == 4
   assert g.log_aspect_ratio == pytest.approx((math.log(0.3), math.log(1 / 0.3)))
-  assert 'BlockwiseMaskGenerator' in repr(g) and '(10, 16)' in repr(g)
-  assert 'num_masking_patches=60' in repr(g)
+  assert "BlockwiseMaskGenerator" in repr(g) and "(10, 16)" in repr(g)
+  assert "num_masking_patches=60" in repr(g)
   r = masking.RandomMaskGenerator(4, 6)
-  assert repr(r) == (
-      'RandomMaskGenerator(input_size=(4, 4), num_masking_patches=6)')
+  assert repr(r) == ("RandomMaskGenerator(input_size=(4, 4), num_masking_patches=6)")
 
 
 @pytest.mark.parametrize(
-    'args, kwargs, match',
-    [
-        ((14, 0), {}, r'num_masking_patches must be in \[1, 196\]'),
-        ((14, 197), {}, r'num_masking_patches must be in \[1, 196\]'),
-        ((14, 75, 0), {}, r'min_num_patches must be in \[1'),
-        ((14, 75, 76), {}, r'min_num_patches must be in \[1'),
-        ((14, 75, 16), dict(min_aspect=0.0), 'min_aspect must be > 0'),
-        ((14, 75, 16), dict(max_aspect=-1.0), 'max_aspect must be > 0'),
-        ((14, 75, 16), dict(max_num_patches=0), 'max_num_patches must be'),
-        (((14, 14, 3), 75), {}, 'input_size must be'),
-        (((0, 14), 1), {}, 'at least 1x1'),
-    ],
+  "args, kwargs, match",
+  [
+    ((14, 0), {}, r"num_masking_patches must be in \[1, 196\]"),
+    ((14, 197), {}, r"num_masking_patches must be in \[1, 196\]"),
+    ((14, 75, 0), {}, r"min_num_patches must be in \[1"),
+    ((14, 75, 76), {}, r"min_num_patches must be in \[1"),
+    ((14, 75, 16), dict(min_aspect=0.0), "min_aspect must be > 0"),
+    ((14, 75, 16), dict(max_aspect=-1.0), "max_aspect must be > 0"),
+    ((14, 75, 16), dict(max_num_patches=0), "max_num_patches must be"),
+    (((14, 14, 3), 75), {}, "input_size must be"),
+    (((0, 14), 1), {}, "at least 1x1"),
+  ],
 )
 def test_blockwise_validation(args, kwargs, match):
   with pytest.raises(ValueError, match=match):
@@ -452,8 +452,7 @@ def test_blockwise_validation(args, kwargs, match):
 
 
 def test_random_validation():
-  with pytest.raises(
-      ValueError, match=r'num_masking_patches must be in \[1, 16\]'):
+  with pytest.raises(ValueError, match=r"num_masking_patches must be in \[1, 16\]"):
     masking.RandomMaskGenerator(4, 17)
-  with pytest.raises(ValueError, match='input_size must be'):
-    masking.RandomMaskGenerator('14', 3)
+  with pytest.raises(ValueError, match="input_size must be"):
+    masking.RandomMaskGenerator("14", 3)

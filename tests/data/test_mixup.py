@@ -10,8 +10,9 @@ import torch
 
 from beit_jax.data import mixup
 
-BEIT = dict(mixup_alpha=0.8, cutmix_alpha=1.0, cutmix_minmax=None, prob=1.0,
-            switch_prob=0.5, correct_lam=True)
+BEIT = dict(
+  mixup_alpha=0.8, cutmix_alpha=1.0, cutmix_minmax=None, prob=1.0, switch_prob=0.5, correct_lam=True
+)
 
 
 @pytest.fixture(autouse=True)
@@ -32,8 +33,7 @@ def _batch(seed, b=8, h=16, w=12, c=3, num_classes=10):
 def _timm_mix(images, labels, seed, num_classes, smoothing, **kwargs):
   """timm Mixup on NCHW torch tensors, global numpy RNG seeded with `seed`."""
   np.random.seed(seed)
-  m = timm_mixup.Mixup(label_smoothing=smoothing, num_classes=num_classes,
-                       **kwargs)
+  m = timm_mixup.Mixup(label_smoothing=smoothing, num_classes=num_classes, **kwargs)
   x = torch.from_numpy(images).permute(0, 3, 1, 2).contiguous()
   x, t = m(x, torch.from_numpy(labels))
   return x.permute(0, 2, 3, 1).numpy(), t.numpy()
@@ -41,7 +41,8 @@ def _timm_mix(images, labels, seed, num_classes, smoothing, **kwargs):
 
 def _ours(images, labels, params, num_classes, smoothing):
   x, t = jax.jit(mixup.mix_batch, static_argnums=(3, 4))(
-      images, labels, params, num_classes, smoothing)
+    images, labels, params, num_classes, smoothing
+  )
   return np.asarray(x), np.asarray(t)
 
 
@@ -72,13 +73,14 @@ def test_soft_targets_on_off_values_and_sum():
 
 def test_mixup_and_cutmix_pair_i_with_b_minus_1_minus_i():
   b, h, w = 6, 8, 10
-  images = np.broadcast_to(
-      np.arange(b, dtype=np.float32)[:, None, None, None], (b, h, w, 2))
+  images = np.broadcast_to(np.arange(b, dtype=np.float32)[:, None, None, None], (b, h, w, 2))
   partner = (b - 1 - np.arange(b)).astype(np.float32)
   out = np.asarray(mixup.mix_images(images, 0.3, np.zeros(4, np.int32)))
   np.testing.assert_allclose(
-      out, np.broadcast_to((0.3 * np.arange(b) + 0.7 * partner)[
-          :, None, None, None], out.shape), atol=1e-6)
+    out,
+    np.broadcast_to((0.3 * np.arange(b) + 0.7 * partner)[:, None, None, None], out.shape),
+    atol=1e-6,
+  )
   box = np.array([2, 5, 3, 9], np.int32)
   out = np.asarray(mixup.mix_images(images, 0.5, box))
   inside = np.zeros((h, w), bool)
@@ -97,8 +99,7 @@ def test_identity_params_leave_batch_unchanged():
   params = mixup.MixupSampler(**BEIT, image_size=(16, 12)).identity()
   x, t = _ours(images, labels, params, 10, 0.1)
   np.testing.assert_array_equal(x, images)
-  np.testing.assert_allclose(
-      t, np.asarray(mixup.mix_targets(labels, 10, 1.0, 0.1)), atol=0)
+  np.testing.assert_allclose(t, np.asarray(mixup.mix_targets(labels, 10, 1.0, 0.1)), atol=0)
 
 
 # ----------------------------------------------------------------------------
@@ -106,16 +107,15 @@ def test_identity_params_leave_batch_unchanged():
 # ----------------------------------------------------------------------------
 
 CONFIGS = {
-    "beit_batch": dict(BEIT, mode="batch"),
-    "mixup_only_prob": dict(mixup_alpha=0.8, cutmix_alpha=0.0, prob=0.6,
-                            mode="batch"),
-    "cutmix_uncorrected": dict(mixup_alpha=0.0, cutmix_alpha=1.0,
-                               correct_lam=False, mode="batch"),
-    # timm corrects lam for min-max boxes even with correct_lam=False.
-    "cutmix_minmax": dict(mixup_alpha=0.8, cutmix_minmax=(0.2, 0.8),
-                          switch_prob=0.7, correct_lam=False, mode="batch"),
-    "beit_elem": dict(BEIT, prob=0.8, mode="elem"),
-    "beit_pair": dict(BEIT, prob=0.8, mode="pair"),
+  "beit_batch": dict(BEIT, mode="batch"),
+  "mixup_only_prob": dict(mixup_alpha=0.8, cutmix_alpha=0.0, prob=0.6, mode="batch"),
+  "cutmix_uncorrected": dict(mixup_alpha=0.0, cutmix_alpha=1.0, correct_lam=False, mode="batch"),
+  # timm corrects lam for min-max boxes even with correct_lam=False.
+  "cutmix_minmax": dict(
+    mixup_alpha=0.8, cutmix_minmax=(0.2, 0.8), switch_prob=0.7, correct_lam=False, mode="batch"
+  ),
+  "beit_elem": dict(BEIT, prob=0.8, mode="elem"),
+  "beit_pair": dict(BEIT, prob=0.8, mode="pair"),
 }
 
 
@@ -148,14 +148,13 @@ def test_matches_timm_mixup(name, monkeypatch):
 
     cut = np.atleast_1d(params["cutmix"])
     lam = np.atleast_1d(params["lam"])
-    kinds.update("cutmix" if c else "mixup" if l < 1 else "none"
-                 for c, l in zip(cut, lam))
+    kinds.update("cutmix" if c else "mixup" if lam_i < 1 else "none" for c, lam_i in zip(cut, lam))
     # Our boxes are exactly timm's (in draw order).
     ours = np.atleast_2d(params["box"])[cut]
     if cfg["mode"] == "pair":
-      ours = ours[:int(cut.sum()) // 2]
+      ours = ours[: int(cut.sum()) // 2]
     assert len(ours) == len(boxes)
-    for o, ((y0, y1, x0, x1), timm_lam) in zip(ours, boxes):
+    for o, ((y0, y1, x0, x1), _) in zip(ours, boxes):
       np.testing.assert_array_equal(o, [y0, y1, x0, x1])
       assert 0 <= y0 <= y1 <= h and 0 <= x0 <= x1 <= w
 
@@ -167,13 +166,13 @@ def test_matches_timm_mixup(name, monkeypatch):
       else:
         lam_t = float(params["lam"])
         box = np.zeros(4, np.int32)
-      x = np.asarray(mixup.mix_images(images, np.float32(lam_t), box,
-                                      bool(boxes)))
+      x = np.asarray(mixup.mix_images(images, np.float32(lam_t), box, bool(boxes)))
       t = np.asarray(mixup.mix_targets(labels, k, np.float32(lam_t), smoothing))
       np.testing.assert_allclose(x, want_x, atol=1e-6, rtol=0)
       np.testing.assert_allclose(t, want_t, atol=1e-6, rtol=0)
-  expected = {"mixup_only_prob": {"mixup", "none"},
-              "cutmix_uncorrected": {"cutmix"}}.get(name, {"mixup", "cutmix"})
+  expected = {"mixup_only_prob": {"mixup", "none"}, "cutmix_uncorrected": {"cutmix"}}.get(
+    name, {"mixup", "cutmix"}
+  )
   assert expected <= kinds, kinds
 
 
@@ -196,7 +195,7 @@ def test_matches_timm_empty_cutmix_box_without_correction():
   assert hits > 0
 
 
-def _rand_bbox_0_3_2(img_shape, lam, margin=0., count=None):
+def _rand_bbox_0_3_2(img_shape, lam, margin=0.0, count=None):
   """timm 0.3.2 rand_bbox (box spans cut // 2 on both sides)."""
   ratio = np.sqrt(1 - lam)
   img_h, img_w = img_shape[-2:]
@@ -214,10 +213,8 @@ def _rand_bbox_0_3_2(img_shape, lam, margin=0., count=None):
 def _rand_bbox_minmax_0_3_2(img_shape, minmax, count=None):
   """timm 0.3.2 rand_bbox_minmax (exclusive upper bound on the origin)."""
   img_h, img_w = img_shape[-2:]
-  cut_h = np.random.randint(int(img_h * minmax[0]), int(img_h * minmax[1]),
-                            size=count)
-  cut_w = np.random.randint(int(img_w * minmax[0]), int(img_w * minmax[1]),
-                            size=count)
+  cut_h = np.random.randint(int(img_h * minmax[0]), int(img_h * minmax[1]), size=count)
+  cut_w = np.random.randint(int(img_w * minmax[0]), int(img_w * minmax[1]), size=count)
   yl = np.random.randint(0, img_h - cut_h, size=count)
   xl = np.random.randint(0, img_w - cut_w, size=count)
   return yl, yl + cut_h, xl, xl + cut_w
@@ -238,8 +235,7 @@ def test_legacy_bbox_matches_timm_0_3_2(minmax, monkeypatch):
     got_x, got_t = _ours(images, labels, params, 10, 0.1)
     np.testing.assert_allclose(got_x, want_x, atol=1e-6, rtol=0)
     np.testing.assert_allclose(got_t, want_t, atol=1e-6, rtol=0)
-    differs += not np.array_equal(
-        params["box"], current.sample(np.random.RandomState(seed))["box"])
+    differs += not np.array_equal(params["box"], current.sample(np.random.RandomState(seed))["box"])
   assert differs > 0
 
 
@@ -266,13 +262,13 @@ def test_sampler_statistics():
   y0, y1, x0, x1 = box[cut].T
   assert (0 <= y0).all() and (y0 <= y1).all() and (y1 <= h).all()
   assert (0 <= x0).all() and (x0 <= x1).all() and (x1 <= w).all()
-  np.testing.assert_allclose((y1 - y0) * (x1 - x0) / (h * w), 1 - lam[cut],
-                             atol=1e-6)
+  np.testing.assert_allclose((y1 - y0) * (x1 - x0) / (h * w), 1 - lam[cut], atol=1e-6)
   # Clipping at the border shrinks boxes: corrected lam above Beta(1,1)'s 0.5.
   assert 0.55 < lam[cut].mean() < 0.75
   # Without correction, CutMix lam ~ Beta(1, 1) (uniform).
-  uncorrected = mixup.MixupSampler(mixup_alpha=0.0, cutmix_alpha=1.0,
-                                   correct_lam=False, image_size=(h, w))
+  uncorrected = mixup.MixupSampler(
+    mixup_alpha=0.0, cutmix_alpha=1.0, correct_lam=False, image_size=(h, w)
+  )
   lam_u = np.array([uncorrected.sample_step(3, s)["lam"] for s in range(5000)])
   assert abs(lam_u.mean() - 0.5) < 0.02 and abs(lam_u.var() - 1 / 12) < 0.01
   # prob < 1: the rest is unmixed.
@@ -289,8 +285,7 @@ def test_sampler_is_deterministic_per_seed_and_step():
       np.testing.assert_array_equal(a[key], b[key])
   lams = {float(sampler.sample_step(0, s)["lam"]) for s in range(20)}
   assert len(lams) == 20
-  assert (float(sampler.sample_step(1, 0)["lam"])
-          != float(sampler.sample_step(0, 0)["lam"]))
+  assert float(sampler.sample_step(1, 0)["lam"]) != float(sampler.sample_step(0, 0)["lam"])
   elem = mixup.MixupSampler(**BEIT, image_size=224, mode="elem", batch_size=6)
   p = elem.sample_step(0, 5)
   assert p["lam"].shape == (6,) and p["box"].shape == (6, 4)
@@ -349,7 +344,8 @@ def test_sharded_global_batch_mixes_across_devices():
   fn = jax.jit(mixup.mix_images, out_shardings=spec)
   for s in range(4):
     p = sampler.sample_step(1, s)
-    got = fn(jax.device_put(images, spec),
-             *(jax.device_put(p[k], rep) for k in ("lam", "box", "cutmix")))
+    got = fn(
+      jax.device_put(images, spec), *(jax.device_put(p[k], rep) for k in ("lam", "box", "cutmix"))
+    )
     want = np.asarray(mixup.mix_images(images, p["lam"], p["box"], p["cutmix"]))
     np.testing.assert_array_equal(np.asarray(got), want)

@@ -10,16 +10,14 @@ identically.
 import functools
 
 import numpy as np
-from PIL import Image
 import pytest
 import timm.data.auto_augment as timm_aa
+from PIL import Image
 from timm.data.transforms_factory import transforms_imagenet_train
 
 from beit_jax import pixels
 from beit_jax.data import randaugment
-from tests.data.timm_draws import Draws
-from tests.data.timm_draws import patch_timm_random
-from tests.data.timm_draws import photo
+from tests.data.timm_draws import Draws, patch_timm_random, photo
 
 BICUBIC = Image.Resampling.BICUBIC
 BILINEAR = Image.Resampling.BILINEAR
@@ -53,8 +51,10 @@ def _hparams(interpolation=BICUBIC):
 # ----------------------------------------------------------------------------
 
 _ALL_OPS = sorted(
-    set(randaugment.RAND_TRANSFORMS) | set(randaugment.RAND_INCREASING_TRANSFORMS)
-    | {"TranslateX", "TranslateY", "PosterizeOriginal"})
+  set(randaugment.RAND_TRANSFORMS)
+  | set(randaugment.RAND_INCREASING_TRANSFORMS)
+  | {"TranslateX", "TranslateY", "PosterizeOriginal"}
+)
 
 
 @pytest.mark.parametrize("name", _ALL_OPS)
@@ -68,20 +68,16 @@ def test_op_matches_timm_at_fixed_magnitude(name, monkeypatch):
     for magnitude in (0, 2.5, 5, 9, 9.63, 10, 13):
       for negate in (False, True):
         monkeypatch.setattr(timm_aa, "random", _FixedSign(negate))
-        timm_op = timm_aa.AugmentOp(
-            name, prob=1.0, magnitude=magnitude, hparams=hp)
-        got = np.asarray(
-            randaugment.apply_op(img, name, magnitude, hp, negate=negate))
-        if name.startswith("Posterize") and timm_op.level_fn(
-            min(10, magnitude), hp) == (0,):
+        timm_op = timm_aa.AugmentOp(name, prob=1.0, magnitude=magnitude, hparams=hp)
+        got = np.asarray(randaugment.apply_op(img, name, magnitude, hp, negate=negate))
+        if name.startswith("Posterize") and timm_op.level_fn(min(10, magnitude), hp) == (0,):
           # 0 bits: Pillow 13 raises; older Pillow (timm 0.3.2's) gave black.
           with pytest.raises(ValueError):
             timm_op(img)
           want = np.zeros_like(got)
         else:
           want = np.asarray(timm_op(img))
-        np.testing.assert_array_equal(
-            got, want, err_msg=f"{name} m={magnitude} negate={negate}")
+        np.testing.assert_array_equal(got, want, err_msg=f"{name} m={magnitude} negate={negate}")
         changed |= not np.array_equal(got, np.asarray(img))
   assert changed  # The op does something.
 
@@ -96,12 +92,15 @@ def test_random_interpolation_needs_explicit_resample():
 # ----------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("config,interp", [
+@pytest.mark.parametrize(
+  "config,interp",
+  [
     ("rand-m9-mstd0.5-inc1", BICUBIC),  # BEiT fine-tuning.
     ("rand-m9-mstd0.5-inc1", None),  # Random bilinear/bicubic per op.
     ("rand-m7-n3-mstd1", BILINEAR),  # Plain op set.
     ("rand-m10-n1", BICUBIC),  # No magnitude noise.
-])
+  ],
+)
 def test_rand_augment_matches_timm(config, interp, monkeypatch):
   img = _small_photo()
   ours = randaugment.rand_augment_transform(config, _hparams(interp))
@@ -126,16 +125,14 @@ def test_rand_augment_numpy_in_numpy_out():
   out = ra(img, np.random.default_rng(3))
   assert isinstance(out, np.ndarray) and out.dtype == np.uint8
   assert out.shape == img.shape
-  np.testing.assert_array_equal(
-      out, np.asarray(ra(Image.fromarray(img), np.random.default_rng(3))))
+  np.testing.assert_array_equal(out, np.asarray(ra(Image.fromarray(img), np.random.default_rng(3))))
 
 
 def test_parse_config():
   ra = randaugment.rand_augment_transform("rand-m9-mstd0.5-inc1", _hparams())
   assert [op.name for op in ra.ops] == list(randaugment.RAND_INCREASING_TRANSFORMS)
   assert ra.num_layers == 2 and ra.choice_weights is None
-  assert all(op.magnitude == 9 and op.magnitude_std == 0.5 and op.prob == 0.5
-             for op in ra.ops)
+  assert all(op.magnitude == 9 and op.magnitude_std == 0.5 and op.prob == 0.5 for op in ra.ops)
   ra = randaugment.rand_augment_transform("rand-n3-mstd0")
   assert [op.name for op in ra.ops] == list(randaugment.RAND_TRANSFORMS)
   assert ra.num_layers == 3
@@ -156,18 +153,22 @@ def test_parse_config():
 
 
 def test_hparams_equal_timm_create_transform():
-  for size, mean, interp in ((224, pixels.IMAGENET_MEAN, "bicubic"),
-                             (384, (0.5, 0.5, 0.5), "bilinear"),
-                             (224, pixels.IMAGENET_MEAN, "random")):
+  for size, mean, interp in (
+    (224, pixels.IMAGENET_MEAN, "bicubic"),
+    (384, (0.5, 0.5, 0.5), "bilinear"),
+    (224, pixels.IMAGENET_MEAN, "random"),
+  ):
     _, secondary, _ = transforms_imagenet_train(
-        size, auto_augment="rand-m9-mstd0.5-inc1", interpolation=interp,
-        mean=mean, separate=True)
+      size, auto_augment="rand-m9-mstd0.5-inc1", interpolation=interp, mean=mean, separate=True
+    )
     want = dict(secondary.transforms[0].ops[0].hparams)
     want.pop("magnitude_std")
     assert randaugment.rand_augment_hparams(size, mean, interp) == want
   assert randaugment.rand_augment_hparams(224) == {
-      "translate_const": 100, "img_mean": (124, 116, 104),
-      "interpolation": BICUBIC}
+    "translate_const": 100,
+    "img_mean": (124, 116, 104),
+    "interpolation": BICUBIC,
+  }
 
 
 # ----------------------------------------------------------------------------
@@ -202,10 +203,8 @@ def test_op_and_magnitude_distribution():
   assert abs(np.mean(mags == 10) - 0.02275) < 0.005  # P(N(9, .5) > 10).
   signed = [x for x in applied if x.name in randaugment._SIGNED_OPS]
   assert abs(np.mean([x.negate for x in signed]) - 0.5) < 0.02
-  assert not any(x.negate for x in applied
-                 if x.name not in randaugment._SIGNED_OPS)
-  assert all(x.resample == BICUBIC for x in applied
-             if x.name in randaugment._GEOMETRIC_OPS)
+  assert not any(x.negate for x in applied if x.name not in randaugment._SIGNED_OPS)
+  assert all(x.resample == BICUBIC for x in applied if x.name in randaugment._GEOMETRIC_OPS)
 
 
 def test_weighted_choice_is_without_replacement():

@@ -4,11 +4,10 @@ import os
 
 import ml_collections
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
-from beit_jax.data import decode
-from beit_jax.data import sources
+from beit_jax.data import decode, sources
 
 
 def _noise(seed: int, h: int = 32, w: int = 40) -> np.ndarray:
@@ -37,8 +36,7 @@ def test_image_folder_source_layout(tmp_path):
   assert src.class_names == ["apple", "empty_class", "zebra"]
   assert src.num_classes == 3
   names = [os.path.relpath(p, root) for p in src.paths]
-  assert names == ["apple/notes.txt", "apple/sub/c.png", "zebra/a.png",
-                   "zebra/b.png"]
+  assert names == ["apple/notes.txt", "apple/sub/c.png", "zebra/a.png", "zebra/b.png"]
   assert list(src.labels) == [0, 0, 2, 2]
   el = src[3]
   assert set(el) == {"image", "label", "path"}
@@ -68,8 +66,10 @@ def test_image_folder_errors(tmp_path):
 
 def _data_config(**kwargs):
   cfg = ml_collections.ConfigDict(
-      dict(source="builtin", name="", data_dir="", path="",
-           train_split="train", eval_split="validation"))
+    dict(
+      source="builtin", name="", data_dir="", path="", train_split="train", eval_split="validation"
+    )
+  )
   cfg.update(kwargs)
   return cfg
 

@@ -6,14 +6,10 @@ import sys
 
 import ml_collections
 import numpy as np
-from PIL import Image
 import pytest
+from PIL import Image
 
-from beit_jax.data import decode
-from beit_jax.data import pipeline
-from beit_jax.data import sources
-from beit_jax.data import tfds_source
-from beit_jax.data import transforms
+from beit_jax.data import decode, pipeline, sources, tfds_source, transforms
 
 
 def _encode(img: Image.Image, fmt: str, **kwargs) -> bytes:
@@ -28,8 +24,10 @@ def _noise(seed: int, h: int = 32, w: int = 40) -> np.ndarray:
 
 def _data_config(**kwargs):
   cfg = ml_collections.ConfigDict(
-      dict(source="builtin", name="", data_dir="", path="",
-           train_split="train", eval_split="validation"))
+    dict(
+      source="builtin", name="", data_dir="", path="", train_split="train", eval_split="validation"
+    )
+  )
   cfg.update(kwargs)
   return cfg
 
@@ -38,12 +36,21 @@ def test_tfds_write_read_decode_and_batch(tmp_path):
   data_dir = str(tmp_path / "tfds")
   png = _encode(Image.fromarray(_noise(0)), "PNG")
   jpeg = _encode(Image.fromarray(_noise(1)), "JPEG")
-  train = [(png, 0), (jpeg, 1), (Image.fromarray(_noise(2)), 2),
-           (_noise(3), 1), (png, 2), (jpeg, 0)]
+  train = [
+    (png, 0),
+    (jpeg, 1),
+    (Image.fromarray(_noise(2)), 2),
+    (_noise(3), 1),
+    (png, 2),
+    (jpeg, 0),
+  ]
   validation = [(png, 1), (b"corrupt bytes", 2)]
   out_dir = tfds_source.write_tfds_image_dataset(
-      "tiny_beit_images", data_dir, {"train": train, "validation": validation},
-      class_names=["a", "b", "c"])
+    "tiny_beit_images",
+    data_dir,
+    {"train": train, "validation": validation},
+    class_names=["a", "b", "c"],
+  )
   assert os.path.isdir(out_dir)
   assert any("array_record" in f for f in os.listdir(out_dir))
 
@@ -61,9 +68,15 @@ def test_tfds_write_read_decode_and_batch(tmp_path):
   assert sorted(int(val[i]["label"]) for i in range(2)) == [1, 2]
 
   it = pipeline.make_train_iterator(
-      src, transforms.TwoViewTransform(16, 8), global_batch_size=4, seed=0,
-      process_index=0, process_count=1, read_threads=2,
-      prefetch_buffer_size=4)
+    src,
+    transforms.TwoViewTransform(16, 8),
+    global_batch_size=4,
+    seed=0,
+    process_index=0,
+    process_count=1,
+    read_threads=2,
+    prefetch_buffer_size=4,
+  )
   batch = next(it)
   assert batch["image"].shape == (4, 16, 16, 3)
   assert batch["tokenizer_image"].shape == (4, 8, 8, 3)
@@ -85,6 +98,7 @@ def test_tfds_missing_dataset_or_split_errors(tmp_path):
   with pytest.raises(FileNotFoundError, match="not prepared"):
     tfds_source.tfds_source("mnist", "train", data_dir)
   tfds_source.write_tfds_image_dataset(
-      "tiny_only_train", data_dir, {"train": [(_noise(0), 0)]}, num_classes=2)
+    "tiny_only_train", data_dir, {"train": [(_noise(0), 0)]}, num_classes=2
+  )
   with pytest.raises(ValueError, match="'validation'.*train"):
     tfds_source.tfds_source("tiny_only_train", "validation", data_dir)

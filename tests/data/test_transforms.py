@@ -3,9 +3,8 @@
 import math
 
 import numpy as np
-from PIL import Image
-from PIL import ImageEnhance
 import pytest
+from PIL import Image, ImageEnhance
 
 from beit_jax.data import transforms
 
@@ -33,8 +32,8 @@ def _noise_image(seed: int, height: int = 48, width: int = 64) -> np.ndarray:
 def test_two_views_come_from_same_box_and_flip():
   img = _position_image()
   t = transforms.TwoViewTransform(
-      64, 32, interpolation="bicubic", second_interpolation="lanczos",
-      color_jitter=0.0, flip_prob=0.5)
+    64, 32, interpolation="bicubic", second_interpolation="lanczos", color_jitter=0.0, flip_prob=0.5
+  )
   flips = 0
   num_seeds = 60
   for seed in range(num_seeds):
@@ -66,29 +65,32 @@ def test_two_view_matches_reference_composition():
   """Draw order jitter -> flip -> box, crop then PIL resize, exactly."""
   img = _noise_image(1, 50, 70)
   t = transforms.TwoViewTransform(
-      24, 12, scale=(0.2, 1.0), interpolation="bicubic",
-      second_interpolation="lanczos", color_jitter=0.4, flip_prob=0.5)
+    24,
+    12,
+    scale=(0.2, 1.0),
+    interpolation="bicubic",
+    second_interpolation="lanczos",
+    color_jitter=0.4,
+    flip_prob=0.5,
+  )
   for seed in range(20):
     out = t(img, np.random.default_rng(seed))
     rng = np.random.default_rng(seed)
     pil = Image.fromarray(img)
     order = rng.permutation(4)
     factors = [rng.uniform(0.6, 1.4) for _ in range(3)]
-    enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast,
-                 ImageEnhance.Color]
+    enhancers = [ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color]
     for op in order:
       if op < 3:
         pil = enhancers[op](pil).enhance(factors[op])
     if rng.random() < 0.5:
       pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
-    top, left, h, w = transforms.random_resized_crop_box(
-        pil.height, pil.width, rng, (0.2, 1.0))
+    top, left, h, w = transforms.random_resized_crop_box(pil.height, pil.width, rng, (0.2, 1.0))
     crop = pil.crop((left, top, left + w, top + h))
+    np.testing.assert_array_equal(out["image"], np.asarray(crop.resize((24, 24), Image.BICUBIC)))
     np.testing.assert_array_equal(
-        out["image"], np.asarray(crop.resize((24, 24), Image.BICUBIC)))
-    np.testing.assert_array_equal(
-        out["tokenizer_image"],
-        np.asarray(crop.resize((12, 12), Image.LANCZOS)))
+      out["tokenizer_image"], np.asarray(crop.resize((12, 12), Image.LANCZOS))
+    )
 
 
 def test_two_view_without_second_size_and_single_view():
@@ -102,8 +104,7 @@ def test_two_view_without_second_size_and_single_view():
   assert out["tokenizer_image"].dtype == np.uint8
   # Same seed -> same output; the rng is the only source of randomness.
   again = single(img, np.random.default_rng(0))
-  np.testing.assert_array_equal(out["tokenizer_image"],
-                                again["tokenizer_image"])
+  np.testing.assert_array_equal(out["tokenizer_image"], again["tokenizer_image"])
 
 
 def test_transforms_do_not_use_global_random_state():
@@ -151,11 +152,11 @@ def test_crop_box_statistics_large_image():
 
 
 @pytest.mark.parametrize(
-    "height,width,expected",
-    [
-        (10, 1000, (0, 493, 10, 13)),  # very wide: h = H, w = round(H * 4/3)
-        (1000, 10, (493, 0, 13, 10)),  # very tall: w = W, h = round(W / 3/4)
-    ],
+  "height,width,expected",
+  [
+    (10, 1000, (0, 493, 10, 13)),  # very wide: h = H, w = round(H * 4/3)
+    (1000, 10, (493, 0, 13, 10)),  # very tall: w = W, h = round(W / 3/4)
+  ],
 )
 def test_crop_box_fallback_extreme_aspect(height, width, expected):
   rng = np.random.default_rng(0)
@@ -165,8 +166,7 @@ def test_crop_box_fallback_extreme_aspect(height, width, expected):
 
 def test_crop_box_fallback_whole_image_when_ratio_in_range():
   # scale > 1 can never fit: fallback; a 30x36 image has ratio 1.2 in range.
-  box = transforms.random_resized_crop_box(
-      30, 36, np.random.default_rng(0), scale=(1.5, 2.0))
+  box = transforms.random_resized_crop_box(30, 36, np.random.default_rng(0), scale=(1.5, 2.0))
   assert box == (0, 0, 30, 36)
 
 
@@ -226,12 +226,16 @@ def test_crop_box_matches_torchvision_algorithm_on_same_draws():
     scale = scales[trial % len(scales)]
     draws = stream_rng.random(40)
     ours_rng = _ScriptedRng(draws)
-    ours = transforms.random_resized_crop_box(
-        height, width, ours_rng, scale=scale)
+    ours = transforms.random_resized_crop_box(height, width, ours_rng, scale=scale)
     ref_rng = _ScriptedRng(draws)
     ref = _torchvision_get_params(
-        width, height, scale, (3 / 4, 4 / 3), ref_rng.uniform,
-        lambda a, b: ref_rng.integers(a, b + 1))
+      width,
+      height,
+      scale,
+      (3 / 4, 4 / 3),
+      ref_rng.uniform,
+      lambda a, b, rng=ref_rng: rng.integers(a, b + 1),
+    )
     assert ours == ref, (trial, height, width, scale)
     assert ours_rng.used == ref_rng.used
 
@@ -270,10 +274,8 @@ def test_color_jitter_order_matters():
   """Sanity check that the permuted order is observable (not a no-op)."""
   img = _noise_image(5)
   pil = Image.fromarray(img)
-  bc = ImageEnhance.Contrast(ImageEnhance.Brightness(pil).enhance(1.4)
-                             ).enhance(0.6)
-  cb = ImageEnhance.Brightness(ImageEnhance.Contrast(pil).enhance(0.6)
-                               ).enhance(1.4)
+  bc = ImageEnhance.Contrast(ImageEnhance.Brightness(pil).enhance(1.4)).enhance(0.6)
+  cb = ImageEnhance.Brightness(ImageEnhance.Contrast(pil).enhance(0.6)).enhance(1.4)
   a = transforms.ColorJitter.apply(pil, [0, 1, 2, 3], [1.4, 0.6, None])
   b = transforms.ColorJitter.apply(pil, [1, 3, 0, 2], [1.4, 0.6, None])
   np.testing.assert_array_equal(np.asarray(a), np.asarray(bc))
@@ -309,8 +311,7 @@ def test_color_jitter_factor_ranges():
 
 def test_center_crop_transform_matches_timm_eval():
   img = _noise_image(7, 305, 200)  # H=305, W=200
-  t = transforms.CenterCropTransform(64, key="image", interpolation="bicubic",
-                                     crop_pct=0.875)
+  t = transforms.CenterCropTransform(64, key="image", interpolation="bicubic", crop_pct=0.875)
   out = t(img)["image"]
   assert out.shape == (64, 64, 3) and out.dtype == np.uint8
   # Short side 200 -> int(64 / .875) = 73, long 305 -> int(73 * 305 / 200).
@@ -333,13 +334,12 @@ def test_parallel_views_merges_center_crops():
   rng = np.random.default_rng(0)
   image = rng.integers(0, 256, (40, 60, 3), dtype=np.uint8)
   views = transforms.ParallelViews(
-      transforms.CenterCropTransform(32, key="image"),
-      transforms.CenterCropTransform(16, key="tokenizer_image", interpolation="lanczos"))
+    transforms.CenterCropTransform(32, key="image"),
+    transforms.CenterCropTransform(16, key="tokenizer_image", interpolation="lanczos"),
+  )
   out = views(image)
   assert views.output_keys() == ("image", "tokenizer_image")
-  np.testing.assert_array_equal(out["image"],
-                                transforms.CenterCropTransform(32)(image)["image"])
+  np.testing.assert_array_equal(out["image"], transforms.CenterCropTransform(32)(image)["image"])
   assert out["tokenizer_image"].shape == (16, 16, 3)
   with pytest.raises(ValueError, match="colliding"):
-    transforms.ParallelViews(transforms.CenterCropTransform(32),
-                             transforms.CenterCropTransform(16))
+    transforms.ParallelViews(transforms.CenterCropTransform(32), transforms.CenterCropTransform(16))

@@ -13,8 +13,7 @@ import timm.data.random_erasing as timm_re
 import timm.data.transforms as timm_transforms
 import torch
 
-from beit_jax.data import decode
-from beit_jax.data import sources
+from beit_jax.data import decode, sources
 
 
 @functools.cache
@@ -24,7 +23,6 @@ def photo(name: str = "chelsea") -> np.ndarray:
   assert name in paths, f"built-in photo {name!r} missing: reinstall scikit-image"
   with open(paths[name], "rb") as f:
     return decode.decode_image(f.read())
-
 
 
 class Draws:

@@ -33,8 +33,7 @@ def _np_conv(x, sd, key):
   y = np.zeros((n, w.shape[0], h, wd))
   for i in range(k):
     for j in range(k):
-      y += np.einsum("nchw,oc->nohw", xp[:, :, i:i + h, j:j + wd],
-                     w[:, :, i, j])
+      y += np.einsum("nchw,oc->nohw", xp[:, :, i : i + h, j : j + wd], w[:, :, i, j])
   return y + b[None, :, None, None]
 
 
@@ -65,19 +64,24 @@ def test_matmul_correlate_equals_xla_conv(k, s, pad):
   x = jnp.asarray(rng.normal(size=(2, 9, 10, 5)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(k, k, 5, 6)), jnp.float32)
   padding = ((pad, pad), (pad, pad))
-  expected = jax.lax.conv_general_dilated(x, w, (s, s), padding,
-                                          dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  expected = jax.lax.conv_general_dilated(
+    x, w, (s, s), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   np.testing.assert_allclose(conv.correlate(x, w, s, padding), expected, rtol=1e-4, atol=1e-4)
-  np.testing.assert_allclose(conv._im2col_correlate(x, w, s, padding), expected, rtol=1e-4,
-                             atol=1e-4)
+  np.testing.assert_allclose(
+    conv._im2col_correlate(x, w, s, padding), expected, rtol=1e-4, atol=1e-4
+  )
   # The gradient (im2col's on CPU) equals XLA's convolution gradient.
   cot = jnp.asarray(rng.normal(size=expected.shape), jnp.float32)
 
   def grads(fn):
     return jax.grad(lambda a, b: jnp.sum(fn(a, b) * cot), argnums=(0, 1))(x, w)
 
-  xla = lambda a, b: jax.lax.conv_general_dilated(  # pylint: disable=g-long-lambda
-      a, b, (s, s), padding, dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  def xla(a, b):
+    return jax.lax.conv_general_dilated(
+      a, b, (s, s), padding, dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+
   for got, want in zip(grads(lambda a, b: conv.correlate(a, b, s, padding)), grads(xla)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-3)
 
@@ -88,8 +92,9 @@ def test_subpixel_transposed_correlate_equals_xla(k, s):
   rng = np.random.default_rng(k + s)
   x = jnp.asarray(rng.normal(size=(2, 5, 7, 4)), jnp.float32)
   w = jnp.asarray(rng.normal(size=(k, k, 4, 3)), jnp.float32)
-  expected = jax.lax.conv_transpose(x, w, (s, s), ((pad, pad), (pad, pad)),
-                                    dimension_numbers=("NHWC", "HWIO", "NHWC"))
+  expected = jax.lax.conv_transpose(
+    x, w, (s, s), ((pad, pad), (pad, pad)), dimension_numbers=("NHWC", "HWIO", "NHWC")
+  )
   got = conv.transposed_correlate(x, w, s, pad)
   assert got.shape == expected.shape == (2, 5 * s, 7 * s, 3)
   np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4)
@@ -101,16 +106,17 @@ def _conv_cases():
   w3 = jnp.asarray(rng.normal(size=(3, 3, 5, 6)), jnp.float32)
   w4 = jnp.asarray(rng.normal(size=(4, 4, 5, 3)), jnp.float32)
   return {
-      "correlate": (lambda a, b: conv.correlate(a, b, 2, ((1, 1), (1, 1))), x, w3),
-      "transposed": (lambda a, b: conv.transposed_correlate(a, b, 2, 2), x, w4),
+    "correlate": (lambda a, b: conv.correlate(a, b, 2, ((1, 1), (1, 1))), x, w3),
+    "transposed": (lambda a, b: conv.transposed_correlate(a, b, 2, 2), x, w4),
   }
 
 
 @pytest.mark.parametrize("case", ["correlate", "transposed"])
 def test_backend_switch_selects_the_cpu_kernels_and_the_xla_ones_agree(case, monkeypatch):
   fn, x, w = _conv_cases()[case]
-  cot = jnp.asarray(np.random.default_rng(1).normal(size=jax.eval_shape(fn, x, w).shape),
-                    jnp.float32)
+  cot = jnp.asarray(
+    np.random.default_rng(1).normal(size=jax.eval_shape(fn, x, w).shape), jnp.float32
+  )
 
   def value_and_grads(f):
     return jax.value_and_grad(lambda a, b: jnp.sum(f(a, b) * cot), argnums=(0, 1))(x, w)

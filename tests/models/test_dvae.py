@@ -64,8 +64,7 @@ def _params(model, images, seed=0, bias_std=0.0):
 
 
 # XLA CPU options for test compiles: far quicker to compile, fast enough to run.
-_FAST_COMPILE = {"xla_backend_optimization_level": 0,
-                 "xla_llvm_disable_expensive_passes": True}
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _run_jit(fn, *args):
@@ -75,42 +74,45 @@ def _run_jit(fn, *args):
 
 def _apply(model, variables, *args, method="__call__", **kw):
   """`model.apply` under jit: one compile beats op-by-op dispatch on CPU."""
-  return _run_jit(functools.partial(model.apply, method=method, **kw),
-                  variables, *args)
+  return _run_jit(functools.partial(model.apply, method=method, **kw), variables, *args)
 
 
 def _elbo(model, variables, images, rng, tau, beta, hard):
   """`dvae.elbo_loss` under jit."""
   return _run_jit(
-      functools.partial(dvae.elbo_loss, model, tau=tau, beta=beta, hard=hard),
-      variables, images, rng)
+    functools.partial(dvae.elbo_loss, model, tau=tau, beta=beta, hard=hard), variables, images, rng
+  )
 
 
 def _randn(shape, seed=0, scale=1.0):
-  return jnp.asarray(np.random.default_rng(seed).normal(0, scale, shape),
-                     jnp.float32)
+  return jnp.asarray(np.random.default_rng(seed).normal(0, scale, shape), jnp.float32)
 
 
 def _rand(shape, seed=0):
-  return jnp.asarray(np.random.default_rng(seed).uniform(size=shape),
-                     jnp.float32)
+  return jnp.asarray(np.random.default_rng(seed).uniform(size=shape), jnp.float32)
 
 
 def _flat(tree) -> dict[str, tuple[int, ...]]:
-  return {k: tuple(v.shape)
-          for k, v in flax.traverse_util.flatten_dict(tree, sep="/").items()}
+  return {k: tuple(v.shape) for k, v in flax.traverse_util.flatten_dict(tree, sep="/").items()}
 
 
 def _tiny_dalle(**kw) -> dvae.DiscreteVAE:
-  cfg = dict(arch="dall_e", vocab_size=16, n_hid=8, n_init=8,
-             n_blk_per_group=1)
+  cfg = dict(arch="dall_e", vocab_size=16, n_hid=8, n_init=8, n_blk_per_group=1)
   cfg.update(kw)
   return dvae.from_config(cfg)
 
 
 def _tiny_compact(**kw) -> dvae.DiscreteVAE:
-  cfg = dict(arch="compact", vocab_size=32, recon_loss="mse", input_norm="half",
-             num_layers=2, hidden=16, num_resblocks=1, codebook_dim=16)
+  cfg = dict(
+    arch="compact",
+    vocab_size=32,
+    recon_loss="mse",
+    input_norm="half",
+    num_layers=2,
+    hidden=16,
+    num_resblocks=1,
+    codebook_dim=16,
+  )
   cfg.update(kw)
   return dvae.from_config(cfg)
 
@@ -120,8 +122,9 @@ def param_listing(model) -> str:
   shapes = jax.eval_shape(lambda: _init(model, jnp.zeros((1, 16, 16, 3))))
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(shapes))
   flat, _ = jax.tree_util.tree_flatten_with_path(shapes["params"])
-  return "\n".join(f"{'/'.join(k.key for k in path)} {'x'.join(map(str, a.shape))}"
-                    for path, a in flat)
+  return "\n".join(
+    f"{'/'.join(k.key for k in path)} {'x'.join(map(str, a.shape))}" for path, a in flat
+  )
 
 
 # ----------------------------------------------------------------------------
@@ -138,11 +141,9 @@ def test_real_init_creates_encoder_and_decoder():
   assert _flat(variables["params"]) == _flat(shapes["params"])
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(variables))
   # DALL-E's conv init: w ~ N(0, 1/(n_in k^2)), b = 0.
-  conv = _run_jit(lambda x: Conv2d(64, 3).init(_key(3), x),
-                  jnp.zeros((1, 4, 4, 32)))["params"]
+  conv = _run_jit(lambda x: Conv2d(64, 3).init(_key(3), x), jnp.zeros((1, 4, 4, 32)))["params"]
   assert conv["w"].shape == (3, 3, 32, 64)
-  np.testing.assert_allclose(np.std(conv["w"]), 1 / math.sqrt(32 * 9),
-                             rtol=0.03)
+  np.testing.assert_allclose(np.std(conv["w"]), 1 / math.sqrt(32 * 9), rtol=0.03)
   assert abs(float(np.mean(conv["w"]))) < 3e-3
   np.testing.assert_array_equal(conv["b"], np.zeros(64))
   enc_w = variables["params"]["encoder"]["down_1"]["w"]
@@ -150,9 +151,18 @@ def test_real_init_creates_encoder_and_decoder():
 
 
 def test_discrete_vae_takes_its_parts_as_fields():
-  model = dvae.from_config(dict(arch="compact", vocab_size=32, num_layers=2, hidden=8,
-                                num_resblocks=0, codebook_dim=8, recon_loss="mse",
-                                input_norm="half"))
+  model = dvae.from_config(
+    dict(
+      arch="compact",
+      vocab_size=32,
+      num_layers=2,
+      hidden=8,
+      num_resblocks=0,
+      codebook_dim=8,
+      recon_loss="mse",
+      input_norm="half",
+    )
+  )
   assert isinstance(model.encoder, dvae_compact.CompactEncoder)
   assert isinstance(model.decoder, dvae_compact.CompactDecoder)
   assert (model.vocab_size, model.recon_loss, model.input_norm) == (32, "mse", "half")
@@ -168,9 +178,21 @@ def test_discrete_vae_takes_its_parts_as_fields():
 
 def test_from_config_reads_task_configs_and_old_exports():
   # What an export's metadata.json holds (every key of both architectures, dtype a string).
-  full = dict(arch="dall_e", vocab_size=16, recon_loss="logit_laplace", input_norm="dall_e",
-              num_layers=3, hidden=256, num_resblocks=2, codebook_dim=512, n_hid=8,
-              n_blk_per_group=1, group_count=4, n_init=8, dtype="bfloat16")
+  full = dict(
+    arch="dall_e",
+    vocab_size=16,
+    recon_loss="logit_laplace",
+    input_norm="dall_e",
+    num_layers=3,
+    hidden=256,
+    num_resblocks=2,
+    codebook_dim=512,
+    n_hid=8,
+    n_blk_per_group=1,
+    group_count=4,
+    n_init=8,
+    dtype="bfloat16",
+  )
   model = dvae.from_config(full)
   assert model.encoder.dtype == jnp.bfloat16 and model.decoder.dtype == jnp.bfloat16
   assert model.encoder.n_hid == 8 and model.decoder.n_init == 8
@@ -188,7 +210,9 @@ def test_from_config_reads_task_configs_and_old_exports():
     dvae.from_config({"dtype": "float16"})
 
 
-@pytest.mark.parametrize("kwargs", [
+@pytest.mark.parametrize(
+  "kwargs",
+  [
     dict(arch="dall_e", recon_loss="mse"),
     dict(arch="vqgan"),
     dict(arch="compact", recon_loss="l1"),
@@ -196,26 +220,58 @@ def test_from_config_reads_task_configs_and_old_exports():
     dict(arch="compact", num_layers=0),
     dict(arch="dall_e", n_hid=10),
     dict(arch="compact", vocab_size=1),
-])
+  ],
+)
 def test_inconsistent_settings_raise(kwargs):
   with pytest.raises(ValueError):
     dvae.from_config(kwargs)
 
 
-@pytest.mark.parametrize("make, match", [
-    (lambda: dvae.DiscreteVAE(dvae_compact.CompactEncoder(1, 8, 0, 16),
-                              dvae_compact.CompactDecoder(1, 8, 0, 32, 8, 3), 32, "mse",
-                              "half"), "vocab_size 16"),
-    (lambda: dvae.DiscreteVAE(dvae_compact.CompactEncoder(1, 8, 0, 32),
-                              dvae_compact.CompactDecoder(1, 8, 0, 32, 8, 3), 32,
-                              "logit_laplace", "half"), "needs 6 decoder output channels"),
-    (lambda: dvae.DiscreteVAE(dvae_dalle.DalleEncoder(n_hid=8, vocab_size=16),
-                              dvae_dalle.DalleDecoder(n_hid=8, vocab_size=16), 16, "mse",
-                              "dall_e"), "needs 3 decoder output channels"),
-    (lambda: dvae.DiscreteVAE(dvae_dalle.DalleEncoder(n_hid=8, vocab_size=16),
-                              dvae_dalle.DalleDecoder(n_hid=8, vocab_size=16), 16,
-                              "logit_laplace", "imagenet"), "input_norm"),
-])
+@pytest.mark.parametrize(
+  "make, match",
+  [
+    (
+      lambda: dvae.DiscreteVAE(
+        dvae_compact.CompactEncoder(1, 8, 0, 16),
+        dvae_compact.CompactDecoder(1, 8, 0, 32, 8, 3),
+        32,
+        "mse",
+        "half",
+      ),
+      "vocab_size 16",
+    ),
+    (
+      lambda: dvae.DiscreteVAE(
+        dvae_compact.CompactEncoder(1, 8, 0, 32),
+        dvae_compact.CompactDecoder(1, 8, 0, 32, 8, 3),
+        32,
+        "logit_laplace",
+        "half",
+      ),
+      "needs 6 decoder output channels",
+    ),
+    (
+      lambda: dvae.DiscreteVAE(
+        dvae_dalle.DalleEncoder(n_hid=8, vocab_size=16),
+        dvae_dalle.DalleDecoder(n_hid=8, vocab_size=16),
+        16,
+        "mse",
+        "dall_e",
+      ),
+      "needs 3 decoder output channels",
+    ),
+    (
+      lambda: dvae.DiscreteVAE(
+        dvae_dalle.DalleEncoder(n_hid=8, vocab_size=16),
+        dvae_dalle.DalleDecoder(n_hid=8, vocab_size=16),
+        16,
+        "logit_laplace",
+        "imagenet",
+      ),
+      "input_norm",
+    ),
+  ],
+)
 def test_discrete_vae_checks_its_parts(make, match):
   with pytest.raises(ValueError, match=match):
     make()
@@ -244,9 +300,11 @@ def test_gumbel_hard_is_one_hot_with_soft_gradient():
   rng = _key(1)
   hard = dvae.gumbel_softmax(rng, logits, 0.7, hard=True)
   soft = dvae.gumbel_softmax(rng, logits, 0.7, hard=False)
-  np.testing.assert_array_equal(
-      hard, jax.nn.one_hot(jnp.argmax(soft, -1), 7))  # Exactly one-hot.
-  f = lambda h: lambda l: jnp.sum(weights * dvae.gumbel_softmax(rng, l, 0.7, h))
+  np.testing.assert_array_equal(hard, jax.nn.one_hot(jnp.argmax(soft, -1), 7))  # Exactly one-hot.
+
+  def f(h):
+    return lambda logits: jnp.sum(weights * dvae.gumbel_softmax(rng, logits, 0.7, h))
+
   g_hard = _run_jit(jax.grad(f(True)), logits)
   g_soft = _run_jit(jax.grad(f(False)), logits)
   assert float(jnp.max(jnp.abs(g_hard))) > 1e-3
@@ -268,8 +326,7 @@ def test_kl_to_uniform():
   assert kl0.shape == (2, 3, 3)
   np.testing.assert_allclose(kl0, 0.0, atol=1e-5)
   peaked = 50.0 * jax.nn.one_hot(jnp.zeros((1, 2, 2), jnp.int32), v)
-  np.testing.assert_allclose(kl_to_uniform(peaked), math.log(v),
-                             rtol=1e-5)
+  np.testing.assert_allclose(kl_to_uniform(peaked), math.log(v), rtol=1e-5)
   logits = _randn((5, v), scale=3.0)
   q = np.asarray(jax.nn.softmax(logits), np.float64)
   want = np.sum(q * np.log(q * v), -1)
@@ -286,8 +343,7 @@ def test_kl_to_uniform():
 def test_map_pixels_roundtrip():
   x = jnp.linspace(0.0, 1.0, 11)
   np.testing.assert_allclose(dvae.map_pixels(x), 0.8 * x + 0.1, rtol=1e-6)
-  np.testing.assert_allclose(dvae.unmap_pixels(dvae.map_pixels(x)), x,
-                             atol=1e-6)
+  np.testing.assert_allclose(dvae.unmap_pixels(dvae.map_pixels(x)), x, atol=1e-6)
   assert float(dvae.unmap_pixels(jnp.array(0.0))) == 0.0
   assert float(dvae.unmap_pixels(jnp.array(1.0))) == 1.0
 
@@ -300,17 +356,18 @@ def test_logit_laplace_nll_matches_numpy():
   x = 0.8 * np.asarray(target, np.float64) + 0.1
   mu = np.asarray(raw, np.float64)[..., :3]
   b = np.exp(np.asarray(raw, np.float64)[..., 3:])
-  pdf = 1 / (2 * b * x * (1 - x)) * np.exp(-np.abs(np.log(x / (1 - x)) - mu)
-                                           / b)
+  pdf = 1 / (2 * b * x * (1 - x)) * np.exp(-np.abs(np.log(x / (1 - x)) - mu) / b)
   assert got.shape == (2, 4, 5, 3)
   np.testing.assert_allclose(got, -np.log(pdf), rtol=1e-5, atol=1e-5)
   # The density integrates to 1 over (0, 1) (numerical check).
   xs = np.linspace(1e-6, 1 - 1e-6, 400_001)
   nll = dvae.logit_laplace_nll(
-      jnp.asarray((xs - 0.1) / 0.8, jnp.float32)[None, :, None, None],
-      jnp.broadcast_to(jnp.array([0.3, -0.5]), (1, xs.size, 1, 2)))
-  np.testing.assert_allclose(np.trapezoid(np.exp(-np.asarray(nll, np.float64))
-                                          .ravel(), xs), 1.0, atol=2e-3)
+    jnp.asarray((xs - 0.1) / 0.8, jnp.float32)[None, :, None, None],
+    jnp.broadcast_to(jnp.array([0.3, -0.5]), (1, xs.size, 1, 2)),
+  )
+  np.testing.assert_allclose(
+    np.trapezoid(np.exp(-np.asarray(nll, np.float64)).ravel(), xs), 1.0, atol=2e-3
+  )
 
 
 def test_reconstruct_inverts_map_pixels():
@@ -349,12 +406,12 @@ def test_elbo_loss_terms_and_aux():
   assert counts.dtype == jnp.int32 and counts.shape == (32,)
   assert int(counts.sum()) == 3 * 2 * 3
   np.testing.assert_array_equal(
-      counts, np.bincount(np.argmax(res["logits"], -1).ravel(), minlength=32))
+    counts, np.bincount(np.argmax(res["logits"], -1).ravel(), minlength=32)
+  )
   rec = np.asarray(_apply(model, variables, res["out"], method="reconstruct"))
   per_image = np.mean((rec - np.asarray(images)) ** 2, axis=(1, 2, 3))
   np.testing.assert_allclose(aux["mse"], per_image.mean(), rtol=1e-5)
-  np.testing.assert_allclose(aux["psnr"], np.mean(-10 * np.log10(per_image)),
-                             rtol=1e-5)
+  np.testing.assert_allclose(aux["psnr"], np.mean(-10 * np.log10(per_image)), rtol=1e-5)
   assert 0 <= float(aux["logits_entropy"]) <= math.log(32) + 1e-5
 
 
@@ -366,13 +423,14 @@ def test_elbo_mse_and_kl_weight():
   res = _apply(model, variables, images, rng=_key(1), tau=1.0, hard=True)
   # MSE in the normalised ('half') space.
   np.testing.assert_allclose(
-      aux["recon_loss"], jnp.mean((res["out"] - (images - 0.5) * 2) ** 2),
-      rtol=1e-5)
+    aux["recon_loss"], jnp.mean((res["out"] - (images - 0.5) * 2) ** 2), rtol=1e-5
+  )
   # The KL weight is beta / (d^2 * 3): with DALL-E's d = 8 that is beta / 192.
-  np.testing.assert_allclose(loss - aux["recon_loss"],
-                             2.0 * aux["kl"] / (4**2 * 3), rtol=1e-4, atol=1e-7)
+  np.testing.assert_allclose(
+    loss - aux["recon_loss"], 2.0 * aux["kl"] / (4**2 * 3), rtol=1e-4, atol=1e-7
+  )
   assert float(aux["kl"]) > 0.0
-  assert _tiny_dalle().downsample**2 * 3 == 192
+  assert _tiny_dalle().downsample ** 2 * 3 == 192
 
 
 def test_tokenize_deterministic_single_trace_and_decode():
@@ -395,14 +453,15 @@ def test_tokenize_deterministic_single_trace_and_decode():
   # An encoder-only variables dict is enough to tokenize.
   enc_only = {"params": {"encoder": variables["params"]["encoder"]}}
   np.testing.assert_array_equal(
-      _run_jit(functools.partial(dvae.tokenize, model), enc_only, images), ids1)
+    _run_jit(functools.partial(dvae.tokenize, model), enc_only, images), ids1
+  )
   rec = _run_jit(functools.partial(dvae.decode, model), variables, ids1)
   assert rec.shape == images.shape
   assert float(rec.min()) >= 0.0 and float(rec.max()) <= 1.0
   codes = jax.nn.one_hot(ids1, 32)
-  want = model.apply(variables,
-                     _apply(model, variables, codes, method="decode_codes"),
-                     method="reconstruct")
+  want = model.apply(
+    variables, _apply(model, variables, codes, method="decode_codes"), method="reconstruct"
+  )
   np.testing.assert_allclose(rec, want, rtol=1e-6)
 
 
@@ -439,12 +498,10 @@ def test_generic_backend_path_matches_cpu_path(monkeypatch):
   variables = _params(model, images, bias_std=0.1)
 
   def loss_and_grads(v, x):
-    return jax.value_and_grad(
-        lambda p: dvae.elbo_loss(model, p, x, _key(2), 0.8, 1.5, True)[0])(v)
+    return jax.value_and_grad(lambda p: dvae.elbo_loss(model, p, x, _key(2), 0.8, 1.5, True)[0])(v)
 
   def encoder_jaxpr():  # A new function each time: traced again.
-    return str(jax.make_jaxpr(lambda v, x: model.apply(v, x, method="encode"))(variables,
-                                                                                images))
+    return str(jax.make_jaxpr(lambda v, x: model.apply(v, x, method="encode"))(variables, images))
 
   assert "_correlate_with_im2col_gradient" in encoder_jaxpr()
   cpu = _run_jit(lambda v, x: loss_and_grads(v, x), variables, images)

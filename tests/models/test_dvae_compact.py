@@ -10,18 +10,32 @@ from beit_jax.models import dvae, dvae_compact
 from tests.models.test_conv import _np_conv, _torch_state_dict
 from tests.models.test_dvae import _apply, _key, _params, _randn, _tiny_compact, param_listing
 
-
 # `dvae.from_config(TREE_CONFIGS[k])`'s parameters (path, shape), written down with
 # the code before it was split into modules.
 TREE_CONFIGS = {
-    "logit_laplace": dict(arch="compact", vocab_size=32, recon_loss="logit_laplace",
-                          input_norm="dall_e", num_layers=2, hidden=16,
-                          num_resblocks=2, codebook_dim=8),
-    "mse": dict(arch="compact", vocab_size=32, recon_loss="mse", input_norm="half",
-                num_layers=1, hidden=8, num_resblocks=0, codebook_dim=8),
+  "logit_laplace": dict(
+    arch="compact",
+    vocab_size=32,
+    recon_loss="logit_laplace",
+    input_norm="dall_e",
+    num_layers=2,
+    hidden=16,
+    num_resblocks=2,
+    codebook_dim=8,
+  ),
+  "mse": dict(
+    arch="compact",
+    vocab_size=32,
+    recon_loss="mse",
+    input_norm="half",
+    num_layers=1,
+    hidden=8,
+    num_resblocks=0,
+    codebook_dim=8,
+  ),
 }
 TREES = {
-    "logit_laplace": """
+  "logit_laplace": """
 decoder/codebook 32x8
 decoder/input/b 16
 decoder/input/w 1x1x8x16
@@ -62,7 +76,7 @@ encoder/res_2/conv_2/w 3x3x16x16
 encoder/res_2/conv_3/b 16
 encoder/res_2/conv_3/w 1x1x16x16
 """,
-    "mse": """
+  "mse": """
 decoder/codebook 32x8
 decoder/input/b 8
 decoder/input/w 1x1x8x8
@@ -101,13 +115,12 @@ def test_compact_res_block_matches_numpy():
   h = _np_conv(xn, sd, "r.conv_1")
   h = _np_conv(np.maximum(h, 0), sd, "r.conv_2")
   h = _np_conv(np.maximum(h, 0), sd, "r.conv_3")
-  np.testing.assert_allclose(_apply(block, variables, x),
-                             (xn + h).transpose(0, 2, 3, 1), rtol=1e-4,
-                             atol=1e-5)
+  np.testing.assert_allclose(
+    _apply(block, variables, x), (xn + h).transpose(0, 2, 3, 1), rtol=1e-4, atol=1e-5
+  )
 
 
-@pytest.mark.parametrize("num_layers,grid", [(1, (7, 7)), (2, (7, 5)),
-                                             (3, (3, 7))])
+@pytest.mark.parametrize("num_layers,grid", [(1, (7, 7)), (2, (7, 5)), (3, (3, 7))])
 def test_compact_output_sizes_odd_grids(num_layers, grid):
   model = _tiny_compact(num_layers=num_layers, recon_loss="logit_laplace")
   d = 2**num_layers
@@ -122,8 +135,7 @@ def test_compact_output_sizes_odd_grids(num_layers, grid):
   assert out.shape == (1, grid[0] * d, grid[1] * d, 6)
   p = variables["params"]
   assert p["decoder"]["codebook"].shape == (32, 16)
-  assert set(p["encoder"]) == ({f"down_{i + 1}" for i in range(num_layers)}
-                               | {"res_1", "output"})
+  assert set(p["encoder"]) == ({f"down_{i + 1}" for i in range(num_layers)} | {"res_1", "output"})
 
 
 def test_compact_mse_has_3_channels_and_floors_odd_inputs():
@@ -144,8 +156,7 @@ def test_compact_mse_has_3_channels_and_floors_odd_inputs():
 def _smooth_images(n, size, seed=0):
   """Random low-frequency RGB images in [0, 1]."""
   rng = np.random.default_rng(seed)
-  yy, xx = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size),
-                       indexing="ij")
+  yy, xx = np.meshgrid(np.linspace(0, 1, size), np.linspace(0, 1, size), indexing="ij")
   out = np.zeros((n, size, size, 3), np.float32)
   for i in range(n):
     for c in range(3):
@@ -164,8 +175,8 @@ def test_tiny_compact_dvae_overfits():
 
   def step(variables, opt_state, rng):
     (loss, aux), grads = jax.value_and_grad(
-        lambda v: dvae.elbo_loss(model, v, images, rng, 1.0, 0.1, False),
-        has_aux=True)(variables)
+      lambda v: dvae.elbo_loss(model, v, images, rng, 1.0, 0.1, False), has_aux=True
+    )(variables)
     updates, opt_state = tx.update(grads, opt_state, variables)
     return optax.apply_updates(variables, updates), opt_state, loss, aux
 

@@ -7,9 +7,18 @@ import pytest
 
 from beit_jax.models import conv, dvae, dvae_dalle
 from tests.models.test_conv import _np_conv, _torch_state_dict
-from tests.models.test_dvae import (_apply, _count, _flat, _init, _key, _params, _rand,
-                                    _randn, _tiny_dalle, param_listing)
-
+from tests.models.test_dvae import (
+  _apply,
+  _count,
+  _flat,
+  _init,
+  _key,
+  _params,
+  _rand,
+  _randn,
+  _tiny_dalle,
+  param_listing,
+)
 
 # Exact parameter counts of the default DALL-E dVAE (n_hid 256, 2 blocks per
 # group, vocab 8192, n_init 128), counted with jax.eval_shape.
@@ -19,8 +28,9 @@ DALLE_DECODER_PARAMS = 43_829_766
 
 # `dvae.from_config(TREE_CONFIG)`'s parameters (path, shape), written down with the
 # code before it was split into modules: the DALL-E converter relies on these paths.
-TREE_CONFIG = dict(arch="dall_e", vocab_size=16, n_hid=8, n_init=12, n_blk_per_group=2,
-                   group_count=3)
+TREE_CONFIG = dict(
+  arch="dall_e", vocab_size=16, n_hid=8, n_init=12, n_blk_per_group=2, group_count=3
+)
 TREE = """
 decoder/blocks/group_1/block_1/id_path/b 64
 decoder/blocks/group_1/block_1/id_path/w 1x1x12x64
@@ -188,8 +198,8 @@ def _analytic_encoder(n_hid=256, n_blk=2, vocab=8192, c=3):
   def block(n_in, n_out):
     h = n_out // 4
     idp = _conv(n_in, n_out, 1) if n_in != n_out else 0
-    return (idp + _conv(n_in, h, 3) + _conv(h, h, 3) + _conv(h, h, 3)
-            + _conv(h, n_out, 1))
+    return idp + _conv(n_in, h, 3) + _conv(h, h, 3) + _conv(h, h, 3) + _conv(h, n_out, 1)
+
   total = _conv(c, n_hid, 7)
   widths = [n_hid, n_hid, 2 * n_hid, 4 * n_hid, 8 * n_hid]
   for g in range(4):
@@ -202,8 +212,8 @@ def _analytic_decoder(n_init=128, n_hid=256, n_blk=2, vocab=8192, c=3):
   def block(n_in, n_out):
     h = n_out // 4
     idp = _conv(n_in, n_out, 1) if n_in != n_out else 0
-    return (idp + _conv(n_in, h, 1) + _conv(h, h, 3) + _conv(h, h, 3)
-            + _conv(h, n_out, 3))
+    return idp + _conv(n_in, h, 1) + _conv(h, h, 3) + _conv(h, h, 3) + _conv(h, n_out, 3)
+
   total = _conv(vocab, n_init, 1)
   widths = [n_init, 8 * n_hid, 4 * n_hid, 2 * n_hid, n_hid]
   for g in range(4):
@@ -224,60 +234,55 @@ def test_dalle_param_counts_exact():
   assert set(shapes["params"]) == {"encoder", "decoder"}
   assert all(a.dtype == jnp.float32 for a in jax.tree.leaves(shapes))
   # A different configuration also matches the formula.
-  small = dvae.dalle_dvae(n_hid=64, n_blk_per_group=1, vocab_size=512,
-                         n_init=32)
+  small = dvae.dalle_dvae(n_hid=64, n_blk_per_group=1, vocab_size=512, n_init=32)
   shapes = jax.eval_shape(lambda: _init(small, jnp.zeros((1, 16, 16, 3))))
   assert _count(shapes["params"]["encoder"]) == _analytic_encoder(64, 1, 512)
-  assert _count(shapes["params"]["decoder"]) == _analytic_decoder(32, 64, 1,
-                                                                  512)
+  assert _count(shapes["params"]["decoder"]) == _analytic_decoder(32, 64, 1, 512)
 
 
 def test_dalle_param_tree_matches_torch_keys():
-  shapes = jax.eval_shape(
-      lambda: _init(dvae.dalle_dvae(), jnp.zeros((1, 16, 16, 3))))
+  shapes = jax.eval_shape(lambda: _init(dvae.dalle_dvae(), jnp.zeros((1, 16, 16, 3))))
   enc = _flat(shapes["params"]["encoder"])
   dec = _flat(shapes["params"]["decoder"])
   expected_enc = {
-      "blocks/input/w": (7, 7, 3, 256),
-      "blocks/input/b": (256,),
-      "blocks/group_1/block_1/res_path/conv_1/w": (3, 3, 256, 64),
-      "blocks/group_1/block_2/res_path/conv_4/w": (1, 1, 64, 256),
-      "blocks/group_2/block_1/id_path/w": (1, 1, 256, 512),
-      "blocks/group_2/block_1/id_path/b": (512,),
-      "blocks/group_2/block_1/res_path/conv_1/w": (3, 3, 256, 128),
-      "blocks/group_2/block_2/res_path/conv_1/w": (3, 3, 512, 128),
-      "blocks/group_3/block_1/id_path/w": (1, 1, 512, 1024),
-      "blocks/group_4/block_1/id_path/w": (1, 1, 1024, 2048),
-      "blocks/group_4/block_2/res_path/conv_3/w": (3, 3, 512, 512),
-      "blocks/group_4/block_2/res_path/conv_4/b": (2048,),
-      "blocks/output/conv/w": (1, 1, 2048, 8192),
-      "blocks/output/conv/b": (8192,),
+    "blocks/input/w": (7, 7, 3, 256),
+    "blocks/input/b": (256,),
+    "blocks/group_1/block_1/res_path/conv_1/w": (3, 3, 256, 64),
+    "blocks/group_1/block_2/res_path/conv_4/w": (1, 1, 64, 256),
+    "blocks/group_2/block_1/id_path/w": (1, 1, 256, 512),
+    "blocks/group_2/block_1/id_path/b": (512,),
+    "blocks/group_2/block_1/res_path/conv_1/w": (3, 3, 256, 128),
+    "blocks/group_2/block_2/res_path/conv_1/w": (3, 3, 512, 128),
+    "blocks/group_3/block_1/id_path/w": (1, 1, 512, 1024),
+    "blocks/group_4/block_1/id_path/w": (1, 1, 1024, 2048),
+    "blocks/group_4/block_2/res_path/conv_3/w": (3, 3, 512, 512),
+    "blocks/group_4/block_2/res_path/conv_4/b": (2048,),
+    "blocks/output/conv/w": (1, 1, 2048, 8192),
+    "blocks/output/conv/b": (8192,),
   }
   expected_dec = {
-      "blocks/input/w": (1, 1, 8192, 128),
-      "blocks/group_1/block_1/id_path/w": (1, 1, 128, 2048),
-      "blocks/group_1/block_1/res_path/conv_1/w": (1, 1, 128, 512),
-      "blocks/group_1/block_1/res_path/conv_4/w": (3, 3, 512, 2048),
-      "blocks/group_2/block_1/id_path/w": (1, 1, 2048, 1024),
-      "blocks/group_4/block_2/res_path/conv_2/w": (3, 3, 64, 64),
-      "blocks/output/conv/w": (1, 1, 256, 6),
-      "blocks/output/conv/b": (6,),
+    "blocks/input/w": (1, 1, 8192, 128),
+    "blocks/group_1/block_1/id_path/w": (1, 1, 128, 2048),
+    "blocks/group_1/block_1/res_path/conv_1/w": (1, 1, 128, 512),
+    "blocks/group_1/block_1/res_path/conv_4/w": (3, 3, 512, 2048),
+    "blocks/group_2/block_1/id_path/w": (1, 1, 2048, 1024),
+    "blocks/group_4/block_2/res_path/conv_2/w": (3, 3, 64, 64),
+    "blocks/output/conv/w": (1, 1, 256, 6),
+    "blocks/output/conv/b": (6,),
   }
   for k, v in expected_enc.items():
     assert enc[k] == v, k
   for k, v in expected_dec.items():
     assert dec[k] == v, k
   # Identity id_paths carry no parameters, as in DALL-E.
-  for key in ("blocks/group_1/block_1/id_path/w",
-              "blocks/group_2/block_2/id_path/w"):
+  for key in ("blocks/group_1/block_1/id_path/w", "blocks/group_2/block_2/id_path/w"):
     assert key not in enc
   assert "blocks/group_1/block_2/id_path/w" not in dec
   # Every leaf is a DALL-E conv parameter `w` or `b`.
   assert {k.rsplit("/", 1)[1] for k in enc} == {"w", "b"}
   assert len(enc) == 2 * (1 + 8 * 4 + 3 + 1)  # convs + 3 id paths.
   # params['encoder'] is exactly a standalone DalleEncoder's tree.
-  alone = jax.eval_shape(lambda: dvae_dalle.DalleEncoder().init(
-      _key(0), jnp.zeros((1, 16, 16, 3))))
+  alone = jax.eval_shape(lambda: dvae_dalle.DalleEncoder().init(_key(0), jnp.zeros((1, 16, 16, 3))))
   assert _flat(alone["params"]) == enc
 
 
@@ -300,9 +305,10 @@ def test_n_hid_must_be_a_multiple_of_4():
 
 
 def _np_block(x, sd, prefix, n_layers, kernels):
-  relu = lambda a: np.maximum(a, 0)
-  idp = (_np_conv(x, sd, prefix + ".id_path")
-         if prefix + ".id_path.w" in sd else x)
+  def relu(a):
+    return np.maximum(a, 0)
+
+  idp = _np_conv(x, sd, prefix + ".id_path") if prefix + ".id_path.w" in sd else x
   h = x
   for i in range(4):
     h = _np_conv(relu(h), sd, f"{prefix}.res_path.conv_{i + 1}")
@@ -315,8 +321,7 @@ def _np_encoder(x, sd, n_blk, group_count=4):
   x = _np_conv(x, sd, "blocks.input")
   for g in range(1, 5):
     for i in range(1, n_blk + 1):
-      x = _np_block(x, sd, f"blocks.group_{g}.block_{i}", n_layers,
-                    (3, 3, 3, 1))
+      x = _np_block(x, sd, f"blocks.group_{g}.block_{i}", n_layers, (3, 3, 3, 1))
     if g < 4:
       n, c, h, w = x.shape
       x = x.reshape(n, c, h // 2, 2, w // 2, 2).max(axis=(3, 5))
@@ -328,8 +333,7 @@ def _np_decoder(x, sd, n_blk, group_count=4):
   x = _np_conv(x, sd, "blocks.input")
   for g in range(1, 5):
     for i in range(1, n_blk + 1):
-      x = _np_block(x, sd, f"blocks.group_{g}.block_{i}", n_layers,
-                    (1, 3, 3, 3))
+      x = _np_block(x, sd, f"blocks.group_{g}.block_{i}", n_layers, (1, 3, 3, 3))
     if g < 4:
       x = x.repeat(2, axis=2).repeat(2, axis=3)
   return _np_conv(np.maximum(x, 0), sd, "blocks.output.conv")
@@ -342,19 +346,20 @@ def test_dalle_encoder_block_matches_numpy(n_in, n_out):
   variables = _params(block, x, bias_std=0.1)  # Non-zero biases are checked.
   assert ("id_path" in variables["params"]) == (n_in != n_out)
   got = np.asarray(_apply(block, variables, x))
-  sd = {"blk." + k: v
-        for k, v in _torch_state_dict(variables["params"]).items()}
-  want = _np_block(np.asarray(x, np.float64).transpose(0, 3, 1, 2), sd, "blk",
-                   3, (3, 3, 3, 1)).transpose(0, 2, 3, 1)
+  sd = {"blk." + k: v for k, v in _torch_state_dict(variables["params"]).items()}
+  want = _np_block(
+    np.asarray(x, np.float64).transpose(0, 3, 1, 2), sd, "blk", 3, (3, 3, 3, 1)
+  ).transpose(0, 2, 3, 1)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
   # The residual branch is scaled by post_gain = 1/n_layers**2: with
   # n_layers=3 it is 1/9 of the unscaled (n_layers=1) residual branch.
   unscaled = dvae_dalle.DalleEncoderBlock(n_in, n_out, n_layers=1).apply(variables, x)
-  identity = (np.asarray(x) if n_in == n_out else np.asarray(
-      conv.Conv2d(n_out, 1).apply(
-          {"params": variables["params"]["id_path"]}, x)))
-  np.testing.assert_allclose(got - identity, (unscaled - identity) / 9,
-                             rtol=1e-4, atol=1e-5)
+  identity = (
+    np.asarray(x)
+    if n_in == n_out
+    else np.asarray(conv.Conv2d(n_out, 1).apply({"params": variables["params"]["id_path"]}, x))
+  )
+  np.testing.assert_allclose(got - identity, (unscaled - identity) / 9, rtol=1e-4, atol=1e-5)
 
 
 def test_dalle_decoder_block_matches_numpy():
@@ -363,8 +368,9 @@ def test_dalle_decoder_block_matches_numpy():
   variables = _params(block, x, bias_std=0.1)
   got = np.asarray(_apply(block, variables, x))
   sd = {"b." + k: v for k, v in _torch_state_dict(variables["params"]).items()}
-  want = _np_block(np.asarray(x, np.float64).transpose(0, 3, 1, 2), sd, "b", 2,
-                   (1, 3, 3, 3)).transpose(0, 2, 3, 1)
+  want = _np_block(
+    np.asarray(x, np.float64).transpose(0, 3, 1, 2), sd, "b", 2, (1, 3, 3, 3)
+  ).transpose(0, 2, 3, 1)
   np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
@@ -382,8 +388,9 @@ def test_dalle_full_forward_matches_numpy():
   codes = jax.nn.softmax(_randn((1, 2, 2, 16), seed=1))
   out = np.asarray(_apply(model, variables, codes, method="decode_codes"))
   sd = _torch_state_dict(variables["params"]["decoder"])
-  want = _np_decoder(np.asarray(codes, np.float64).transpose(0, 3, 1, 2), sd,
-                     n_blk=2).transpose(0, 2, 3, 1)
+  want = _np_decoder(np.asarray(codes, np.float64).transpose(0, 3, 1, 2), sd, n_blk=2).transpose(
+    0, 2, 3, 1
+  )
   assert out.shape == (1, 16, 16, 6)
   np.testing.assert_allclose(out, want, rtol=1e-4, atol=1e-4)
 
@@ -403,8 +410,7 @@ def test_dalle_shapes_downsample_8():
   codes = jax.nn.one_hot(jnp.zeros((1, 14, 14), jnp.int32), 16)
   out = _apply(model, variables, codes, method="decode_codes")
   assert out.shape == (1, 112, 112, 6) and out.dtype == jnp.float32
-  res = _apply(model, variables, images[:1, :24, :40], rng=_key(0), tau=1.0,
-               hard=True)
+  res = _apply(model, variables, images[:1, :24, :40], rng=_key(0), tau=1.0, hard=True)
   assert res["logits"].shape == (1, 3, 5, 16)
   assert res["codes"].shape == (1, 3, 5, 16)
   assert res["out"].shape == (1, 24, 40, 6)

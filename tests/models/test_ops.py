@@ -18,8 +18,9 @@ def _x(shape, seed=0, scale=3.0):
 def _grads(f, *args):
   """Gradients of sum(f(*args) * w) for a fixed random w (a non-trivial cotangent)."""
   w = _x(jax.eval_shape(f, *args).shape, seed=7, scale=1.0)
-  return jax.grad(lambda *a: jnp.sum(f(*a).astype(jnp.float32) * w),
-                  argnums=tuple(range(len(args))))(*args)
+  return jax.grad(
+    lambda *a: jnp.sum(f(*a).astype(jnp.float32) * w), argnums=tuple(range(len(args)))
+  )(*args)
 
 
 def test_gelu_values_and_gradient_match_the_erf_formula_and_torch():
@@ -55,12 +56,16 @@ def test_layer_norm_matches_flax_layernorm_values_and_gradients(dtype):
     return ops.layer_norm(v, s, b, 1e-6)
 
   tol = 1e-5 if dtype == jnp.float32 else 3e-2
-  np.testing.assert_allclose(np.asarray(ours(x, scale, bias), np.float32),
-                             np.asarray(ref_ln.apply(params, x), np.float32), atol=tol)
+  np.testing.assert_allclose(
+    np.asarray(ours(x, scale, bias), np.float32),
+    np.asarray(ref_ln.apply(params, x), np.float32),
+    atol=tol,
+  )
   for got, want in zip(_grads(ours, x, scale, bias), _grads(ref, x, scale, bias)):
     assert got.dtype == want.dtype
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                               atol=tol * 10, rtol=tol)
+    np.testing.assert_allclose(
+      np.asarray(got, np.float32), np.asarray(want, np.float32), atol=tol * 10, rtol=tol
+    )
 
 
 def test_add_broadcast_gradient_sums_the_leading_axes():
@@ -83,20 +88,32 @@ def _switch_cases():
   x_ln = _x((4, 9, 32)) + 5.0
   ln_args = (x_ln, _x((32,), 1, 0.5) + 1.0, _x((32,), 2, 0.5))
   return {
-      "gelu": ("_gelu_erf", ops.gelu, (_x((64, 96)),), 2e-6),
-      "softmax": ("_softmax_closed_form_vjp", ops.softmax, (_x((2, 3, 17, 17)),), 1e-6),
-      "layer_norm": ("_layer_norm_closed_form_vjp", lambda v, s, b: ops.layer_norm(v, s, b, 1e-6),
-                     ln_args, 1e-5),
-      "layer_norm_bf16": ("_layer_norm_closed_form_vjp",
-                          lambda v, s, b: ops.layer_norm(v, s, b, 1e-6),
-                          (x_ln.astype(jnp.bfloat16),) + ln_args[1:], 3e-2),
-      "add_broadcast": ("_add_broadcast_matvec_vjp", ops.add_broadcast,
-                        (_x((5, 3, 7, 7)), _x((3, 7, 7), 1)), 1e-5),
+    "gelu": ("_gelu_erf", ops.gelu, (_x((64, 96)),), 2e-6),
+    "softmax": ("_softmax_closed_form_vjp", ops.softmax, (_x((2, 3, 17, 17)),), 1e-6),
+    "layer_norm": (
+      "_layer_norm_closed_form_vjp",
+      lambda v, s, b: ops.layer_norm(v, s, b, 1e-6),
+      ln_args,
+      1e-5,
+    ),
+    "layer_norm_bf16": (
+      "_layer_norm_closed_form_vjp",
+      lambda v, s, b: ops.layer_norm(v, s, b, 1e-6),
+      (x_ln.astype(jnp.bfloat16),) + ln_args[1:],
+      3e-2,
+    ),
+    "add_broadcast": (
+      "_add_broadcast_matvec_vjp",
+      ops.add_broadcast,
+      (_x((5, 3, 7, 7)), _x((3, 7, 7), 1)),
+      1e-5,
+    ),
   }
 
 
-@pytest.mark.parametrize("case", ["gelu", "softmax", "layer_norm", "layer_norm_bf16",
-                                  "add_broadcast"])
+@pytest.mark.parametrize(
+  "case", ["gelu", "softmax", "layer_norm", "layer_norm_bf16", "add_broadcast"]
+)
 def test_backend_switch_selects_the_cpu_kernels_and_the_plain_forms_agree(case, monkeypatch):
   kernel, f, args, atol = _switch_cases()[case]
   monkeypatch.setattr(ops, "cpu_kernels_enabled", lambda: True)  # What CPU selects.
@@ -106,9 +123,14 @@ def test_backend_switch_selects_the_cpu_kernels_and_the_plain_forms_agree(case, 
   assert kernel not in str(jax.make_jaxpr(lambda *a: f(*a))(*args))
   value, grads = f(*args), _grads(lambda *a: f(*a), *args)
   assert value.dtype == cpu_value.dtype
-  np.testing.assert_allclose(np.asarray(value, np.float32), np.asarray(cpu_value, np.float32),
-                             atol=atol)
+  np.testing.assert_allclose(
+    np.asarray(value, np.float32), np.asarray(cpu_value, np.float32), atol=atol
+  )
   for got, want in zip(grads, cpu_grads):
     assert got.dtype == want.dtype
-    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
-                               atol=atol * 10, rtol=3e-2 if case.endswith("bf16") else 1e-5)
+    np.testing.assert_allclose(
+      np.asarray(got, np.float32),
+      np.asarray(want, np.float32),
+      atol=atol * 10,
+      rtol=3e-2 if case.endswith("bf16") else 1e-5,
+    )

@@ -17,10 +17,10 @@ import re
 
 import flax
 import jax
-from jax import ad_checkpoint
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from jax import ad_checkpoint
 
 from beit_jax.models import vit
 
@@ -42,16 +42,16 @@ MASKED = np.array([[1, 4, 5, 10, 15], [0, 2, 3, 7, 8]])
 
 
 def _flat(tree) -> dict[str, np.ndarray]:
-  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep='/')
+  return flax.traverse_util.flatten_dict(flax.core.unfreeze(tree), sep="/")
 
 
 def _unflat(flat: dict[str, np.ndarray]):
-  return flax.traverse_util.unflatten_dict(flat, sep='/')
+  return flax.traverse_util.unflatten_dict(flat, sep="/")
 
 
 def _fast_key(seed: int) -> jax.Array:
   """A PRNG key whose draws compile fast on this CPU jaxlib."""
-  return jax.random.key(seed, impl='unsafe_rbg')
+  return jax.random.key(seed, impl="unsafe_rbg")
 
 
 def _random_params(model: vit.BEiT, seed: int = 0, scale: float = 0.3):
@@ -60,14 +60,13 @@ def _random_params(model: vit.BEiT, seed: int = 0, scale: float = 0.3):
   flat = {}
   for name, leaf in _flat(vit.abstract_params(model)).items():
     value = scale * rng.standard_normal(leaf.shape)
-    if name.endswith('scale'):  # LayerNorm scale.
+    if name.endswith("scale"):  # LayerNorm scale.
       value = 1.0 + value
     flat[name] = jnp.asarray(value, jnp.float32)
   return _unflat(flat)
 
 
-_FAST_COMPILE = {'xla_backend_optimization_level': 0,
-                 'xla_llvm_disable_expensive_passes': True}
+_FAST_COMPILE = {"xla_backend_optimization_level": 0, "xla_llvm_disable_expensive_passes": True}
 
 
 def _compile(fn, *example_args):
@@ -81,13 +80,11 @@ def _run(fn, *args):
 
 def _apply(model, params, *args, method=None, **kwargs):
   """`model.apply` compiled (op-by-op dispatch is slow on this CPU)."""
-  return _run(lambda p, *a: model.apply({'params': p}, *a, method=method, **kwargs),
-              params, *args)
+  return _run(lambda p, *a: model.apply({"params": p}, *a, method=method, **kwargs), params, *args)
 
 
 def _images(seed: int = 1, batch: int = 2) -> np.ndarray:
-  return np.random.default_rng(seed).standard_normal(
-      (batch, IMAGE, IMAGE, 3)).astype(np.float32)
+  return np.random.default_rng(seed).standard_normal((batch, IMAGE, IMAGE, 3)).astype(np.float32)
 
 
 def _mask_and_positions() -> tuple[np.ndarray, np.ndarray]:
@@ -126,7 +123,7 @@ def _np_gelu(x):
 def _np_layer_norm(x, p):
   mu = x.mean(-1, keepdims=True)
   var = ((x - mu) ** 2).mean(-1, keepdims=True)
-  return (x - mu) / np.sqrt(var + 1e-6) * p['scale'] + p['bias']
+  return (x - mu) / np.sqrt(var + 1e-6) * p["scale"] + p["bias"]
 
 
 def _np_softmax(x):
@@ -161,69 +158,69 @@ def _np_attention(x, p, heads, bias):
   """unilm Attention.forward for one sample x (N+1, D); bias (heads, N+1, N+1)."""
   n, d = x.shape
   hd = d // heads
-  qkv = x @ p['qkv']['kernel'] + np.concatenate([p['q_bias'], np.zeros(d), p['v_bias']])
+  qkv = x @ p["qkv"]["kernel"] + np.concatenate([p["q_bias"], np.zeros(d), p["v_bias"]])
   # torch: reshape(B, N, 3, H, hd).permute(2, 0, 3, 1, 4).
   qkv = qkv.reshape(n, 3, heads, hd).transpose(1, 2, 0, 3)
-  q, k, v = qkv[0] * hd ** -0.5, qkv[1], qkv[2]
+  q, k, v = qkv[0] * hd**-0.5, qkv[1], qkv[2]
   attn = _np_softmax(q @ k.transpose(0, 2, 1) + bias)
   out = (attn @ v).transpose(1, 0, 2).reshape(n, d)
-  return out @ p['proj']['kernel'] + p['proj']['bias']
+  return out @ p["proj"]["kernel"] + p["proj"]["bias"]
 
 
 def _np_encode(params, images, mask, heads):
   """Blocks output (B, N+1, D) before the final norm."""
   params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   images = np.asarray(images, np.float64)
-  pe = params['patch_embed']
-  x = _np_patch_embed(images, pe['kernel'], pe['bias'], pe['kernel'].shape[0])
+  pe = params["patch_embed"]
+  x = _np_patch_embed(images, pe["kernel"], pe["bias"], pe["kernel"].shape[0])
   b, num, d = x.shape
-  grid = (images.shape[1] // pe['kernel'].shape[0], images.shape[2] // pe['kernel'].shape[1])
+  grid = (images.shape[1] // pe["kernel"].shape[0], images.shape[2] // pe["kernel"].shape[1])
   if mask is not None:
     w = np.asarray(mask, np.float64)[:, :, None]
-    x = x * (1 - w) + params['mask_token'] * w
-  cls = np.broadcast_to(params['cls_token'], (b, 1, d))
+    x = x * (1 - w) + params["mask_token"] * w
+  cls = np.broadcast_to(params["cls_token"], (b, 1, d))
   x = np.concatenate([cls, x], axis=1)
-  if 'pos_embed' in params:
-    x = x + params['pos_embed']
+  if "pos_embed" in params:
+    x = x + params["pos_embed"]
   shared = None
-  if 'rel_pos_bias' in params:
-    shared = _np_rel_bias(params['rel_pos_bias']['relative_position_bias_table'], grid)
-  depth = sum(1 for k in params if k.startswith('blocks_'))
+  if "rel_pos_bias" in params:
+    shared = _np_rel_bias(params["rel_pos_bias"]["relative_position_bias_table"], grid)
+  depth = sum(1 for k in params if k.startswith("blocks_"))
   for i in range(depth):
-    bp = params[f'blocks_{i}']
+    bp = params[f"blocks_{i}"]
     bias = np.zeros((heads, num + 1, num + 1))
-    if 'relative_position_bias_table' in bp['attn']:
-      bias = bias + _np_rel_bias(bp['attn']['relative_position_bias_table'], grid)
+    if "relative_position_bias_table" in bp["attn"]:
+      bias = bias + _np_rel_bias(bp["attn"]["relative_position_bias_table"], grid)
     if shared is not None:
       bias = bias + shared
-    h = _np_layer_norm(x, bp['norm1'])
-    y = np.stack([_np_attention(h[s], bp['attn'], heads, bias) for s in range(b)])
-    if 'gamma_1' in bp:
-      y = y * bp['gamma_1']
+    h = _np_layer_norm(x, bp["norm1"])
+    y = np.stack([_np_attention(h[s], bp["attn"], heads, bias) for s in range(b)])
+    if "gamma_1" in bp:
+      y = y * bp["gamma_1"]
     x = x + y
-    h = _np_layer_norm(x, bp['norm2'])
-    y = _np_gelu(h @ bp['mlp']['fc1']['kernel'] + bp['mlp']['fc1']['bias'])
-    y = y @ bp['mlp']['fc2']['kernel'] + bp['mlp']['fc2']['bias']
-    if 'gamma_2' in bp:
-      y = y * bp['gamma_2']
+    h = _np_layer_norm(x, bp["norm2"])
+    y = _np_gelu(h @ bp["mlp"]["fc1"]["kernel"] + bp["mlp"]["fc1"]["bias"])
+    y = y @ bp["mlp"]["fc2"]["kernel"] + bp["mlp"]["fc2"]["bias"]
+    if "gamma_2" in bp:
+      y = y * bp["gamma_2"]
     x = x + y
   return x, params
 
 
 def _np_mim_logits(params, images, mask, positions, heads):
   x, params = _np_encode(params, images, mask, heads)
-  x = _np_layer_norm(x, params['norm'])[:, 1:]
+  x = _np_layer_norm(x, params["norm"])[:, 1:]
   x = np.stack([x[s, positions[s]] for s in range(x.shape[0])])
-  return x @ params['lm_head']['kernel'] + params['lm_head']['bias']
+  return x @ params["lm_head"]["kernel"] + params["lm_head"]["bias"]
 
 
 def _np_class_logits(params, images, heads, mean_pooling):
   x, params = _np_encode(params, images, None, heads)
   if mean_pooling:
-    feat = _np_layer_norm(x[:, 1:].mean(1), params['fc_norm'])
+    feat = _np_layer_norm(x[:, 1:].mean(1), params["fc_norm"])
   else:
-    feat = _np_layer_norm(x, params['norm'])[:, 0]
-  return feat @ params['head']['kernel'] + params['head']['bias']
+    feat = _np_layer_norm(x, params["norm"])[:, 0]
+  return feat @ params["head"]["kernel"] + params["head"]["bias"]
 
 
 # ---------------------------------------------------------------------------------
@@ -232,31 +229,50 @@ def _np_class_logits(params, images, heads, mean_pooling):
 def _unilm_state_dict_shapes(d, depth, heads, *, mim, num_classes=0):
   """unilm parameter shapes (torch layout) at 224 / patch 16, index buffers excluded."""
   table = ((2 * 14 - 1) ** 2 + 3, heads)  # 14x14 grid: 732 rows.
-  sd = {'cls_token': (1, 1, d), 'patch_embed.proj.weight': (d, 3, 16, 16),
-        'patch_embed.proj.bias': (d,)}
+  sd = {
+    "cls_token": (1, 1, d),
+    "patch_embed.proj.weight": (d, 3, 16, 16),
+    "patch_embed.proj.bias": (d,),
+  }
   if mim:
-    sd['mask_token'] = (1, 1, d)
-    sd['rel_pos_bias.relative_position_bias_table'] = table
+    sd["mask_token"] = (1, 1, d)
+    sd["rel_pos_bias.relative_position_bias_table"] = table
   for i in range(depth):
-    pre = f'blocks.{i}.'
-    sd.update({
-        pre + 'gamma_1': (d,), pre + 'gamma_2': (d,),
-        pre + 'norm1.weight': (d,), pre + 'norm1.bias': (d,),
-        pre + 'attn.q_bias': (d,), pre + 'attn.v_bias': (d,),
-        pre + 'attn.qkv.weight': (3 * d, d),
-        pre + 'attn.proj.weight': (d, d), pre + 'attn.proj.bias': (d,),
-        pre + 'norm2.weight': (d,), pre + 'norm2.bias': (d,),
-        pre + 'mlp.fc1.weight': (4 * d, d), pre + 'mlp.fc1.bias': (4 * d,),
-        pre + 'mlp.fc2.weight': (d, 4 * d), pre + 'mlp.fc2.bias': (d,),
-    })
+    pre = f"blocks.{i}."
+    sd.update(
+      {
+        pre + "gamma_1": (d,),
+        pre + "gamma_2": (d,),
+        pre + "norm1.weight": (d,),
+        pre + "norm1.bias": (d,),
+        pre + "attn.q_bias": (d,),
+        pre + "attn.v_bias": (d,),
+        pre + "attn.qkv.weight": (3 * d, d),
+        pre + "attn.proj.weight": (d, d),
+        pre + "attn.proj.bias": (d,),
+        pre + "norm2.weight": (d,),
+        pre + "norm2.bias": (d,),
+        pre + "mlp.fc1.weight": (4 * d, d),
+        pre + "mlp.fc1.bias": (4 * d,),
+        pre + "mlp.fc2.weight": (d, 4 * d),
+        pre + "mlp.fc2.bias": (d,),
+      }
+    )
     if not mim:
-      sd[pre + 'attn.relative_position_bias_table'] = table
+      sd[pre + "attn.relative_position_bias_table"] = table
   if mim:
-    sd.update({'norm.weight': (d,), 'norm.bias': (d,), 'lm_head.weight': (8192, d),
-               'lm_head.bias': (8192,)})
+    sd.update(
+      {"norm.weight": (d,), "norm.bias": (d,), "lm_head.weight": (8192, d), "lm_head.bias": (8192,)}
+    )
   else:
-    sd.update({'fc_norm.weight': (d,), 'fc_norm.bias': (d,),
-               'head.weight': (num_classes, d), 'head.bias': (num_classes,)})
+    sd.update(
+      {
+        "fc_norm.weight": (d,),
+        "fc_norm.bias": (d,),
+        "head.weight": (num_classes, d),
+        "head.bias": (num_classes,),
+      }
+    )
   return sd
 
 
@@ -264,32 +280,46 @@ def _to_flax(sd):
   """torch key/shape -> Flax path/shape (Linear transposed, conv OIHW -> HWIO, LN scale)."""
   out = {}
   for key, shape in sd.items():
-    if key.startswith('patch_embed.proj.'):
-      key = key.replace('patch_embed.proj.', 'patch_embed.')
-    if key.startswith('blocks.'):
-      _, i, rest = key.split('.', 2)
-      key = f'blocks_{i}.{rest}'
-    path = key.replace('.', '/')
-    if path.endswith('/weight'):
+    if key.startswith("patch_embed.proj."):
+      key = key.replace("patch_embed.proj.", "patch_embed.")
+    if key.startswith("blocks."):
+      _, i, rest = key.split(".", 2)
+      key = f"blocks_{i}.{rest}"
+    path = key.replace(".", "/")
+    if path.endswith("/weight"):
       if len(shape) == 4:
-        path, shape = path[:-len('weight')] + 'kernel', tuple(shape[i] for i in (2, 3, 1, 0))
+        path, shape = path[: -len("weight")] + "kernel", tuple(shape[i] for i in (2, 3, 1, 0))
       elif len(shape) == 2:
-        path, shape = path[:-len('weight')] + 'kernel', shape[::-1]
+        path, shape = path[: -len("weight")] + "kernel", shape[::-1]
       else:
-        path = path[:-len('weight')] + 'scale'
+        path = path[: -len("weight")] + "scale"
     out[path] = tuple(shape)
   return out
 
 
-@pytest.mark.parametrize('make,expected,unilm', [
-    pytest.param(lambda: vit.mim_model('base'), 91_965_776,
-                 dict(d=768, depth=12, heads=12, mim=True), id='base_mim'),
-    pytest.param(lambda: vit.mim_model('large', init_values=1e-5), 311_534_016,
-                 dict(d=1024, depth=24, heads=16, mim=True), id='large_mim'),
-    pytest.param(lambda: vit.classifier_model('base', 1000), 86_530_984,
-                 dict(d=768, depth=12, heads=12, mim=False, num_classes=1000),
-                 id='base_cls1k'),
-])
+@pytest.mark.parametrize(
+  "make,expected,unilm",
+  [
+    pytest.param(
+      lambda: vit.mim_model("base"),
+      91_965_776,
+      dict(d=768, depth=12, heads=12, mim=True),
+      id="base_mim",
+    ),
+    pytest.param(
+      lambda: vit.mim_model("large", init_values=1e-5),
+      311_534_016,
+      dict(d=1024, depth=24, heads=16, mim=True),
+      id="large_mim",
+    ),
+    pytest.param(
+      lambda: vit.classifier_model("base", 1000),
+      86_530_984,
+      dict(d=768, depth=12, heads=12, mim=False, num_classes=1000),
+      id="base_cls1k",
+    ),
+  ],
+)
 def test_param_count_and_names_match_unilm(make, expected, unilm):
   model = make()
   assert vit.param_count(model) == expected
@@ -301,51 +331,56 @@ def test_param_count_and_names_match_unilm(make, expected, unilm):
 
 
 def test_base_mim_param_tree_spot_checks():
-  flat = {k: v.shape for k, v in _flat(vit.abstract_params(vit.mim_model('base'))).items()}
-  assert flat['rel_pos_bias/relative_position_bias_table'] == (732, 12)
-  assert flat['blocks_0/attn/qkv/kernel'] == (768, 2304)
-  assert flat['blocks_0/attn/q_bias'] == (768,)
-  assert flat['blocks_0/attn/v_bias'] == (768,)
+  flat = {k: v.shape for k, v in _flat(vit.abstract_params(vit.mim_model("base"))).items()}
+  assert flat["rel_pos_bias/relative_position_bias_table"] == (732, 12)
+  assert flat["blocks_0/attn/qkv/kernel"] == (768, 2304)
+  assert flat["blocks_0/attn/q_bias"] == (768,)
+  assert flat["blocks_0/attn/v_bias"] == (768,)
   # No k bias. (One would not show in any output: q.b_k is constant along the softmax
   # axis, so only the parameter tree can tell.)
-  assert 'blocks_0/attn/qkv/bias' not in flat
-  assert not any('k_bias' in k for k in flat)
-  assert flat['lm_head/kernel'] == (768, 8192)
-  assert flat['patch_embed/kernel'] == (16, 16, 3, 768)
-  assert flat['mask_token'] == (1, 1, 768)
-  assert flat['blocks_11/gamma_2'] == (768,)
-  assert 'blocks_12/gamma_1' not in flat
-  assert not any(k.endswith('attn/relative_position_bias_table') for k in flat)
-  assert 'pos_embed' not in flat
+  assert "blocks_0/attn/qkv/bias" not in flat
+  assert not any("k_bias" in k for k in flat)
+  assert flat["lm_head/kernel"] == (768, 8192)
+  assert flat["patch_embed/kernel"] == (16, 16, 3, 768)
+  assert flat["mask_token"] == (1, 1, 768)
+  assert flat["blocks_11/gamma_2"] == (768,)
+  assert "blocks_12/gamma_1" not in flat
+  assert not any(k.endswith("attn/relative_position_bias_table") for k in flat)
+  assert "pos_embed" not in flat
 
 
 def test_classifier_param_tree():
-  flat = {k: v.shape for k, v in
-          _flat(vit.abstract_params(vit.classifier_model('base', 1000))).items()}
+  flat = {
+    k: v.shape for k, v in _flat(vit.abstract_params(vit.classifier_model("base", 1000))).items()
+  }
   for i in range(12):
-    assert flat[f'blocks_{i}/attn/relative_position_bias_table'] == (732, 12)
-  assert flat['fc_norm/scale'] == (768,)
-  assert flat['head/kernel'] == (768, 1000)
-  assert flat['head/bias'] == (1000,)
-  for absent in ('mask_token', 'norm/scale', 'norm/bias', 'lm_head/kernel',
-                 'rel_pos_bias/relative_position_bias_table', 'pos_embed'):
+    assert flat[f"blocks_{i}/attn/relative_position_bias_table"] == (732, 12)
+  assert flat["fc_norm/scale"] == (768,)
+  assert flat["head/kernel"] == (768, 1000)
+  assert flat["head/bias"] == (1000,)
+  for absent in (
+    "mask_token",
+    "norm/scale",
+    "norm/bias",
+    "lm_head/kernel",
+    "rel_pos_bias/relative_position_bias_table",
+    "pos_embed",
+  ):
     assert absent not in flat
   # use_mean_pooling=False: final `norm`, no `fc_norm`.
-  flat = _flat(vit.abstract_params(vit.classifier_model('base', 1000,
-                                                        use_mean_pooling=False)))
-  assert 'norm/scale' in flat and 'fc_norm/scale' not in flat
+  flat = _flat(vit.abstract_params(vit.classifier_model("base", 1000, use_mean_pooling=False)))
+  assert "norm/scale" in flat and "fc_norm/scale" not in flat
 
 
 def test_no_layer_scale_params_when_init_values_zero():
-  flat = _flat(vit.abstract_params(vit.mim_model('test', init_values=0.0, **TINY)))
-  assert not any('gamma' in k for k in flat)
+  flat = _flat(vit.abstract_params(vit.mim_model("test", init_values=0.0, **TINY)))
+  assert not any("gamma" in k for k in flat)
 
 
 # ---------------------------------------------------------------------------------
 # 2. Relative position index.
 # ---------------------------------------------------------------------------------
-@pytest.mark.parametrize('grid', [(3, 5), (5, 3), (4, 4), (14, 14)],
-                         ids=lambda g: f'{g[0]}x{g[1]}')
+@pytest.mark.parametrize("grid", [(3, 5), (5, 3), (4, 4), (14, 14)], ids=lambda g: f"{g[0]}x{g[1]}")
 def test_relative_position_index_matches_unilm_loops(grid):
   wh, ww = grid
   got = vit.relative_position_index(grid)
@@ -377,32 +412,35 @@ def test_gather_relative_bias_layout():
 # 3. Forward pass vs the numpy reference.
 # ---------------------------------------------------------------------------------
 MIM_CASES = {
-    # unilm pretraining default: shared rel-pos, no abs pos, LayerScale.
-    'shared_rel_pos': dict(),
-    'per_block_rel_pos_abs_pos': dict(use_shared_rel_pos_bias=False, use_rel_pos_bias=True,
-                                      use_abs_pos_emb=True),
-    'no_layer_scale': dict(init_values=0.0),
+  # unilm pretraining default: shared rel-pos, no abs pos, LayerScale.
+  "shared_rel_pos": dict(),
+  "per_block_rel_pos_abs_pos": dict(
+    use_shared_rel_pos_bias=False, use_rel_pos_bias=True, use_abs_pos_emb=True
+  ),
+  "no_layer_scale": dict(init_values=0.0),
 }
 
 
-@pytest.mark.parametrize('case', sorted(MIM_CASES))
+@pytest.mark.parametrize("case", sorted(MIM_CASES))
 def test_mim_forward_matches_numpy_reference(case):
   overrides = MIM_CASES[case]
-  model = vit.mim_model('test', vocab_size=VOCAB, **TINY, **overrides)
+  model = vit.mim_model("test", vocab_size=VOCAB, **TINY, **overrides)
   params = _random_params(model)
   flat = _flat(params)
   # The reference picks components by key, so pin which keys exist.
-  per_block = case == 'per_block_rel_pos_abs_pos'
-  assert ('rel_pos_bias/relative_position_bias_table' in flat) == (not per_block)
-  assert ('blocks_1/attn/relative_position_bias_table' in flat) == per_block
-  assert ('pos_embed' in flat) == per_block
-  assert ('blocks_1/gamma_2' in flat) == (case != 'no_layer_scale')
+  per_block = case == "per_block_rel_pos_abs_pos"
+  assert ("rel_pos_bias/relative_position_bias_table" in flat) == (not per_block)
+  assert ("blocks_1/attn/relative_position_bias_table" in flat) == per_block
+  assert ("pos_embed" in flat) == per_block
+  assert ("blocks_1/gamma_2" in flat) == (case != "no_layer_scale")
   images = _images()
   mask, positions = _mask_and_positions()
 
   def forward(p):
-    return (model.apply({'params': p}, images, mask, positions, method=model.mim_logits),
-            model.apply({'params': p}, images, mask, positions))
+    return (
+      model.apply({"params": p}, images, mask, positions, method=model.mim_logits),
+      model.apply({"params": p}, images, mask, positions),
+    )
 
   got, call = _run(forward, params)
   assert got.shape == (2, positions.shape[1], VOCAB) and got.dtype == jnp.float32
@@ -412,19 +450,21 @@ def test_mim_forward_matches_numpy_reference(case):
   np.testing.assert_allclose(np.asarray(call), np.asarray(got), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize('mean_pooling', [True, False])
+@pytest.mark.parametrize("mean_pooling", [True, False])
 def test_classifier_forward_matches_numpy_reference(mean_pooling):
-  model = vit.classifier_model('test', NUM_CLASSES, use_mean_pooling=mean_pooling, **TINY)
+  model = vit.classifier_model("test", NUM_CLASSES, use_mean_pooling=mean_pooling, **TINY)
   params = _random_params(model, seed=3)
   flat = _flat(params)
-  assert 'blocks_0/attn/relative_position_bias_table' in flat
-  assert ('fc_norm/scale' in flat) == mean_pooling
-  assert ('norm/scale' in flat) == (not mean_pooling)
+  assert "blocks_0/attn/relative_position_bias_table" in flat
+  assert ("fc_norm/scale" in flat) == mean_pooling
+  assert ("norm/scale" in flat) == (not mean_pooling)
   images = _images(seed=4)
 
   def forward(p):
-    return (model.apply({'params': p}, images),
-            model.apply({'params': p}, images, method=model.classify))
+    return (
+      model.apply({"params": p}, images),
+      model.apply({"params": p}, images, method=model.classify),
+    )
 
   got, via_method = _run(forward, params)
   assert got.shape == (2, NUM_CLASSES) and got.dtype == jnp.float32
@@ -435,7 +475,7 @@ def test_classifier_forward_matches_numpy_reference(mean_pooling):
 
 
 def test_encode_return_layers_are_raw_block_outputs():
-  model = vit.mim_model('test', vocab_size=VOCAB, **TINY)
+  model = vit.mim_model("test", vocab_size=VOCAB, **TINY)
   params = _random_params(model, seed=5)
   images = _images(seed=6)
   final, layers = _apply(model, params, images, method=model.encode, return_layers=True)
@@ -455,14 +495,20 @@ def _patch_slice(index: int):
 
 def test_mask_token_semantics():
   """Masked patches' pixels are ignored, visible ones are not; mask_token is used."""
-  model = vit.mim_model('test', vocab_size=VOCAB, **TINY)
+  model = vit.mim_model("test", vocab_size=VOCAB, **TINY)
   params = _random_params(model, seed=7)
   mask, positions = _mask_and_positions()
   images = _images(seed=8)
-  logits = _compile(lambda p, x, m: model.apply({'params': p}, x, m, positions,
-                                                method=model.mim_logits),
-                    params, images, mask)
-  fwd = lambda x: logits(params, x, mask)
+  logits = _compile(
+    lambda p, x, m: model.apply({"params": p}, x, m, positions, method=model.mim_logits),
+    params,
+    images,
+    mask,
+  )
+
+  def fwd(x):
+    return logits(params, x, mask)
+
   base = np.asarray(fwd(images))
 
   # Sample 0 masks patch 5 (grid (1, 1)); sample 1 masks patch 2 (grid (0, 2)).
@@ -485,12 +531,14 @@ def test_mask_token_semantics():
   # Masked positions read mask_token; with an all-False mask it is unused.
   other = dict(params)
   # Not a constant shift: every read of the residual stream goes through a LayerNorm.
-  other['mask_token'] = params['mask_token'] + jnp.asarray(
-      np.random.default_rng(0).standard_normal(params['mask_token'].shape), jnp.float32)
+  other["mask_token"] = params["mask_token"] + jnp.asarray(
+    np.random.default_rng(0).standard_normal(params["mask_token"].shape), jnp.float32
+  )
   assert np.abs(np.asarray(logits(other, images, mask)) - base).max() > 1e-2
   none = np.zeros_like(mask)
-  np.testing.assert_array_equal(np.asarray(logits(other, images, none)),
-                                np.asarray(logits(params, images, none)))
+  np.testing.assert_array_equal(
+    np.asarray(logits(other, images, none)), np.asarray(logits(params, images, none))
+  )
 
 
 # ---------------------------------------------------------------------------------
@@ -499,7 +547,7 @@ def test_mask_token_semantics():
 def _init_params(model, image_size):
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)
   key = _fast_key(0)
-  return _flat(_run(lambda k, x: model.init(k, x)['params'], key, images))
+  return _flat(_run(lambda k, x: model.init(k, x)["params"], key, images))
 
 
 def _check_trunc(values, std, tol=0.05):
@@ -515,56 +563,99 @@ def _check_trunc(values, std, tol=0.05):
 def test_mim_init_matches_unilm():
   depth = 3
   init_values = 0.3
-  model = vit.mim_model('test', embed_dim=64, depth=depth, num_heads=2, vocab_size=512,
-                        use_abs_pos_emb=True, init_values=init_values, **TINY)
+  model = vit.mim_model(
+    "test",
+    embed_dim=64,
+    depth=depth,
+    num_heads=2,
+    vocab_size=512,
+    use_abs_pos_emb=True,
+    init_values=init_values,
+    **TINY,
+  )
   flat = _init_params(model, IMAGE)
   std = vit.INIT_STD
   assert std == 0.02
-  for name in ['patch_embed/kernel', 'lm_head/kernel'] + [
-      f'blocks_{i}/{k}' for i in range(depth) for k in ('attn/qkv/kernel', 'mlp/fc1/kernel')]:
+  for name in ["patch_embed/kernel", "lm_head/kernel"] + [
+    f"blocks_{i}/{k}" for i in range(depth) for k in ("attn/qkv/kernel", "mlp/fc1/kernel")
+  ]:
     _check_trunc(flat[name], std)
   # fix_init_weight: block l (1-based) attn.proj / mlp.fc2 weights / sqrt(2 l).
   for i in range(depth):
-    for k in ('attn/proj/kernel', 'mlp/fc2/kernel'):
-      _check_trunc(flat[f'blocks_{i}/{k}'], std / math.sqrt(2 * (i + 1)))
-  _check_trunc(flat['pos_embed'], std, tol=0.08)  # 17 * 64 samples.
-  for name in ('cls_token', 'mask_token'):
+    for k in ("attn/proj/kernel", "mlp/fc2/kernel"):
+      _check_trunc(flat[f"blocks_{i}/{k}"], std / math.sqrt(2 * (i + 1)))
+  _check_trunc(flat["pos_embed"], std, tol=0.08)  # 17 * 64 samples.
+  for name in ("cls_token", "mask_token"):
     assert np.abs(flat[name]).max() <= std * (1 + 1e-6)
     assert np.abs(flat[name]).max() > 0.5 * std
   # Distinct leaves get distinct draws.
-  assert not np.allclose(flat['blocks_0/attn/qkv/kernel'], flat['blocks_1/attn/qkv/kernel'])
-  assert not np.allclose(flat['cls_token'], flat['mask_token'])
+  assert not np.allclose(flat["blocks_0/attn/qkv/kernel"], flat["blocks_1/attn/qkv/kernel"])
+  assert not np.allclose(flat["cls_token"], flat["mask_token"])
 
-  zeros = ['patch_embed/bias', 'lm_head/bias', 'norm/bias',
-           'rel_pos_bias/relative_position_bias_table']
-  ones = ['norm/scale']
+  zeros = [
+    "patch_embed/bias",
+    "lm_head/bias",
+    "norm/bias",
+    "rel_pos_bias/relative_position_bias_table",
+  ]
+  ones = ["norm/scale"]
   for i in range(depth):
-    pre = f'blocks_{i}/'
-    zeros += [pre + k for k in ('attn/q_bias', 'attn/v_bias', 'attn/proj/bias',
-                                'mlp/fc1/bias', 'mlp/fc2/bias', 'norm1/bias', 'norm2/bias')]
-    ones += [pre + 'norm1/scale', pre + 'norm2/scale']
-    for g in ('gamma_1', 'gamma_2'):
+    pre = f"blocks_{i}/"
+    zeros += [
+      pre + k
+      for k in (
+        "attn/q_bias",
+        "attn/v_bias",
+        "attn/proj/bias",
+        "mlp/fc1/bias",
+        "mlp/fc2/bias",
+        "norm1/bias",
+        "norm2/bias",
+      )
+    ]
+    ones += [pre + "norm1/scale", pre + "norm2/scale"]
+    for g in ("gamma_1", "gamma_2"):
       np.testing.assert_array_equal(flat[pre + g], np.full((64,), init_values, np.float32))
   for name in zeros:
     np.testing.assert_array_equal(flat[name], 0.0, err_msg=name)
   for name in ones:
     np.testing.assert_array_equal(flat[name], 1.0, err_msg=name)
-  covered = set(zeros) | set(ones) | {
-      'patch_embed/kernel', 'lm_head/kernel', 'pos_embed', 'cls_token', 'mask_token'} | {
-          f'blocks_{i}/{k}' for i in range(depth)
-          for k in ('attn/qkv/kernel', 'mlp/fc1/kernel', 'attn/proj/kernel',
-                    'mlp/fc2/kernel', 'gamma_1', 'gamma_2')}
+  covered = (
+    set(zeros)
+    | set(ones)
+    | {"patch_embed/kernel", "lm_head/kernel", "pos_embed", "cls_token", "mask_token"}
+    | {
+      f"blocks_{i}/{k}"
+      for i in range(depth)
+      for k in (
+        "attn/qkv/kernel",
+        "mlp/fc1/kernel",
+        "attn/proj/kernel",
+        "mlp/fc2/kernel",
+        "gamma_1",
+        "gamma_2",
+      )
+    }
+  )
   assert covered == set(flat)
 
 
-@pytest.mark.parametrize('truncation', [1.0, 100.0])
+@pytest.mark.parametrize("truncation", [1.0, 100.0])
 def test_classifier_init(truncation):
   init_scale = 0.001
-  model = vit.classifier_model('test', 128, embed_dim=64, depth=1, num_heads=2,
-                               image_size=16, patch_size=8, init_truncation=truncation,
-                               init_scale=init_scale)
+  model = vit.classifier_model(
+    "test",
+    128,
+    embed_dim=64,
+    depth=1,
+    num_heads=2,
+    image_size=16,
+    patch_size=8,
+    init_truncation=truncation,
+    init_scale=init_scale,
+  )
   flat = _init_params(model, 16)
-  head = np.asarray(flat['head/kernel'])
+  head = np.asarray(flat["head/kernel"])
   assert head.shape == (64, 128)
   if truncation == 1.0:
     _check_trunc(head, 0.02 * init_scale)
@@ -573,18 +664,17 @@ def test_classifier_init(truncation):
     assert abs(head.std() / want - 1) < 0.05
     assert np.abs(head).max() > 2.5 * want  # ~1% of the 8192 draws lie beyond 2.5 sigma.
     assert np.abs(head).max() <= 100 * want
-    qkv = np.asarray(flat['blocks_0/attn/qkv/kernel'])
+    qkv = np.asarray(flat["blocks_0/attn/qkv/kernel"])
     assert abs(qkv.std() / 0.02 - 1) < 0.05 and np.abs(qkv).max() > 0.05
-  np.testing.assert_array_equal(flat['head/bias'], 0.0)
-  np.testing.assert_array_equal(flat['blocks_0/attn/relative_position_bias_table'], 0.0)
-  np.testing.assert_array_equal(flat['fc_norm/scale'], 1.0)
-  np.testing.assert_array_equal(flat['fc_norm/bias'], 0.0)
-  np.testing.assert_array_equal(flat['blocks_0/gamma_1'], np.float32(0.1))
+  np.testing.assert_array_equal(flat["head/bias"], 0.0)
+  np.testing.assert_array_equal(flat["blocks_0/attn/relative_position_bias_table"], 0.0)
+  np.testing.assert_array_equal(flat["fc_norm/scale"], 1.0)
+  np.testing.assert_array_equal(flat["fc_norm/bias"], 0.0)
+  np.testing.assert_array_equal(flat["blocks_0/gamma_1"], np.float32(0.1))
 
 
 def test_trunc_normal_init_bounds_and_scale():
-  x = np.asarray(vit.trunc_normal_init(std=0.5, truncation=2.0, scale=0.1)(
-      _fast_key(1), (20000,)))
+  x = np.asarray(vit.trunc_normal_init(std=0.5, truncation=2.0, scale=0.1)(_fast_key(1), (20000,)))
   assert np.abs(x).max() <= 0.1 * 1.0 * (1 + 1e-6)
   assert np.abs(x).max() > 0.095
   # Std of a unit normal truncated to ±2 is 0.8796.
@@ -595,8 +685,8 @@ def test_trunc_normal_init_bounds_and_scale():
 # 6. Stochastic depth.
 # ---------------------------------------------------------------------------------
 def test_drop_path_rates_follow_linspace():
-  model = vit.mim_model('test', depth=4, drop_path_rate=0.3, vocab_size=VOCAB, **TINY)
-  bound = model.bind({'params': _random_params(model)})
+  model = vit.mim_model("test", depth=4, drop_path_rate=0.3, vocab_size=VOCAB, **TINY)
+  bound = model.bind({"params": _random_params(model)})
   rates = [bound.blocks[i].drop_path_rate for i in range(4)]
   np.testing.assert_allclose(rates, [0.0, 0.1, 0.2, 0.3], atol=1e-12)
   assert [bound.blocks[i].layer for i in range(4)] == [1, 2, 3, 4]
@@ -605,9 +695,13 @@ def test_drop_path_rates_follow_linspace():
 def test_drop_path_function():
   x = jnp.ones((64, 3, 4))
 
-  def apply(rate, deterministic=False, key=_fast_key(2)):
-    return np.asarray(vit.drop_path(rate, "drop_path").apply(
-        {}, x, deterministic=deterministic, rngs={"dropout": key}))
+  def apply(rate, deterministic=False, key=None):
+    key = _fast_key(2) if key is None else key
+    return np.asarray(
+      vit.drop_path(rate, "drop_path").apply(
+        {}, x, deterministic=deterministic, rngs={"dropout": key}
+      )
+    )
 
   y = apply(0.5)
   per_sample = y.reshape(64, -1)
@@ -618,13 +712,14 @@ def test_drop_path_function():
   np.testing.assert_array_equal(apply(0.0), x)
   np.testing.assert_array_equal(apply(0.5, deterministic=True), x)
   # The keep rate over many draws is 1 - rate (binomial, 6 sigma), and E[y] = x.
-  kept = np.mean([apply(0.3, key=jax.random.PRNGKey(k)).reshape(64, -1)[:, 0] > 0
-                  for k in range(40)])
+  kept = np.mean(
+    [apply(0.3, key=jax.random.PRNGKey(k)).reshape(64, -1)[:, 0] > 0 for k in range(40)]
+  )
   assert abs(kept - 0.7) < 6 * np.sqrt(0.7 * 0.3 / (64 * 40))
 
 
 def test_drop_path_train_is_stochastic_eval_deterministic():
-  model = vit.mim_model('test', depth=3, drop_path_rate=0.5, vocab_size=VOCAB, **TINY)
+  model = vit.mim_model("test", depth=3, drop_path_rate=0.5, vocab_size=VOCAB, **TINY)
   params = _random_params(model, seed=11)
   images = _images(seed=12, batch=4)
   mask = np.zeros((4, NUM_PATCHES), bool)
@@ -632,8 +727,11 @@ def test_drop_path_train_is_stochastic_eval_deterministic():
   positions = np.tile(np.arange(0, NUM_PATCHES, 3), (4, 1))
 
   def forward(key):
-    run = lambda train: model.apply({'params': params}, images, mask, positions,
-                                    train=train, rngs={'dropout': key})
+    def run(train):
+      return model.apply(
+        {"params": params}, images, mask, positions, train=train, rngs={"dropout": key}
+      )
+
     return run(True), run(False)
 
   forward = _compile(forward, _fast_key(0))
@@ -646,14 +744,17 @@ def test_drop_path_train_is_stochastic_eval_deterministic():
 
 
 def test_zero_drop_path_train_equals_eval():
-  model = vit.mim_model('test', drop_path_rate=0.0, vocab_size=VOCAB, **TINY)
+  model = vit.mim_model("test", drop_path_rate=0.0, vocab_size=VOCAB, **TINY)
   params = _random_params(model, seed=13)
   images = _images(seed=14)
   mask, positions = _mask_and_positions()
 
   def forward(p):
-    run = lambda train: model.apply({'params': p}, images, mask, positions, train=train,
-                                    rngs={'dropout': _fast_key(0)})
+    def run(train):
+      return model.apply(
+        {"params": p}, images, mask, positions, train=train, rngs={"dropout": _fast_key(0)}
+      )
+
     return run(True), run(False)
 
   train, evaluated = _run(forward, params)
@@ -664,9 +765,9 @@ def test_zero_drop_path_train_equals_eval():
 # 7. bfloat16 compute.
 # ---------------------------------------------------------------------------------
 def test_bfloat16_compute_close_to_float32():
-  f32 = vit.mim_model('test', vocab_size=VOCAB, **TINY)
-  bf16 = vit.mim_model('test', vocab_size=VOCAB, dtype=jnp.bfloat16, **TINY)
-  class_bf16 = vit.classifier_model('test', NUM_CLASSES, dtype=jnp.bfloat16, **TINY)
+  f32 = vit.mim_model("test", vocab_size=VOCAB, **TINY)
+  bf16 = vit.mim_model("test", vocab_size=VOCAB, dtype=jnp.bfloat16, **TINY)
+  class_bf16 = vit.classifier_model("test", NUM_CLASSES, dtype=jnp.bfloat16, **TINY)
   for model in (bf16, class_bf16):
     for leaf in jax.tree.leaves(vit.abstract_params(model)):
       assert leaf.dtype == jnp.float32
@@ -676,10 +777,15 @@ def test_bfloat16_compute_close_to_float32():
   mask, positions = _mask_and_positions()
 
   def forward(p, cp):
-    logits = lambda m: m.apply({'params': p}, images, mask, positions, method=m.mim_logits)
-    return (logits(f32), logits(bf16),
-            bf16.apply({'params': p}, images, mask, method=bf16.encode),
-            class_bf16.apply({'params': cp}, images))
+    def logits(m):
+      return m.apply({"params": p}, images, mask, positions, method=m.mim_logits)
+
+    return (
+      logits(f32),
+      logits(bf16),
+      bf16.apply({"params": p}, images, mask, method=bf16.encode),
+      class_bf16.apply({"params": cp}, images),
+    )
 
   want, got, encoded, class_logits = _run(forward, params, class_params)
   assert got.dtype == jnp.float32 and class_logits.dtype == jnp.float32
@@ -695,8 +801,8 @@ def test_bfloat16_compute_close_to_float32():
 def test_remat_matches_no_remat():
   """Train mode (drop path on, same rng): outputs, loss and every gradient agree."""
   kw = dict(vocab_size=VOCAB, drop_path_rate=0.3, **TINY)
-  plain = vit.mim_model('test', **kw)
-  remat = vit.mim_model('test', remat=True, **kw)
+  plain = vit.mim_model("test", **kw)
+  remat = vit.mim_model("test", remat=True, **kw)
   params = _random_params(plain, seed=18)
   remat_shapes = jax.tree.map(lambda a: a.shape, vit.abstract_params(remat))
   assert remat_shapes == jax.tree.map(lambda a: a.shape, params)
@@ -704,17 +810,27 @@ def test_remat_matches_no_remat():
   mask, positions = _mask_and_positions()
   weights = np.random.default_rng(20).standard_normal((2, positions.shape[1], VOCAB))
 
+  # The dropout key is one under which drop path (rate 0.3 in the last block, batch 2)
+  # keeps at least one example in every branch, so every parameter gets a gradient.
   def loss_and_grad(model):
     def loss(p):
-      out = model.apply({'params': p}, images, mask, positions, train=True,
-                        rngs={'dropout': _fast_key(3)}, method=model.mim_logits)
+      out = model.apply(
+        {"params": p},
+        images,
+        mask,
+        positions,
+        train=True,
+        rngs={"dropout": _fast_key(4)},
+        method=model.mim_logits,
+      )
       return jnp.sum(out * weights), out
+
     return jax.value_and_grad(loss, has_aux=True)
 
   # remat=True really checkpoints each block (primitive `remat2`, or `checkpoint`).
   def num_checkpoints(model):
-    jaxpr = jax.make_jaxpr(lambda p: model.apply({'params': p}, images, mask, positions))
-    return len(re.findall(r'= (?:remat2?|checkpoint)\[', str(jaxpr(params))))
+    jaxpr = jax.make_jaxpr(lambda p: model.apply({"params": p}, images, mask, positions))
+    return len(re.findall(r"= (?:remat2?|checkpoint)\[", str(jaxpr(params))))
 
   assert num_checkpoints(remat) == 2
   assert num_checkpoints(plain) == 0
@@ -723,17 +839,26 @@ def test_remat_matches_no_remat():
   # layer, the attention probabilities) is saved, only block inputs; without, both are.
   def saved(model):
     def loss(p):
-      out = model.apply({'params': p}, images, mask, positions, train=True,
-                        rngs={'dropout': _fast_key(3)}, method=model.mim_logits)
+      out = model.apply(
+        {"params": p},
+        images,
+        mask,
+        positions,
+        train=True,
+        rngs={"dropout": _fast_key(3)},
+        method=model.mim_logits,
+      )
       return jnp.sum(out * weights)
+
     with contextlib.redirect_stdout(io.StringIO()) as out:
       ad_checkpoint.print_saved_residuals(loss, params)
-    return '\n'.join(line for line in out.getvalue().splitlines()
-                     if 'from the argument' not in line)
+    return "\n".join(
+      line for line in out.getvalue().splitlines() if "from the argument" not in line
+    )
 
-  hidden = 4 * vit.VARIANTS['test'][0]
-  assert f',{hidden}]' in saved(plain) and 'softmax' in saved(plain)
-  assert f',{hidden}]' not in saved(remat) and 'softmax' not in saved(remat)
+  hidden = 4 * vit.VARIANTS["test"][0]
+  assert f",{hidden}]" in saved(plain) and "softmax" in saved(plain)
+  assert f",{hidden}]" not in saved(remat) and "softmax" not in saved(remat)
 
   both = _run(lambda p: (loss_and_grad(plain)(p), loss_and_grad(remat)(p)), params)
   ((l0, out0), g0), ((l1, out1), g1) = both
@@ -743,5 +868,6 @@ def test_remat_matches_no_remat():
   assert set(flat0) == set(flat1)
   for path, a in flat0.items():
     assert np.abs(np.asarray(a)).max() > 0, path  # Every parameter gets a gradient.
-    np.testing.assert_allclose(np.asarray(flat1[path]), np.asarray(a), rtol=1e-4, atol=1e-5,
-                               err_msg=path)
+    np.testing.assert_allclose(
+      np.asarray(flat1[path]), np.asarray(a), rtol=1e-4, atol=1e-5, err_msg=path
+    )

@@ -10,28 +10,45 @@ import numpy as np
 import pytest
 
 from beit_jax import exports
-from beit_jax.tasks import dvae as dvae_task
 from beit_jax.models import dvae
+from beit_jax.tasks import dvae as dvae_task
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = os.path.join(ROOT, "configs", "dvae_small.py")
-TINY = ["--config.input.batch_size=8", "--config.eval_batch_size=8", "--config.model.hidden=16",
-        "--config.model.codebook_dim=16", "--config.model.vocab_size=64", "--config.log_every=2",
-        "--config.ckpt.every=2", "--config.ckpt.async_save=False", "--config.tensorboard=False",
-        "--config.input.image_size=16", "--config.pictures=False"]
+TINY = [
+  "--config.input.batch_size=8",
+  "--config.eval_batch_size=8",
+  "--config.model.hidden=16",
+  "--config.model.codebook_dim=16",
+  "--config.model.vocab_size=64",
+  "--config.log_every=2",
+  "--config.ckpt.every=2",
+  "--config.ckpt.async_save=False",
+  "--config.tensorboard=False",
+  "--config.input.image_size=16",
+  "--config.pictures=False",
+]
 
 
 def run_main(*args, devices=8):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "beit_jax.main", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  env = dict(
+    os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu"
+  )
+  return subprocess.run(
+    [sys.executable, "-m", "beit_jax.main", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 def get_config(arg=None):
   sys.path.insert(0, os.path.dirname(CONFIG))
   try:
-    import dvae_small  # pylint: disable=g-import-not-at-top
+    import dvae_small
+
     return dvae_small.get_config(arg)
   finally:
     sys.path.pop(0)
@@ -42,11 +59,22 @@ def test_cli_train_checkpoint_resume_export(tmp_path):
   first = run_main(f"--config={CONFIG}:steps=4", f"--workdir={workdir}", *TINY)
   assert first.returncode == 0, first.stderr[-3000:]
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
-  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   train = [r for r in records if r["split"] == "train"]
   assert [r["step"] for r in train] == [2, 4]
-  for key in ("loss", "mse", "psnr", "kl", "perplexity", "usage", "tau", "beta", "lr",
-              "grad_norm", "images_per_s"):
+  for key in (
+    "loss",
+    "mse",
+    "psnr",
+    "kl",
+    "perplexity",
+    "usage",
+    "tau",
+    "beta",
+    "lr",
+    "grad_norm",
+    "images_per_s",
+  ):
     assert np.isfinite(train[-1][key]), key
   final = [r for r in records if r["split"] == "final_eval"]
   assert final and final[0]["num_images"] > 0 and "baseline_psnr" in final[0]
@@ -55,7 +83,7 @@ def test_cli_train_checkpoint_resume_export(tmp_path):
   second = run_main(f"--config={CONFIG}:steps=6", f"--workdir={workdir}", *TINY)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "Resumed from" in second.stderr and "at step 4" in second.stderr
-  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
 
   # The export reloads and tokenizes.
@@ -68,23 +96,28 @@ def test_cli_train_checkpoint_resume_export(tmp_path):
 
 
 def test_cli_rejects_unknown_key_and_bad_value(tmp_path):
-  bad_key = run_main(f"--config={CONFIG}", f"--workdir={tmp_path}", "--config.model.widht=3",
-                     devices=1)
+  bad_key = run_main(
+    f"--config={CONFIG}", f"--workdir={tmp_path}", "--config.model.widht=3", devices=1
+  )
   assert bad_key.returncode != 0 and "widht" in bad_key.stderr
-  bad_value = run_main(f"--config={CONFIG}", f"--workdir={tmp_path}/w",
-                       "--config.data.source=imagenet", devices=1)
+  bad_value = run_main(
+    f"--config={CONFIG}", f"--workdir={tmp_path}/w", "--config.data.source=imagenet", devices=1
+  )
   assert bad_value.returncode != 0 and "data.source" in bad_value.stderr
   assert not os.path.exists(f"{tmp_path}/w")  # Nothing written before the check.
 
 
-@pytest.mark.parametrize("key,value,match", [
+@pytest.mark.parametrize(
+  "key,value,match",
+  [
     ("model.arch", "vqgan", "model.arch"),
     ("input.image_size", 30, "divisible"),
     ("input.crop_scale", (0.5, 0.2), "crop_scale"),
     ("total_steps", 0, "total_steps"),
     ("ema_decay", 1.0, "ema_decay"),
     ("data.source", "folder", "data.path"),
-])
+  ],
+)
 def test_check_config(key, value, match):
   config = get_config()
   node = config
@@ -101,7 +134,8 @@ def test_configs_are_valid():
   dvae_task.check_config(get_config("image_size=64,vocab_size=8192,steps=10"))
   sys.path.insert(0, os.path.dirname(CONFIG))
   try:
-    import dvae_dalle  # pylint: disable=g-import-not-at-top
+    import dvae_dalle
+
     config = dvae_dalle.get_config()
   finally:
     sys.path.pop(0)
@@ -114,8 +148,14 @@ def test_configs_are_valid():
 def test_dall_e_architecture_with_ema_in_process(tmp_path):
   """The DALL-E dVAE (tiny width) + logit-Laplace + EMA through the task on 8 devices."""
   config = get_config("image_size=16,vocab_size=32,steps=2")
-  config.model.update(arch="dall_e", recon_loss="logit_laplace", input_norm="dall_e", n_hid=8,
-                      n_init=8, n_blk_per_group=1)
+  config.model.update(
+    arch="dall_e",
+    recon_loss="logit_laplace",
+    input_norm="dall_e",
+    n_hid=8,
+    n_init=8,
+    n_blk_per_group=1,
+  )
   config.input.batch_size = 8
   config.eval_batch_size = 8
   config.ema_decay = 0.5
@@ -127,5 +167,5 @@ def test_dall_e_architecture_with_ema_in_process(tmp_path):
   assert meta["ema"] is True and meta["grid"] == 2 and model.downsample == 8
   assert set(variables["params"]) == {"encoder", "decoder"}
   assert "group_4" in variables["params"]["encoder"]["blocks"]
-  records = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
+  records = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
   assert [r["step"] for r in records if r["split"] == "train"] == [1, 2]

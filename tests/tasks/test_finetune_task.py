@@ -24,16 +24,29 @@ from beit_jax.training.train_state import TrainState, init_sharded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = os.path.join(ROOT, "configs", "finetune_small.py")
-TINY = ["--config.model.variant=test", "--config.input.image_size=32",
-        "--config.eval_batch_size=8", "--config.log_every=2", "--config.ckpt.every=2",
-        "--config.ckpt.async_save=False", "--config.tensorboard=False"]
+TINY = [
+  "--config.model.variant=test",
+  "--config.input.image_size=32",
+  "--config.eval_batch_size=8",
+  "--config.log_every=2",
+  "--config.ckpt.every=2",
+  "--config.ckpt.async_save=False",
+  "--config.tensorboard=False",
+]
 
 
 def run_main(*args, devices=8):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
-  return subprocess.run([sys.executable, "-m", "beit_jax.main", *args], cwd=ROOT, env=env,
-                        capture_output=True, text=True, timeout=600)
+  env = dict(
+    os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu"
+  )
+  return subprocess.run(
+    [sys.executable, "-m", "beit_jax.main", *args],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
 
 
 def records(workdir, split):
@@ -48,12 +61,16 @@ def tiny_step(config, num_classes=4, seed=0):
   params = model.init(jax.random.PRNGKey(seed), jnp.zeros((1, 16, 16, 3)))["params"]
   scales = optim.layerwise_lr_scales(params, config.optim.layer_decay, model.depth)
   tx = optim.make_optimizer(config.optim, lr_fn, wd_skip=model.no_weight_decay(), lr_scales=scales)
-  state, state_sh = init_sharded(lambda: TrainState.create(
-      params, tx, jax.random.PRNGKey(1), use_ema=config.ema_decay > 0), mesh)
+  state, state_sh = init_sharded(
+    lambda: TrainState.create(params, tx, jax.random.PRNGKey(1), use_ema=config.ema_decay > 0), mesh
+  )
   batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
-  step = jax.jit(finetune.make_train_step(model, tx, lr_fn, config, num_classes),
-                 in_shardings=(state_sh, batch_sh, repl), out_shardings=(state_sh, repl),
-                 donate_argnums=(0,))
+  step = jax.jit(
+    finetune.make_train_step(model, tx, lr_fn, config, num_classes),
+    in_shardings=(state_sh, batch_sh, repl),
+    out_shardings=(state_sh, repl),
+    donate_argnums=(0,),
+  )
   return state, step, batch_sh
 
 
@@ -63,8 +80,11 @@ def class_batch(n=16, num_classes=4, seed=0):
   labels = np.arange(n, dtype=np.int32) % num_classes
   colours = np.array([[220, 40, 40], [40, 220, 40], [40, 40, 220], [220, 220, 40]])
   images = colours[labels][:, None, None, :] + rng.normal(0, 20, (n, 16, 16, 3))
-  return dict(image=np.clip(images, 0, 255).astype(np.uint8), label=labels,
-              erase_boxes=np.zeros((n, 1, 4), np.int32))
+  return dict(
+    image=np.clip(images, 0, 255).astype(np.uint8),
+    label=labels,
+    erase_boxes=np.zeros((n, 1, 4), np.int32),
+  )
 
 
 @pytest.mark.parametrize("use_mixup", [False, True])
@@ -77,8 +97,7 @@ def test_step_learns_and_is_traced_once(use_mixup):
   state, step, batch_sh = tiny_step(config)
   host = class_batch()
   batch = mesh_lib.global_batch(host, batch_sh)
-  sampler = mixup.MixupSampler(mixup_alpha=0.8, cutmix_alpha=1.0, image_size=16,
-                               legacy_bbox=True)
+  sampler = mixup.MixupSampler(mixup_alpha=0.8, cutmix_alpha=1.0, image_size=16, legacy_bbox=True)
   losses = []
   for i in range(40):  # Mixup and cutmix draws alternate: the same compiled step.
     mix = sampler.sample_step(0, i) if use_mixup else None
@@ -111,22 +130,33 @@ def test_random_erasing_reaches_the_model():
 
 def test_bad_settings_stop_before_anything_is_written(tmp_path):
   workdir = tmp_path / "run"
-  result = run_main(f"--config={SMALL}", f"--workdir={workdir}", "--config.optim.layer_decay=0",
-                    devices=1)
+  result = run_main(
+    f"--config={SMALL}", f"--workdir={workdir}", "--config.optim.layer_decay=0", devices=1
+  )
   assert result.returncode != 0 and "layer_decay" in result.stderr
-  result = run_main(f"--config={SMALL}", f"--workdir={workdir}",
-                    f"--config.pretrained={tmp_path / 'nothing'}", devices=1)
+  result = run_main(
+    f"--config={SMALL}",
+    f"--workdir={workdir}",
+    f"--config.pretrained={tmp_path / 'nothing'}",
+    devices=1,
+  )
   assert result.returncode != 0 and "is not a params export" in result.stderr
-  result = run_main(f"--config={SMALL}", f"--workdir={workdir}",
-                    "--config.input.auto_augment=rand-x9", devices=1)
+  result = run_main(
+    f"--config={SMALL}", f"--workdir={workdir}", "--config.input.auto_augment=rand-x9", devices=1
+  )
   assert result.returncode != 0
   assert not workdir.exists()
 
 
 def test_cli_saves_evaluates_keeps_best_and_resumes(tmp_path):
   workdir = str(tmp_path / "ft")
-  common = [f"--config={SMALL}:steps=4,batch_size=8", f"--workdir={workdir}", *TINY,
-            "--config.eval_every=2", "--config.mixup.prob=1.0"]
+  common = [
+    f"--config={SMALL}:steps=4,batch_size=8",
+    f"--workdir={workdir}",
+    *TINY,
+    "--config.eval_every=2",
+    "--config.mixup.prob=1.0",
+  ]
   result = run_main(*common)
   assert result.returncode == 0, result.stderr[-3000:]
   evals = records(workdir, "eval") + records(workdir, "final_eval")
@@ -151,20 +181,39 @@ def test_fine_tunes_a_converted_unilm_checkpoint_at_a_new_resolution(tmp_path):
   # A unilm-layout MIM checkpoint (shared rel-pos, 32 px / patch 8 -> 4x4), random weights.
   mim = vit.mim_model("test", image_size=32, patch_size=8, vocab_size=64)
   params = mim.init(jax.random.PRNGKey(3), jnp.zeros((1, 32, 32, 3)))["params"]
-  params = jax.tree.map(lambda x: x + 0.02 * jax.random.normal(jax.random.PRNGKey(4), x.shape),
-                        params)
+  params = jax.tree.map(
+    lambda x: x + 0.02 * jax.random.normal(jax.random.PRNGKey(4), x.shape), params
+  )
   sd = convert_beit.flax_to_unilm(params)
-  torch.save({"model": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}}, tmp_path / "mim.pth")
+  torch.save(
+    {"model": {k: torch.from_numpy(np.array(v)) for k, v in sd.items()}}, tmp_path / "mim.pth"
+  )
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  result = subprocess.run([sys.executable, "-m", "beit_jax.convert", "beit",
-                           str(tmp_path / "mim.pth"), str(tmp_path / "converted")], cwd=ROOT,
-                          env=env, capture_output=True, text=True, timeout=300)
+  result = subprocess.run(
+    [
+      sys.executable,
+      "-m",
+      "beit_jax.convert",
+      "beit",
+      str(tmp_path / "mim.pth"),
+      str(tmp_path / "converted"),
+    ],
+    cwd=ROOT,
+    env=env,
+    capture_output=True,
+    text=True,
+    timeout=300,
+  )
   assert result.returncode == 0, result.stderr[-2000:]
   # Fine-tune at 48 px (6x6 grid): shared table -> every block, resized 4x4 -> 6x6.
   workdir = str(tmp_path / "ft")
-  result = run_main(f"--config={SMALL}:steps=2,batch_size=8", f"--workdir={workdir}", *TINY,
-                    "--config.input.image_size=48",
-                    f"--config.pretrained={tmp_path / 'converted'}")
+  result = run_main(
+    f"--config={SMALL}:steps=2,batch_size=8",
+    f"--workdir={workdir}",
+    *TINY,
+    "--config.input.image_size=48",
+    f"--config.pretrained={tmp_path / 'converted'}",
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   meta = json.load(open(os.path.join(workdir, "export", "final", "metadata.json")))
   report = meta["pretrained_report"]
@@ -175,20 +224,34 @@ def test_fine_tunes_a_converted_unilm_checkpoint_at_a_new_resolution(tmp_path):
   assert meta["model_kwargs"]["image_size"] == 48 and meta["model_kwargs"]["use_rel_pos_bias"]
 
 
-@pytest.mark.parametrize("arg, expected", [
+@pytest.mark.parametrize(
+  "arg, expected",
+  [
     ("", dict(lr=4e-3, layer_decay=0.65, drop_path=0.1, batch=1024, mixup=1.0, crop=224 / 256)),
-    ("variant=large", dict(lr=1e-3, layer_decay=0.75, drop_path=0.2, batch=1024, mixup=1.0,
-                           crop=224 / 256)),
-    ("setting=ft22k,image_size=384", dict(lr=2e-5, layer_decay=0.85, drop_path=0.1, batch=512,
-                                          mixup=0.0, crop=1.0)),
-    ("variant=large,setting=ft22k", dict(lr=2e-5, layer_decay=0.9, drop_path=0.4, batch=512,
-                                         mixup=0.0, crop=224 / 256)),
-])
+    (
+      "variant=large",
+      dict(lr=1e-3, layer_decay=0.75, drop_path=0.2, batch=1024, mixup=1.0, crop=224 / 256),
+    ),
+    (
+      "setting=ft22k,image_size=384",
+      dict(lr=2e-5, layer_decay=0.85, drop_path=0.1, batch=512, mixup=0.0, crop=1.0),
+    ),
+    (
+      "variant=large,setting=ft22k",
+      dict(lr=2e-5, layer_decay=0.9, drop_path=0.4, batch=512, mixup=0.0, crop=224 / 256),
+    ),
+  ],
+)
 def test_paper_recipes_are_valid_configs(arg, expected):
   config = config_lib.load_config_file(os.path.join(ROOT, "configs", "finetune_base.py"), arg)
-  got = dict(lr=config.optim.lr, layer_decay=config.optim.layer_decay,
-             drop_path=config.model.drop_path_rate, batch=config.input.batch_size,
-             mixup=config.mixup.prob, crop=config.input.eval_crop_pct)
+  got = dict(
+    lr=config.optim.lr,
+    layer_decay=config.optim.layer_decay,
+    drop_path=config.model.drop_path_rate,
+    batch=config.input.batch_size,
+    mixup=config.mixup.prob,
+    crop=config.input.eval_crop_pct,
+  )
   assert got == expected
   assert config.input.auto_augment == "rand-m9-mstd0.5-inc1" and config.input.reprob == 0.25
   assert config.label_smoothing == 0.1 and config.optim.min_lr == 1e-6

@@ -18,38 +18,49 @@ from jax.sharding import PartitionSpec as P
 from beit_jax import config_lib, exports
 from beit_jax.models import dvae, vit
 from beit_jax.tasks import pretrain
-from beit_jax.training import checkpointing
+from beit_jax.training import checkpointing, optim
 from beit_jax.training import losses as losses_lib
 from beit_jax.training import mesh as mesh_lib
-from beit_jax.training import optim
 from beit_jax.training.train_state import TrainState, init_sharded
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = os.path.join(ROOT, "configs", "pretrain_small.py")
 BASE = os.path.join(ROOT, "configs", "pretrain_base.py")
 # Quick-start config shrunk for tests: ViT 32 px / patch 8 (4x4), tokenizer 16 px (4x4).
-TINY = ["--config.input.batch_size=8", "--config.eval_batch_size=8", "--config.input.image_size=32",
-        "--config.input.second_size=16", "--config.log_every=2", "--config.ckpt.every=2",
-        "--config.ckpt.async_save=False", "--config.tensorboard=False",
-        "--config.tokenizer.train.input.batch_size=8",
-        "--config.tokenizer.train.input.image_size=16",
-        "--config.tokenizer.train.eval_batch_size=8", "--config.tokenizer.train.model.hidden=16",
-        "--config.tokenizer.train.model.codebook_dim=16",
-        "--config.tokenizer.train.model.vocab_size=64", "--config.tokenizer.train.log_every=2",
-        "--config.tokenizer.train.ckpt.async_save=False",
-        "--config.tokenizer.train.tensorboard=False", "--config.pictures=False",
-        "--config.tokenizer.train.pictures=False"]
+TINY = [
+  "--config.input.batch_size=8",
+  "--config.eval_batch_size=8",
+  "--config.input.image_size=32",
+  "--config.input.second_size=16",
+  "--config.log_every=2",
+  "--config.ckpt.every=2",
+  "--config.ckpt.async_save=False",
+  "--config.tensorboard=False",
+  "--config.tokenizer.train.input.batch_size=8",
+  "--config.tokenizer.train.input.image_size=16",
+  "--config.tokenizer.train.eval_batch_size=8",
+  "--config.tokenizer.train.model.hidden=16",
+  "--config.tokenizer.train.model.codebook_dim=16",
+  "--config.tokenizer.train.model.vocab_size=64",
+  "--config.tokenizer.train.log_every=2",
+  "--config.tokenizer.train.ckpt.async_save=False",
+  "--config.tokenizer.train.tensorboard=False",
+  "--config.pictures=False",
+  "--config.tokenizer.train.pictures=False",
+]
 PICTURES = ["--config.pictures=True", "--config.tokenizer.train.pictures=True"]
 VOCAB = 64
 
 
 def run_main(*args, devices=8, wait=True):
-  env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-             JAX_PLATFORMS="cpu")
+  env = dict(
+    os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu"
+  )
   cmd = [sys.executable, "-m", "beit_jax.main", *args]
   if not wait:
-    return subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    return subprocess.Popen(
+      cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
   return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
@@ -57,13 +68,24 @@ def run_main(*args, devices=8, wait=True):
 # In-process pieces: a tiny ViT (16 px, patch 4 -> 4x4) and a tiny random dVAE (4x4).
 # ----------------------------------------------------------------------------------
 def tiny_setup(mesh, seed=0, lr=3e-3, drop_path=0.0, dtype=jnp.float32, min_shard_size=2**18):
-  model = vit.mim_model("test", image_size=16, patch_size=4, vocab_size=VOCAB,
-                        drop_path_rate=drop_path, dtype=dtype)
-  tokenizer = dvae.from_config(dict(arch="compact", vocab_size=VOCAB, recon_loss="mse",
-                               input_norm="half", num_layers=2, hidden=8, num_resblocks=0,
-                               codebook_dim=8))
-  tok_params = tokenizer.init(jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)),
-                              rng=jax.random.PRNGKey(2), tau=1.0, hard=False)
+  model = vit.mim_model(
+    "test", image_size=16, patch_size=4, vocab_size=VOCAB, drop_path_rate=drop_path, dtype=dtype
+  )
+  tokenizer = dvae.from_config(
+    dict(
+      arch="compact",
+      vocab_size=VOCAB,
+      recon_loss="mse",
+      input_norm="half",
+      num_layers=2,
+      hidden=8,
+      num_resblocks=0,
+      codebook_dim=8,
+    )
+  )
+  tok_params = tokenizer.init(
+    jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)), rng=jax.random.PRNGKey(2), tau=1.0, hard=False
+  )
   cfg = config_lib.adamw_config(lr=lr, weight_decay=0.05, clip_grad_norm=3.0)
   lr_fn = optim.warmup_cosine(lr, 1e-5, 1000, 0)
   tx = optim.make_optimizer(cfg, lr_fn, wd_skip=model.no_weight_decay())
@@ -74,10 +96,12 @@ def tiny_setup(mesh, seed=0, lr=3e-3, drop_path=0.0, dtype=jnp.float32, min_shar
 
   state, state_sh = init_sharded(init_fn, mesh, min_shard_size)
   batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
-  step = jax.jit(pretrain.make_train_step(model, tokenizer, tx, lr_fn, max_masked=6,
-                                          input_norm="half"),
-                 in_shardings=(state_sh, batch_sh, jax.tree.map(lambda _: repl, tok_params)),
-                 out_shardings=(state_sh, repl), donate_argnums=(0,))
+  step = jax.jit(
+    pretrain.make_train_step(model, tokenizer, tx, lr_fn, max_masked=6, input_norm="half"),
+    in_shardings=(state_sh, batch_sh, jax.tree.map(lambda _: repl, tok_params)),
+    out_shardings=(state_sh, repl),
+    donate_argnums=(0,),
+  )
   return state, step, tok_params, batch_sh
 
 
@@ -91,8 +115,7 @@ def tiny_batch(n=8, seed=0):
 
 
 def test_masked_positions_static_and_weighted():
-  mask = jnp.array([[False, True, False, True, True],
-                    [False, False, False, False, True]])
+  mask = jnp.array([[False, True, False, True, True], [False, False, False, False, True]])
   positions, weights = pretrain.masked_positions(mask, 3)
   np.testing.assert_array_equal(positions, [[1, 3, 4], [4, 0, 1]])
   np.testing.assert_array_equal(weights, [[1, 1, 1], [1, 0, 0]])
@@ -103,7 +126,9 @@ def test_mim_loss_matches_direct_formula():
   logits = rng.normal(size=(2, 3, 7)).astype(np.float32)
   targets = rng.integers(0, 7, (2, 3))
   weights = np.array([[1, 1, 0], [1, 0, 0]], np.float32)
-  loss, acc = losses_lib.masked_token_loss(jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights))
+  loss, acc = losses_lib.masked_token_loss(
+    jnp.asarray(logits), jnp.asarray(targets), jnp.asarray(weights)
+  )
   logp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
   picked = [(0, 0), (0, 1), (1, 0)]
   expected = -np.mean([logp[b, k, targets[b, k]] for b, k in picked])
@@ -133,10 +158,9 @@ def test_loss_at_init_is_log_vocab_and_overfits_a_few_images():
 
 def _two_steps(mesh_shape, batch_np, min_shard_size=0):
   data, fsdp = mesh_shape
-  devices = jax.devices()[:data * fsdp]
+  devices = jax.devices()[: data * fsdp]
   mesh = mesh_lib.make_mesh(config_lib.mesh_config(data, fsdp), devices=devices)
-  state, step, tok_params, batch_sh = tiny_setup(mesh, drop_path=0.1,
-                                                 min_shard_size=min_shard_size)
+  state, step, tok_params, batch_sh = tiny_setup(mesh, drop_path=0.1, min_shard_size=min_shard_size)
   for _ in range(2):
     state, metrics = step(state, mesh_lib.global_batch(batch_np, batch_sh), tok_params)
   return state, jax.device_get(metrics)
@@ -161,8 +185,11 @@ def test_step_same_on_every_mesh_as_on_1_device():
     np.testing.assert_allclose(metrics["grad_norm"], ref["grad_norm"], rtol=1e-4)
     # Params after two AdamW steps (lr 3e-3): Adam's normalisation amplifies
     # reduction-order differences of near-zero gradients, so compare at 2% of one step.
-    jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=6e-5),
-                 jax.device_get(state.params), ref_params)
+    jax.tree.map(
+      lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=6e-5),
+      jax.device_get(state.params),
+      ref_params,
+    )
 
 
 def test_checkpoint_from_2x4_resumes_on_1_device_and_on_8x1(tmp_path):
@@ -173,14 +200,17 @@ def test_checkpoint_from_2x4_resumes_on_1_device_and_on_8x1(tmp_path):
   ckpt.wait()
   losses = {}
   for shape in ((1, 1), (8, 1)):
-    mesh = mesh_lib.make_mesh(config_lib.mesh_config(*shape),
-                              devices=jax.devices()[:shape[0] * shape[1]])
+    mesh = mesh_lib.make_mesh(
+      config_lib.mesh_config(*shape), devices=jax.devices()[: shape[0] * shape[1]]
+    )
     fresh, step, tok_params, batch_sh = tiny_setup(mesh, seed=9)
     shardings = jax.tree.map(lambda x: x.sharding, fresh)
     restored = ckpt.restore_latest(fresh, shardings)
     assert int(restored.step) == 2
-    np.testing.assert_array_equal(np.asarray(restored.params["lm_head"]["kernel"]),
-                                  np.asarray(state.params["lm_head"]["kernel"]))
+    np.testing.assert_array_equal(
+      np.asarray(restored.params["lm_head"]["kernel"]),
+      np.asarray(state.params["lm_head"]["kernel"]),
+    )
     restored, metrics = step(restored, mesh_lib.global_batch(batch_np, batch_sh), tok_params)
     assert int(restored.step) == 3
     losses[shape] = float(metrics["loss"])
@@ -193,7 +223,7 @@ def test_no_retrace_across_steps():
   state, step, tok_params, batch_sh = tiny_setup(mesh)
   for seed in range(4):  # New data each step (including a different mask count).
     state, _ = step(state, mesh_lib.global_batch(tiny_batch(seed=seed), batch_sh), tok_params)
-  assert step._cache_size() == 1  # pylint: disable=protected-access
+  assert step._cache_size() == 1
 
 
 def test_bfloat16_step_matches_float32_at_init():
@@ -229,8 +259,7 @@ def test_transforms_make_two_views_and_masks(kind):
 
 
 def test_weight_decay_follows_unilm_no_weight_decay():
-  model = vit.mim_model("test", image_size=16, patch_size=4, vocab_size=VOCAB,
-                        use_abs_pos_emb=True)
+  model = vit.mim_model("test", image_size=16, patch_size=4, vocab_size=VOCAB, use_abs_pos_emb=True)
   mask = optim.weight_decay_mask(vit.abstract_params(model), model.no_weight_decay())
   assert mask["mask_token"] and mask["rel_pos_bias"]["relative_position_bias_table"]
   assert not mask["cls_token"] and not mask["pos_embed"]
@@ -249,7 +278,11 @@ def test_base_config_is_the_paper_recipe():
   c = load(BASE)
   assert c.total_steps == 800 * 625 and c.optim.warmup_steps == 10 * 625
   assert (c.input.batch_size, c.optim.lr, c.optim.min_lr, c.optim.clip_grad_norm) == (
-      2048, 1.5e-3, 1e-5, 3.0)
+    2048,
+    1.5e-3,
+    1e-5,
+    3.0,
+  )
   assert (c.model.drop_path_rate, c.model.init_values, c.optim.weight_decay) == (0.1, 0.1, 0.05)
   assert (c.input.image_size, c.input.second_size, c.model.patch_size) == (224, 112, 16)
   assert pretrain.mask_counts(c) == (75, 16)
@@ -261,8 +294,12 @@ def test_base_config_is_the_paper_recipe():
 
 def test_main_job_without_imagenet_or_tokenizer_says_what_to_do(tmp_path):
   workdir = tmp_path / "run"
-  result = run_main(f"--config={BASE}", f"--workdir={workdir}",
-                    f"--config.data.data_dir={tmp_path / 'no_tfds'}", devices=1)
+  result = run_main(
+    f"--config={BASE}",
+    f"--workdir={workdir}",
+    f"--config.data.data_dir={tmp_path / 'no_tfds'}",
+    devices=1,
+  )
   assert result.returncode != 0
   assert "config.tokenizer.path is empty" in result.stderr
   assert "imagenet2012" in result.stderr and "tfds build" in result.stderr
@@ -270,7 +307,9 @@ def test_main_job_without_imagenet_or_tokenizer_says_what_to_do(tmp_path):
   assert not workdir.exists()
 
 
-@pytest.mark.parametrize("override,message", [
+@pytest.mark.parametrize(
+  "override,message",
+  [
     ("--config.input.image_size=36", "not divisible by config.model.patch_size"),
     ("--config.mask.num_patches=17", "exceeds the 4x4=16 patches"),
     ("--config.model.patch_size=4", "token grid but the ViT has"),
@@ -279,11 +318,17 @@ def test_main_job_without_imagenet_or_tokenizer_says_what_to_do(tmp_path):
     ("--config.tokenizer.path=/nonexistent", "is not a tokenizer export"),
     ("--config.mask.min_patches=9", "config.mask.min_patches=9 is above"),
     ("--config.input.batch_size=6", "batch_size=6 is not divisible by the 8 devices"),
-])
+  ],
+)
 def test_bad_settings_rejected_before_anything_is_written(tmp_path, override, message):
   workdir = tmp_path / "run"
-  result = run_main(f"--config={SMALL}:steps=2", f"--workdir={workdir}", *TINY, override,
-                    devices=8 if "batch_size" in override else 1)
+  result = run_main(
+    f"--config={SMALL}:steps=2",
+    f"--workdir={workdir}",
+    *TINY,
+    override,
+    devices=8 if "batch_size" in override else 1,
+  )
   assert result.returncode != 0
   assert message in result.stderr, result.stderr[-2000:]
   assert not workdir.exists()
@@ -291,14 +336,17 @@ def test_bad_settings_rejected_before_anything_is_written(tmp_path, override, me
 
 def test_quick_start_two_stages_then_kill_and_resume(tmp_path):
   workdir = str(tmp_path / "run")
-  first = run_main(f"--config={SMALL}:steps=4,tokenizer_steps=2,variant=test",
-                   f"--workdir={workdir}", *TINY, *PICTURES)
+  first = run_main(
+    f"--config={SMALL}:steps=4,tokenizer_steps=2,variant=test",
+    f"--workdir={workdir}",
+    *TINY,
+    *PICTURES,
+  )
   assert first.returncode == 0, first.stderr[-3000:]
-  assert os.path.exists(os.path.join(workdir, "tokenizer", "export", "tokenizer",
-                                     "metadata.json"))
+  assert os.path.exists(os.path.join(workdir, "tokenizer", "export", "tokenizer", "metadata.json"))
   assert "Stage 2/2" in first.stderr
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
-  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   train = [r for r in records if r["split"] == "train"]
   assert [r["step"] for r in train] == [2, 4]
   for key in ("loss", "mlm_acc", "grad_norm", "lr", "masked_per_image", "images_per_s"):
@@ -313,11 +361,13 @@ def test_quick_start_two_stages_then_kill_and_resume(tmp_path):
   # The run draws what it learned (beit_jax/viz.py) into its workdir.
   pictures = os.path.join(workdir, "pictures")
   assert sorted(os.listdir(pictures)) == sorted(
-      f"{n}.png" for n in ("masks", "reconstructions", "inpainting", "tokens", "codebook",
-                           "attention", "curves"))
+    f"{n}.png"
+    for n in ("masks", "reconstructions", "inpainting", "tokens", "codebook", "attention", "curves")
+  )
   assert all(os.path.getsize(os.path.join(pictures, f)) > 500 for f in os.listdir(pictures))
   assert sorted(os.listdir(os.path.join(workdir, "tokenizer", "pictures"))) == sorted(
-      f"{n}.png" for n in ("reconstructions", "tokens", "codebook", "curves"))
+    f"{n}.png" for n in ("reconstructions", "tokens", "codebook", "curves")
+  )
   # The README's Python snippets run against this export (as runs/pretrain_small).
   readme = open(os.path.join(ROOT, "README.md")).read()
   section = readme.split("## Using the exports from Python")[1].split("\n## ")[0]
@@ -330,14 +380,18 @@ def test_quick_start_two_stages_then_kill_and_resume(tmp_path):
   try:
     for snippet in snippets:
       scope = {}
-      exec(compile(snippet, "README.md", "exec"), scope)  # pylint: disable=exec-used
+      exec(compile(snippet, "README.md", "exec"), scope)
   finally:
     os.chdir(cwd)
   assert scope["recon"].shape[-1] == 3
 
   # Kill a longer run after its first new checkpoint; the rerun resumes from it.
-  proc = run_main(f"--config={SMALL}:steps=400,tokenizer_steps=2,variant=test",
-                  f"--workdir={workdir}", *TINY, wait=False)
+  proc = run_main(
+    f"--config={SMALL}:steps=400,tokenizer_steps=2,variant=test",
+    f"--workdir={workdir}",
+    *TINY,
+    wait=False,
+  )
   ckpt_dir = os.path.join(workdir, "checkpoints")
   deadline = time.time() + 300
   while time.time() < deadline and proc.poll() is None:
@@ -349,10 +403,13 @@ def test_quick_start_two_stages_then_kill_and_resume(tmp_path):
   proc.wait()
   saved = max(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
   assert 8 <= saved < 400
-  resumed = run_main(f"--config={SMALL}:steps={saved + 2},tokenizer_steps=2,variant=test",
-                     f"--workdir={workdir}", *TINY)
+  resumed = run_main(
+    f"--config={SMALL}:steps={saved + 2},tokenizer_steps=2,variant=test",
+    f"--workdir={workdir}",
+    *TINY,
+  )
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert "Using the tokenizer already trained" in resumed.stderr
   assert f"at step {saved}" in resumed.stderr
-  steps = [json.loads(l)["step"] for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert steps[-1] == saved + 2

@@ -8,8 +8,8 @@ import optax
 import pytest
 
 from beit_jax.training import checkpointing
-from beit_jax.training.checkpointing import Checkpointer
 from beit_jax.training import mesh as mesh_lib
+from beit_jax.training.checkpointing import Checkpointer
 from beit_jax.training.train_state import TrainState, init_sharded
 
 
@@ -55,16 +55,23 @@ def test_keep_n(tmp_path):
 
 def test_restore_into_a_different_model_names_the_first_mismatching_key(tmp_path):
   tx = optax.sgd(0.1)
-  saved = TrainState.create({"blocks_0": {"kernel": jnp.ones((4, 8))}, "head": jnp.ones((8,))},
-                            tx, jax.random.PRNGKey(0))
+  saved = TrainState.create(
+    {"blocks_0": {"kernel": jnp.ones((4, 8))}, "head": jnp.ones((8,))}, tx, jax.random.PRNGKey(0)
+  )
   ckpt = Checkpointer(str(tmp_path / "ckpt"), async_save=False)
   ckpt.save(3, saved, force=True)
   ckpt.wait()
-  other = TrainState.create({"blocks_0": {"kernel": jnp.ones((4, 16))}, "head": jnp.ones((8,)),
-                             "extra": jnp.ones(())}, tx, jax.random.PRNGKey(0))
+  other = TrainState.create(
+    {"blocks_0": {"kernel": jnp.ones((4, 16))}, "head": jnp.ones((8,)), "extra": jnp.ones(())},
+    tx,
+    jax.random.PRNGKey(0),
+  )
   shardings = jax.tree.map(lambda x: x.sharding, other)
-  with pytest.raises(ValueError, match=r"params/blocks_0/kernel: checkpoint \(4, 8\), config "
-                     r"\(4, 16\) \(and 1 more keys\)"):
+  with pytest.raises(
+    ValueError,
+    match=r"params/blocks_0/kernel: checkpoint \(4, 8\), config "
+    r"\(4, 16\) \(and 1 more keys\)",
+  ):
     ckpt.restore_latest(other, shardings)
   same = ckpt.restore_latest(saved, jax.tree.map(lambda x: x.sharding, saved))
   assert int(same.step) == 0 and same.params["head"].shape == (8,)

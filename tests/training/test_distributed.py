@@ -21,7 +21,9 @@ TINY = [a for a in test_pretrain_task.TINY if "async_save" not in a]
 SMALL = test_pretrain_task.SMALL
 
 
-@pytest.mark.parametrize("mode, coordinator, env, expected", [
+@pytest.mark.parametrize(
+  "mode, coordinator, env, expected",
+  [
     ("auto", None, {}, False),
     ("auto", None, {"SLURM_NTASKS": "1", "SLURM_PROCID": "0"}, False),
     ("auto", None, {"SLURM_NTASKS": "16", "SLURM_PROCID": "3"}, True),
@@ -32,7 +34,8 @@ SMALL = test_pretrain_task.SMALL
     ("auto", "localhost:1234", {}, True),
     ("off", "localhost:1234", {"SLURM_NTASKS": "16", "SLURM_PROCID": "3"}, False),
     ("on", None, {}, True),
-])
+  ],
+)
 def test_when_to_initialize(mode, coordinator, env, expected):
   assert distributed.should_initialize(mode, coordinator, env)[0] is expected
 
@@ -49,8 +52,9 @@ def _free_port() -> int:
 
 
 def _env(devices: int) -> dict:
-  return dict(os.environ, JAX_PLATFORMS="cpu",
-              XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}")
+  return dict(
+    os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}"
+  )
 
 
 def _records(workdir, split):
@@ -63,19 +67,40 @@ def test_two_processes_train_like_one(tmp_path):
   process reading its own half of every batch) equals the same job in 1 process x 8."""
   one = str(tmp_path / "one")
   args = [f"--config={SMALL}:steps=4,tokenizer_steps=2,variant=test", *TINY]
-  result = subprocess.run([sys.executable, "-m", "beit_jax.main", f"--workdir={one}", *args],
-                          cwd=ROOT, env=_env(8), capture_output=True, text=True, timeout=600)
+  result = subprocess.run(
+    [sys.executable, "-m", "beit_jax.main", f"--workdir={one}", *args],
+    cwd=ROOT,
+    env=_env(8),
+    capture_output=True,
+    text=True,
+    timeout=600,
+  )
   assert result.returncode == 0, result.stderr[-3000:]
   tokenizer = os.path.join(one, "tokenizer", "export", "tokenizer")
 
   two = str(tmp_path / "two")
   port = _free_port()
-  procs = [subprocess.Popen(
-      [sys.executable, "-m", "beit_jax.main", f"--workdir={two}", *args,
-       f"--config.tokenizer.path={tokenizer}", f"--coordinator_address=localhost:{port}",
-       "--num_processes=2", f"--process_id={i}"],
-      cwd=ROOT, env=_env(4), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-           for i in range(2)]
+  procs = [
+    subprocess.Popen(
+      [
+        sys.executable,
+        "-m",
+        "beit_jax.main",
+        f"--workdir={two}",
+        *args,
+        f"--config.tokenizer.path={tokenizer}",
+        f"--coordinator_address=localhost:{port}",
+        "--num_processes=2",
+        f"--process_id={i}",
+      ],
+      cwd=ROOT,
+      env=_env(4),
+      stdout=subprocess.PIPE,
+      stderr=subprocess.PIPE,
+      text=True,
+    )
+    for i in range(2)
+  ]
   outputs = [p.communicate(timeout=600) for p in procs]
   for p, (_, err) in zip(procs, outputs):
     assert p.returncode == 0, err[-3000:]
@@ -95,5 +120,7 @@ def test_two_processes_train_like_one(tmp_path):
   assert max(diffs) < 1e-4, max(diffs)
   data_dir = os.path.join(two, "checkpoints", "4", "data")
   assert {"process_0-of-2.json", "process_1-of-2.json"} <= set(os.listdir(data_dir))
-  print(f"2 processes vs 1: losses {[r['loss'] for r in _records(two, 'train')]} vs "
-        f"{[r['loss'] for r in _records(one, 'train')]}; params max |diff| {max(diffs):.2e}")
+  print(
+    f"2 processes vs 1: losses {[r['loss'] for r in _records(two, 'train')]} vs "
+    f"{[r['loss'] for r in _records(one, 'train')]}; params max |diff| {max(diffs):.2e}"
+  )

@@ -57,8 +57,10 @@ def _kill_when(proc, workdir, at_least, during_write=False, timeout=300):
   one is being written. Returns (was running, killed while a write was under way)."""
   deadline = time.time() + timeout
   while time.time() < deadline and proc.poll() is None:
-    if during_write and (any(s >= at_least for s in _writing(workdir))
-                         or any(s >= STEPS - 1 for s in _ckpt_steps(workdir))):
+    if during_write and (
+      any(s >= at_least for s in _writing(workdir))
+      or any(s >= STEPS - 1 for s in _ckpt_steps(workdir))
+    ):
       break  # Cut a write; failing that, kill before the last step (timing-robust).
     if not during_write and any(s >= at_least for s in _ckpt_steps(workdir)):
       break
@@ -96,9 +98,12 @@ def test_sigkill_at_random_steps_then_resume_equals_an_uninterrupted_run(tmp_pat
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
     np.testing.assert_array_equal(a, b, err_msg=jax.tree_util.keystr(path))
   # Every step was logged; the resumed steps continue the lr schedule, not restart it.
-  records = [json.loads(l) for l in open(os.path.join(broken, "metrics.jsonl"))]
-  ref = {r["step"]: r for r in map(json.loads, open(os.path.join(straight, "metrics.jsonl")))
-         if r["split"] == "train"}
+  records = [json.loads(line) for line in open(os.path.join(broken, "metrics.jsonl"))]
+  ref = {
+    r["step"]: r
+    for r in map(json.loads, open(os.path.join(straight, "metrics.jsonl")))
+    if r["split"] == "train"
+  }
   for r in records:
     if r["split"] == "train":
       assert r["lr"] == pytest.approx(ref[r["step"]]["lr"], rel=1e-6), r["step"]
@@ -107,12 +112,11 @@ def test_sigkill_at_random_steps_then_resume_equals_an_uninterrupted_run(tmp_pat
 
 def test_sigterm_finishes_the_step_checkpoints_and_exits_cleanly(tmp_path):
   workdir = str(tmp_path / "run")
-  proc = run_main(_config(400), f"--workdir={workdir}", *TINY, "--config.ckpt.every=50",
-                  wait=False)
+  proc = run_main(_config(400), f"--workdir={workdir}", *TINY, "--config.ckpt.every=50", wait=False)
   deadline = time.time() + 300
   metrics = os.path.join(workdir, "metrics.jsonl")
   while time.time() < deadline and proc.poll() is None:  # Wait for MIM training to log.
-    if os.path.exists(metrics) and any('"mlm_acc"' in l for l in open(metrics)):
+    if os.path.exists(metrics) and any('"mlm_acc"' in line for line in open(metrics)):
       break
     time.sleep(0.1)
   proc.send_signal(signal.SIGTERM)
@@ -127,12 +131,16 @@ def test_sigterm_finishes_the_step_checkpoints_and_exits_cleanly(tmp_path):
 def test_injected_nan_steps_are_skipped_then_the_run_stops(tmp_path):
   workdir = str(tmp_path / "run")
   # Gradients of steps 3..7 (0-based) are NaN; stop after 3 skips in a row.
-  res = run_main(_config(STEPS), f"--workdir={workdir}", *TINY,
-                 "--config.nonfinite.inject_at_steps=(3,4,5,6,7)",
-                 "--config.nonfinite.max_consecutive=3")
+  res = run_main(
+    _config(STEPS),
+    f"--workdir={workdir}",
+    *TINY,
+    "--config.nonfinite.inject_at_steps=(3,4,5,6,7)",
+    "--config.nonfinite.max_consecutive=3",
+  )
   assert res.returncode != 0
   assert "non-finite loss or gradient norm" in res.stderr
-  records = [json.loads(l) for l in open(os.path.join(workdir, "metrics.jsonl"))]
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   train = {r["step"]: r for r in records if r["split"] == "train"}
   assert train[2]["nonfinite"] == 0 and train[4]["nonfinite"] == 0.5
   assert train[6]["nonfinite"] == 1.0
@@ -144,21 +152,24 @@ def test_apply_gradients_skips_non_finite_steps_inside_jit():
   tx = optax.adamw(0.1)
   state = TrainState.create(params, tx, jax.random.PRNGKey(0), use_ema=True)
   grads = {"w": jnp.full((3,), 0.5), "b": jnp.ones(())}
-  step = jax.jit(lambda s, g, l: s.apply_gradients(g, tx, l, ema_decay=0.9))
+  step = jax.jit(lambda s, g, loss: s.apply_gradients(g, tx, loss, ema_decay=0.9))
 
   good, metrics = step(state, grads, jnp.float32(1.0))
   assert int(good.step) == 1 and int(good.nonfinite_streak) == 0
   assert float(metrics["nonfinite"]) == 0.0
   assert not np.allclose(good.params["w"], params["w"])
 
-  for bad_loss, bad_grads in ((jnp.float32(np.nan), grads),
-                              (jnp.float32(1.0), {"w": grads["w"].at[1].set(np.inf),
-                                                  "b": grads["b"]})):
+  for bad_loss, bad_grads in (
+    (jnp.float32(np.nan), grads),
+    (jnp.float32(1.0), {"w": grads["w"].at[1].set(np.inf), "b": grads["b"]}),
+  ):
     bad, metrics = step(good, bad_grads, bad_loss)
     assert int(bad.step) == 2 and int(bad.nonfinite_streak) == 1
     assert float(metrics["nonfinite"]) == 1.0
-    for new, old in zip(jax.tree.leaves((bad.params, bad.opt_state, bad.ema_params)),
-                        jax.tree.leaves((good.params, good.opt_state, good.ema_params))):
+    for new, old in zip(
+      jax.tree.leaves((bad.params, bad.opt_state, bad.ema_params)),
+      jax.tree.leaves((good.params, good.opt_state, good.ema_params)),
+    ):
       np.testing.assert_array_equal(new, old)
   twice, _ = step(step(good, grads, jnp.float32(np.nan))[0], grads, jnp.float32(np.inf))
   assert int(twice.nonfinite_streak) == 2
@@ -177,16 +188,26 @@ def test_non_finite_state_is_never_checkpointed(tmp_path):
     w = jnp.where(s.step == 4, jnp.nan, w)
     return s.replace(step=s.step + 1, params={"w": w}), {"loss": jnp.mean(w)}
 
-  data = iter(grain.MapDataset.range(1000).map(
-      lambda i: {"x": np.full((8,), i, np.float32), "num_skipped": np.zeros((8,), np.int32)}
-  ).to_iter_dataset())
+  data = iter(
+    grain.MapDataset.range(1000)
+    .map(lambda i: {"x": np.full((8,), i, np.float32), "num_skipped": np.zeros((8,), np.int32)})
+    .to_iter_dataset()
+  )
   mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("data",))
   ckpt = Checkpointer(str(tmp_path / "ckpt"), save_interval_steps=3, async_save=False)
   writer = MetricWriter(str(tmp_path), 10, tensorboard=False)
   with pytest.raises(loop.NonFiniteError, match="not saving a checkpoint"):
-    loop.run(state=state, train_step=train_step, data_iter=data, batch_keys=("x",),
-             batch_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-             total_steps=10, writer=writer, checkpointer=ckpt, log_every=5)
+    loop.run(
+      state=state,
+      train_step=train_step,
+      data_iter=data,
+      batch_keys=("x",),
+      batch_sharding=jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+      total_steps=10,
+      writer=writer,
+      checkpointer=ckpt,
+      log_every=5,
+    )
   ckpt.wait()
   assert max(ckpt.all_steps()) == 3  # Step 6 (params NaN since step 5) was refused.
   restored = ckpt.restore(3, jax.eval_shape(lambda: state))
@@ -196,24 +217,47 @@ def test_non_finite_state_is_never_checkpointed(tmp_path):
 
 
 OTHER_TASKS = {
-    # task: (config file:args, overrides, export dir)
-    "dvae": ("dvae_small.py:steps=40",
-             ["--config.input.batch_size=8", "--config.model.hidden=16",
-              "--config.model.codebook_dim=16", "--config.model.vocab_size=64",
-              "--config.input.image_size=16", "--config.pictures=False"], "export/tokenizer"),
-    "finetune": ("finetune_small.py:steps=40,batch_size=8",
-                 ["--config.model.variant=test", "--config.input.image_size=32",
-                  "--config.mixup.prob=1.0", "--config.eval_every=0"], "export/final"),
-    "linear_probe": ("linear_probe_small.py:steps=40,batch_size=8",
-                     ["--config.model.variant=test", "--config.input.image_size=32",
-                      "--config.knn.k=0"], "export/final"),
+  # task: (config file:args, overrides, export dir)
+  "dvae": (
+    "dvae_small.py:steps=40",
+    [
+      "--config.input.batch_size=8",
+      "--config.model.hidden=16",
+      "--config.model.codebook_dim=16",
+      "--config.model.vocab_size=64",
+      "--config.input.image_size=16",
+      "--config.pictures=False",
+    ],
+    "export/tokenizer",
+  ),
+  "finetune": (
+    "finetune_small.py:steps=40,batch_size=8",
+    [
+      "--config.model.variant=test",
+      "--config.input.image_size=32",
+      "--config.mixup.prob=1.0",
+      "--config.eval_every=0",
+    ],
+    "export/final",
+  ),
+  "linear_probe": (
+    "linear_probe_small.py:steps=40,batch_size=8",
+    ["--config.model.variant=test", "--config.input.image_size=32", "--config.knn.k=0"],
+    "export/final",
+  ),
 }
-COMMON = ["--config.eval_batch_size=8", "--config.log_every=1", "--config.ckpt.every=1000",
-          "--config.ckpt.async_save=False", "--config.tensorboard=False"]
+COMMON = [
+  "--config.eval_batch_size=8",
+  "--config.log_every=1",
+  "--config.ckpt.every=1000",
+  "--config.ckpt.async_save=False",
+  "--config.tensorboard=False",
+]
 
 
 def _exported_params(path):
-  import orbax.checkpoint as ocp  # pylint: disable=g-import-not-at-top
+  import orbax.checkpoint as ocp
+
   with ocp.StandardCheckpointer() as ckptr:
     return jax.tree.map(np.asarray, ckptr.restore(os.path.join(path, "params")))
 
@@ -246,5 +290,6 @@ def test_stop_and_resume_equals_an_uninterrupted_run_for_every_task(tmp_path, ta
   want, got = _exported_params(straight / export), _exported_params(stopped / export)
   assert jax.tree.structure(want) == jax.tree.structure(got)
   for (path, a), b in zip(jax.tree_util.tree_leaves_with_path(want), jax.tree.leaves(got)):
-    np.testing.assert_array_equal(a, b, err_msg=f"{task} stopped at {at}: "
-                                  f"{jax.tree_util.keystr(path)}")
+    np.testing.assert_array_equal(
+      a, b, err_msg=f"{task} stopped at {at}: {jax.tree_util.keystr(path)}"
+    )

@@ -7,7 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from beit_jax.training import loop
 from beit_jax.training.checkpointing import Checkpointer
@@ -16,9 +17,13 @@ from beit_jax.training.train_state import TrainState
 
 
 def _data(batch=4):
-  return iter(grain.MapDataset.range(10_000).map(
-      lambda i: {"x": np.full((batch,), i, np.float32),
-                 "num_skipped": np.zeros((batch,), np.int32)}).to_iter_dataset())
+  return iter(
+    grain.MapDataset.range(10_000)
+    .map(
+      lambda i: {"x": np.full((batch,), i, np.float32), "num_skipped": np.zeros((batch,), np.int32)}
+    )
+    .to_iter_dataset()
+  )
 
 
 def _sharding():
@@ -30,9 +35,18 @@ def _run(tmp_path, train_step, total_steps, **kwargs):
   writer = MetricWriter(str(tmp_path), total_steps, tensorboard=False)
   state = TrainState.create({"w": jnp.zeros(())}, optax.sgd(1.0), jax.random.PRNGKey(0))
   try:
-    return loop.run(state=state, train_step=train_step, data_iter=_data(), batch_keys=("x",),
-                    batch_sharding=_sharding(), total_steps=total_steps, writer=writer,
-                    checkpointer=ckpt, log_every=3, **kwargs)
+    return loop.run(
+      state=state,
+      train_step=train_step,
+      data_iter=_data(),
+      batch_keys=("x",),
+      batch_sharding=_sharding(),
+      total_steps=total_steps,
+      writer=writer,
+      checkpointer=ckpt,
+      log_every=3,
+      **kwargs,
+    )
   finally:
     ckpt.close()
     writer.close()
@@ -49,11 +63,17 @@ def test_step_args_get_the_host_step_and_the_result_holds_the_last_interval(tmp_
   def train_step(state, batch, host_step):
     # The device step and the host step agree; the metric is the batch's first value.
     return state.replace(step=state.step + 1, params={"w": state.params["w"] + host_step}), {
-        "agree": (state.step == host_step.astype(jnp.int32)).astype(jnp.float32),
-        "x": batch["x"][0]}
+      "agree": (state.step == host_step.astype(jnp.int32)).astype(jnp.float32),
+      "x": batch["x"][0],
+    }
 
-  result = _run(tmp_path, train_step, 7, step_args=step_args,
-                eval_fn=lambda state: {"w": float(state.params["w"])})
+  result = _run(
+    tmp_path,
+    train_step,
+    7,
+    step_args=step_args,
+    eval_fn=lambda state: {"w": float(state.params["w"])},
+  )
   assert seen == list(range(7))
   assert isinstance(result, loop.RunResult) and result.stopped_by is None
   assert int(result.state.step) == 7 and result.eval == {"w": float(sum(range(7)))}

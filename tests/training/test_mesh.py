@@ -17,8 +17,9 @@ def test_eight_devices():
   assert jax.device_count() == 8
 
 
-@pytest.mark.parametrize("data,fsdp,expected", [(-1, 1, (8, 1)), (2, -1, (2, 4)), (-1, 4, (2, 4)),
-                                                 (8, 1, (8, 1))])
+@pytest.mark.parametrize(
+  "data,fsdp,expected", [(-1, 1, (8, 1)), (2, -1, (2, 4)), (-1, 4, (2, 4)), (8, 1, (8, 1))]
+)
 def test_mesh_shape(data, fsdp, expected):
   assert mesh_lib.mesh_shape(cfg(data, fsdp), 8) == expected
   mesh = mesh_lib.make_mesh(cfg(data, fsdp))
@@ -34,9 +35,9 @@ def test_bad_mesh_is_rejected(data, fsdp):
 def test_fsdp_spec():
   assert mesh_lib.fsdp_spec((768, 3072), 4, 1) == P(None, "fsdp")
   assert mesh_lib.fsdp_spec((3072, 768), 4, 1) == P("fsdp", None)
-  assert mesh_lib.fsdp_spec((7, 9), 4, 1) == P()          # Nothing divisible.
-  assert mesh_lib.fsdp_spec((768,), 4, 10**6) == P()       # Too small.
-  assert mesh_lib.fsdp_spec((768, 3072), 1, 1) == P()      # No fsdp axis.
+  assert mesh_lib.fsdp_spec((7, 9), 4, 1) == P()  # Nothing divisible.
+  assert mesh_lib.fsdp_spec((768,), 4, 10**6) == P()  # Too small.
+  assert mesh_lib.fsdp_spec((768, 3072), 1, 1) == P()  # No fsdp axis.
 
 
 def test_global_batch_and_batch_size_check():

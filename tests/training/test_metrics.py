@@ -11,9 +11,11 @@ def test_writer(tmp_path):
   w.write(5, {"loss": 1.5, "count": 3})
   w.write(10, {"psnr": 20.0}, split="eval")
   w.close()
-  lines = [json.loads(l) for l in open(tmp_path / "metrics.jsonl")]
-  assert lines == [{"step": 5, "split": "train", "loss": 1.5, "count": 3},
-                   {"step": 10, "split": "eval", "psnr": 20.0}]
+  lines = [json.loads(line) for line in open(tmp_path / "metrics.jsonl")]
+  assert lines == [
+    {"step": 5, "split": "train", "loss": 1.5, "count": 3},
+    {"step": 10, "split": "eval", "psnr": 20.0},
+  ]
   events = os.listdir(tmp_path / "tb")
   assert events and events[0].startswith("events.out.tfevents")
   assert os.path.getsize(tmp_path / "tb" / events[0]) > 100

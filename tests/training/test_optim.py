@@ -9,14 +9,20 @@ import pytest
 from beit_jax.training import optim
 
 
-def unilm_cosine_scheduler(base_value, final_value, total_iters, warmup_iters, start_warmup_value=0):
+def unilm_cosine_scheduler(
+  base_value, final_value, total_iters, warmup_iters, start_warmup_value=0
+):
   """unilm beit/utils.py cosine_scheduler, written out per iteration (numpy)."""
   warmup = np.array([])
   if warmup_iters > 0:
     warmup = np.linspace(start_warmup_value, base_value, warmup_iters)
   iters = np.arange(total_iters - warmup_iters)
-  schedule = np.array([final_value + 0.5 * (base_value - final_value) *
-                       (1 + math.cos(math.pi * i / (len(iters)))) for i in iters])
+  schedule = np.array(
+    [
+      final_value + 0.5 * (base_value - final_value) * (1 + math.cos(math.pi * i / (len(iters))))
+      for i in iters
+    ]
+  )
   return np.concatenate((warmup, schedule))
 
 
@@ -41,16 +47,26 @@ def test_cosine_ramp_endpoints_and_monotone():
 
 
 def test_weight_decay_mask_rule():
-  params = {"blocks": {"attn": {"qkv": {"kernel": jnp.ones((4, 12))}, "q_bias": jnp.ones(4)},
-                       "norm1": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
-                       "conv": {"w": jnp.ones((3, 3, 2, 4)), "b": jnp.ones(4)}},
-            "pos_embed": jnp.ones((1, 5, 4)), "mask_token": jnp.ones((1, 1, 4))}
+  params = {
+    "blocks": {
+      "attn": {"qkv": {"kernel": jnp.ones((4, 12))}, "q_bias": jnp.ones(4)},
+      "norm1": {"scale": jnp.ones(4), "bias": jnp.ones(4)},
+      "conv": {"w": jnp.ones((3, 3, 2, 4)), "b": jnp.ones(4)},
+    },
+    "pos_embed": jnp.ones((1, 5, 4)),
+    "mask_token": jnp.ones((1, 1, 4)),
+  }
   mask = optim.weight_decay_mask(params, skip=("pos_embed",))
   assert mask["blocks"]["attn"]["qkv"]["kernel"] is True
   assert mask["blocks"]["conv"]["w"] is True
   assert mask["mask_token"] is True  # unilm decays mask_token in pretraining.
-  for leaf in (mask["blocks"]["attn"]["q_bias"], mask["blocks"]["norm1"]["scale"],
-               mask["blocks"]["norm1"]["bias"], mask["blocks"]["conv"]["b"], mask["pos_embed"]):
+  for leaf in (
+    mask["blocks"]["attn"]["q_bias"],
+    mask["blocks"]["norm1"]["scale"],
+    mask["blocks"]["norm1"]["bias"],
+    mask["blocks"]["conv"]["b"],
+    mask["pos_embed"],
+  ):
     assert leaf is False
 
 
@@ -68,10 +84,19 @@ def unilm_layer_id(var_name, num_max_layer):
 
 
 def test_layer_ids_and_scales_match_unilm():
-  from beit_jax.models import vit  # pylint: disable=g-import-not-at-top
+  from beit_jax.models import vit
+
   depth = 4
-  model = vit.BEiT(image_size=16, patch_size=8, embed_dim=16, depth=depth, num_heads=2,
-                   use_abs_pos_emb=True, vocab_size=10, num_classes=3)
+  model = vit.BEiT(
+    image_size=16,
+    patch_size=8,
+    embed_dim=16,
+    depth=depth,
+    num_heads=2,
+    use_abs_pos_emb=True,
+    vocab_size=10,
+    num_classes=3,
+  )
   params = vit.abstract_params(model)
   scales = optim.layerwise_lr_scales(params, 0.65, depth)
   flat = jax_flatten(scales)
@@ -81,17 +106,19 @@ def test_layer_ids_and_scales_match_unilm():
     lid = unilm_layer_id(torch_name, depth + 2)
     assert lid == optim.vit_layer_id(path, depth), path
     assert scale == pytest.approx(0.65 ** (depth + 1 - lid)), path
-  assert flat["blocks_0/attn/qkv/kernel"] == pytest.approx(0.65 ** 4)
+  assert flat["blocks_0/attn/qkv/kernel"] == pytest.approx(0.65**4)
   assert flat["head/kernel"] == 1.0 and flat["rel_pos_bias/relative_position_bias_table"] == 1.0
 
 
 def jax_flatten(tree):
-  import flax  # pylint: disable=g-import-not-at-top
+  import flax
+
   return flax.traverse_util.flatten_dict(tree, sep="/")
 
 
 def test_lr_scales_scale_the_whole_adamw_step():
-  from beit_jax import config_lib  # pylint: disable=g-import-not-at-top
+  from beit_jax import config_lib
+
   params = {"blocks_0": {"w": jnp.ones((3, 3))}, "head": {"kernel": jnp.full((3, 2), 2.0)}}
   grads = {"blocks_0": {"w": jnp.full((3, 3), 0.5)}, "head": {"kernel": jnp.full((3, 2), -1.0)}}
   cfg = config_lib.adamw_config(lr=0.1, weight_decay=0.05)

@@ -14,31 +14,41 @@ from beit_jax.training.train_state import TrainState, init_sharded_from_params, 
 def test_state_from_host_params_lands_in_its_shards():
   mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=2, fsdp=4)))
   rng = np.random.default_rng(0)
-  host = {"dense": {"kernel": rng.normal(size=(64, 512)).astype(np.float32),
-                    "bias": np.zeros(512, np.float32)}}
+  host = {
+    "dense": {
+      "kernel": rng.normal(size=(64, 512)).astype(np.float32),
+      "bias": np.zeros(512, np.float32),
+    }
+  }
   tx = optax.adamw(1e-3)
   state, shardings = init_sharded_from_params(
-      host, lambda p: TrainState.create(p, tx, jax.random.PRNGKey(0), use_ema=True), mesh,
-      min_shard_size=1024)
+    host,
+    lambda p: TrainState.create(p, tx, jax.random.PRNGKey(0), use_ema=True),
+    mesh,
+    min_shard_size=1024,
+  )
   kernel = state.params["dense"]["kernel"]
   assert kernel.sharding.spec == P(None, "fsdp") == shardings.params["dense"]["kernel"].spec
   assert state.params["dense"]["bias"].sharding.spec == P()  # 512 < 1024: replicated.
   assert state.opt_state[0].mu["dense"]["kernel"].sharding.spec == P(None, "fsdp")
   assert {s.data.shape for s in kernel.addressable_shards} == {(64, 128)}
   np.testing.assert_array_equal(np.asarray(kernel), host["dense"]["kernel"])
-  np.testing.assert_array_equal(np.asarray(state.ema_params["dense"]["kernel"]),
-                                host["dense"]["kernel"])
+  np.testing.assert_array_equal(
+    np.asarray(state.ema_params["dense"]["kernel"]), host["dense"]["kernel"]
+  )
   replicated = place(host, jax.tree.map(lambda _: mesh_lib.replicated(mesh), host))
   np.testing.assert_array_equal(np.asarray(replicated["dense"]["bias"]), host["dense"]["bias"])
 
 
 def test_ema_is_decay_times_ema_plus_the_rest_times_the_new_params():
   """optax.incremental_update with step 1 - decay: ema' = decay * ema + (1 - decay) * params'."""
-  state = TrainState.create({"a": jnp.zeros(3)}, optax.sgd(1.0), jax.random.PRNGKey(0),
-                            use_ema=True)
+  state = TrainState.create(
+    {"a": jnp.zeros(3)}, optax.sgd(1.0), jax.random.PRNGKey(0), use_ema=True
+  )
   state = state.replace(ema_params={"a": jnp.full(3, 2.0)})
-  new, _ = state.apply_gradients({"a": -jnp.ones(3)}, optax.sgd(1.0), jnp.float32(0.0),
-                                 ema_decay=0.9)
+  new, _ = state.apply_gradients(
+    {"a": -jnp.ones(3)}, optax.sgd(1.0), jnp.float32(0.0), ema_decay=0.9
+  )
   np.testing.assert_allclose(new.params["a"], 1.0)
   np.testing.assert_allclose(new.ema_params["a"], 0.9 * 2.0 + 0.1 * 1.0, rtol=1e-6)
   assert new.eval_params is new.ema_params

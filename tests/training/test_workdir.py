@@ -12,10 +12,16 @@ from tests.tasks.test_pretrain_task import SMALL, TINY, run_main
 
 
 def _config(**model):
-  return ml_collections.ConfigDict(dict(
-      task="pretrain", seed=0, total_steps=10, log_every=5,
+  return ml_collections.ConfigDict(
+    dict(
+      task="pretrain",
+      seed=0,
+      total_steps=10,
+      log_every=5,
       model={"variant": "test", "patch_size": 8, **model},
-      input=dict(image_size=32, batch_size=8, crop_scale=(0.08, 1.0))))
+      input=dict(image_size=32, batch_size=8, crop_scale=(0.08, 1.0)),
+    )
+  )
 
 
 def test_same_identity_resumes_other_settings_may_change(tmp_path):

@@ -5,10 +5,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from beit_jax.viz import __main__ as viz_cli
-from beit_jax.viz import figures, pictures
 from beit_jax.data import masking
 from beit_jax.models import dvae, vit
+from beit_jax.viz import __main__ as viz_cli
+from beit_jax.viz import figures, pictures
 
 
 def _images(n=2, size=32, seed=0):
@@ -30,18 +30,31 @@ def test_mask_overlay_is_grey_exactly_where_the_mask_is_true():
 
 
 def test_inpainting_with_the_true_tokens_everywhere_is_the_reconstruction():
-  tok = dvae.from_config(dict(arch="compact", vocab_size=32, recon_loss="mse", input_norm="half",
-                         num_layers=2, hidden=8, num_resblocks=0, codebook_dim=8))
-  tok_vars = tok.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), rng=jax.random.PRNGKey(1),
-                      tau=1.0, hard=False)
+  tok = dvae.from_config(
+    dict(
+      arch="compact",
+      vocab_size=32,
+      recon_loss="mse",
+      input_norm="half",
+      num_layers=2,
+      hidden=8,
+      num_resblocks=0,
+      codebook_dim=8,
+    )
+  )
+  tok_vars = tok.init(
+    jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), rng=jax.random.PRNGKey(1), tau=1.0, hard=False
+  )
   views = _images(2, 16)
   true_ids = pictures.tokenize(tok, tok_vars, views)
   assert true_ids.shape == (2, 4, 4)
   other = (true_ids + 1) % 32
   none = np.zeros((2, 16), bool)
   np.testing.assert_array_equal(pictures.inpainted_ids(true_ids, other, none), true_ids)
-  np.testing.assert_array_equal(pictures.decode_ids(tok, tok_vars, pictures.inpainted_ids(true_ids, other, none)),
-                                pictures.decode_ids(tok, tok_vars, true_ids))
+  np.testing.assert_array_equal(
+    pictures.decode_ids(tok, tok_vars, pictures.inpainted_ids(true_ids, other, none)),
+    pictures.decode_ids(tok, tok_vars, true_ids),
+  )
   some = none.copy()
   some[0, 3] = True
   mixed = pictures.inpainted_ids(true_ids, other, some)
@@ -90,7 +103,8 @@ def test_cli_without_an_export_says_what_to_run(tmp_path):
 
 
 def test_pictures_go_into_tensorboard(tmp_path):
-  from beit_jax.training import metrics  # pylint: disable=g-import-not-at-top
+  from beit_jax.training import metrics
+
   metrics.write_images(str(tmp_path), 7, {"masks": _images(1)[0]})
   events = list((tmp_path / "tb").glob("events.out.tfevents.*"))
   assert len(events) == 1 and b"pictures/masks" in events[0].read_bytes()
