@@ -353,6 +353,9 @@ class EvalIterable:
   (bool). Padding rows are all zeros with ``valid=False``; undecodable images
   keep their ``label`` but have zero pixels and ``valid=False``.
   Iterable several times; ``len()`` is the number of batches.
+
+  Hand-written: Grain's batching drops or shortens the last batch, which would either
+  lose eval images or compile a second step for the short batch.
   """
 
   def __init__(

@@ -2,7 +2,8 @@
 
 :func:`transfer_params` maps any BEiT param tree (a MIM pretraining export, a converted
 official checkpoint, a classifier at another resolution) onto a destination
-:class:`vit.BEiT`'s tree with unilm's checkpoint-load rules (reference §1.9):
+:class:`vit.BEiT`'s tree with unilm's checkpoint-load rules (`run_class_finetuning.py`,
+`utils.load_state_dict` and the rel-pos resizing inside `main`):
 
 1. a `head` whose shape differs from the destination's is dropped (keeps the init);
 2. a shared `rel_pos_bias/relative_position_bias_table` is copied into every block when

@@ -68,6 +68,8 @@ def trunc_normal_init(std: float = INIT_STD, truncation: float = 1.0, scale: flo
 
   unilm's pretraining `trunc_normal_(t, std)` uses bounds a=-std, b=std, i.e.
   truncation=1. `scale` folds in post-init rescaling (fix_init_weight, init_scale).
+  Hand-written: `nn.initializers.truncated_normal` rescales the std so that the truncated
+  distribution has it, torch's does not.
   """
 
   def init(key, shape, dtype=jnp.float32):
@@ -129,7 +131,11 @@ class RelativePositionBias(nn.Module):
 
 
 class Attention(nn.Module):
-  """Multi-head self-attention with q/v biases (no k bias) and an optional rel-pos table."""
+  """Multi-head self-attention with q/v biases (no k bias) and an optional rel-pos table.
+
+  Hand-written rather than `nn.MultiHeadDotProductAttention`: unilm's qkv has no bias but
+  learnable q and v biases, and the relative position bias is added to the logits.
+  """
 
   num_heads: int
   grid: tuple[int, int]

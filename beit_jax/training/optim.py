@@ -25,6 +25,9 @@ def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int
   Warmup is `linspace(0, base, warmup_steps)[step]`, i.e. it reaches `base` at step
   warmup_steps - 1; step warmup_steps + i then takes
   `final + 0.5 (base - final)(1 + cos(pi i / (total - warmup)))`.
+
+  Hand-written: `optax.warmup_cosine_decay_schedule` reaches the peak at step
+  warmup_steps, one step after unilm's `linspace`, so every warmup lr differs.
   """
   if warmup_steps > total_steps:
     raise ValueError(f"warmup_steps={warmup_steps} exceeds total_steps={total_steps}.")

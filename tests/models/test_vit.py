@@ -2,12 +2,13 @@
 
 The forward pass is checked against an independent plain-numpy (float64) port of
 unilm's `VisionTransformerForMaskedImageModeling.forward` / `VisionTransformer.forward`
-(reference doc §1.1-1.2), run on parameter trees whose every leaf is random (zeros at
-init would hide missing q/v biases, rel-pos tables, gammas, LN affine terms, ...).
-Random parameters are filled from `jax.eval_shape` with numpy normals, so only the
-init tests pay for `model.init`. Every program is compiled once per test through
-`_compile`, without XLA's LLVM optimisation: on this CPU jaxlib that optimisation costs
-about 1.5 s per tiny forward pass and 5 s per backward pass, more than the whole run.
+(`modeling_pretrain.py` / `modeling_finetune.py`), run on parameter trees whose every
+leaf is random (zeros at init would hide missing q/v biases, rel-pos tables, gammas, LN
+affine terms, ...). Random parameters are filled from `jax.eval_shape` with numpy
+normals, so only the init tests pay for `model.init`. Every program is compiled once per
+test through `_compile`, without XLA's LLVM optimisation: on this CPU jaxlib that
+optimisation costs about 1.5 s per tiny forward pass and 5 s per backward pass, more than
+the whole run.
 """
 
 import contextlib
@@ -542,7 +543,7 @@ def test_mask_token_semantics():
 
 
 # ---------------------------------------------------------------------------------
-# 5. Initialisation (reference §1.3).
+# 5. Initialisation (unilm `_init_weights`, `fix_init_weight`).
 # ---------------------------------------------------------------------------------
 def _init_params(model, image_size):
   images = jnp.zeros((1, image_size, image_size, 3), jnp.float32)

@@ -1,0 +1,45 @@
+"""The drawings: right size, content that follows the input."""
+
+import numpy as np
+import pytest
+
+from beit_jax.data import masking
+from beit_jax.viz import figures
+
+
+def _images(n=2, size=32, seed=0):
+  return np.random.default_rng(seed).integers(0, 256, (n, size, size, 3), np.uint8)
+
+
+def test_mask_overlay_is_grey_exactly_where_the_mask_is_true():
+  image = _images(1)[0]
+  mask = np.zeros(16, bool)
+  mask[[0, 5, 15]] = True  # 4x4 grid of 8 px patches.
+  out = figures.mask_overlay(image, mask, 8)
+  pixel_mask = np.kron(mask.reshape(4, 4), np.ones((8, 8), bool))
+  assert out.shape == image.shape and out.dtype == np.uint8
+  assert (out[pixel_mask] == figures.GREY).all()
+  np.testing.assert_array_equal(out[~pixel_mask], image[~pixel_mask])
+  gen = masking.BlockwiseMaskGenerator(4, 6, 2)
+  fig = figures.masks_figure(_images(2), 8, gen, per_image=3)
+  assert fig.ndim == 3 and fig.shape[1] > 4 * 32 and fig.shape[0] > 2 * 32
+
+
+def test_token_map_and_codebook_follow_the_ids():
+  ids = np.array([[0, 1], [1, 7]])
+  out = figures.token_map(ids, 8, cell=4)
+  assert out.shape == (8, 8, 3)
+  np.testing.assert_array_equal(out[0, 4], out[4, 0])  # Same id, same colour.
+  assert (out[0, 0] != out[0, 4]).any() and (out[4, 4] != out[0, 4]).any()
+  assert len({tuple(c) for c in figures.token_colours(256)}) == 256
+  a, b = figures.codebook_figure(ids, 8), figures.codebook_figure(np.zeros_like(ids), 8)
+  assert a.shape == b.shape == (160, 512, 3) and (a != b).any()
+
+
+def test_curves_from_metrics_records():
+  records = [{"step": s, "loss": 7.0 / s, "lr": 1e-3} for s in range(1, 11)]
+  fig = figures.curves_figure(records)
+  assert fig.shape[0] > 100 and fig.dtype == np.uint8
+  assert (figures.curves_figure(records[:5]) != fig).any()
+  with pytest.raises(ValueError, match="None of"):
+    figures.curves_figure(records, keys=("mlm_acc",))
