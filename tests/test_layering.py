@@ -26,9 +26,9 @@ LAYERS = {
   "beit_jax.pixels": 1,
   "beit_jax": 0,  # The package's __init__ (the version only).
 }
-# Optional heavy dependencies that may be imported where they are used, so that the rest
-# works without them (the `convert` extra).
-LAZY_ALLOWED = {"torch", "dall_e"}
+# Heavy dependencies that may be imported where they are used: torch and dall_e are
+# optional (the `convert` extra); tensorboardX imports torch whenever it is installed.
+LAZY_ALLOWED = {"torch", "dall_e", "tensorboardX"}
 
 
 def _modules() -> dict[str, str]:

@@ -15,7 +15,6 @@ from typing import Any
 
 import jax
 from absl import logging
-from tensorboardX import SummaryWriter
 
 
 def format_duration(seconds: float) -> str:
@@ -49,7 +48,7 @@ class MetricWriter:
       os.makedirs(workdir, exist_ok=True)
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
       if tensorboard:
-        self._tb = SummaryWriter(os.path.join(workdir, "tb"))
+        self._tb = _summary_writer(os.path.join(workdir, "tb"))
 
   def write(self, step: int, scalars: Mapping[str, float], split: str = "train") -> None:
     """Appends one record and prints the progress line."""
@@ -80,10 +79,19 @@ class MetricWriter:
       self._tb.close()
 
 
+def _summary_writer(logdir: str) -> Any:
+  """A tensorboardX writer, imported when first needed: tensorboardX imports torch
+  whenever torch is installed (1.2 s per process here), which a run without TensorBoard
+  should not pay."""
+  from tensorboardX import SummaryWriter  # Heavy: pulls in torch if it is installed.
+
+  return SummaryWriter(logdir)
+
+
 def write_images(workdir: str, step: int, images: Mapping[str, Any], tag: str = "pictures") -> None:
   """uint8 (H, W, 3) images into TensorBoard (`WORKDIR/tb`, tag/name) from process 0."""
   if jax.process_index() != 0:
     return
-  with SummaryWriter(os.path.join(workdir, "tb")) as tb:
+  with _summary_writer(os.path.join(workdir, "tb")) as tb:
     for name, image in images.items():
       tb.add_image(f"{tag}/{name}", image, step, dataformats="HWC")

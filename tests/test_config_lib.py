@@ -1,0 +1,49 @@
+"""Config building blocks: the ':ARGS' parser, the value checks, configs built on others."""
+
+import ml_collections
+import pytest
+
+from beit_jax import config_lib
+
+
+def test_parse_arg_types_follow_the_defaults():
+  arg = config_lib.parse_arg("steps=12,lr=0.5,name=x,fast", steps=1, lr=1.0, name="", fast=False)
+  assert (arg.steps, arg.lr, arg.name, arg.fast) == (12, 0.5, "x", True)
+  assert isinstance(arg.steps, int) and isinstance(arg.lr, float)
+  assert config_lib.parse_arg("fast=no", fast=True).fast is False
+  assert config_lib.parse_arg(None, steps=3).steps == 3
+  with pytest.raises(ValueError, match="Unknown config argument 'stpes'"):
+    config_lib.parse_arg("stpes=3", steps=1)
+  with pytest.raises(ValueError, match="needs a value"):
+    config_lib.parse_arg("steps", steps=1)
+
+
+def test_checks_name_the_key_and_what_is_allowed():
+  config = ml_collections.ConfigDict(
+    dict(model=dict(dtype="fp8", size=0), data=config_lib.data_config())
+  )
+  with pytest.raises(ValueError, match=r"config.model.dtype='fp8' is not valid; choose one of"):
+    config_lib.check_choice(config, "model.dtype", ("float32", "bfloat16"))
+  with pytest.raises(ValueError, match=r"config.model.size=0 must be > 0"):
+    config_lib.check_positive(config, "model.size")
+  config_lib.check_positive(config, "model.size", allow_zero=True)
+  config.data.source = "folder"
+  with pytest.raises(ValueError, match="needs config.data.path"):
+    config_lib.check_data(config)
+
+
+def test_lr_schedule_reads_the_optim_section():
+  config = ml_collections.ConfigDict(
+    dict(total_steps=10, optim=config_lib.adamw_config(lr=1.0, min_lr=0.0, warmup_steps=3))
+  )
+  lr = config_lib.lr_schedule(config)
+  assert [round(float(lr(s)), 6) for s in (0, 1, 2)] == [0.0, 0.5, 1.0]  # unilm: peak at 2.
+  assert float(lr(10)) == pytest.approx(0.0, abs=1e-7)
+
+
+def test_injected_nonfinite_steps_drop_the_placeholder():
+  config = ml_collections.ConfigDict(dict(nonfinite=config_lib.nonfinite_config()))
+  assert config_lib.injected_nonfinite_steps(config) == ()
+  config.nonfinite.inject_at_steps = (3, 5)
+  assert config_lib.injected_nonfinite_steps(config) == (3, 5)
+  assert config_lib.injected_nonfinite_steps(ml_collections.ConfigDict()) == ()
