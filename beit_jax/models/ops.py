@@ -25,8 +25,10 @@ With the head-major attention layout they cut XLA:CPU's MIM train step time by 1
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
@@ -37,9 +39,25 @@ _SQRT_HALF = 1.0 / math.sqrt(2.0)
 _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 
 
+_TARGET_PLATFORM: list[str | None] = [None]  # Set while compiling for another platform.
+
+
 def cpu_kernels_enabled() -> bool:
-  """True on XLA:CPU: selects the CPU-measured kernels (read at trace time)."""
-  return jax.default_backend() == "cpu"
+  """True on XLA:CPU: selects the CPU-measured kernels (read at trace time). The platform
+  is the default backend's, or the one `compiling_for` names (ahead-of-time compilation
+  for a TPU on a CPU host must trace the TPU's ops)."""
+  return (_TARGET_PLATFORM[0] or jax.default_backend()) == "cpu"
+
+
+@contextlib.contextmanager
+def compiling_for(platform: str) -> Iterator[None]:
+  """Traces inside this context choose the kernels of `platform` ('cpu', 'tpu', 'gpu')."""
+  previous = _TARGET_PLATFORM[0]
+  _TARGET_PLATFORM[0] = platform
+  try:
+    yield
+  finally:
+    _TARGET_PLATFORM[0] = previous
 
 
 def gelu(x: Array) -> Array:

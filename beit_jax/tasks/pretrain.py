@@ -25,8 +25,8 @@ tokenizer is trained first in `<workdir>/tokenizer` and then used.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -381,6 +381,55 @@ def make_transforms(config: ml_collections.ConfigDict):
   )
 
 
+class StepParts(NamedTuple):
+  """What the pretrain step is made of, built from the config alone (no weights, no data):
+  the task compiles `train_step` over its mesh, `beit_jax.aot` for a TPU topology."""
+
+  model: vit.BEiT
+  lr_fn: optim.Schedule
+  tx: optax.GradientTransformation
+  init_fn: Callable[[], TrainState]
+  train_step: Callable[..., Any]  # (state, batch, tokenizer_params) -> (state, metrics)
+
+
+def make_step_parts(
+  config: ml_collections.ConfigDict, tokenizer: dvae.DiscreteVAE, vocab_size: int
+) -> StepParts:
+  """The MIM model, schedule, optimizer, state initialiser and train step of `config`."""
+  dtype = precision.compute_dtype(config.model.dtype)
+  model = make_model(config.model, config.input.image_size, vocab_size, dtype)
+  lr_fn = config_lib.lr_schedule(config)
+  tx = optim.make_optimizer(config.optim, lr_fn, wd_skip=model.no_weight_decay())
+  size = config.input.image_size
+
+  def init_fn() -> TrainState:
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    params = model.init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
+    return TrainState.create(params, tx, state_rng)
+
+  train_step = make_train_step(
+    model,
+    tokenizer,
+    tx,
+    lr_fn,
+    mask_counts(config)[0],
+    config.input.norm,
+    config_lib.injected_nonfinite_steps(config),
+  )
+  return StepParts(model, lr_fn, tx, init_fn, train_step)
+
+
+def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """(shape, dtype) of each array of a global train batch, as the pipeline makes them."""
+  batch, size, second = config.input.batch_size, config.input.image_size, config.input.second_size
+  grid = size // config.model.patch_size
+  return {
+    IMAGE_KEY: ((batch, size, size, 3), jnp.uint8),
+    TOKENIZER_KEY: ((batch, second, second, 3), jnp.uint8),
+    MASK_KEY: ((batch, grid * grid), jnp.bool_),
+  }
+
+
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
   """Pretrains (or resumes) in `workdir`, evaluates, exports the MIM model."""
   check_config(config)
@@ -413,19 +462,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
     tokenizer_grid,
   )
 
-  # --- Model and optimizer --------------------------------------------------------
-  dtype = precision.compute_dtype(config.model.dtype)
-  model = make_model(config.model, config.input.image_size, vocab, dtype)
-  lr_fn = config_lib.lr_schedule(config)
-  tx = optim.make_optimizer(config.optim, lr_fn, wd_skip=model.no_weight_decay())
-  size = config.input.image_size
+  # --- Model, optimizer, step ------------------------------------------------------
+  parts = make_step_parts(config, tokenizer, vocab)
+  model, dtype = parts.model, parts.model.dtype
 
-  def init_fn():
-    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    params = model.init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
-    return TrainState.create(params, tx, state_rng)
-
-  state, state_sharding = init_sharded(init_fn, mesh)
+  state, state_sharding = init_sharded(parts.init_fn, mesh)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info(
     "BEiT-%s MIM: %s params, %d patches, %d masked (%s), compute %s",
@@ -444,18 +485,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   # --- Compiled steps -------------------------------------------------------------
   tokenizer_sharding = jax.tree.map(lambda _: replicated, tokenizer_params)
   train_step = loop.compile_train_step(
-    make_train_step(
-      model,
-      tokenizer,
-      tx,
-      lr_fn,
-      max_masked,
-      config.input.norm,
-      config_lib.injected_nonfinite_steps(config),
-    ),
-    state_sharding,
-    batch_sharding,
-    tokenizer_sharding,
+    parts.train_step, state_sharding, batch_sharding, tokenizer_sharding
   )
   eval_step = jax.jit(
     make_eval_step(model, tokenizer, max_masked, config.input.norm),

@@ -1,0 +1,432 @@
+r"""Ahead-of-time compilation of a task's train step for a TPU topology, on a CPU host.
+
+  pip install -e ".[aot]"                                   # libtpu (the TPU compiler)
+  python -m beit_jax.aot --config=configs/pretrain_base.py --topology=v5p-64
+  python -m beit_jax.aot --config=configs/pretrain_small.py --topology=v5e:2x2 \
+      --config.input.batch_size=64 --num_slices=2
+
+Builds the exact step the `pretrain` task runs (frozen tokenizer -> BEiT -> AdamW, the
+config's ('data', 'fsdp') mesh over the topology's chips, its dtype and remat, the state
+donated) from abstract shapes only (no weights, no data), compiles it with the TPU
+compiler for the topology (libtpu's ahead-of-time path: no TPU needed) and prints, per
+chip: the params / optimizer / batch bytes (from the shardings), the compiler's argument,
+temp (activations) and output bytes against the chip's HBM, FLOPs per image, the step
+time and the MFU it implies, and the collectives in the compiled program.
+
+Every time and MFU printed is an ESTIMATE, never a measured run: the TPU compiler's own
+cost model (`optimal_seconds`) where it gives one, else the roofline bound
+max(FLOPs / peak, bytes accessed / HBM bandwidth), which is a lower bound on the time
+(an upper bound on the MFU). Each line says which it is.
+
+The tokenizer comes from `config.tokenizer.path` (its metadata only: no weights are read),
+the config's `tokenizer.train` section (quick start), or else the DALL-E dVAE (8192
+tokens, in the model's dtype) at `input.second_size`. dtype 'auto' is bfloat16, and the
+kernels are the TPU's (`ops.compiling_for`), not this host's. Only the `pretrain` task
+is compiled so far.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+import time
+from collections.abc import Sequence
+from typing import Any
+
+import jax
+import ml_collections
+import numpy as np
+from absl import app, flags
+from jax.experimental import mesh_utils, topologies
+from jax.sharding import Mesh
+from ml_collections import config_flags
+
+from beit_jax import exports
+from beit_jax.models import dvae, ops
+from beit_jax.tasks import pretrain
+from beit_jax.training import loop
+from beit_jax.training import mesh as mesh_lib
+
+GiB = 2**30
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  """Public per-chip figures (Google Cloud TPU docs): dense bf16 peak, HBM, HBM bandwidth."""
+
+  name: str
+  bf16_flops: float
+  hbm_bytes: int
+  hbm_bandwidth: float  # Bytes per second.
+  cores_in_name: int  # TensorCores per chip counted by the slice name (v4-32 = 16 chips).
+
+
+CHIPS = {
+  "v4": Chip("v4", 275e12, 32 * GiB, 1228e9, 2),
+  "v5e": Chip("v5e", 197e12, 16 * GiB, 819e9, 1),
+  "v5p": Chip("v5p", 459e12, 95 * GiB, 2765e9, 2),
+  "v6e": Chip("v6e", 918e12, 32 * GiB, 1640e9, 1),
+}
+# Chips -> the compiler's topology shape, 2D tori (v5e, v6e) and 3D (v4, v5p).
+GRIDS_2D = {1: "1x1", 4: "2x2", 8: "2x4", 16: "4x4", 32: "4x8", 64: "8x8", 128: "8x16",
+            256: "16x16"}  # fmt: skip
+GRIDS_3D = {4: "2x2x1", 8: "2x2x2", 16: "2x2x4", 32: "2x4x4", 64: "4x4x4", 128: "4x4x8",
+            256: "4x8x8", 512: "8x8x8"}  # fmt: skip
+COLLECTIVES = ("all-gather", "reduce-scatter", "all-reduce", "all-to-all", "collective-permute")
+DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "bf16": 2, "f16": 2, "s16": 2, "u16": 2, "f32": 4,
+               "s32": 4, "u32": 4, "f64": 8, "s64": 8, "u64": 8}  # fmt: skip
+
+
+# ----------------------------------------------------------------------------------
+# The topology.
+# ----------------------------------------------------------------------------------
+def parse_topology(name: str) -> tuple[Chip, str]:
+  """'v5p-64' (a slice name, counting TensorCores as Cloud TPU does) or 'v5e:2x4' (the
+  compiler's chip grid) -> (chip, the compiler's topology name)."""
+  match = re.fullmatch(r"(v4|v5e|v5p|v6e)(?:-(\d+)|:(\d+(?:x\d+)+))", name)
+  if not match:
+    raise ValueError(
+      f"--topology={name!r}: use a slice name such as v5e-8, v5p-64, v4-32, v6e-8, or a chip "
+      f"grid such as v5e:2x4 or v5p:2x2x1 (chips: {sorted(CHIPS)})."
+    )
+  chip = CHIPS[match.group(1)]
+  if match.group(3):
+    return chip, f"{chip.name}:{match.group(3)}"
+  chips = int(match.group(2)) // chip.cores_in_name
+  grids = GRIDS_2D if chip.name in ("v5e", "v6e") else GRIDS_3D
+  if chips not in grids:
+    raise ValueError(
+      f"--topology={name!r} is {chips} chips; known slice sizes for {chip.name}: "
+      f"{[n * chip.cores_in_name for n in sorted(grids)]} (or pass the grid, e.g. "
+      f"{chip.name}:{next(iter(grids.values()))})."
+    )
+  return chip, f"{chip.name}:{grids[chips]}"
+
+
+def grid_chips(topology_name: str) -> int:
+  return int(np.prod([int(n) for n in topology_name.split(":")[1].split("x")]))
+
+
+def per_device(chip: Chip, devices_per_chip: int) -> Chip:
+  """The figures of one JAX device where the compiler makes a device of each TensorCore
+  (v4 here: 2 devices a chip), so that memory and peak are compared per device."""
+  if devices_per_chip <= 1:
+    return chip
+  return Chip(
+    f"{chip.name} TensorCore", chip.bf16_flops / devices_per_chip,
+    chip.hbm_bytes // devices_per_chip, chip.hbm_bandwidth / devices_per_chip, chip.cores_in_name,
+  )  # fmt: skip
+
+
+def topology_devices(topology_name: str, num_slices: int = 1) -> list[Any]:
+  """The devices of `num_slices` slices of the topology, compile-only."""
+  chips = grid_chips(topology_name)
+  host = (2, 2, 1) if chips >= 4 else (1, 1, 1)
+  desc = topologies.get_topology_desc(
+    platform="tpu",
+    topology_name=topology_name,
+    chip_config_name="default",
+    chips_per_host_bounds=host,
+    num_slices=num_slices,
+  )
+  return list(desc.devices)
+
+
+def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any], num_slices: int) -> Mesh:
+  """The task's ('data', 'fsdp') mesh; across slices (DCN) data parallelism only, FSDP
+  stays inside a slice (`mesh_utils.create_hybrid_device_mesh`)."""
+  if num_slices == 1:
+    try:
+      return mesh_lib.make_mesh(config.mesh, devices)
+    except AssertionError:  # JAX orders the torus of one device a chip only (not v4's two).
+      shape = mesh_lib.mesh_shape(config.mesh, len(devices))
+      return Mesh(np.asarray(devices).reshape(shape), mesh_lib.BATCH_AXES)
+  per_slice = len(devices) // num_slices
+  data, fsdp = mesh_lib.mesh_shape(config.mesh, per_slice)
+  grid = mesh_utils.create_hybrid_device_mesh(
+    (data, fsdp), (num_slices, 1), devices, allow_split_physical_axes=True
+  )
+  return Mesh(grid, mesh_lib.BATCH_AXES)
+
+
+# ----------------------------------------------------------------------------------
+# The step, from abstract shapes.
+# ----------------------------------------------------------------------------------
+def tokenizer_for(config: ml_collections.ConfigDict) -> tuple[dvae.DiscreteVAE, int]:
+  """(the tokenizer model, its view size) without reading any weights."""
+  if config.tokenizer.path:
+    meta = exports.read_metadata_of_kind(config.tokenizer.path, (exports.TOKENIZER,), "a dVAE")
+    return dvae.from_config(meta["model"]), meta["image_size"]
+  train = pretrain.tokenizer_train_config(config)
+  if train is not None:
+    return dvae.from_config(train.model), train.input.image_size
+  dtype = "bfloat16" if config.model.dtype == "bfloat16" else "float32"
+  return dvae.from_config(
+    dict(arch="dall_e", vocab_size=8192, dtype=dtype)
+  ), config.input.second_size
+
+
+@dataclasses.dataclass
+class Compiled:
+  """A compiled step and what it was compiled from."""
+
+  executable: Any
+  state: Any  # Abstract train state.
+  state_sharding: Any
+  tokenizer_params: Any
+  batch: dict[str, jax.ShapeDtypeStruct]
+  mesh: Mesh
+  seconds: float
+
+
+def for_tpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """`config` with dtype 'auto' resolved as on a TPU (bfloat16), not as on this CPU host."""
+  config = ml_collections.ConfigDict(config.to_dict())
+  if config.model.dtype == "auto":
+    config.model.dtype = "bfloat16"
+  return config
+
+
+def compile_pretrain_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Compiled:
+  """The `pretrain` task's jitted train step, lowered and compiled for `mesh`'s (TPU)
+  devices, with the TPU's kernels (`ops.compiling_for('tpu')`) and dtype."""
+  config = for_tpu(config)
+  with ops.compiling_for("tpu"):
+    return _compile_pretrain_step(config, mesh)
+
+
+def _compile_pretrain_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Compiled:
+  tokenizer, tokenizer_size = tokenizer_for(config)
+  vocab = config.model.vocab_size or tokenizer.vocab_size
+  parts = pretrain.make_step_parts(config, tokenizer, vocab)
+  state = jax.eval_shape(parts.init_fn)
+  state_sharding = mesh_lib.state_shardings(state, mesh)
+  replicated = mesh_lib.replicated(mesh)
+  tokenizer_params = {"params": exports.tokenizer_abstract_params(tokenizer, tokenizer_size)}
+  tokenizer_sharding = jax.tree.map(lambda _: replicated, tokenizer_params)
+  batch_sharding = mesh_lib.batch_sharding(mesh)
+  mesh_lib.check_batch_size(config.input.batch_size, mesh)
+  batch = {
+    k: jax.ShapeDtypeStruct(shape, dtype)
+    for k, (shape, dtype) in pretrain.batch_shapes(config).items()
+  }
+  step = loop.compile_train_step(
+    parts.train_step, state_sharding, batch_sharding, tokenizer_sharding
+  )
+  start = time.perf_counter()
+  executable = step.lower(state, batch, tokenizer_params).compile()
+  return Compiled(
+    executable, state, state_sharding, tokenizer_params, batch, mesh, time.perf_counter() - start
+  )
+
+
+# ----------------------------------------------------------------------------------
+# What the compiler says.
+# ----------------------------------------------------------------------------------
+def shard_bytes(tree: Any, shardings: Any) -> int:
+  """Bytes one chip holds of `tree` (abstract arrays) under `shardings`."""
+  leaves = jax.tree.leaves(tree)
+  sharding_leaves = jax.tree.leaves(
+    shardings, is_leaf=lambda x: isinstance(x, jax.sharding.Sharding)
+  )
+  total = 0
+  for leaf, sharding in zip(leaves, sharding_leaves):
+    shape = sharding.shard_shape(leaf.shape)
+    total += int(np.prod(shape, dtype=np.int64)) * np.dtype(leaf.dtype).itemsize
+  return total
+
+
+def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
+  """{collective: (count, result bytes per chip)} of a compiled HLO module's text."""
+  out = {name: [0, 0] for name in COLLECTIVES}
+  pattern = re.compile(r"=\s*(.+?)\s+(" + "|".join(COLLECTIVES) + r")(?:-start)?\(")
+  for match in pattern.finditer(hlo_text):
+    result_type, op = match.group(1), match.group(2)
+    out[op][0] += 1
+    for dtype, dims in re.findall(r"\b([a-z]+\d*)\[([\d,]*)\]", result_type):
+      size = int(np.prod([int(d) for d in dims.split(",") if d], dtype=np.int64))
+      out[op][1] += size * DTYPE_BYTES.get(dtype, 4)
+  return {k: (v[0], v[1]) for k, v in out.items() if v[0]}
+
+
+@dataclasses.dataclass
+class Report:
+  """Per-chip figures of a compiled step (bytes, FLOPs, estimated seconds)."""
+
+  chip: Chip
+  chips: int
+  global_batch: int
+  params_bytes: int
+  optimizer_bytes: int
+  tokenizer_bytes: int
+  batch_bytes: int
+  argument_bytes: int
+  temp_bytes: int
+  output_bytes: int
+  alias_bytes: int
+  flops: float
+  bytes_accessed: float
+  compiler_seconds: float | None  # The TPU compiler's `optimal_seconds`; None if it has none.
+  collectives: dict[str, tuple[int, int]]
+  compile_seconds: float
+
+  @property
+  def total_bytes(self) -> int:
+    """What one chip must hold: arguments + temp + outputs not aliased to (donated) inputs."""
+    return self.argument_bytes + self.temp_bytes + self.output_bytes - self.alias_bytes
+
+  @property
+  def fits(self) -> bool:
+    return self.total_bytes <= self.chip.hbm_bytes
+
+  @property
+  def roofline_seconds(self) -> float:
+    return max(self.flops / self.chip.bf16_flops, self.bytes_accessed / self.chip.hbm_bandwidth)
+
+  @property
+  def step_seconds(self) -> float:
+    return self.compiler_seconds if self.compiler_seconds else self.roofline_seconds
+
+  @property
+  def estimate_kind(self) -> str:
+    return "TPU compiler estimate" if self.compiler_seconds else "roofline bound"
+
+  @property
+  def mfu(self) -> float:
+    return self.flops / self.step_seconds / self.chip.bf16_flops
+
+  @property
+  def flops_per_image(self) -> float:
+    return self.flops * self.chips / self.global_batch
+
+
+def report(compiled: Compiled, chip: Chip) -> Report:
+  memory = compiled.executable.memory_analysis()
+  cost = compiled.executable.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  optimal = float(cost.get("optimal_seconds", -1.0))
+  state, sharding = compiled.state, compiled.state_sharding
+  replicated = mesh_lib.replicated(compiled.mesh)
+  batch_sharding = mesh_lib.batch_sharding(compiled.mesh)
+  return Report(
+    chip=chip,
+    chips=compiled.mesh.size,
+    global_batch=next(iter(compiled.batch.values())).shape[0],
+    params_bytes=shard_bytes(state.params, sharding.params),
+    optimizer_bytes=shard_bytes(state.opt_state, sharding.opt_state),
+    tokenizer_bytes=shard_bytes(
+      compiled.tokenizer_params, jax.tree.map(lambda _: replicated, compiled.tokenizer_params)
+    ),
+    batch_bytes=shard_bytes(compiled.batch, {k: batch_sharding for k in compiled.batch}),
+    argument_bytes=memory.argument_size_in_bytes,
+    temp_bytes=memory.temp_size_in_bytes,
+    output_bytes=memory.output_size_in_bytes,
+    alias_bytes=memory.alias_size_in_bytes,
+    flops=float(cost.get("flops", 0.0)),
+    bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+    compiler_seconds=optimal if optimal > 0 else None,
+    collectives=collectives(compiled.executable.as_text()),
+    compile_seconds=compiled.seconds,
+  )
+
+
+def format_report(r: Report, topology: str, config: ml_collections.ConfigDict) -> str:
+  gib = lambda b: f"{b / GiB:.2f} GiB" if abs(b) >= GiB / 10 else f"{b / 2**20:.1f} MiB"  # noqa: E731
+  lines = [
+    f"topology {topology}: {r.chips} devices, TPU {r.chip.name} (HBM {gib(r.chip.hbm_bytes)}, bf16 "
+    f"peak {r.chip.bf16_flops / 1e12:.0f} TFLOP/s); BEiT-{config.model.variant} "
+    f"{config.input.image_size} px, batch {r.global_batch} ({r.global_batch / r.chips:g} per "
+    f"chip), dtype {config.model.dtype}, remat {config.model.remat}; compiled in "
+    f"{r.compile_seconds:.1f} s",
+    f"  per device: params {gib(r.params_bytes)}, optimizer {gib(r.optimizer_bytes)}, tokenizer "
+    f"{gib(r.tokenizer_bytes)}, batch {gib(r.batch_bytes)}",
+    f"  compiler: arguments {gib(r.argument_bytes)} + temp {gib(r.temp_bytes)} + outputs "
+    f"{gib(r.output_bytes)} - donated {gib(r.alias_bytes)} = {gib(r.total_bytes)} of "
+    f"{gib(r.chip.hbm_bytes)}: {'fits' if r.fits else 'DOES NOT FIT'}",
+    f"  FLOPs per image {r.flops_per_image / 1e9:.1f} G; bytes accessed per chip "
+    f"{r.bytes_accessed / GiB:.2f} GiB",
+    f"  step time {r.step_seconds * 1e3:.1f} ms, MFU {r.mfu:.1%} ({r.estimate_kind}; "
+    f"roofline bound {r.roofline_seconds * 1e3:.1f} ms); "
+    f"{r.global_batch / r.step_seconds:,.0f} img/s for the slice (estimate)",
+    "  collectives: "
+    + (
+      ", ".join(f"{k} x{n} ({b / 2**20:.1f} MiB)" for k, (n, b) in r.collectives.items()) or "none"
+    ),
+  ]
+  if not r.fits:
+    lines.append(
+      f"  -> {gib(r.total_bytes - r.chip.hbm_bytes)} over: try --config.model.remat=True, a larger "
+      "--config.mesh.fsdp, or a smaller --config.input.batch_size."
+    )
+  return "\n".join(lines)
+
+
+def find_max_batch(
+  config: ml_collections.ConfigDict, mesh: Mesh, chip: Chip, limit: int = 4096
+) -> int:
+  """The largest per-chip batch (a power of two, then bisected) whose step fits in HBM."""
+
+  def fits(per_chip: int) -> bool:
+    trial = ml_collections.ConfigDict(config.to_dict())
+    trial.input.batch_size = per_chip * mesh.size
+    return report(compile_pretrain_step(trial, mesh), chip).fits
+
+  if not fits(1):
+    return 0
+  low = 1
+  while low * 2 <= limit and fits(low * 2):
+    low *= 2
+  high = min(low * 2, limit + 1)
+  while high - low > 1:
+    mid = (low + high) // 2
+    low, high = (mid, high) if fits(mid) else (low, mid)
+  return low
+
+
+# ----------------------------------------------------------------------------------
+# The command.
+# ----------------------------------------------------------------------------------
+_CONFIG = config_flags.DEFINE_config_file(
+  "config", None, "A pretrain config file.", lock_config=True
+)
+_TOPOLOGY = flags.DEFINE_string(
+  "topology", "v5e-8", "A slice name (v5p-64) or chip grid (v5e:2x4)."
+)
+_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined by DCN (data parallel).")
+_FIND_MAX_BATCH = flags.DEFINE_bool(
+  "find_max_batch",
+  False,
+  "Also bisect the largest per-chip batch that fits, with and without remat.",
+)
+
+
+def main(argv: Sequence[str]) -> None:
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  # Compile-only: no TPU is attached, and libtpu must not look for one.
+  os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+  os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # No chip to share: no lockfile.
+  jax.config.update("jax_platforms", "cpu")
+  config = _CONFIG.value
+  if config.get("task") != "pretrain":
+    raise app.UsageError(
+      f"config.task={config.get('task')!r}: beit_jax.aot compiles the pretrain task so far."
+    )
+  chip, topology = parse_topology(_TOPOLOGY.value)
+  devices = topology_devices(topology, _NUM_SLICES.value)
+  chip = per_device(chip, len(devices) // (grid_chips(topology) * _NUM_SLICES.value))
+  mesh = make_mesh(config, devices, _NUM_SLICES.value)
+  name = f"{topology}" + (f" x {_NUM_SLICES.value} slices" if _NUM_SLICES.value > 1 else "")
+  print(format_report(report(compile_pretrain_step(config, mesh), chip), name, config))
+  if _FIND_MAX_BATCH.value:
+    for remat in (False, True):
+      trial = ml_collections.ConfigDict(config.to_dict())
+      trial.model.remat = remat
+      print(
+        f"  largest per-chip batch that fits, remat {remat}: {find_max_batch(trial, mesh, chip)}"
+      )
+
+
+if __name__ == "__main__":
+  app.run(main)

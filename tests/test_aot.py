@@ -1,0 +1,119 @@
+"""Ahead-of-time compilation for a TPU topology on this CPU host (libtpu, the `aot` extra):
+a tiny pretrain config compiled for v5e:2x2, its memory, shardings and collectives."""
+
+import os
+
+import jax
+import ml_collections
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+from beit_jax import aot, config_lib
+from beit_jax.models import ops
+from beit_jax.training import mesh as mesh_lib
+
+os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
+os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # Compile-only: no chip to share.
+SMALL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
+                     "pretrain_small.py")  # fmt: skip
+
+
+def tiny_config(**model):
+  config = config_lib.load_config_file(SMALL, "variant=small")
+  config.input.update(image_size=32, second_size=16, batch_size=8)
+  config.model.update(patch_size=8, dtype="auto", **model)
+  config.tokenizer.train.input.image_size = 16
+  config.tokenizer.train.model.update(hidden=8, codebook_dim=8, vocab_size=64)
+  config.mask.update(num_patches=6, min_patches=2)
+  config.mesh.fsdp = 2
+  return config
+
+
+@pytest.fixture(scope="module")
+def compiled():
+  chip, topology = aot.parse_topology("v5e:2x2")
+  devices = aot.topology_devices(topology)
+  config = tiny_config()
+  mesh = aot.make_mesh(config, devices, 1)
+  return chip, config, aot.compile_pretrain_step(config, mesh)
+
+
+def test_topology_names():
+  assert aot.parse_topology("v5p-64") == (aot.CHIPS["v5p"], "v5p:2x4x4")  # 64 cores, 32 chips.
+  assert aot.parse_topology("v5e-256") == (aot.CHIPS["v5e"], "v5e:16x16")
+  assert aot.parse_topology("v4-32") == (aot.CHIPS["v4"], "v4:2x2x4")
+  assert aot.parse_topology("v5e:2x4")[1] == "v5e:2x4"
+  with pytest.raises(ValueError, match="slice name"):
+    aot.parse_topology("h100-8")
+  with pytest.raises(ValueError, match="known slice sizes"):
+    aot.parse_topology("v5e-12")
+  assert len(aot.topology_devices("v5e:2x4")) == 8
+  assert jax.default_backend() == "cpu"  # Compiling for a TPU leaves this process on CPU.
+
+
+def test_the_compiled_step_is_the_tasks_with_its_shardings_and_memory(compiled):
+  chip, config, result = compiled
+  assert result.mesh.shape == {"data": 2, "fsdp": 2}
+  assert all(d.platform == "tpu" for d in result.mesh.devices.flat)
+  # dtype 'auto' is bfloat16 on a TPU, whatever this host is.
+  assert aot.for_tpu(config).model.dtype == "bfloat16"
+  # The large kernels of BEiT-small are split over 'fsdp', the small leaves replicated.
+  leaves = jax.tree_util.tree_leaves_with_path(result.state_sharding.params)
+  specs = {jax.tree_util.keystr(k): s.spec for k, s in leaves}
+  assert specs["['blocks_0']['mlp']['fc1']['kernel']"] == P(None, "fsdp")
+  assert specs["['cls_token']"] == P()
+  r = aot.report(result, chip)
+  # Params: f32, each leaf's shard as the rule makes it (counted here independently).
+  want = 0
+  for leaf in jax.tree.leaves(result.state.params):
+    spec = mesh_lib.fsdp_spec(leaf.shape, 2, 2**18)
+    want += leaf.size * 4 // (2 if "fsdp" in tuple(spec) else 1)
+  assert r.params_bytes == want
+  assert r.optimizer_bytes >= 2 * r.params_bytes  # Adam's mu and nu.
+  # What the compiler holds as arguments covers state, batch and tokenizer (TPU tiles pad).
+  assert r.argument_bytes >= r.params_bytes + r.optimizer_bytes + r.tokenizer_bytes + r.batch_bytes
+  assert r.temp_bytes > 0 and r.alias_bytes > 0 and r.fits  # The state is donated.
+  # FLOPs: at least the ViT's forward + backward, 6 x matmul params x tokens per image.
+  matmul = sum(leaf.size for leaf in jax.tree.leaves(result.state.params) if leaf.ndim == 2)
+  tokens = (32 // 8) ** 2 + 1
+  assert r.flops_per_image > 0.8 * 6 * matmul * tokens
+  assert 0 < r.step_seconds and 0 < r.mfu <= 1.0
+  # FSDP gathers the sharded params; the gradients are reduced across the batch.
+  assert "all-gather" in r.collectives
+  assert {"reduce-scatter", "all-reduce"} & set(r.collectives)
+  text = aot.format_report(r, "v5e:2x2", aot.for_tpu(config))
+  assert "fits" in text and ("TPU compiler estimate" in text or "roofline bound" in text)
+
+
+def test_tpu_kernels_are_traced_for_a_tpu():
+  assert ops.cpu_kernels_enabled()
+  with ops.compiling_for("tpu"):
+    assert not ops.cpu_kernels_enabled()
+  assert ops.cpu_kernels_enabled()
+
+
+def test_collectives_are_read_from_hlo_text():
+  hlo = (
+    "%ag = bf16[8,768]{1,0} all-gather(bf16[4,768]{1,0} %p), dimensions={0}\n"
+    "%ar = (f32[16]{0}, f32[4,4]{1,0}) all-reduce(%a, %b), to_apply=%add\n"
+    "%rs.1 = f32[2,3]{1,0} reduce-scatter-start(f32[4,3]{1,0} %g)\n"
+  )
+  assert aot.collectives(hlo) == {
+    "all-gather": (1, 8 * 768 * 2), "all-reduce": (1, (16 + 16) * 4), "reduce-scatter": (1, 24),
+  }  # fmt: skip
+
+
+def test_a_step_that_does_not_fit_says_what_to_change():
+  chip = aot.Chip("tiny", 1e12, 2**20, 1e9, 1)
+  r = aot.Report(chip, 4, 8, 0, 0, 0, 0, 2**20, 2**20, 0, 0, 1e9, 1e6, None, {}, 0.0)
+  assert not r.fits and r.estimate_kind == "roofline bound" and r.step_seconds == 1e-3
+  text = aot.format_report(
+    r,
+    "x",
+    ml_collections.ConfigDict(
+      dict(model=dict(variant="test", dtype="bfloat16", remat=False), input=dict(image_size=32))
+    ),
+  )
+  assert "DOES NOT FIT" in text and "remat" in text
+  assert np.isclose(r.mfu, 1.0)
