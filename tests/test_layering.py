@@ -1,6 +1,6 @@
 """The package's imports go down the layers only, and none hides inside a function.
 
-  main -> tasks -> viz | convert | config_lib -> exports -> training -> models | data
+  main | aot -> tasks -> viz | convert | config_lib -> exports -> training -> models | data
   -> pixels
 
 A module may import modules of its own subpackage (no cycle among them) and of lower
@@ -15,6 +15,7 @@ import pytest
 PACKAGE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "beit_jax")
 LAYERS = {
   "beit_jax.main": 7,
+  "beit_jax.aot": 7,
   "beit_jax.tasks": 6,
   "beit_jax.viz": 5,
   "beit_jax.convert": 5,
