@@ -346,9 +346,13 @@ def format_report(r: Report, topology: str, config: ml_collections.ConfigDict) -
     f"{gib(r.chip.hbm_bytes)}: {'fits' if r.fits else 'DOES NOT FIT'}",
     f"  FLOPs per image {r.flops_per_image / 1e9:.1f} G; bytes accessed per chip "
     f"{r.bytes_accessed / GiB:.2f} GiB",
-    f"  step time {r.step_seconds * 1e3:.1f} ms, MFU {r.mfu:.1%} ({r.estimate_kind}; "
-    f"roofline bound {r.roofline_seconds * 1e3:.1f} ms); "
-    f"{r.global_batch / r.step_seconds:,.0f} img/s for the slice (estimate)",
+    f"  step time {r.step_seconds * 1e3:.1f} ms, MFU {r.mfu:.1%}, "
+    f"{r.global_batch / r.step_seconds:,.0f} img/s for the slice: {r.estimate_kind}"
+    + (
+      f" (roofline bound {r.roofline_seconds * 1e3:.1f} ms)"
+      if r.compiler_seconds
+      else " (the TPU compiler gave no estimate), an upper bound on the MFU"
+    ),
     "  collectives: "
     + (
       ", ".join(f"{k} x{n} ({b / 2**20:.1f} MiB)" for k, (n, b) in r.collectives.items()) or "none"
@@ -418,7 +422,7 @@ def main(argv: Sequence[str]) -> None:
   chip = per_device(chip, len(devices) // (grid_chips(topology) * _NUM_SLICES.value))
   mesh = make_mesh(config, devices, _NUM_SLICES.value)
   name = f"{topology}" + (f" x {_NUM_SLICES.value} slices" if _NUM_SLICES.value > 1 else "")
-  print(format_report(report(compile_pretrain_step(config, mesh), chip), name, config))
+  print(format_report(report(compile_pretrain_step(config, mesh), chip), name, for_tpu(config)))
   if _FIND_MAX_BATCH.value:
     for remat in (False, True):
       trial = ml_collections.ConfigDict(config.to_dict())
