@@ -391,18 +391,17 @@ def find_max_batch(
 # ----------------------------------------------------------------------------------
 # The command.
 # ----------------------------------------------------------------------------------
-_CONFIG = config_flags.DEFINE_config_file(
-  "config", None, "A pretrain config file.", lock_config=True
-)
-_TOPOLOGY = flags.DEFINE_string(
-  "topology", "v5e-8", "A slice name (v5p-64) or chip grid (v5e:2x4)."
-)
-_NUM_SLICES = flags.DEFINE_integer("num_slices", 1, "Slices joined by DCN (data parallel).")
-_FIND_MAX_BATCH = flags.DEFINE_bool(
-  "find_max_batch",
-  False,
-  "Also bisect the largest per-chip batch that fits, with and without remat.",
-)
+def define_flags() -> None:
+  """The command's flags, defined only when it runs (`beit_jax.main` defines `--config` too,
+  and a process may import both)."""
+  config_flags.DEFINE_config_file("config", None, "A pretrain config file.", lock_config=True)
+  flags.DEFINE_string("topology", "v5e-8", "A slice name (v5p-64) or chip grid (v5e:2x4).")
+  flags.DEFINE_integer("num_slices", 1, "Slices joined by DCN (data parallel).")
+  flags.DEFINE_bool(
+    "find_max_batch",
+    False,
+    "Also bisect the largest per-chip batch that fits, with and without remat.",
+  )
 
 
 def main(argv: Sequence[str]) -> None:
@@ -412,18 +411,19 @@ def main(argv: Sequence[str]) -> None:
   os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
   os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # No chip to share: no lockfile.
   jax.config.update("jax_platforms", "cpu")
-  config = _CONFIG.value
+  args = flags.FLAGS
+  config = args.config
   if config.get("task") != "pretrain":
     raise app.UsageError(
       f"config.task={config.get('task')!r}: beit_jax.aot compiles the pretrain task so far."
     )
-  chip, topology = parse_topology(_TOPOLOGY.value)
-  devices = topology_devices(topology, _NUM_SLICES.value)
-  chip = per_device(chip, len(devices) // (grid_chips(topology) * _NUM_SLICES.value))
-  mesh = make_mesh(config, devices, _NUM_SLICES.value)
-  name = f"{topology}" + (f" x {_NUM_SLICES.value} slices" if _NUM_SLICES.value > 1 else "")
+  chip, topology = parse_topology(args.topology)
+  devices = topology_devices(topology, args.num_slices)
+  chip = per_device(chip, len(devices) // (grid_chips(topology) * args.num_slices))
+  mesh = make_mesh(config, devices, args.num_slices)
+  name = f"{topology}" + (f" x {args.num_slices} slices" if args.num_slices > 1 else "")
   print(format_report(report(compile_pretrain_step(config, mesh), chip), name, for_tpu(config)))
-  if _FIND_MAX_BATCH.value:
+  if args.find_max_batch:
     for remat in (False, True):
       trial = ml_collections.ConfigDict(config.to_dict())
       trial.model.remat = remat
@@ -433,4 +433,5 @@ def main(argv: Sequence[str]) -> None:
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)

@@ -2,6 +2,8 @@
 a tiny pretrain config compiled for v5e:2x2, its memory, shardings and collectives."""
 
 import os
+import subprocess
+import sys
 
 import jax
 import ml_collections
@@ -117,3 +119,13 @@ def test_a_step_that_does_not_fit_says_what_to_change():
   )
   assert "DOES NOT FIT" in text and "remat" in text
   assert np.isclose(r.mfu, 1.0)
+
+
+def test_the_command_prints_the_report():
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  args = [sys.executable, "-m", "beit_jax.aot", f"--config={SMALL}", "--topology=v5e:2x2",
+          "--config.input.batch_size=8", "--config.tokenizer.train.model.hidden=8"]  # fmt: skip
+  result = subprocess.run(args, cwd=root, capture_output=True, text=True, timeout=600)
+  assert result.returncode == 0, result.stderr[-2000:]
+  assert "4 devices, TPU v5e" in result.stdout and ": fits" in result.stdout
+  assert "collectives:" in result.stdout and "MFU" in result.stdout
