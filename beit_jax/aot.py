@@ -42,7 +42,7 @@ from jax.experimental import mesh_utils, topologies
 from jax.sharding import Mesh
 from ml_collections import config_flags
 
-from beit_jax import exports
+from beit_jax import exports, pixels
 from beit_jax.models import dvae, ops
 from beit_jax.tasks import pretrain
 from beit_jax.training import loop
@@ -221,9 +221,53 @@ def _compile_pretrain_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Com
   )
 
 
+def compile_pieces(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, Any]:
+  """The step's two halves compiled apart, to see which one the TPU compiler can estimate:
+  'tokenizer' (the frozen dVAE's ids of the tokenizer view) and 'mim_update' (BEiT forward,
+  backward and AdamW given the ids: `pretrain.make_mim_update`). name -> executable."""
+  config = for_tpu(config)
+  with ops.compiling_for("tpu"):
+    tokenizer, tokenizer_size = tokenizer_for(config)
+    vocab = config.model.vocab_size or tokenizer.vocab_size
+    parts = pretrain.make_step_parts(config, tokenizer, vocab)
+    state = jax.eval_shape(parts.init_fn)
+    state_sharding = mesh_lib.state_shardings(state, mesh)
+    replicated, batch_sharding = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
+    tokenizer_params = {"params": exports.tokenizer_abstract_params(tokenizer, tokenizer_size)}
+    shapes = pretrain.batch_shapes(config)
+    view = jax.ShapeDtypeStruct(*shapes[pretrain.TOKENIZER_KEY])
+    ids_fn = jax.jit(
+      lambda params, x: dvae.tokenize(tokenizer, params, pixels.to_unit(x)),
+      in_shardings=(jax.tree.map(lambda _: replicated, tokenizer_params), batch_sharding),
+      out_shardings=batch_sharding,
+    )
+    update = pretrain.make_mim_update(
+      parts.model, parts.tx, parts.lr_fn, pretrain.mask_counts(config)[0], config.input.norm
+    )
+    update_fn = jax.jit(
+      update,
+      in_shardings=(state_sharding, batch_sharding, batch_sharding, batch_sharding),
+      out_shardings=(state_sharding, replicated),
+      donate_argnums=(0,),
+    )
+    images = jax.ShapeDtypeStruct(*shapes[pretrain.IMAGE_KEY])
+    mask = jax.ShapeDtypeStruct(*shapes[pretrain.MASK_KEY])
+    ids = jax.ShapeDtypeStruct(mask.shape, np.int32)
+    return {
+      "tokenizer": ids_fn.lower(tokenizer_params, view).compile(),
+      "mim_update": update_fn.lower(state, images, mask, ids).compile(),
+    }
+
+
 # ----------------------------------------------------------------------------------
 # What the compiler says.
 # ----------------------------------------------------------------------------------
+def cost(executable: Any) -> dict[str, float]:
+  """The compiler's cost analysis of an executable (flops, bytes accessed, optimal_seconds)."""
+  analysis = executable.cost_analysis()
+  return dict(analysis[0] if isinstance(analysis, (list, tuple)) else analysis)
+
+
 def shard_bytes(tree: Any, shardings: Any) -> int:
   """Bytes one chip holds of `tree` (abstract arrays) under `shardings`."""
   leaves = jax.tree.leaves(tree)
@@ -303,9 +347,8 @@ class Report:
 
 def report(compiled: Compiled, chip: Chip) -> Report:
   memory = compiled.executable.memory_analysis()
-  cost = compiled.executable.cost_analysis()
-  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  optimal = float(cost.get("optimal_seconds", -1.0))
+  costs = cost(compiled.executable)
+  optimal = float(costs.get("optimal_seconds", -1.0))
   state, sharding = compiled.state, compiled.state_sharding
   replicated = mesh_lib.replicated(compiled.mesh)
   batch_sharding = mesh_lib.batch_sharding(compiled.mesh)
@@ -323,8 +366,8 @@ def report(compiled: Compiled, chip: Chip) -> Report:
     temp_bytes=memory.temp_size_in_bytes,
     output_bytes=memory.output_size_in_bytes,
     alias_bytes=memory.alias_size_in_bytes,
-    flops=float(cost.get("flops", 0.0)),
-    bytes_accessed=float(cost.get("bytes accessed", 0.0)),
+    flops=float(costs.get("flops", 0.0)),
+    bytes_accessed=float(costs.get("bytes accessed", 0.0)),
     compiler_seconds=optimal if optimal > 0 else None,
     collectives=collectives(compiled.executable.as_text()),
     compile_seconds=compiled.seconds,
@@ -398,6 +441,9 @@ def define_flags() -> None:
   flags.DEFINE_string("topology", "v5e-8", "A slice name (v5p-64) or chip grid (v5e:2x4).")
   flags.DEFINE_integer("num_slices", 1, "Slices joined by DCN (data parallel).")
   flags.DEFINE_bool(
+    "pieces", False, "Also compile the tokenizer and the MIM update apart (their estimates)."
+  )
+  flags.DEFINE_bool(
     "find_max_batch",
     False,
     "Also bisect the largest per-chip batch that fits, with and without remat.",
@@ -423,6 +469,18 @@ def main(argv: Sequence[str]) -> None:
   mesh = make_mesh(config, devices, args.num_slices)
   name = f"{topology}" + (f" x {args.num_slices} slices" if args.num_slices > 1 else "")
   print(format_report(report(compile_pretrain_step(config, mesh), chip), name, for_tpu(config)))
+  if args.pieces:
+    for piece, executable in compile_pieces(config, mesh).items():
+      costs = cost(executable)
+      optimal = float(costs.get("optimal_seconds", -1.0))
+      flops, moved = float(costs.get("flops", 0.0)), float(costs.get("bytes accessed", 0.0))
+      roofline = max(flops / chip.bf16_flops, moved / chip.hbm_bandwidth)
+      print(
+        f"  {piece}: {flops * mesh.size / config.input.batch_size / 1e9:.1f} GFLOP/img, "
+        + (f"TPU compiler estimate {optimal * 1e3:.1f} ms" if optimal > 0 else
+           f"no compiler estimate (optimal_seconds {optimal:g})")
+        + f", roofline bound {roofline * 1e3:.1f} ms"
+      )  # fmt: skip
   if args.find_max_batch:
     for remat in (False, True):
       trial = ml_collections.ConfigDict(config.to_dict())

@@ -129,3 +129,14 @@ def test_the_command_prints_the_report():
   assert result.returncode == 0, result.stderr[-2000:]
   assert "4 devices, TPU v5e" in result.stdout and ": fits" in result.stdout
   assert "collectives:" in result.stdout and "MFU" in result.stdout
+
+
+def test_the_pieces_add_up_to_the_step(compiled):
+  """The tokenizer and the MIM update compiled apart: their FLOPs are the step's."""
+  chip, config, result = compiled
+  pieces = aot.compile_pieces(config, result.mesh)
+  assert set(pieces) == {"tokenizer", "mim_update"}
+  flops = {k: aot.cost(v)["flops"] for k, v in pieces.items()}
+  assert all(f > 0 for f in flops.values())
+  whole = aot.report(result, chip).flops
+  assert abs(sum(flops.values()) / whole - 1) < 0.05
