@@ -196,28 +196,60 @@ def compile_pretrain_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Comp
     return _compile_pretrain_step(config, mesh)
 
 
-def _compile_pretrain_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Compiled:
+@dataclasses.dataclass
+class AbstractStep:
+  """The pretrain step's pieces and abstract inputs with their shardings over a mesh."""
+
+  parts: pretrain.StepParts
+  tokenizer: dvae.DiscreteVAE
+  state: Any
+  state_sharding: Any
+  tokenizer_params: Any
+  tokenizer_sharding: Any
+  batch: dict[str, jax.ShapeDtypeStruct]
+  batch_sharding: jax.sharding.NamedSharding
+
+
+def abstract_step(config: ml_collections.ConfigDict, mesh: Mesh) -> AbstractStep:
   tokenizer, tokenizer_size = tokenizer_for(config)
-  vocab = config.model.vocab_size or tokenizer.vocab_size
-  parts = pretrain.make_step_parts(config, tokenizer, vocab)
+  parts = pretrain.make_step_parts(
+    config, tokenizer, config.model.vocab_size or tokenizer.vocab_size
+  )
   state = jax.eval_shape(parts.init_fn)
-  state_sharding = mesh_lib.state_shardings(state, mesh)
   replicated = mesh_lib.replicated(mesh)
   tokenizer_params = {"params": exports.tokenizer_abstract_params(tokenizer, tokenizer_size)}
-  tokenizer_sharding = jax.tree.map(lambda _: replicated, tokenizer_params)
-  batch_sharding = mesh_lib.batch_sharding(mesh)
   mesh_lib.check_batch_size(config.input.batch_size, mesh)
   batch = {
     k: jax.ShapeDtypeStruct(shape, dtype)
     for k, (shape, dtype) in pretrain.batch_shapes(config).items()
   }
-  step = loop.compile_train_step(
-    parts.train_step, state_sharding, batch_sharding, tokenizer_sharding
+  return AbstractStep(
+    parts,
+    tokenizer,
+    state,
+    mesh_lib.state_shardings(state, mesh),
+    tokenizer_params,
+    jax.tree.map(lambda _: replicated, tokenizer_params),
+    batch,
+    mesh_lib.batch_sharding(mesh),
+  )
+
+
+def _compile_pretrain_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Compiled:
+  step = abstract_step(config, mesh)
+  train_step = loop.compile_train_step(
+    step.parts.train_step, step.state_sharding, step.batch_sharding, step.tokenizer_sharding
   )
   start = time.perf_counter()
-  executable = step.lower(state, batch, tokenizer_params).compile()
+  executable = train_step.lower(step.state, step.batch, step.tokenizer_params).compile()
   return Compiled(
-    executable, state, state_sharding, tokenizer_params, batch, mesh, time.perf_counter() - start
+    executable,
+    step.state,
+    step.state_sharding,
+    step.tokenizer_params,
+    step.batch,
+    mesh,
+    time.perf_counter() - start,
   )
 
 
@@ -227,35 +259,32 @@ def compile_pieces(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, A
   backward and AdamW given the ids: `pretrain.make_mim_update`). name -> executable."""
   config = for_tpu(config)
   with ops.compiling_for("tpu"):
-    tokenizer, tokenizer_size = tokenizer_for(config)
-    vocab = config.model.vocab_size or tokenizer.vocab_size
-    parts = pretrain.make_step_parts(config, tokenizer, vocab)
-    state = jax.eval_shape(parts.init_fn)
-    state_sharding = mesh_lib.state_shardings(state, mesh)
-    replicated, batch_sharding = mesh_lib.replicated(mesh), mesh_lib.batch_sharding(mesh)
-    tokenizer_params = {"params": exports.tokenizer_abstract_params(tokenizer, tokenizer_size)}
-    shapes = pretrain.batch_shapes(config)
-    view = jax.ShapeDtypeStruct(*shapes[pretrain.TOKENIZER_KEY])
+    step = abstract_step(config, mesh)
+    batch_sharding = step.batch_sharding
     ids_fn = jax.jit(
-      lambda params, x: dvae.tokenize(tokenizer, params, pixels.to_unit(x)),
-      in_shardings=(jax.tree.map(lambda _: replicated, tokenizer_params), batch_sharding),
+      lambda params, x: dvae.tokenize(step.tokenizer, params, pixels.to_unit(x)),
+      in_shardings=(step.tokenizer_sharding, batch_sharding),
       out_shardings=batch_sharding,
     )
+    parts = step.parts
     update = pretrain.make_mim_update(
       parts.model, parts.tx, parts.lr_fn, pretrain.mask_counts(config)[0], config.input.norm
     )
     update_fn = jax.jit(
       update,
-      in_shardings=(state_sharding, batch_sharding, batch_sharding, batch_sharding),
-      out_shardings=(state_sharding, replicated),
+      in_shardings=(step.state_sharding, batch_sharding, batch_sharding, batch_sharding),
+      out_shardings=(step.state_sharding, mesh_lib.replicated(mesh)),
       donate_argnums=(0,),
     )
-    images = jax.ShapeDtypeStruct(*shapes[pretrain.IMAGE_KEY])
-    mask = jax.ShapeDtypeStruct(*shapes[pretrain.MASK_KEY])
+    mask = step.batch[pretrain.MASK_KEY]
     ids = jax.ShapeDtypeStruct(mask.shape, np.int32)
     return {
-      "tokenizer": ids_fn.lower(tokenizer_params, view).compile(),
-      "mim_update": update_fn.lower(state, images, mask, ids).compile(),
+      "tokenizer": ids_fn.lower(
+        step.tokenizer_params, step.batch[pretrain.TOKENIZER_KEY]
+      ).compile(),
+      "mim_update": update_fn.lower(
+        step.state, step.batch[pretrain.IMAGE_KEY], mask, ids
+      ).compile(),
     }
 
 
@@ -294,6 +323,11 @@ def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
   return {k: (v[0], v[1]) for k, v in out.items() if v[0]}
 
 
+def roofline_seconds(flops: float, bytes_accessed: float, chip: Chip) -> float:
+  """The roofline bound: the time at the chip's peak FLOP/s or HBM bandwidth, the slower."""
+  return max(flops / chip.bf16_flops, bytes_accessed / chip.hbm_bandwidth)
+
+
 @dataclasses.dataclass
 class Report:
   """Per-chip figures of a compiled step (bytes, FLOPs, estimated seconds)."""
@@ -326,7 +360,7 @@ class Report:
 
   @property
   def roofline_seconds(self) -> float:
-    return max(self.flops / self.chip.bf16_flops, self.bytes_accessed / self.chip.hbm_bandwidth)
+    return roofline_seconds(self.flops, self.bytes_accessed, self.chip)
 
   @property
   def step_seconds(self) -> float:
@@ -375,7 +409,9 @@ def report(compiled: Compiled, chip: Chip) -> Report:
 
 
 def format_report(r: Report, topology: str, config: ml_collections.ConfigDict) -> str:
-  gib = lambda b: f"{b / GiB:.2f} GiB" if abs(b) >= GiB / 10 else f"{b / 2**20:.1f} MiB"  # noqa: E731
+  def gib(size: float) -> str:
+    return f"{size / GiB:.2f} GiB" if abs(size) >= GiB / 10 else f"{size / 2**20:.1f} MiB"
+
   lines = [
     f"topology {topology}: {r.chips} devices, TPU {r.chip.name} (HBM {gib(r.chip.hbm_bytes)}, bf16 "
     f"peak {r.chip.bf16_flops / 1e12:.0f} TFLOP/s); BEiT-{config.model.variant} "
@@ -474,7 +510,7 @@ def main(argv: Sequence[str]) -> None:
       costs = cost(executable)
       optimal = float(costs.get("optimal_seconds", -1.0))
       flops, moved = float(costs.get("flops", 0.0)), float(costs.get("bytes accessed", 0.0))
-      roofline = max(flops / chip.bf16_flops, moved / chip.hbm_bandwidth)
+      roofline = roofline_seconds(flops, moved, chip)
       print(
         f"  {piece}: {flops * mesh.size / config.input.batch_size / 1e9:.1f} GFLOP/img, "
         + (f"TPU compiler estimate {optimal * 1e3:.1f} ms" if optimal > 0 else

@@ -200,6 +200,12 @@ class _DalleEncoderBlocks(nn.Module):
     return _ReluConv(self.vocab_size, 1, dtype=jnp.float32, name="output")(x)
 
 
+def _check_n_hid(n_hid: int) -> None:
+  """DALL-E's widths n_hid, 2, 4 and 8 n_hid with a bottleneck of a quarter: a multiple of 4."""
+  if n_hid % 4:
+    raise ValueError(f"n_hid must be a multiple of 4, got {n_hid}")
+
+
 class DalleEncoder(nn.Module):
   """DALL-E dVAE encoder: images (B, H, W, C) -> logits (B, H/8, W/8, V).
 
@@ -227,8 +233,7 @@ class DalleEncoder(nn.Module):
   dtype: Dtype = jnp.float32
 
   def __post_init__(self) -> None:
-    if self.n_hid % 4:
-      raise ValueError(f"n_hid must be a multiple of 4, got {self.n_hid}")
+    _check_n_hid(self.n_hid)
     super().__post_init__()
 
   @property
@@ -320,8 +325,7 @@ class DalleDecoder(nn.Module):
   dtype: Dtype = jnp.float32
 
   def __post_init__(self) -> None:
-    if self.n_hid % 4:
-      raise ValueError(f"n_hid must be a multiple of 4, got {self.n_hid}")
+    _check_n_hid(self.n_hid)
     super().__post_init__()
 
   @property

@@ -433,17 +433,16 @@ def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.RunResult:
   """Pretrains (or resumes) in `workdir`, evaluates, exports the MIM model."""
   check_config(config)
-  vocab = tokenizer_spec(config)["vocab_size"]
 
   # --- Mesh ---------------------------------------------------------------------
   mesh, batch_sharding, replicated = mesh_lib.task_mesh(config)
 
   # --- Tokenizer (trained first in the quick start) -------------------------------
   tokenizer_path = prepare_tokenizer(config, workdir)
-  tokenizer, tokenizer_vars, tokenizer_meta = exports.load_tokenizer(
+  tokenizer, tokenizer_params, tokenizer_meta = exports.load_tokenizer(
     tokenizer_path, sharding=replicated
   )
-  tokenizer_params = {"params": tokenizer_vars["params"]}
+  vocab = tokenizer.vocab_size  # check_config made sure config.model.vocab_size agrees.
   tokenizer_size, tokenizer_grid = tokenizer_meta["image_size"], tokenizer_meta["grid"]
 
   # --- Input --------------------------------------------------------------------
