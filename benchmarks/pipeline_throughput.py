@@ -38,7 +38,7 @@ from absl import flags
 from PIL import Image
 
 from beit_jax import config_lib
-from beit_jax.data import decode, pipeline, sources
+from beit_jax.data import decode, pipeline, sources, transforms
 from beit_jax.tasks import pretrain
 
 CONFIG = os.path.join(os.path.dirname(__file__), os.pardir, "configs", "pretrain_base.py")
@@ -84,24 +84,50 @@ class _EncodedBuiltin:
 
 
 def per_core(source, transform, count: int) -> dict[str, float]:
-  """Seconds per image of read+decode, two-view augmentation and mask, on one core."""
+  """Seconds per image on one core: read+decode (to PIL, as the pipeline does), the
+  two-view augmentation, the mask, and, inside the views, the two PIL resizes alone
+  (the same boxes resized without jitter or flip: with decoding, the floor that any
+  bit-identical augmentation on PIL pays)."""
   affinity = os.sched_getaffinity(0)
   os.sched_setaffinity(0, {min(affinity)})
+  views = transform.transform
   try:
     rng = np.random.default_rng(0)
     n = min(len(source), count)
     t0 = time.perf_counter()
-    images = [decode.decode_image(source[i]["image"]) for i in range(n)]
+    images = [decode.decode_image(source[i]["image"], as_pil=True) for i in range(n)]
     t1 = time.perf_counter()
     for image in images:
-      transform.transform(image, rng)
+      views(image, rng)
     t2 = time.perf_counter()
     for _ in images:
       transform.mask_generator(rng)
     t3 = time.perf_counter()
+    crops = []
+    for image in images:
+      top, left, h, w = transforms.random_resized_crop_box(
+        image.height, image.width, rng, views.scale, views.ratio
+      )
+      crops.append(image.crop((left, top, left + w, top + h)))
+    t4 = time.perf_counter()
+    for crop in crops:
+      crop.resize((views.size, views.size), views.interpolation)
+      crop.resize((views.second_size, views.second_size), views.second_interpolation)
+    t5 = time.perf_counter()
   finally:
     os.sched_setaffinity(0, affinity)
-  return {"decode": (t1 - t0) / n, "views": (t2 - t1) / n, "mask": (t3 - t2) / n}
+  return {
+    "decode": (t1 - t0) / n,
+    "views": (t2 - t1) / n,
+    "mask": (t3 - t2) / n,
+    "resizes": (t5 - t4) / n,
+  }
+
+
+# Accelerator nodes a host feeds: (name, chips, bf16 peak FLOP/s per chip). With
+# --flops_per_image (the pretrain step's, from `python -m beit_jax.aot`) and --mfu, each
+# consumes chips * peak * mfu / flops_per_image images/s.
+NODES = (("8x H100 SXM", 8, 989e12), ("v5e-8 host", 8, 197e12), ("v5p-8 host", 4, 459e12))
 
 
 def grain_rate(
@@ -139,6 +165,14 @@ def main() -> None:
   p.add_argument("--batches", type=int, default=8)
   p.add_argument("--workers", default="0,1,2", help="Grain worker processes to try")
   p.add_argument(
+    "--flops_per_image",
+    type=float,
+    default=160.1e9,
+    help="FLOPs of one image's pretrain step (BEiT-B + DALL-E tokenizer: 160.1e9, the "
+    "TPU compiler's count from `python -m beit_jax.aot --config=configs/pretrain_base.py`)",
+  )
+  p.add_argument("--mfu", type=float, default=0.4, help="the accelerators' assumed MFU")
+  p.add_argument(
     "--read_threads",
     type=int,
     default=1,
@@ -167,12 +201,19 @@ def main() -> None:
       f"{config.input.second_size}, {num_masked} masked; {cores} cores"
     )
     t = per_core(source, transform, args.num_images)
-    total = sum(t.values())
+    total = t["decode"] + t["views"] + t["mask"]
+    floor = t["decode"] + t["resizes"]
     print(
       f"one core, ms/image: read+decode {1e3 * t['decode']:.2f} | two views "
-      f"{1e3 * t['views']:.2f} | mask {1e3 * t['mask']:.2f} | total {1e3 * total:.2f} "
-      f"-> {1 / total:.0f} img/s per core"
+      f"{1e3 * t['views']:.2f} (of which the two PIL resizes {1e3 * t['resizes']:.2f}) | "
+      f"mask {1e3 * t['mask']:.2f} | total {1e3 * total:.2f} -> {1 / total:.0f} img/s per "
+      f"core (decode + resizes alone: {1 / floor:.0f} img/s)"
     )
+    print(f"| node | img/s at {100 * args.mfu:.0f}% MFU | host cores to feed it |")
+    print("|---|---|---|")
+    for node, chips, peak in NODES:
+      rate = chips * peak * args.mfu / args.flops_per_image
+      print(f"| {node} | {rate:,.0f} | {rate * total:.0f} |")
     print("| Grain workers | threads each | img/s | img/s per core used |")
     print("|---|---|---|---|")
     for workers in (int(w) for w in args.workers.split(",")):

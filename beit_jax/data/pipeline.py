@@ -58,7 +58,10 @@ import numpy as np
 
 from beit_jax.data import decode
 
-Transform = Callable[[np.ndarray, np.random.Generator], Mapping[str, np.ndarray]]
+# (image, rng) -> dict of arrays. The image is an RGB PIL image for decoded files, or the
+# (H, W, 3) uint8 array of a source that holds decoded images: transforms take both
+# (every transform in beit_jax.data does, through transforms.as_pil).
+Transform = Callable[[Any, np.random.Generator], Mapping[str, np.ndarray]]
 
 DEFAULT_MAX_CONSECUTIVE_FAILURES = 100
 DEFAULT_MAX_FAILED_FRACTION = 0.1
@@ -81,7 +84,8 @@ class Undecodable:
 class DecodeAndTransform:
   """``random_map`` fn: ``{'image': bytes, 'label'}`` -> transformed dict.
 
-  Decodes with :func:`beit_jax.data.decode.decode_image`; an undecodable image
+  Decodes with :func:`beit_jax.data.decode.decode_image` to an RGB PIL image (the
+  transforms' input: no round trip through numpy); an undecodable image
   gives an :class:`Undecodable` marker instead of raising. The transform's
   output keys are kept and ``label`` (int32) is added.
   """
@@ -94,7 +98,7 @@ class DecodeAndTransform:
     self, element: Mapping[str, Any], rng: np.random.Generator | None
   ) -> dict[str, np.ndarray] | Undecodable:
     label = np.int32(element["label"])
-    image = decode.decode_image(element["image"], max_pixels=self.max_pixels)
+    image = decode.decode_image(element["image"], max_pixels=self.max_pixels, as_pil=True)
     if image is None:
       return Undecodable(int(label), str(element.get("path", "")))
     out = dict(self.transform(image, rng))

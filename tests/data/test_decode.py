@@ -116,3 +116,27 @@ def test_decode_image_passes_decoded_rgb_arrays_through():
   assert decode.decode_image(np.zeros((4, 5), np.uint8)) is None
   assert decode.decode_image(np.zeros((4, 5, 3), np.float32)) is None
   assert decode.decode_image(rgb, max_pixels=10) is None
+
+
+def test_decode_as_pil_gives_the_same_pixels_as_the_array():
+  """The pipeline's PIL path equals the array path for every kind of file."""
+  gray = np.arange(0, 240, dtype=np.uint8).reshape(12, 20)
+  rgba = np.concatenate([_noise(3, 12, 20), np.full((12, 20, 1), 90, np.uint8)], axis=-1)
+  exif = Image.Exif()
+  exif[0x0112] = 6
+  files = [
+    _encode(Image.fromarray(_noise(0)), "PNG"),
+    _encode(Image.fromarray(_noise(1)), "JPEG", quality=90),
+    _encode(Image.fromarray(_noise(2)), "JPEG", quality=90, exif=exif),
+    _encode(Image.fromarray(gray), "PNG"),
+    _encode(Image.fromarray(rgba), "PNG"),
+    _encode(Image.fromarray(_noise(4)).convert("CMYK"), "JPEG"),
+  ]
+  for data in files:
+    array = decode.decode_image(data)
+    pil = decode.decode_image(data, as_pil=True)
+    assert isinstance(pil, Image.Image) and pil.mode == "RGB"
+    np.testing.assert_array_equal(np.asarray(pil), array)
+  assert decode.decode_image(files[0][:40], as_pil=True) is None
+  rgb = np.zeros((4, 5, 3), np.uint8)
+  assert decode.decode_image(rgb, as_pil=True) is rgb

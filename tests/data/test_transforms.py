@@ -93,6 +93,72 @@ def test_two_view_matches_reference_composition():
     )
 
 
+_ENHANCERS = (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color)
+
+
+def _reference_two_views(t, image, rng):
+  """unilm's DataAugmentationForBEiT as PIL runs it: jitter the whole image, flip the
+  whole image, then crop and resize (the algorithm before the crop-first shortcut)."""
+  pil = Image.fromarray(image)
+  if t.jitter.enabled:
+    order, factors = t.jitter.get_params(rng)
+    for op in order:
+      if op < 3 and factors[op] is not None:
+        pil = _ENHANCERS[op](pil).enhance(factors[op])
+  if rng.random() < t.flip_prob:
+    pil = pil.transpose(Image.Transpose.FLIP_LEFT_RIGHT)
+  top, left, h, w = transforms.random_resized_crop_box(pil.height, pil.width, rng, t.scale, t.ratio)
+  crop = pil.crop((left, top, left + w, top + h))
+  return {
+    "image": np.asarray(crop.resize((t.size, t.size), t.interpolation)),
+    "tokenizer_image": np.asarray(crop.resize((t.second_size,) * 2, t.second_interpolation)),
+  }
+
+
+def _photo_like_image(seed: int, height: int, width: int) -> np.ndarray:
+  """Smooth colour ramps with noise, dark and bright areas (so jitter clips)."""
+  rng = np.random.default_rng(seed)
+  ys, xs = np.mgrid[0:height, 0:width] / max(height, width)
+  base = np.stack([xs, ys, 1 - xs * ys], axis=-1) * rng.uniform(150, 330, 3)
+  return np.clip(base + rng.normal(0, 25, base.shape), 0, 255).astype(np.uint8)
+
+
+@pytest.mark.parametrize("jitter", [0.4, 0.9])
+def test_two_view_bit_identical_to_jittering_the_whole_image(jitter):
+  """The crop-first shortcut (jitter and flip only the crop, the contrast grey from
+  the whole image's luma histogram) gives PIL's whole-image results byte for byte:
+  every order of the three ops, flips, boxes touching the edges, whole-image boxes
+  (scale up to 1 on a near-square image) and clipping factors (jitter 0.9)."""
+  t = transforms.TwoViewTransform(32, 16, scale=(0.05, 1.0), color_jitter=jitter)
+  orders, flips = set(), 0
+  for seed in range(120):
+    image = _photo_like_image(seed, 40 + seed % 7, 44 + (seed * 5) % 23)
+    out = t(image, np.random.default_rng(seed))
+    ref = _reference_two_views(t, image, np.random.default_rng(seed))
+    for key in ("image", "tokenizer_image"):
+      np.testing.assert_array_equal(out[key], ref[key], err_msg=f"seed {seed} {key}")
+    rng = np.random.default_rng(seed)
+    order, _ = t.jitter.get_params(rng)
+    orders.add(tuple(o for o in order if o < 3))
+    flips += rng.random() < 0.5
+  assert len(orders) == 6 and 30 < flips < 90
+
+
+def test_jittered_crop_is_the_crop_of_the_jittered_image():
+  img = Image.fromarray(_photo_like_image(0, 30, 41))
+  boxes = [(0, 0, 30, 41), (0, 0, 5, 7), (25, 34, 5, 7), (3, 0, 20, 41), (0, 9, 30, 11)]
+  for order in ([0, 1, 2, 3], [1, 0, 3, 2], [2, 0, 1, 3], [3, 2, 1, 0], [0, 2, 1, 3]):
+    for factors in ([1.35, 0.62, 1.3], [0.7, 1.4, None], [None, 1.2, 0.65]):
+      whole = img
+      for op in order:
+        if op < 3 and factors[op] is not None:
+          whole = _ENHANCERS[op](whole).enhance(factors[op])
+      for top, left, h, w in boxes:
+        crop = transforms.ColorJitter.jittered_crop(img, (top, left, h, w), order, factors)
+        expected = whole.crop((left, top, left + w, top + h))
+        np.testing.assert_array_equal(np.asarray(crop), np.asarray(expected))
+
+
 def test_two_view_without_second_size_and_single_view():
   img = _noise_image(2)
   out = transforms.TwoViewTransform(16, None)(img, np.random.default_rng(0))
