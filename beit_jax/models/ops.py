@@ -42,11 +42,16 @@ _INV_SQRT_2PI = 1.0 / math.sqrt(2.0 * math.pi)
 _TARGET_PLATFORM: list[str | None] = [None]  # Set while compiling for another platform.
 
 
+def platform() -> str:
+  """The platform traces are for ('cpu', 'gpu', 'tpu'): the default backend's, or the one
+  `compiling_for` names (ahead-of-time compilation for a TPU on a CPU host must trace the
+  TPU's ops). Read at trace time."""
+  return _TARGET_PLATFORM[0] or jax.default_backend()
+
+
 def cpu_kernels_enabled() -> bool:
-  """True on XLA:CPU: selects the CPU-measured kernels (read at trace time). The platform
-  is the default backend's, or the one `compiling_for` names (ahead-of-time compilation
-  for a TPU on a CPU host must trace the TPU's ops)."""
-  return (_TARGET_PLATFORM[0] or jax.default_backend()) == "cpu"
+  """True on XLA:CPU: selects the CPU-measured kernels (read at trace time, `platform`)."""
+  return platform() == "cpu"
 
 
 @contextlib.contextmanager

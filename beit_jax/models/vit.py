@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from beit_jax.models import attention as attention_lib
 from beit_jax.models import ops
 
 Array = jax.Array
@@ -135,6 +136,8 @@ class Attention(nn.Module):
 
   Hand-written rather than `nn.MultiHeadDotProductAttention`: unilm's qkv has no bias but
   learnable q and v biases, and the relative position bias is added to the logits.
+  `attention` picks the kernel of the core (`beit_jax.models.attention`: 'auto',
+  'einsum', 'dot_product', ...); the params are the same whichever runs.
   """
 
   num_heads: int
@@ -142,6 +145,7 @@ class Attention(nn.Module):
   use_rel_pos_bias: bool = False
   proj_init_scale: float = 1.0
   init_truncation: float = 1.0
+  attention: str = "auto"
   dtype: DType = jnp.float32
 
   @nn.compact
@@ -154,10 +158,7 @@ class Attention(nn.Module):
     q_bias = self.param("q_bias", nn.initializers.zeros, (d,), jnp.float32)
     v_bias = self.param("v_bias", nn.initializers.zeros, (d,), jnp.float32)
     qkv = ops.add_broadcast(qkv, jnp.concatenate([q_bias, jnp.zeros_like(q_bias), v_bias]))
-    # (3, B, heads, N, hd): batched matmuls over (B, heads) in the canonical layout.
-    qkv = qkv.reshape(b, n, 3, self.num_heads, hd).transpose(2, 0, 3, 1, 4)
-    q, k, v = qkv[0] * (hd**-0.5), qkv[1], qkv[2]
-    logits = jnp.matmul(q, k.swapaxes(-1, -2), preferred_element_type=jnp.float32)
+    biases = []  # (heads, N, N) each, added to the logits.
     if self.use_rel_pos_bias:
       table = self.param(
         "relative_position_bias_table",
@@ -165,12 +166,24 @@ class Attention(nn.Module):
         (num_relative_distance(self.grid), self.num_heads),
         jnp.float32,
       )
-      logits = ops.add_broadcast(logits, gather_relative_bias(table, self.grid))
+      biases.append(gather_relative_bias(table, self.grid))
     if shared_bias is not None:
-      logits = ops.add_broadcast(logits, shared_bias)
-    attn = ops.softmax(logits).astype(self.dtype)
-    self.sow("intermediates", "attention", attn)  # Only kept when asked (beit_jax.viz).
-    out = jnp.matmul(attn, v).transpose(0, 2, 1, 3).reshape(b, n, d)
+      biases.append(shared_bias)
+    kernel = attention_lib.resolve(self.attention, self.dtype, hd)
+    if kernel == "einsum" or self.is_mutable_collection("intermediates"):
+      # (3, B, heads, N, hd): batched matmuls over (B, heads) in the canonical layout.
+      qkv = qkv.reshape(b, n, 3, self.num_heads, hd).transpose(2, 0, 3, 1, 4)
+      out, attn = attention_lib.einsum_attention(
+        qkv[0] * (hd**-0.5), qkv[1], qkv[2], biases, self.dtype
+      )
+      self.sow("intermediates", "attention", attn)  # Only kept when asked (beit_jax.viz).
+      out = out.transpose(0, 2, 1, 3).reshape(b, n, d)
+    else:
+      qkv = qkv.reshape(b, n, 3, self.num_heads, hd)  # (B, N, 3, heads, hd): no transpose.
+      bias = sum(biases[1:], biases[0]) if biases else None
+      out = attention_lib.dot_product_attention(
+        qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias, hd**-0.5, kernel
+      ).reshape(b, n, d)
     return dense(
       d,
       kernel_init=trunc_normal_init(truncation=self.init_truncation, scale=self.proj_init_scale),
@@ -240,6 +253,7 @@ class Block(nn.Module):
   init_values: float = 0.0
   use_rel_pos_bias: bool = False
   init_truncation: float = 1.0
+  attention: str = "auto"
   dtype: DType = jnp.float32
 
   @nn.compact
@@ -253,6 +267,7 @@ class Block(nn.Module):
       self.use_rel_pos_bias,
       proj_init_scale=rescale,
       init_truncation=self.init_truncation,
+      attention=self.attention,
       dtype=self.dtype,
       name="attn",
     )(layer_norm("norm1", self.dtype)(x), shared_bias)
@@ -325,7 +340,12 @@ class BEiT(nn.Module):
   init_scale: float = 0.001
   init_truncation: float = 1.0
   remat: bool = False
+  attention: str = "auto"
   dtype: DType = jnp.float32
+
+  def __post_init__(self) -> None:
+    attention_lib.check_choice(self.attention)  # At construction, before any trace.
+    super().__post_init__()
 
   @property
   def grid(self) -> tuple[int, int]:
@@ -375,6 +395,7 @@ class BEiT(nn.Module):
         init_values=self.init_values,
         use_rel_pos_bias=self.use_rel_pos_bias,
         init_truncation=self.init_truncation,
+        attention=self.attention,
         dtype=self.dtype,
         name=f"blocks_{i}",
       )
@@ -533,8 +554,9 @@ def classifier_model(variant: str, num_classes: int, **overrides: Any) -> BEiT:
 
 
 def architecture(model: BEiT) -> dict[str, Any]:
-  """The model's constructor arguments except `dtype` (JSON-able; `BEiT(**a)` rebuilds it)."""
-  skip = ("parent", "name", "dtype")
+  """The model's constructor arguments except `dtype` and `attention` (how it computes, not
+  what; JSON-able; `BEiT(**a)` rebuilds it)."""
+  skip = ("parent", "name", "dtype", "attention")
   return {f.name: getattr(model, f.name) for f in dataclasses.fields(model) if f.name not in skip}
 
 
