@@ -4,10 +4,14 @@ r"""Ahead-of-time compilation of a task's train step for a TPU topology, on a CP
   python -m beit_jax.aot --config=configs/pretrain_base.py --topology=v5p-64
   python -m beit_jax.aot --config=configs/pretrain_small.py --topology=v5e:2x2 \
       --config.input.batch_size=64 --num_slices=2
+  python -m beit_jax.aot --config=configs/finetune_base.py --topology=v5e-8 --num_classes=1000
+  python -m beit_jax.aot --config=configs/dvae_dalle.py --topology=v5e-8
 
-Builds the exact step the `pretrain` task runs (frozen tokenizer -> BEiT -> AdamW, the
-config's ('data', 'fsdp') mesh over the topology's chips, its dtype and remat, the state
-donated) from abstract shapes only (no weights, no data), compiles it with the TPU
+Builds the exact step the task of the config runs (pretrain: frozen tokenizer -> BEiT ->
+AdamW; finetune: random erasing, mixup, BEiT classifier, AdamW with layer-wise lr decay;
+dvae: the tokenizer's ELB step; each from the task's own `make_step_parts`), over the
+config's ('data', 'fsdp') mesh on the topology's chips, with its dtype and remat and the
+state donated, from abstract shapes only (no weights, no data), compiles it with the TPU
 compiler for the topology (libtpu's ahead-of-time path: no TPU needed) and prints, per
 chip: the params / optimizer / batch bytes (from the shardings), the compiler's argument,
 temp (activations) and output bytes against the chip's HBM, FLOPs per image, the step
@@ -21,8 +25,9 @@ max(FLOPs / peak, bytes accessed / HBM bandwidth), which is a lower bound on the
 The tokenizer comes from `config.tokenizer.path` (its metadata only: no weights are read),
 the config's `tokenizer.train` section (quick start), or else the DALL-E dVAE (8192
 tokens, in the model's dtype) at `input.second_size`. dtype 'auto' is bfloat16, and the
-kernels are the TPU's (`ops.compiling_for`), not this host's. Only the `pretrain` task
-is compiled so far.
+kernels are the TPU's (`ops.compiling_for`), not this host's. Fine-tuning compiles the
+config's architecture with a `--num_classes` head (what a pretrained export would give
+the same shapes).
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -43,8 +49,9 @@ from jax.sharding import Mesh
 from ml_collections import config_flags
 
 from beit_jax import exports, pixels
-from beit_jax.models import dvae, ops
-from beit_jax.tasks import pretrain
+from beit_jax.models import dvae, ops, precision
+from beit_jax.tasks import downstream, finetune, pretrain
+from beit_jax.tasks import dvae as dvae_task
 from beit_jax.training import loop
 from beit_jax.training import mesh as mesh_lib
 
@@ -174,7 +181,8 @@ class Compiled:
   executable: Any
   state: Any  # Abstract train state.
   state_sharding: Any
-  tokenizer_params: Any
+  extra: Any  # The step's third argument (see AbstractStep), abstract.
+  extra_name: str
   batch: dict[str, jax.ShapeDtypeStruct]
   mesh: Mesh
   seconds: float
@@ -188,68 +196,100 @@ def for_tpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
   return config
 
 
-def compile_pretrain_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Compiled:
-  """The `pretrain` task's jitted train step, lowered and compiled for `mesh`'s (TPU)
-  devices, with the TPU's kernels (`ops.compiling_for('tpu')`) and dtype."""
+def compile_step(
+  config: ml_collections.ConfigDict, mesh: Mesh, num_classes: int = 1000
+) -> Compiled:
+  """The task's jitted train step (`config.task`: pretrain, finetune or dvae), lowered and
+  compiled for `mesh`'s (TPU) devices, with the TPU's kernels (`ops.compiling_for('tpu')`)
+  and dtype. `num_classes` is the fine-tuning head's (ImageNet-1k's by default)."""
   config = for_tpu(config)
   with ops.compiling_for("tpu"):
-    return _compile_pretrain_step(config, mesh)
+    step = abstract_step(config, mesh, num_classes)
+    train_step = loop.compile_train_step(
+      step.train_step, step.state_sharding, step.batch_sharding, *step.extra_sharding
+    )
+    start = time.perf_counter()
+    executable = train_step.lower(step.state, step.batch, *step.extra).compile()
+    return Compiled(
+      executable,
+      step.state,
+      step.state_sharding,
+      step.extra,
+      step.extra_name,
+      step.batch,
+      mesh,
+      time.perf_counter() - start,
+    )
 
 
 @dataclasses.dataclass
 class AbstractStep:
-  """The pretrain step's pieces and abstract inputs with their shardings over a mesh."""
+  """A task's train step and its abstract inputs with their shardings over a mesh: the
+  state, the batch and the step's other arguments (`extra`: the frozen tokenizer's
+  variables for pretrain, the host's mixup draw or None for finetune, none for dvae)."""
 
-  parts: pretrain.StepParts
-  tokenizer: dvae.DiscreteVAE
+  train_step: Any
   state: Any
   state_sharding: Any
-  tokenizer_params: Any
-  tokenizer_sharding: Any
   batch: dict[str, jax.ShapeDtypeStruct]
   batch_sharding: jax.sharding.NamedSharding
+  extra: tuple[Any, ...]
+  extra_sharding: tuple[Any, ...]
+  extra_name: str
+  tokenizer: dvae.DiscreteVAE | None = None  # pretrain only.
+  parts: Any = None  # The task's StepParts.
 
 
-def abstract_step(config: ml_collections.ConfigDict, mesh: Mesh) -> AbstractStep:
-  tokenizer, tokenizer_size = tokenizer_for(config)
-  parts = pretrain.make_step_parts(
-    config, tokenizer, config.model.vocab_size or tokenizer.vocab_size
-  )
-  state = jax.eval_shape(parts.init_fn)
-  replicated = mesh_lib.replicated(mesh)
-  tokenizer_params = {"params": exports.tokenizer_abstract_params(tokenizer, tokenizer_size)}
+TASKS = ("pretrain", "finetune", "dvae")
+
+
+def abstract_step(
+  config: ml_collections.ConfigDict, mesh: Mesh, num_classes: int = 1000
+) -> AbstractStep:
+  if config.task not in TASKS:
+    raise ValueError(f"config.task={config.task!r}: beit_jax.aot compiles {', '.join(TASKS)}.")
   mesh_lib.check_batch_size(config.input.batch_size, mesh)
-  batch = {
-    k: jax.ShapeDtypeStruct(shape, dtype)
-    for k, (shape, dtype) in pretrain.batch_shapes(config).items()
-  }
+  replicated = mesh_lib.replicated(mesh)
+  if config.task == "pretrain":
+    tokenizer, tokenizer_size = tokenizer_for(config)
+    parts = pretrain.make_step_parts(
+      config, tokenizer, config.model.vocab_size or tokenizer.vocab_size
+    )
+    state = jax.eval_shape(parts.init_fn)
+    tokenizer_params = {"params": exports.tokenizer_abstract_params(tokenizer, tokenizer_size)}
+    extra, extra_name = (tokenizer_params,), "tokenizer"
+    shapes = pretrain.batch_shapes(config)
+  elif config.task == "finetune":
+    tokenizer = None
+    dtype = precision.compute_dtype(config.model.dtype)
+    model = downstream.backbone_model(config, num_classes, None, dtype)
+    parts = finetune.make_step_parts(config, model, num_classes)
+    size = model.image_size
+    params = jax.eval_shape(
+      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"]
+    )
+    state = jax.eval_shape(parts.init_fn, params)
+    mix = None if parts.sampler is None else jax.eval_shape(parts.sampler.identity)
+    extra, extra_name = (mix,), "mixup draw"
+    shapes = finetune.batch_shapes(config)
+  else:
+    tokenizer = None
+    parts = dvae_task.make_step_parts(config)
+    state = jax.eval_shape(parts.init_fn)
+    extra, extra_name = (), "none"
+    shapes = dvae_task.batch_shapes(config)
+  batch = {k: jax.ShapeDtypeStruct(shape, dtype) for k, (shape, dtype) in shapes.items()}
   return AbstractStep(
-    parts,
-    tokenizer,
+    parts.train_step,
     state,
     mesh_lib.state_shardings(state, mesh),
-    tokenizer_params,
-    jax.tree.map(lambda _: replicated, tokenizer_params),
     batch,
     mesh_lib.batch_sharding(mesh),
-  )
-
-
-def _compile_pretrain_step(config: ml_collections.ConfigDict, mesh: Mesh) -> Compiled:
-  step = abstract_step(config, mesh)
-  train_step = loop.compile_train_step(
-    step.parts.train_step, step.state_sharding, step.batch_sharding, step.tokenizer_sharding
-  )
-  start = time.perf_counter()
-  executable = train_step.lower(step.state, step.batch, step.tokenizer_params).compile()
-  return Compiled(
-    executable,
-    step.state,
-    step.state_sharding,
-    step.tokenizer_params,
-    step.batch,
-    mesh,
-    time.perf_counter() - start,
+    extra,
+    tuple(replicated for _ in extra),
+    extra_name,
+    tokenizer,
+    parts,
   )
 
 
@@ -258,12 +298,14 @@ def compile_pieces(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, A
   'tokenizer' (the frozen dVAE's ids of the tokenizer view) and 'mim_update' (BEiT forward,
   backward and AdamW given the ids: `pretrain.make_mim_update`). name -> executable."""
   config = for_tpu(config)
+  if config.task != "pretrain":
+    raise ValueError("--pieces splits the pretrain step (tokenizer | MIM update) only.")
   with ops.compiling_for("tpu"):
     step = abstract_step(config, mesh)
     batch_sharding = step.batch_sharding
     ids_fn = jax.jit(
       lambda params, x: dvae.tokenize(step.tokenizer, params, pixels.to_unit(x)),
-      in_shardings=(step.tokenizer_sharding, batch_sharding),
+      in_shardings=(step.extra_sharding[0], batch_sharding),
       out_shardings=batch_sharding,
     )
     parts = step.parts
@@ -279,9 +321,7 @@ def compile_pieces(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, A
     mask = step.batch[pretrain.MASK_KEY]
     ids = jax.ShapeDtypeStruct(mask.shape, np.int32)
     return {
-      "tokenizer": ids_fn.lower(
-        step.tokenizer_params, step.batch[pretrain.TOKENIZER_KEY]
-      ).compile(),
+      "tokenizer": ids_fn.lower(step.extra[0], step.batch[pretrain.TOKENIZER_KEY]).compile(),
       "mim_update": update_fn.lower(
         step.state, step.batch[pretrain.IMAGE_KEY], mask, ids
       ).compile(),
@@ -337,7 +377,8 @@ class Report:
   global_batch: int
   params_bytes: int
   optimizer_bytes: int
-  tokenizer_bytes: int
+  extra_bytes: int  # The step's other arguments (the tokenizer's variables for pretrain).
+  extra_name: str
   batch_bytes: int
   argument_bytes: int
   temp_bytes: int
@@ -392,9 +433,8 @@ def report(compiled: Compiled, chip: Chip) -> Report:
     global_batch=next(iter(compiled.batch.values())).shape[0],
     params_bytes=shard_bytes(state.params, sharding.params),
     optimizer_bytes=shard_bytes(state.opt_state, sharding.opt_state),
-    tokenizer_bytes=shard_bytes(
-      compiled.tokenizer_params, jax.tree.map(lambda _: replicated, compiled.tokenizer_params)
-    ),
+    extra_bytes=shard_bytes(compiled.extra, jax.tree.map(lambda _: replicated, compiled.extra)),
+    extra_name=compiled.extra_name,
     batch_bytes=shard_bytes(compiled.batch, {k: batch_sharding for k in compiled.batch}),
     argument_bytes=memory.argument_size_in_bytes,
     temp_bytes=memory.temp_size_in_bytes,
@@ -414,12 +454,12 @@ def format_report(r: Report, topology: str, config: ml_collections.ConfigDict) -
 
   lines = [
     f"topology {topology}: {r.chips} devices, TPU {r.chip.name} (HBM {gib(r.chip.hbm_bytes)}, bf16 "
-    f"peak {r.chip.bf16_flops / 1e12:.0f} TFLOP/s); BEiT-{config.model.variant} "
+    f"peak {r.chip.bf16_flops / 1e12:.0f} TFLOP/s); {config.task} {model_name(config)} "
     f"{config.input.image_size} px, batch {r.global_batch} ({r.global_batch / r.chips:g} per "
-    f"chip), dtype {config.model.dtype}, remat {config.model.remat}; compiled in "
+    f"chip), dtype {config.model.dtype}, remat {config.model.get('remat', False)}; compiled in "
     f"{r.compile_seconds:.1f} s",
-    f"  per device: params {gib(r.params_bytes)}, optimizer {gib(r.optimizer_bytes)}, tokenizer "
-    f"{gib(r.tokenizer_bytes)}, batch {gib(r.batch_bytes)}",
+    f"  per device: params {gib(r.params_bytes)}, optimizer {gib(r.optimizer_bytes)}, "
+    f"{r.extra_name} {gib(r.extra_bytes)}, batch {gib(r.batch_bytes)}",
     f"  compiler: arguments {gib(r.argument_bytes)} + temp {gib(r.temp_bytes)} + outputs "
     f"{gib(r.output_bytes)} - donated {gib(r.alias_bytes)} = {gib(r.total_bytes)} of "
     f"{gib(r.chip.hbm_bytes)}: {'fits' if r.fits else 'DOES NOT FIT'}",
@@ -445,15 +485,25 @@ def format_report(r: Report, topology: str, config: ml_collections.ConfigDict) -
   return "\n".join(lines)
 
 
+def model_name(config: ml_collections.ConfigDict) -> str:
+  if config.task == "dvae":
+    return f"dVAE ({config.model.arch})"
+  return f"BEiT-{config.model.variant}"
+
+
 def find_max_batch(
-  config: ml_collections.ConfigDict, mesh: Mesh, chip: Chip, limit: int = 4096
+  config: ml_collections.ConfigDict,
+  mesh: Mesh,
+  chip: Chip,
+  limit: int = 4096,
+  num_classes: int = 1000,
 ) -> int:
   """The largest per-chip batch (a power of two, then bisected) whose step fits in HBM."""
 
   def fits(per_chip: int) -> bool:
     trial = ml_collections.ConfigDict(config.to_dict())
     trial.input.batch_size = per_chip * mesh.size
-    return report(compile_pretrain_step(trial, mesh), chip).fits
+    return report(compile_step(trial, mesh, num_classes), chip).fits
 
   if not fits(1):
     return 0
@@ -473,7 +523,10 @@ def find_max_batch(
 def define_flags() -> None:
   """The command's flags, defined only when it runs (`beit_jax.main` defines `--config` too,
   and a process may import both)."""
-  config_flags.DEFINE_config_file("config", None, "A pretrain config file.", lock_config=True)
+  config_flags.DEFINE_config_file(
+    "config", None, "A pretrain, finetune or dvae config file.", lock_config=True
+  )
+  flags.DEFINE_integer("num_classes", 1000, "The fine-tuning head's classes (finetune).")
   flags.DEFINE_string("topology", "v5e-8", "A slice name (v5p-64) or chip grid (v5e:2x4).")
   flags.DEFINE_integer("num_slices", 1, "Slices joined by DCN (data parallel).")
   flags.DEFINE_bool(
@@ -495,16 +548,19 @@ def main(argv: Sequence[str]) -> None:
   jax.config.update("jax_platforms", "cpu")
   args = flags.FLAGS
   config = args.config
-  if config.get("task") != "pretrain":
+  if config.get("task") not in TASKS:
     raise app.UsageError(
-      f"config.task={config.get('task')!r}: beit_jax.aot compiles the pretrain task so far."
+      f"config.task={config.get('task')!r}: beit_jax.aot compiles the {', '.join(TASKS)} tasks."
     )
+  if args.pieces and config.task != "pretrain":
+    raise app.UsageError("--pieces splits the pretrain step only (tokenizer | MIM update).")
   chip, topology = parse_topology(args.topology)
   devices = topology_devices(topology, args.num_slices)
   chip = per_device(chip, len(devices) // (grid_chips(topology) * args.num_slices))
   mesh = make_mesh(config, devices, args.num_slices)
   name = f"{topology}" + (f" x {args.num_slices} slices" if args.num_slices > 1 else "")
-  print(format_report(report(compile_pretrain_step(config, mesh), chip), name, for_tpu(config)))
+  compiled = compile_step(config, mesh, args.num_classes)
+  print(format_report(report(compiled, chip), name, for_tpu(config)))
   if args.pieces:
     for piece, executable in compile_pieces(config, mesh).items():
       costs = cost(executable)
@@ -518,11 +574,13 @@ def main(argv: Sequence[str]) -> None:
         + f", roofline bound {roofline * 1e3:.1f} ms"
       )  # fmt: skip
   if args.find_max_batch:
-    for remat in (False, True):
+    for remat in (False, True) if "remat" in config.model else (None,):
       trial = ml_collections.ConfigDict(config.to_dict())
-      trial.model.remat = remat
+      if remat is not None:
+        trial.model.remat = remat
       print(
-        f"  largest per-chip batch that fits, remat {remat}: {find_max_batch(trial, mesh, chip)}"
+        f"  largest per-chip batch that fits, remat {remat}: "
+        f"{find_max_batch(trial, mesh, chip, num_classes=args.num_classes)}"
       )
 
 

@@ -17,8 +17,8 @@ from beit_jax.training import mesh as mesh_lib
 
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")  # Compile-only: no chip to share.
-SMALL = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs",
-                     "pretrain_small.py")  # fmt: skip
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
+SMALL = os.path.join(CONFIGS, "pretrain_small.py")
 
 
 def tiny_config(**model):
@@ -38,7 +38,7 @@ def compiled():
   devices = aot.topology_devices(topology)
   config = tiny_config()
   mesh = aot.make_mesh(config, devices, 1)
-  return chip, config, aot.compile_pretrain_step(config, mesh)
+  return chip, config, aot.compile_step(config, mesh)
 
 
 def test_topology_names():
@@ -74,7 +74,7 @@ def test_the_compiled_step_is_the_tasks_with_its_shardings_and_memory(compiled):
   assert r.params_bytes == want
   assert r.optimizer_bytes >= 2 * r.params_bytes  # Adam's mu and nu.
   # What the compiler holds as arguments covers state, batch and tokenizer (TPU tiles pad).
-  assert r.argument_bytes >= r.params_bytes + r.optimizer_bytes + r.tokenizer_bytes + r.batch_bytes
+  assert r.argument_bytes >= r.params_bytes + r.optimizer_bytes + r.extra_bytes + r.batch_bytes
   assert r.temp_bytes > 0 and r.alias_bytes > 0 and r.fits  # The state is donated.
   # FLOPs: at least the ViT's forward + backward, 6 x matmul params x tokens per image.
   matmul = sum(leaf.size for leaf in jax.tree.leaves(result.state.params) if leaf.ndim == 2)
@@ -108,13 +108,17 @@ def test_collectives_are_read_from_hlo_text():
 
 def test_a_step_that_does_not_fit_says_what_to_change():
   chip = aot.Chip("tiny", 1e12, 2**20, 1e9, 1)
-  r = aot.Report(chip, 4, 8, 0, 0, 0, 0, 2**20, 2**20, 0, 0, 1e9, 1e6, None, {}, 0.0)
+  r = aot.Report(chip, 4, 8, 0, 0, 0, "tokenizer", 0, 2**20, 2**20, 0, 0, 1e9, 1e6, None, {}, 0.0)
   assert not r.fits and r.estimate_kind == "roofline bound" and r.step_seconds == 1e-3
   text = aot.format_report(
     r,
     "x",
     ml_collections.ConfigDict(
-      dict(model=dict(variant="test", dtype="bfloat16", remat=False), input=dict(image_size=32))
+      dict(
+        task="pretrain",
+        model=dict(variant="test", dtype="bfloat16", remat=False),
+        input=dict(image_size=32),
+      )
     ),
   )
   assert "DOES NOT FIT" in text and "remat" in text
@@ -140,3 +144,42 @@ def test_the_pieces_add_up_to_the_step(compiled):
   assert all(f > 0 for f in flops.values())
   whole = aot.report(result, chip).flops
   assert abs(sum(flops.values()) / whole - 1) < 0.05
+
+
+def _tiny_finetune_config(mixup_prob):
+  config = config_lib.load_config_file(os.path.join(CONFIGS, "finetune_small.py"))
+  config.input.update(image_size=32, batch_size=8)
+  config.model.update(patch_size=8, dtype="auto")
+  config.mixup.prob = mixup_prob
+  config.mesh.fsdp = 2
+  return config
+
+
+@pytest.mark.parametrize("mixup_prob", [0.0, 1.0])
+def test_the_finetune_step_compiles_with_its_head_erasing_and_mixup(mixup_prob):
+  """The finetune task's own step (make_step_parts): a 10-class head, the erase boxes in
+  the batch, the host's mixup draw (when on) as a replicated argument."""
+  chip, topology = aot.parse_topology("v5e:2x2")
+  config = _tiny_finetune_config(mixup_prob)
+  mesh = aot.make_mesh(config, aot.topology_devices(topology), 1)
+  result = aot.compile_step(config, mesh, num_classes=10)
+  assert result.state.params["head"]["kernel"].shape[-1] == 10
+  assert set(result.batch) == {"image", "label", "erase_boxes"}
+  assert result.extra_name == "mixup draw"
+  assert (result.extra[0] is None) == (mixup_prob == 0.0)
+  r = aot.report(result, chip)
+  assert r.fits and r.alias_bytes > 0
+  matmul = sum(leaf.size for leaf in jax.tree.leaves(result.state.params) if leaf.ndim == 2)
+  assert r.flops_per_image > 0.8 * 6 * matmul * ((32 // 8) ** 2 + 1)
+  assert "finetune BEiT-" in aot.format_report(r, topology, aot.for_tpu(config))
+
+
+def test_the_dvae_step_compiles():
+  chip, topology = aot.parse_topology("v5e:2x2")
+  config = config_lib.load_config_file(os.path.join(CONFIGS, "dvae_small.py"), "image_size=16")
+  config.input.batch_size = 8
+  config.model.update(hidden=8, codebook_dim=8, vocab_size=64)
+  mesh = aot.make_mesh(config, aot.topology_devices(topology), 1)
+  r = aot.report(aot.compile_step(config, mesh), chip)
+  assert r.fits and r.flops > 0 and r.extra_bytes == 0
+  assert "dvae dVAE (compact)" in aot.format_report(r, topology, aot.for_tpu(config))

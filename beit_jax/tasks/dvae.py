@@ -13,7 +13,8 @@ metadata.json), which the masked-image-modeling stage loads.
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -124,6 +125,39 @@ def make_train_step(
   return train_step
 
 
+class StepParts(NamedTuple):
+  """What the dVAE step is made of, from the config alone (no weights, no data): the
+  task compiles `train_step` over its mesh, `beit_jax.aot` for a TPU topology."""
+
+  model: dvae.DiscreteVAE
+  lr_fn: optim.Schedule
+  tx: optax.GradientTransformation
+  init_fn: Callable[[], TrainState]
+  train_step: Callable[..., Any]  # (state, batch) -> (state, metrics)
+
+
+def make_step_parts(config: ml_collections.ConfigDict) -> StepParts:
+  """The dVAE, schedule, optimizer, state initialiser and train step of `config`."""
+  model = dvae.from_config(config.model)
+  lr_fn = config_lib.lr_schedule(config)
+  tx = optim.make_optimizer(config.optim, lr_fn)
+  size = config.input.image_size
+
+  def init_fn() -> TrainState:
+    init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
+    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
+    params = model.init(init_rng, dummy, rng=init_rng, tau=1.0, hard=False)["params"]
+    return TrainState.create(params, tx, state_rng, use_ema=config.ema_decay > 0)
+
+  return StepParts(model, lr_fn, tx, init_fn, make_train_step(model, tx, lr_fn, config))
+
+
+def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """(shape, dtype) of each array of a global train batch, as the pipeline makes them."""
+  size = config.input.image_size
+  return {IMAGE_KEY: ((config.input.batch_size, size, size, 3), jnp.uint8)}
+
+
 def summarize_train(sums: Mapping[str, np.ndarray], num_steps: int) -> dict[str, float]:
   scalars = loop.mean_scalars(sums, num_steps)
   scalars.update(dvae.codebook_stats(sums["token_counts"]))
@@ -216,19 +250,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   )
 
   # --- Model, schedules and optimizer ---------------------------------------------
-  model = dvae.from_config(config.model)
-  lr_fn = config_lib.lr_schedule(config)
-  tx = optim.make_optimizer(config.optim, lr_fn)
-  size = config.input.image_size
+  parts = make_step_parts(config)
+  model = parts.model
 
-  def init_fn():
-    rng = jax.random.PRNGKey(config.seed)
-    init_rng, state_rng = jax.random.split(rng)
-    dummy = jnp.zeros((1, size, size, 3), jnp.float32)
-    params = model.init(init_rng, dummy, rng=init_rng, tau=1.0, hard=False)["params"]
-    return TrainState.create(params, tx, state_rng, use_ema=config.ema_decay > 0)
-
-  state, state_sharding = init_sharded(init_fn, mesh)
+  state, state_sharding = init_sharded(parts.init_fn, mesh)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("dVAE %s: %s params", config.model.arch, f"{num_params:,}")
 
@@ -237,9 +262,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   state = ckpt.restore_latest(state, state_sharding, data_iter)
 
   # --- Compiled steps -------------------------------------------------------------
-  train_step = loop.compile_train_step(
-    make_train_step(model, tx, lr_fn, config), state_sharding, batch_sharding
-  )
+  train_step = loop.compile_train_step(parts.train_step, state_sharding, batch_sharding)
   eval_step = jax.jit(
     make_eval_step(model),
     in_shardings=(state_sharding.eval_params, batch_sharding),
@@ -260,7 +283,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
       export_dir,
       state.eval_params,
       config.model.to_dict(),
-      size,
+      config.input.image_size,
       step=int(jax.device_get(state.step)),
       ema=state.ema_params is not None,
       eval_metrics=result.eval,

@@ -21,8 +21,8 @@
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -165,6 +165,49 @@ def make_eval_step(model: vit.BEiT, norm: str):
   return eval_step
 
 
+class StepParts(NamedTuple):
+  """What the fine-tuning step is made of, from the config and the model alone (no
+  weights, no data): the task compiles `train_step` over its mesh, `beit_jax.aot` for a
+  TPU topology."""
+
+  lr_fn: optim.Schedule
+  tx: optax.GradientTransformation
+  init_fn: Callable[[Any], TrainState]  # params -> the train state.
+  train_step: Callable[..., Any]  # (state, batch, mix) -> (state, metrics)
+  sampler: mixup.MixupSampler | None
+
+
+def make_step_parts(
+  config: ml_collections.ConfigDict, model: vit.BEiT, num_classes: int
+) -> StepParts:
+  """The schedule, optimizer (layer-wise lr decay over `model`'s blocks), state
+  initialiser, train step and mixup sampler of `config`."""
+  lr_fn = config_lib.lr_schedule(config)
+  size = model.image_size
+  params = jax.eval_shape(
+    lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"]
+  )
+  scales = optim.layerwise_lr_scales(params, config.optim.layer_decay, model.depth)
+  tx = optim.make_optimizer(config.optim, lr_fn, wd_skip=model.no_weight_decay(), lr_scales=scales)
+  use_ema = config.ema_decay > 0
+
+  def init_fn(params: Any) -> TrainState:
+    return TrainState.create(params, tx, jax.random.PRNGKey(config.seed + 1), use_ema=use_ema)
+
+  train_step = make_train_step(model, tx, lr_fn, config, num_classes)
+  return StepParts(lr_fn, tx, init_fn, train_step, make_mixup_sampler(config))
+
+
+def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """(shape, dtype) of each array of a global train batch, as the pipeline makes them."""
+  batch, size = config.input.batch_size, config.input.image_size
+  return {
+    IMAGE_KEY: ((batch, size, size, 3), jnp.uint8),
+    LABEL_KEY: ((batch,), jnp.int32),
+    ERASE_KEY: ((batch, config.input.recount, 4), jnp.int32),
+  }
+
+
 def make_mixup_sampler(config: ml_collections.ConfigDict) -> mixup.MixupSampler | None:
   """The host-side mixup / cutmix draws (timm 0.3.2's boxes, the version unilm pins)."""
   if not mixup_enabled(config):
@@ -197,16 +240,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   dtype = precision.compute_dtype(config.model.dtype)
   model = downstream.backbone_model(config, num_classes, pretrained_meta, dtype)
   host_params, report = downstream.backbone_params(model, config.pretrained, config.seed)
-  lr_fn = config_lib.lr_schedule(config)
-  scales = optim.layerwise_lr_scales(host_params, config.optim.layer_decay, model.depth)
-  tx = optim.make_optimizer(config.optim, lr_fn, wd_skip=model.no_weight_decay(), lr_scales=scales)
-  use_ema = config.ema_decay > 0
-
-  state, state_sharding = init_sharded_from_params(
-    host_params,
-    lambda p: TrainState.create(p, tx, jax.random.PRNGKey(config.seed + 1), use_ema=use_ema),
-    mesh,
-  )
+  parts = make_step_parts(config, model, num_classes)
+  state, state_sharding = init_sharded_from_params(host_params, parts.init_fn, mesh)
   logging.info(
     "Fine-tuning BEiT (%s params, %d blocks, %dx%d patches) on %d classes from %s",
     f"{vit.param_count(model):,}",
@@ -221,13 +256,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   state = ckpt.restore_latest(state, state_sharding, data_iter)
 
   # --- Compiled steps -------------------------------------------------------------
-  sampler = make_mixup_sampler(config)
-  train_step = loop.compile_train_step(
-    make_train_step(model, tx, lr_fn, config, num_classes),
-    state_sharding,
-    batch_sharding,
-    replicated,
-  )
+  sampler = parts.sampler
+  train_step = loop.compile_train_step(parts.train_step, state_sharding, batch_sharding, replicated)
 
   def step_args(step: int) -> tuple[Any]:
     """The step's mixup draw: host numpy from (seed, step), the same after a resume."""
