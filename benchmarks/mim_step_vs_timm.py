@@ -3,6 +3,7 @@ r"""The MIM train step against a PyTorch peer, side by side in one run (CPU).
   python benchmarks/mim_step_vs_timm.py          # base@224 b8, tiny@224 b32, tiny@64/8 b64
   python benchmarks/mim_step_vs_timm.py --cases=tiny:224:16:32 --steps=5
   python benchmarks/mim_step_vs_timm.py --tokenizer --cases=base:224:16:8   # + DALL-E rows
+  python benchmarks/mim_step_vs_timm.py --precisions=bfloat16     # mixed precision only
 
 Ours: `pretrain.make_mim_update` jitted with the state donated (normalise, mask tokens,
 shared rel-pos BEiT, logits only at the masked positions, cross-entropy, AdamW with
@@ -14,6 +15,12 @@ CPU count. Same batch, image size and mask count (unilm's 75 of 196, scaled). Pr
 img/s of both and their ratio, the step's FLOPs per image (XLA cost analysis), the
 achieved FLOP/s next to this machine's f32 matmul FLOP/s, and the compiled step's temp
 memory per device with and without per-block rematerialisation.
+
+Each case runs in f32 and in bf16 mixed precision (--precisions): ours with the model's
+`dtype=bfloat16` (bf16 matmuls and activations, f32 params, LayerNorm / softmax / loss
+statistics in f32: what `model.dtype=bfloat16` trains with), the peer with its forward and
+loss under `torch.autocast("cpu", dtype=torch.bfloat16)` (f32 params and optimizer). The
+achieved FLOP/s of a bf16 row is set against XLA's bf16 matmul rate of the same run.
 
 With --tokenizer (cases with patch 16, i.e. a 14x14 token grid from the 112 px view) two
 more rows per case: the DALL-E encoder alone (ours: `dvae.tokenize` jitted; peer: OpenAI's
@@ -43,9 +50,12 @@ from beit_jax.training.train_state import TrainState
 VOCAB = 8192
 
 
-def matmul_flops_per_s(n: int = 2048, reps: int = 10) -> float:
-  """This machine's f32 matmul FLOP/s through XLA (n x n @ n x n)."""
-  a = jnp.ones((n, n), jnp.float32)
+DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
+
+
+def matmul_flops_per_s(n: int = 2048, reps: int = 10, dtype=jnp.float32) -> float:
+  """This machine's matmul FLOP/s through XLA (n x n @ n x n) in `dtype`."""
+  a = jnp.ones((n, n), dtype)
   f = jax.jit(lambda x: x @ x)
   jax.block_until_ready(f(a))
   t0 = time.perf_counter()
@@ -80,10 +90,12 @@ def dalle_tokenizer():
   return tokenizer, params
 
 
-def ours(variant, size, patch, batch, steps, masks, remat=False, tokenizer=None):
+def ours(variant, size, patch, batch, steps, masks, remat=False, tokenizer=None, dtype=jnp.float32):
   """(img/s, FLOPs/img, temp MB) of the MIM update; with `tokenizer`, the whole train step
   (tokenizer + update) instead."""
-  model = vit.mim_model(variant, image_size=size, patch_size=patch, vocab_size=VOCAB, remat=remat)
+  model = vit.mim_model(
+    variant, image_size=size, patch_size=patch, vocab_size=VOCAB, remat=remat, dtype=dtype
+  )
   lr_fn = optim.warmup_cosine(1.5e-3, 1e-5, 1000, 10)
   tx = optim.make_optimizer(
     config_lib.adamw_config(lr=1.5e-3, weight_decay=0.05, clip_grad_norm=3.0),
@@ -138,8 +150,9 @@ def ours_tokenizer_alone(tokenizer, batch, steps):
   return batch / timed(lambda: jax.block_until_ready(encode(tok_params, x)), steps)
 
 
-def peer(variant, size, patch, batch, steps, masks, dalle_encoder=None):
-  """img/s of the timm MIM step; with `dalle_encoder`, its targets come from it."""
+def peer(variant, size, patch, batch, steps, masks, dalle_encoder=None, bf16=False):
+  """img/s of the timm MIM step; with `dalle_encoder`, its targets come from it; with
+  `bf16`, the forward and loss under CPU autocast to bfloat16."""
   import torch
   from timm.models.beit import Beit
 
@@ -175,8 +188,9 @@ def peer(variant, size, patch, batch, steps, masks, dalle_encoder=None):
       with torch.no_grad():
         ids = dalle_encoder(dall_e.map_pixels(token_view)).argmax(1).flatten(1)
       labels = ids[mask]
-    x = model.forward_features(images)[:, 1:]
-    loss = torch.nn.functional.cross_entropy(head(x[mask]), labels)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+      x = model.forward_features(images)[:, 1:]
+      loss = torch.nn.functional.cross_entropy(head(x[mask]), labels)
     opt.zero_grad(set_to_none=True)
     loss.backward()
     torch.nn.utils.clip_grad_norm_(params, 3.0)
@@ -207,22 +221,24 @@ def main() -> None:
   )
   parser.add_argument("--steps", type=int, default=3)
   parser.add_argument("--no_peer", action="store_true")
+  parser.add_argument("--precisions", default="float32,bfloat16", help="float32, bfloat16")
   parser.add_argument(
     "--tokenizer",
     action="store_true",
     help="also the DALL-E tokenizer alone and the step with it (patch-16 cases)",
   )
   args = parser.parse_args()
-  peak = matmul_flops_per_s()
+  precisions = args.precisions.split(",")
+  peaks = {name: matmul_flops_per_s(dtype=DTYPES[name]) for name in precisions}
   print(
-    f"CPU: {os.cpu_count()} cores, {jax.devices()[0].device_kind}; f32 matmul (2048^3, "
-    f"XLA): {peak / 1e9:.1f} GFLOP/s"
+    f"CPU: {os.cpu_count()} cores, {jax.devices()[0].device_kind}; matmul (2048^3, XLA): "
+    + ", ".join(f"{name} {peak / 1e9:.1f} GFLOP/s" for name, peak in peaks.items())
   )
   print(
-    "| case | beit_jax img/s | timm peer img/s | ratio | GFLOP/img | achieved GFLOP/s "
-    "(% of matmul) | temp MB (remat off / on) |"
+    "| case | precision | beit_jax img/s | timm peer img/s | ratio | GFLOP/img | achieved "
+    "GFLOP/s (% of matmul) | temp MB (remat off / on) |"
   )
-  print("|---|---|---|---|---|---|---|")
+  print("|---|---|---|---|---|---|---|---|")
   for case in args.cases.split(","):
     variant, size, patch, batch = case.split(":")
     size, patch, batch = int(size), int(patch), int(batch)
@@ -231,18 +247,22 @@ def main() -> None:
     gen = masking.BlockwiseMaskGenerator(grid, num, min_block)
     rng = np.random.default_rng(0)
     masks = np.stack([gen(rng).reshape(-1) for _ in range(batch)])
-    ips, flops, temp = ours(variant, size, patch, batch, args.steps, masks)
-    _, _, temp_remat = ours(variant, size, patch, batch, 0, masks, remat=True)
-    peer_ips = (
-      float("nan") if args.no_peer else peer(variant, size, patch, batch, args.steps, masks)
-    )
-    achieved = ips * flops
-    print(
-      f"| {variant} {size} px / {patch}, batch {batch} | {ips:.2f} | {peer_ips:.2f} | "
-      f"{ips / peer_ips:.2f}x | {flops / 1e9:.2f} | {achieved / 1e9:.1f} "
-      f"({100 * achieved / peak:.0f}%) | {temp:.0f} / {temp_remat:.0f} |",
-      flush=True,
-    )
+    for name in precisions:
+      dtype, bf16 = DTYPES[name], name == "bfloat16"
+      ips, flops, temp = ours(variant, size, patch, batch, args.steps, masks, dtype=dtype)
+      _, _, temp_remat = ours(variant, size, patch, batch, 0, masks, remat=True, dtype=dtype)
+      peer_ips = (
+        float("nan")
+        if args.no_peer
+        else peer(variant, size, patch, batch, args.steps, masks, bf16=bf16)
+      )
+      achieved = ips * flops
+      print(
+        f"| {variant} {size} px / {patch}, batch {batch} | {name} | {ips:.2f} | {peer_ips:.2f}"
+        f" | {ips / peer_ips:.2f}x | {flops / 1e9:.2f} | {achieved / 1e9:.1f} "
+        f"({100 * achieved / peaks[name]:.0f}%) | {temp:.0f} / {temp_remat:.0f} |",
+        flush=True,
+      )
     if args.tokenizer and size // patch == 112 // 8:
       tok_rows(variant, size, patch, batch, args, masks)
 
@@ -258,7 +278,7 @@ def tok_rows(variant, size, patch, batch, args, masks) -> None:
   alone = ours_tokenizer_alone(tokenizer, batch, args.steps)
   alone_peer = float("nan") if args.no_peer else peer_tokenizer_alone(encoder, batch, args.steps)
   print(
-    f"| DALL-E encoder alone, 112 px, batch {batch} | {alone:.2f} | {alone_peer:.2f} | "
+    f"| DALL-E encoder alone, 112 px, batch {batch} | float32 | {alone:.2f} | {alone_peer:.2f} | "
     f"{alone / alone_peer:.2f}x | | | |",
     flush=True,
   )
@@ -269,7 +289,7 @@ def tok_rows(variant, size, patch, batch, args, masks) -> None:
     else peer(variant, size, patch, batch, args.steps, masks, dalle_encoder=encoder)
   )
   print(
-    f"| {variant} {size} px / {patch} + DALL-E tokenizer, batch {batch} | {ips:.2f} | "
+    f"| {variant} {size} px / {patch} + DALL-E tokenizer, batch {batch} | float32 | {ips:.2f} | "
     f"{peer_ips:.2f} | {ips / peer_ips:.2f}x | {flops / 1e9:.2f} | | {temp:.0f} / - |",
     flush=True,
   )
