@@ -13,6 +13,7 @@ attention; the parameters and the function computed are the same (to float round
   because JAX's own default (`None`) is always the XLA one in jax 0.10.2: cuDNN's fused
   (flash) kernel on GPU when cuDNN takes the case (`cudnn_supported`: bfloat16/float16
   compute, head dim a multiple of 8 and <= 128), else XLA's.
+  Should JAX refuse cuDNN while tracing (no cuDNN, e.g. ROCm), XLA's runs, with a warning.
 * ``'dot_product_xla'`` / ``'dot_product_cudnn'``: the same with the implementation
   forced (cuDNN raises its own error where it does not take the case).
 * ``'auto'``: per backend, at trace time (`resolve`):
@@ -49,6 +50,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+from absl import logging
 
 from beit_jax.models import ops
 
@@ -120,10 +122,19 @@ def dot_product_attention(
   scale: float,
   implementation: str,
   pad: bool | None = None,
+  strict: bool = True,
 ) -> Array:
   """`jax.nn.dot_product_attention` of q, k, v (B, T, heads, hd) with bias (heads, T, T)
   or None; `implementation` 'xla' or 'cudnn'. `pad` (default: cuDNN with a bias and an
-  odd T) appends the masked token of `pad_to_even`. Returns (B, T, heads, hd)."""
+  odd T) appends the masked token of `pad_to_even`. With `strict=False` a cuDNN that
+  JAX refuses while tracing (not detected, e.g. ROCm; a shape it does not take) falls back
+  to XLA's implementation with a warning. Returns (B, T, heads, hd)."""
+  if implementation == "cudnn" and not strict:
+    try:
+      return dot_product_attention(q, k, v, bias, scale, "cudnn", pad)
+    except (RuntimeError, NotImplementedError) as e:
+      logging.warning("cuDNN attention unavailable (%s); using XLA's implementation.", e)
+      return dot_product_attention(q, k, v, bias, scale, "xla")
   t = q.shape[1]
   if bias is not None:
     bias = bias[None]

@@ -181,8 +181,9 @@ class Attention(nn.Module):
     else:
       qkv = qkv.reshape(b, n, 3, self.num_heads, hd)  # (B, N, 3, heads, hd): no transpose.
       bias = sum(biases[1:], biases[0]) if biases else None
+      strict = self.attention == "dot_product_cudnn"  # Else no cuDNN falls back to XLA.
       out = attention_lib.dot_product_attention(
-        qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias, hd**-0.5, kernel
+        qkv[:, :, 0], qkv[:, :, 1], qkv[:, :, 2], bias, hd**-0.5, kernel, strict=strict
       ).reshape(b, n, d)
     return dense(
       d,

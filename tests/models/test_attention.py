@@ -193,3 +193,15 @@ def test_bad_value_fails_at_construction():
   assert "\n" not in str(e.value)
   with pytest.raises(ValueError, match="attention='cudnn'"):
     attention.resolve("cudnn", jnp.bfloat16, 64)
+
+
+def test_cudnn_refused_while_tracing_falls_back_unless_forced():
+  # No cuDNN on this CPU: 'dot_product' (strict=False) runs XLA's kernel, the forced one raises.
+  rng = np.random.default_rng(6)
+  q, k, v = (jnp.asarray(rng.standard_normal((1, 5, 2, 8)), jnp.bfloat16) for _ in range(3))
+  bias = jnp.asarray(rng.standard_normal((2, 5, 5)), jnp.float32)
+  got = attention.dot_product_attention(q, k, v, bias, 0.35, "cudnn", strict=False)
+  want = attention.dot_product_attention(q, k, v, bias, 0.35, "xla")
+  np.testing.assert_array_equal(got, want)
+  with pytest.raises(RuntimeError, match="cuDNN"):
+    attention.dot_product_attention(q, k, v, bias, 0.35, "cudnn", strict=True)
