@@ -118,6 +118,7 @@ def get_config(arg=None):
     use_mean_pooling=True,
     init_scale=0.001,
     remat=False,
+    attention="auto",  # beit_jax.models.attention: einsum on CPU/TPU, cuDNN's on GPU.
     dtype="auto",
   )
   c.optim = config_lib.adamw_config(

@@ -61,6 +61,7 @@ def get_config(arg=None):
     use_mean_pooling=True,
     init_scale=0.001,
     remat=False,
+    attention="auto",  # beit_jax.models.attention: einsum on CPU/TPU, cuDNN's on GPU.
     dtype="auto",
   )
   c.optim = config_lib.adamw_config(lr=4e-3, min_lr=0.0, warmup_steps=0, weight_decay=1e-4)

@@ -77,6 +77,7 @@ def get_config(arg=None):
     use_abs_pos_emb=False,
     use_shared_rel_pos_bias=True,
     remat=False,
+    attention="auto",  # beit_jax.models.attention: einsum on CPU/TPU, cuDNN's on GPU.
     dtype="auto",
   )  # bf16 compute on GPU/TPU, f32 on CPU.
 

@@ -23,7 +23,7 @@ from absl import logging
 
 from beit_jax import config_lib, exports
 from beit_jax.data import sources
-from beit_jax.models import precision, transfer, vit
+from beit_jax.models import attention, precision, transfer, vit
 
 # The architecture of a pretrained backbone wins over `config.model` for these.
 ARCHITECTURE_KEYS = ("embed_dim", "depth", "num_heads", "mlp_ratio", "patch_size")
@@ -98,6 +98,7 @@ def backbone_model(
     use_mean_pooling=m.use_mean_pooling,
     init_scale=m.init_scale,
     remat=m.remat,
+    attention=m.attention,
     dtype=dtype,
   )
   if pretrained_meta is not None:
@@ -191,6 +192,7 @@ def common_checks(config: ml_collections.ConfigDict, tasks: tuple[str, ...]) -> 
   config_lib.check_data(config)
   config_lib.check_choice(config, "model.variant", tuple(vit.VARIANTS))
   config_lib.check_choice(config, "model.dtype", precision.DTYPE_NAMES)
+  config_lib.check_choice(config, "model.attention", attention.CHOICES)
   config_lib.check_choice(config, "input.norm", ("half", "imagenet"))
   config_lib.check_positive(
     config,

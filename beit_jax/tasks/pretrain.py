@@ -36,7 +36,7 @@ from absl import logging
 
 from beit_jax import config_lib, exports, pixels
 from beit_jax.data import masking, pipeline, sources, transforms
-from beit_jax.models import dvae, precision, vit
+from beit_jax.models import attention, dvae, precision, vit
 from beit_jax.tasks import dvae as dvae_task
 from beit_jax.training import checkpointing, loop, losses, optim
 from beit_jax.training import mesh as mesh_lib
@@ -68,6 +68,7 @@ def make_model(
     use_shared_rel_pos_bias=m["use_shared_rel_pos_bias"],
     use_rel_pos_bias=not m["use_shared_rel_pos_bias"],
     remat=m["remat"],
+    attention=m["attention"],
     dtype=dtype,
   )
 
@@ -141,6 +142,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   config_lib.check_data(config)
   config_lib.check_choice(config, "model.variant", tuple(vit.VARIANTS))
   config_lib.check_choice(config, "model.dtype", precision.DTYPE_NAMES)
+  config_lib.check_choice(config, "model.attention", attention.CHOICES)
   config_lib.check_choice(config, "mask.kind", masking.MASK_KINDS)
   config_lib.check_choice(config, "input.norm", ("half", "imagenet"))
   config_lib.check_choice(config, "input.interpolation", tuple(transforms.INTERPOLATIONS))
