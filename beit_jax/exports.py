@@ -13,7 +13,9 @@ model they belong to, and each kind has one writer and one loader here:
 
 Loaders rebuild the model from the metadata (`vit.BEiT(**model_kwargs)`,
 `dvae.from_config(model)`) and restore the params onto one device, or onto a given
-sharding (a replicated NamedSharding to use them in a mesh).
+sharding (a replicated NamedSharding to use them in a mesh). An export may be on a bucket
+(`gs://...`): `metadata.json` goes through `beit_jax.paths`, `params/` through Orbax
+(tensorstore's gcs driver).
 """
 
 from __future__ import annotations
@@ -26,8 +28,8 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
-from etils import epath
 
+from beit_jax import paths
 from beit_jax.models import dvae, vit
 from beit_jax.training.checkpointing import abstract_with_shardings
 
@@ -48,28 +50,30 @@ BEIT_KINDS = (MIM, CONVERTED_BEIT, CLASSIFIER)  # Exports of BEiT ViT params (`m
 # ----------------------------------------------------------------------------------
 def write(directory: str | os.PathLike, params: Any, metadata: Mapping[str, Any]) -> str:
   """Writes `directory/params` (Orbax, params only) and `directory/metadata.json`."""
-  directory = epath.Path(directory).absolute()
-  directory.mkdir(parents=True, exist_ok=True)
+  directory = paths.absolute(directory)
+  paths.makedirs(directory)
   with ocp.StandardCheckpointer() as checkpointer:
-    checkpointer.save(directory / PARAMS_DIR, params, force=True)
+    checkpointer.save(paths.path(directory) / PARAMS_DIR, params, force=True)
     checkpointer.wait_until_finished()
   if jax.process_index() == 0:
-    (directory / METADATA_FILE).write_text(json.dumps(dict(metadata), indent=2, sort_keys=True))
-  return str(directory)
+    paths.write_text(
+      os.path.join(directory, METADATA_FILE), json.dumps(dict(metadata), indent=2, sort_keys=True)
+    )
+  return directory
 
 
 def is_export(directory: str | os.PathLike) -> bool:
-  return bool(directory) and (epath.Path(directory) / METADATA_FILE).exists()
+  return bool(directory) and paths.exists(os.path.join(directory, METADATA_FILE))
 
 
 def read_metadata(directory: str | os.PathLike) -> dict[str, Any]:
-  path = epath.Path(directory) / METADATA_FILE
-  if not path.exists():
+  path = os.path.join(directory, METADATA_FILE)
+  if not paths.exists(path):
     raise FileNotFoundError(
       f"{path} not found: {directory} is not a beit_jax params export "
       f"(expected '{PARAMS_DIR}/' and '{METADATA_FILE}' written by a finished run)."
     )
-  return json.loads(path.read_text())
+  return json.loads(paths.read_text(path))
 
 
 def read_metadata_of_kind(
@@ -85,7 +89,7 @@ def read_metadata_of_kind(
 
 def load_params(directory: str | os.PathLike, target: Any) -> Any:
   """Restores exported params into `target` (a pytree of ShapeDtypeStructs with shardings)."""
-  path = epath.Path(directory).absolute() / PARAMS_DIR
+  path = paths.path(paths.absolute(directory)) / PARAMS_DIR
   if not path.exists():
     raise FileNotFoundError(f"No exported params at {path}.")
   with ocp.StandardCheckpointer() as checkpointer:
@@ -196,7 +200,7 @@ def write_mim(
       vit.architecture(model),
       vocab_size=model.vocab_size,
       input_norm=input_norm,
-      tokenizer=os.path.abspath(tokenizer),
+      tokenizer=paths.absolute(tokenizer),
       tokenizer_image_size=int(tokenizer_image_size),
       model=dict(model_config or {}),
       step=int(step),

@@ -25,6 +25,7 @@ from typing import IO, Any
 
 import fsspec
 from etils import epath
+from etils.epath import backend as epath_backend
 
 PathLike = str | os.PathLike
 
@@ -168,11 +169,23 @@ def write_bytes(p: PathLike, data: bytes) -> None:
 
 
 def move(src: PathLike, dst: PathLike) -> None:
-  """Moves a file or folder (on a bucket: copied object by object, then deleted)."""
-  if is_remote(src) or is_remote(dst):
-    path(src).rename(os.fspath(dst))
+  """Moves a file or folder within one filesystem (on a bucket: object by object, with
+  fsspec: epath's rename wants the target's folder to exist, which a bucket has not)."""
+  src, dst = os.fspath(src), os.fspath(dst)
+  if scheme(src) != scheme(dst):
+    raise ValueError(f"Cannot move {src} to {dst}: not on the same filesystem.")
+  if is_remote(src):
+    fs = _filesystem(src)
+    fs.mv(fs._strip_protocol(src), fs._strip_protocol(dst), recursive=True)
+    fs.invalidate_cache()
   else:
-    shutil.move(os.fspath(src), os.fspath(dst))
+    shutil.move(src, dst)
+
+
+def _filesystem(p: str) -> fsspec.AbstractFileSystem:
+  """The fsspec filesystem epath uses for bucket path `p` (one instance, one listing cache,
+  so what is moved here is seen moved through epath)."""
+  return epath_backend.fsspec_backend.fs(p)
 
 
 def _hidden(relative: str) -> bool:
@@ -188,7 +201,8 @@ def list_files(root: PathLike) -> list[str]:
   root = os.fspath(root)
   root = root.rstrip("/") or root
   if is_remote(root):
-    fs, stripped = fsspec.core.url_to_fs(root)
+    fs = _filesystem(root)
+    stripped = fs._strip_protocol(root)
     relative = [name[len(stripped) :].lstrip("/") for name in fs.find(stripped)]
   else:
     relative = []

@@ -22,7 +22,6 @@ import dataclasses
 import datetime
 import email.parser
 import email.policy
-import gc
 import http.server
 import json
 import os
@@ -30,6 +29,7 @@ import re
 import shutil
 import sys
 import threading
+import time
 import urllib.parse
 import uuid
 
@@ -130,6 +130,7 @@ def _rfc3339(seconds: float) -> str:
 
 class _Handler(http.server.BaseHTTPRequestHandler):
   protocol_version = "HTTP/1.1"
+  disable_nagle_algorithm = True  # Headers and body go in two writes.
   server: FakeGcsServer
 
   def log_message(self, *args):
@@ -175,7 +176,9 @@ class _Handler(http.server.BaseHTTPRequestHandler):
     if rest[:3] != ["storage", "v1", "b"] or len(rest) < 4:
       return self._error(404, f"unknown path {url.path}")
     bucket, rest = rest[3], rest[4:]
-    self.server.requests.append((self.command, prefix, bucket, "/".join(rest[1:]), query))
+    self.server.requests.append(
+      (self.command, prefix, bucket, "/".join(rest[1:]), query, time.time())
+    )
     if not rest:
       return self._reply(200, {"kind": "storage#bucket", "name": bucket, "id": bucket})
     if rest[0] != "o":
@@ -453,7 +456,6 @@ def fake_gcs(tmp_path, monkeypatch):
   try:
     yield FakeBucket(root, server)
   finally:
-    gc.collect()  # tensorboardX's gs:// writer uploads once more when collected.
     server.stop()
     _clear_fsspec_caches()
 
@@ -463,6 +465,12 @@ def real_gcsfs(fake_gcs, monkeypatch):
   """`fake_gcs` reached through the real gcsfs (the `gcs` extra) instead of `LocalBucketFS`:
   gcsfs speaks the JSON API to `FakeGcsServer` (STORAGE_EMULATOR_HOST). Skipped without it."""
   gcsfs = pytest.importorskip("gcsfs")
+  if hasattr(gcsfs.GCSFileSystem, "_lookup_bucket_type"):  # gcsfs's zonal/HNS detection:
+
+    async def plain_bucket(self, bucket):  # a gRPC call per request when it cannot tell.
+      return sys.modules["gcsfs.extended_gcsfs"].BucketType.NON_HIERARCHICAL
+
+    monkeypatch.setattr(gcsfs.GCSFileSystem, "_lookup_bucket_type", plain_bucket)
   registry = sys.modules["fsspec.registry"]._registry
   for protocol in ("gs", "gcs"):
     monkeypatch.delitem(registry, protocol, raising=False)
@@ -483,3 +491,10 @@ def no_gcs_backend(monkeypatch):
   _clear_fsspec_caches()
   yield
   _clear_fsspec_caches()
+
+
+@pytest.fixture(params=["LocalBucketFS", "gcsfs"])
+def gcs_bucket(request):
+  """`fake_gcs` through the fsspec fake, then through the real gcsfs (`real_gcsfs`, skipped
+  without it): every test using it runs once with each."""
+  return request.getfixturevalue("fake_gcs" if request.param == "LocalBucketFS" else "real_gcsfs")

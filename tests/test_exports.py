@@ -149,3 +149,31 @@ def test_linear_probe_export_round_trip(tmp_path):
   model, loaded, meta = exports.load_linear_probe(out)
   assert model.depth == depth and meta["eval"]["best_layer"] == 2
   _assert_equal_trees(loaded, probes)
+
+
+def test_exports_on_a_bucket(gcs_bucket):
+  """metadata.json through beit_jax.paths and params/ through Orbax (tensorstore) on gs://;
+  a MIM export keeps its gs:// tokenizer path as it is."""
+  model = dvae.from_config(TOKENIZER_CONFIG)
+  params = _random_like(exports.tokenizer_abstract_params(model, 16))
+  tok = exports.write_tokenizer(gcs_bucket.url("dall_e"), params, TOKENIZER_CONFIG, 16)
+  assert tok == "gs://fake-bucket/dall_e"
+  assert "dall_e/metadata.json" in gcs_bucket.keys()
+  assert any(k.startswith("dall_e/params/") for k in gcs_bucket.keys())
+  assert exports.is_export(tok) and exports.tokenizer_info(tok)["grid"] == 4
+  _, variables, _ = exports.load_tokenizer(tok)
+  _assert_equal_trees(variables["params"], params)
+
+  mim = vit.mim_model("test", image_size=16, patch_size=4, vocab_size=32)
+  out = exports.write_mim(
+    gcs_bucket.url("beit/export/beit"),
+    _random_like(vit.abstract_params(mim)),
+    mim,
+    input_norm="half",
+    tokenizer=tok,
+    tokenizer_image_size=16,
+    step=1,
+  )
+  assert exports.read_metadata(out)["tokenizer"] == "gs://fake-bucket/dall_e"
+  assert not exports.is_export(gcs_bucket.url("nothing"))
+  assert not gcs_bucket.server.errors

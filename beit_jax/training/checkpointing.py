@@ -17,7 +17,8 @@ import grain
 import jax
 import orbax.checkpoint as ocp
 from absl import logging
-from etils import epath
+
+from beit_jax import paths
 
 
 def abstract_with_shardings(abstract: Any, shardings: Any) -> Any:
@@ -38,7 +39,7 @@ class Checkpointer:
     save_interval_steps: int = 1000,
     async_save: bool = True,
   ):
-    self.directory = epath.Path(directory).absolute()
+    self.directory = paths.path(paths.absolute(directory))  # Local or gs://.
     self._manager = ocp.CheckpointManager(
       self.directory,
       item_names=("state", "data"),

@@ -1,7 +1,9 @@
 """Metrics: a progress line with ETA, `workdir/metrics.jsonl` and TensorBoard events.
 
 Only process 0 writes. TensorBoard event files are written with tensorboardX (no
-TensorFlow needed); `tensorboard --logdir WORKDIR/tb` reads them.
+TensorFlow needed); `tensorboard --logdir WORKDIR/tb` reads them. On a bucket workdir
+(`gs://...`) metrics.jsonl is rewritten whole at every record (`paths.Appender`: objects
+cannot be appended to) and tensorboardX writes gs:// itself (google-cloud-storage).
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Any
 
 import jax
 from absl import logging
+
+from beit_jax import paths
 
 
 def format_duration(seconds: float) -> str:
@@ -45,8 +49,7 @@ class MetricWriter:
     self._t0 = time.time()
     self._start_step = None
     if self._active:
-      os.makedirs(workdir, exist_ok=True)
-      self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a", encoding="utf-8")
+      self._jsonl = paths.Appender(os.path.join(workdir, "metrics.jsonl"))
       if tensorboard:
         self._tb = _summary_writer(os.path.join(workdir, "tb"))
 

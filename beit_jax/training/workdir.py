@@ -6,20 +6,23 @@ in the same workdir resumes it; if its identity differs, `check` refuses before 
 is compiled or written, naming the differing keys. `--overwrite` (main.py) moves the old
 run aside into `replaced-<time>/` inside the workdir instead (nothing is deleted) and
 starts afresh. Settings that may change on a resume (total_steps, logging, checkpoint
-interval, eval) are not part of the identity.
+interval, eval) are not part of the identity. The workdir may be on a bucket
+(`gs://BUCKET/run`): its files go through `beit_jax.paths`, and `check` first makes sure
+the bucket's package is installed.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from typing import Any
 
 import jax
 import ml_collections
 from jax.experimental import multihost_utils
+
+from beit_jax import paths
 
 RUN_CONFIG = "config.json"
 IDENTITY = ("task", "model", "input", "mask", "seed")
@@ -53,12 +56,13 @@ def _differences(old: Any, new: Any, prefix: str = "") -> list[str]:
 
 
 def check(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = False) -> None:
-  """Refuses a workdir that holds a run of a different config (see the module doc)."""
+  """Refuses a workdir that holds a run of a different config (see the module doc), or
+  one on a bucket whose package is missing (`paths.StorageBackendMissing`)."""
+  paths.check_storage({"workdir": workdir})
   path = os.path.join(workdir, RUN_CONFIG)
-  if not os.path.exists(path):
+  if not paths.exists(path):
     return
-  with open(path) as f:
-    stored = json.load(f).get("identity", {})
+  stored = json.loads(paths.read_text(path)).get("identity", {})
   diffs = _differences(stored, identity(config))
   if not diffs:
     return
@@ -71,10 +75,10 @@ def check(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = Fal
     )
   if jax.process_index() == 0:
     aside = os.path.join(workdir, time.strftime("replaced-%Y%m%d-%H%M%S"))
-    os.makedirs(aside)
-    for name in os.listdir(workdir):
+    paths.makedirs(aside)
+    for name in paths.listdir(workdir):
       if not name.startswith("replaced-"):
-        shutil.move(os.path.join(workdir, name), os.path.join(aside, name))
+        paths.move(os.path.join(workdir, name), os.path.join(aside, name))
   if jax.process_count() > 1:
     multihost_utils.sync_global_devices("beit_jax.workdir.overwrite")
 
@@ -82,13 +86,7 @@ def check(config: ml_collections.ConfigDict, workdir: str, overwrite: bool = Fal
 def write(config: ml_collections.ConfigDict, workdir: str) -> None:
   """Writes `config.json` once, at the start of the first run in `workdir`."""
   path = os.path.join(workdir, RUN_CONFIG)
-  if jax.process_index() != 0 or os.path.exists(path):
+  if jax.process_index() != 0 or paths.exists(path):
     return
-  os.makedirs(workdir, exist_ok=True)
-  with open(path, "w") as f:
-    json.dump(
-      {"identity": identity(config), "config": _plain(config.to_dict())},
-      f,
-      indent=2,
-      sort_keys=True,
-    )
+  record = {"identity": identity(config), "config": _plain(config.to_dict())}
+  paths.write_text(path, json.dumps(record, indent=2, sort_keys=True))

@@ -76,3 +76,29 @@ def test_restore_into_a_different_model_names_the_first_mismatching_key(tmp_path
   same = ckpt.restore_latest(saved, jax.tree.map(lambda x: x.sharding, saved))
   assert int(same.step) == 0 and same.params["head"].shape == (8,)
   ckpt.close()
+
+
+def test_checkpoints_on_a_bucket(gcs_bucket):
+  """An Orbax checkpoint under gs://: its files through epath (the fsspec fake), its arrays
+  through tensorstore's gcs driver (the fake JSON API server); resume and the params check
+  read it back."""
+  mesh = mesh_lib.make_mesh(ml_collections.ConfigDict(dict(data=8, fsdp=1)))
+  state, shardings = init_sharded(make_state_fn(0), mesh)
+  config = ml_collections.ConfigDict(dict(keep=2, every=1, async_save=True))
+  ckpt = checkpointing.make_checkpointer(gcs_bucket.url("run"), config)
+  assert str(ckpt.directory) == "gs://fake-bucket/run/checkpoints"
+  assert ckpt.save(3, state)
+  ckpt.close()
+  keys = gcs_bucket.keys()
+  assert "run/checkpoints/3/state/_METADATA" in keys
+  assert any(k.startswith("run/checkpoints/3/state/ocdbt.process_0/") for k in keys)
+  assert any(r[1] == "upload" for r in gcs_bucket.server.requests)  # tensorstore's writes.
+  other, _ = init_sharded(make_state_fn(1), mesh)
+  ckpt = checkpointing.make_checkpointer(gcs_bucket.url("run"), config)
+  assert ckpt.latest_step() == 3
+  restored = ckpt.restore_latest(other, shardings)
+  ckpt.close()
+  np.testing.assert_array_equal(
+    np.asarray(restored.params["dense"]["kernel"]), np.asarray(state.params["dense"]["kernel"])
+  )
+  assert not gcs_bucket.server.errors

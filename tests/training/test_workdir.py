@@ -59,3 +59,31 @@ def test_main_refuses_a_workdir_of_another_run_before_anything_starts(tmp_path):
   res = run_main(f"--config={SMALL}:steps=2", f"--workdir={run}", *TINY, devices=1)
   assert res.returncode != 0 and "holds a run of a different config" in res.stderr
   assert sorted(os.listdir(run)) == [workdir.RUN_CONFIG]
+
+
+def test_a_workdir_on_a_bucket(gcs_bucket):
+  """config.json written to and read from gs:// (through beit_jax.paths), and --overwrite
+  moves the old run aside there; nothing lands in a local folder named after the URI."""
+  run = gcs_bucket.url("run")
+  workdir.check(_config(), run)
+  workdir.write(_config(), run)
+  assert gcs_bucket.keys() == ["run/config.json"]
+  stored = json.loads(open(gcs_bucket.local("run/config.json")).read())
+  assert stored["config"]["total_steps"] == 10
+  workdir.check(_config(), run)  # Same identity: resumes.
+  gcs_bucket.server.write("fake-bucket", "run/checkpoints/5/state", b"x")
+  with pytest.raises(ValueError, match=r"model.patch_size: 8 -> 16"):
+    workdir.check(_config(patch_size=16), run)
+  workdir.check(_config(patch_size=16), run, overwrite=True)
+  (aside,) = {k.split("/")[1] for k in gcs_bucket.keys()}
+  assert aside.startswith("replaced-")
+  assert gcs_bucket.keys() == [f"run/{aside}/checkpoints/5/state", f"run/{aside}/config.json"]
+  assert not os.path.exists("gs:")
+
+
+def test_a_bucket_workdir_without_its_package_is_refused_before_it_is_read(
+  fake_gcs, no_gcs_backend
+):
+  with pytest.raises(ImportError, match=r"workdir='gs://fake-bucket/run'.*beit_jax\[gcs\]"):
+    workdir.check(_config(), fake_gcs.url("run"))
+  assert fake_gcs.keys() == []
