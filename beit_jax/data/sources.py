@@ -9,7 +9,8 @@ once). Decoding happens later, inside the input pipeline's workers, through
 
 Sources:
 
-* :class:`ImageFolderSource`: an ImageNet-style folder ``root/<class>/<image>``.
+* :class:`ImageFolderSource`: an ImageNet-style folder ``root/<class>/<image>``, local or
+  on a bucket.
 * :class:`BuiltinPhotosSource`: the real photographs that ship inside the installed
   scikit-image and scikit-learn wheels (no download), so the quick start runs without any
   dataset.
@@ -28,16 +29,17 @@ from typing import Any
 import numpy as np
 from absl import logging
 
+from beit_jax import paths
 from beit_jax.data import decode, tfds_source
 
 Element = dict[str, Any]
 
 
 def _read_bytes(path: str) -> bytes:
-  """Reads a file; unreadable files give ``b''`` (skipped as undecodable)."""
+  """Reads a file (local or on a bucket); unreadable files give ``b''`` (skipped as
+  undecodable)."""
   try:
-    with open(path, "rb") as f:
-      return f.read()
+    return paths.read_bytes(path)
   except OSError as e:
     logging.warning("Could not read %s: %s", path, e)
     return b""
@@ -50,15 +52,6 @@ def _read_bytes(path: str) -> bytes:
 
 def _is_hidden(name: str) -> bool:
   return name.startswith(".")
-
-
-def _list_files(directory: str) -> list[str]:
-  """All non-hidden files under ``directory`` (recursive), sorted."""
-  files = []
-  for dirpath, dirnames, filenames in os.walk(directory, followlinks=True):
-    dirnames[:] = sorted(d for d in dirnames if not _is_hidden(d))
-    files.extend(os.path.join(dirpath, f) for f in filenames if not _is_hidden(f))
-  return sorted(files)
 
 
 class _ListedSource:
@@ -92,6 +85,10 @@ class ImageFolderSource(_ListedSource):
   If ``root`` has no sub-folders, the files directly in ``root`` form a single
   class named after ``root``. If it has sub-folders, files directly in ``root``
   are ignored (with a warning).
+
+  ``root`` may be on a bucket (``gs://BUCKET/train``, through
+  :mod:`beit_jax.paths`): the files are then listed in one recursive listing and
+  read one request per image.
   """
 
   def __init__(self, root: str | os.PathLike):
@@ -100,16 +97,21 @@ class ImageFolderSource(_ListedSource):
       "expected an image folder laid out as ROOT/<class_name>/<image file>"
       " (ImageNet style), or image files directly in ROOT for a single class"
     )
-    if not os.path.isdir(root):
+    if not paths.isdir(root):
       raise FileNotFoundError(
         f"Image folder {root!r} does not exist or is not a directory; {expected}."
       )
-    entries = sorted(e for e in os.listdir(root) if not _is_hidden(e))
-    class_dirs = [e for e in entries if os.path.isdir(os.path.join(root, e))]
-    paths: list[str] = []
+    entries = [e for e in paths.listdir(root) if not _is_hidden(e)]
+    class_dirs = [e for e in entries if paths.isdir(os.path.join(root, e))]
+    by_top: dict[str, list[str]] = {}  # First folder below root ('' = root) -> files.
+    prefix = len(root.rstrip("/") or root) + 1
+    for file in paths.list_files(root):
+      top, sep, _ = file[prefix:].partition("/")
+      by_top.setdefault(top if sep else "", []).append(file)
+    files: list[str] = []
     labels: list[int] = []
     if class_dirs:
-      loose = [e for e in entries if os.path.isfile(os.path.join(root, e))]
+      loose = by_top.get("", [])
       if loose:
         logging.warning(
           "Image folder %s has class sub-folders; ignoring %d file(s) directly in it (e.g. %s).",
@@ -119,20 +121,19 @@ class ImageFolderSource(_ListedSource):
         )
       class_names = class_dirs
       for label, name in enumerate(class_dirs):
-        files = _list_files(os.path.join(root, name))
-        paths.extend(files)
-        labels.extend([label] * len(files))
+        files.extend(by_top.get(name, []))
+        labels.extend([label] * len(by_top.get(name, [])))
     else:
-      class_names = [os.path.basename(os.path.normpath(root)) or "images"]
-      paths = [os.path.join(root, e) for e in entries if os.path.isfile(os.path.join(root, e))]
-      labels = [0] * len(paths)
-    if not paths:
+      class_names = [paths.basename(os.path.normpath(root)) or "images"]
+      files = by_top.get("", [])
+      labels = [0] * len(files)
+    if not files:
       raise FileNotFoundError(
         f"Image folder {root!r} contains no files (found {len(class_dirs)}"
         f" class folder(s)); {expected}."
       )
     self._root = root
-    self._paths = paths
+    self._paths = files
     self._labels = np.asarray(labels, dtype=np.int32)
     self._class_names = list(class_names)
 
@@ -289,11 +290,11 @@ def make_source(data_config: Any, split: str) -> Any | None:
   if kind == "builtin":
     return BuiltinPhotosSource()
   if kind == "folder":
-    path = os.path.expanduser(str(data_config.path))
+    path = paths.expand(str(data_config.path))
     if not path:
       raise ValueError("data.source='folder' needs data.path (the image root).")
     split_dir = os.path.join(path, split)
-    if os.path.isdir(split_dir):
+    if paths.isdir(split_dir):
       return ImageFolderSource(split_dir)
     if split == data_config.train_split:
       return ImageFolderSource(path)

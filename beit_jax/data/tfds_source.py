@@ -6,6 +6,10 @@ without TensorFlow installed), as a Grain ``RandomAccessDataSource`` of
 ``{'image': bytes, 'label': np.int32}`` like the other sources.
 :func:`write_tfds_image_dataset` writes a small image classification dataset in that
 format from images (for tests, or to convert an image folder).
+
+`data_dir` may be on a bucket (`gs://BUCKET/tfds`): TFDS reads the dataset's metadata
+through `etils.epath` (gcsfs without TensorFlow) and array_record's C++ reader the
+records (its own GCS client).
 """
 
 from __future__ import annotations
@@ -20,6 +24,8 @@ from typing import Any
 import numpy as np
 import tensorflow_datasets as tfds
 from PIL import Image
+
+from beit_jax import paths
 
 Element = dict[str, Any]
 ImageLike = bytes | Image.Image | np.ndarray | str | os.PathLike
@@ -162,8 +168,7 @@ def _encode_for_tfds(image: ImageLike) -> bytes:
   if isinstance(image, (bytes, bytearray, memoryview)):
     return bytes(image)
   if isinstance(image, (str, os.PathLike)):
-    with open(image, "rb") as f:
-      return f.read()
+    return paths.read_bytes(image)
   if isinstance(image, np.ndarray):
     image = Image.fromarray(image)
   if isinstance(image, Image.Image):

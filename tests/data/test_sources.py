@@ -91,6 +91,31 @@ def test_make_source_folder_splits(tmp_path):
     sources.make_source(_data_config(source="csv"), "train")
 
 
+def test_image_folder_on_a_bucket(gcs_bucket):
+  """The layout test's folder under gs://: one recursive listing, bytes read through
+  beit_jax.paths; make_source finds the split folders there."""
+  root = gcs_bucket.local("images/train")
+  _write_png(os.path.join(root, "zebra", "b.png"), 0)
+  _write_png(os.path.join(root, "apple", "sub", "c.png"), 2)
+  _write_png(os.path.join(root, "apple", ".hidden", "d.png"), 3)
+  with open(os.path.join(root, "apple", ".DS_Store"), "wb") as f:
+    f.write(b"\0")
+  _write_png(gcs_bucket.local("images/validation/apple/e.png"), 4)
+  url = gcs_bucket.url("images/train")
+  src = sources.ImageFolderSource(url)
+  assert src.class_names == ["apple", "zebra"] and list(src.labels) == [0, 1]
+  assert src.paths == [f"{url}/apple/sub/c.png", f"{url}/zebra/b.png"]
+  with open(os.path.join(root, "zebra", "b.png"), "rb") as f:
+    assert src[1]["image"] == f.read()
+  assert decode.decode_image(src[0]["image"]).shape == (20, 24, 3)
+  cfg = _data_config(source="folder", path=gcs_bucket.url("images"))
+  assert len(sources.make_source(cfg, "train")) == 2
+  assert sources.make_source(cfg, "validation").class_names == ["apple"]
+  with pytest.raises(FileNotFoundError, match="does not exist"):
+    sources.ImageFolderSource(gcs_bucket.url("nothing"))
+  assert not gcs_bucket.server.errors
+
+
 # ----------------------------------------------------------------------------
 # BuiltinPhotosSource.
 # ----------------------------------------------------------------------------

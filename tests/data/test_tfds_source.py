@@ -102,3 +102,22 @@ def test_tfds_missing_dataset_or_split_errors(tmp_path):
   )
   with pytest.raises(ValueError, match="'validation'.*train"):
     tfds_source.tfds_source("tiny_only_train", "validation", data_dir)
+
+
+def test_tfds_data_dir_on_a_bucket(gcs_bucket):
+  """data_dir=gs://...: TFDS reads the dataset's metadata through epath (the fsspec fake or
+  gcsfs) and array_record's C++ reader the records from the fake JSON API server
+  (CLOUD_STORAGE_EMULATOR_ENDPOINT); no TensorFlow."""
+  train = [(_noise(i), i % 2) for i in range(4)]
+  tfds_source.write_tfds_image_dataset("tiny_gs_images", gcs_bucket.local("tfds"), {"train": train})
+  gcs_bucket.server.requests.clear()
+  cfg = _data_config(source="tfds", name="tiny_gs_images", data_dir=gcs_bucket.url("tfds"))
+  src = sources.make_source(cfg, "train")
+  assert len(src) == 4 and src.num_classes == 2
+  local = tfds_source.TfdsSource("tiny_gs_images", "train", gcs_bucket.local("tfds"))
+  for i in range(4):  # The same records as read from the folder behind the bucket.
+    assert src[i]["image"] == local[i]["image"] and src[i]["label"] == local[i]["label"]
+  assert decode.decode_image(src[0]["image"]).shape == (32, 40, 3)
+  record_reads = [r for r in gcs_bucket.server.requests if ".array_record" in r[3]]
+  assert record_reads and all(r[0] == "GET" for r in record_reads)
+  assert not gcs_bucket.server.errors
