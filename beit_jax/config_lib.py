@@ -15,6 +15,7 @@ from typing import Any
 
 import ml_collections
 
+from beit_jax import paths
 from beit_jax.training import optim
 
 
@@ -153,8 +154,20 @@ def check_positive(config: ml_collections.ConfigDict, *keys: str, allow_zero: bo
       raise ValueError(f"config.{key}={value!r} must be {'>= 0' if allow_zero else '> 0'}.")
 
 
+def check_storage(config: ml_collections.ConfigDict, workdir: str = "") -> None:
+  """Every bucket path of the config (data dir, tokenizer, pretrained weights, exports:
+  any value `gs://...`), and `workdir`, can be opened here: else one line naming the
+  package to install (`paths.StorageBackendMissing`: `pip install "beit_jax[gcs]"`)."""
+  named = paths.remote_values(config)
+  if workdir:
+    named["--workdir"] = workdir
+  paths.check_storage(named)
+
+
 def check_data(config: ml_collections.ConfigDict) -> None:
-  """The data section names an existing source."""
+  """The data section names an existing source; and, as every task's checks start here,
+  the config's bucket paths can be opened (`check_storage`)."""
+  check_storage(config)
   check_choice(config, "data.source", ("builtin", "folder", "tfds"))
   if config.data.source == "folder" and not config.data.path:
     raise ValueError(

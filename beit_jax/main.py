@@ -20,6 +20,7 @@ import jax
 from absl import app, flags, logging
 from ml_collections import config_flags
 
+from beit_jax import config_lib
 from beit_jax.training import distributed
 from beit_jax.training import workdir as workdir_lib
 
@@ -72,10 +73,12 @@ def default_workdir(config_path: str) -> str:
 
 def run_task(config, workdir: str, overwrite: bool = False) -> None:
   """Dispatches to `train_and_evaluate(config, workdir)` of the task's module, after
-  checking that `workdir` does not hold a run of another config."""
+  checking that the config's bucket paths and `workdir` can be opened here and that
+  `workdir` does not hold a run of another config."""
   task = config.get("task")
   if task not in TASKS:
     raise ValueError(f"config.task={task!r} is not a known task; choose one of {sorted(TASKS)}.")
+  config_lib.check_storage(config, workdir)  # Before the workdir is read.
   workdir_lib.check(config, workdir, overwrite)
   importlib.import_module(TASKS[task]).train_and_evaluate(config, workdir)
 

@@ -2,7 +2,7 @@
 # Run a beit_jax job on a Cloud TPU VM pod slice (every host runs the same command).
 #
 #   launch/tpu_pod.sh create                       # make the slice ($TPU_NAME, $ZONE, $ACCELERATOR, $TPU_VERSION)
-#   launch/tpu_pod.sh setup                        # copy this checkout to every host, install with [tpu]
+#   launch/tpu_pod.sh setup                        # copy this checkout to every host, install [tpu,gcs]
 #   launch/tpu_pod.sh run CONFIG WORKDIR [--config.key=value ...]
 #   launch/tpu_pod.sh delete                       # tear the slice down
 #
@@ -33,7 +33,7 @@ case "$cmd" in
     gcloud compute tpus tpu-vm scp /tmp/beit_jax_src.tar.gz "$TPU_NAME":/tmp/ \
       --zone="$ZONE" --worker=all
     ssh_all "mkdir -p $REMOTE_DIR && tar -xzf /tmp/beit_jax_src.tar.gz -C $REMOTE_DIR && \
-      cd $REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu]'" ;;
+      cd $REMOTE_DIR && python3 -m venv .venv && .venv/bin/pip install -q -e '.[tpu,gcs]'" ;;
   run)
     [ $# -ge 2 ] || { sed -n '2,16p' "$0"; exit 2; }
     config=$1; workdir=$2; shift 2

@@ -1,9 +1,14 @@
 """Config building blocks: the ':ARGS' parser, the value checks, configs built on others."""
 
+import importlib
+import os
+
 import ml_collections
 import pytest
 
-from beit_jax import config_lib
+from beit_jax import config_lib, main, paths
+
+CONFIGS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs")
 
 
 def test_parse_arg_types_follow_the_defaults():
@@ -47,3 +52,37 @@ def test_injected_nonfinite_steps_drop_the_placeholder():
   config.nonfinite.inject_at_steps = (3, 5)
   assert config_lib.injected_nonfinite_steps(config) == (3, 5)
   assert config_lib.injected_nonfinite_steps(ml_collections.ConfigDict()) == ()
+
+
+@pytest.mark.parametrize(
+  "config_file, key, value",
+  [
+    ("dvae_small.py", "data.path", "gs://fake-bucket/images"),
+    ("pretrain_small.py", "data.data_dir", "gs://fake-bucket/tfds"),
+    ("pretrain_base.py", "tokenizer.path", "gs://fake-bucket/dall_e"),
+    ("finetune_small.py", "pretrained", "gs://fake-bucket/beit/export/beit"),
+    ("linear_probe_small.py", "data.data_dir", "gs://fake-bucket/tfds"),
+  ],
+)
+def test_every_task_check_stops_at_a_bucket_path_without_its_package(
+  config_file, key, value, no_gcs_backend
+):
+  """Each task's check_config starts with check_data, which checks the storage of every
+  gs:// value of the config: one line naming the package, before any file is read."""
+  config = config_lib.load_config_file(os.path.join(CONFIGS, config_file))
+  section, _, leaf = key.rpartition(".")
+  (config_lib.get(config, section) if section else config)[leaf] = value
+  task = importlib.import_module(main.TASKS[config.task])
+  with pytest.raises(paths.StorageBackendMissing) as e:
+    task.check_config(config)
+  assert str(e.value) == (
+    f"config.{key}='{value}': gs:// paths need gcsfs, which is not installed: "
+    'pip install "beit_jax[gcs]".'
+  )
+
+
+def test_check_storage_names_the_workdir_too(no_gcs_backend):
+  config = ml_collections.ConfigDict(dict(data=config_lib.data_config()))
+  config_lib.check_storage(config, "runs/x")  # Nothing on a bucket.
+  with pytest.raises(ImportError, match=r"--workdir='gs://b/run': gs:// paths need gcsfs"):
+    config_lib.check_storage(config, "gs://b/run")

@@ -23,14 +23,17 @@ the file and needs the `dall_e` package); state dicts saved with torch.save load
 `{'model': state_dict}` (with `relative_position_index` buffers), loadable by unilm's
 `modeling_pretrain` / `modeling_finetune` models and timm's `beit` (strict=False there
 for the index buffers).
+
+Every path may be on a bucket (`gs://BUCKET/...`, with `pip install "beit_jax[gcs]"`).
 """
 
 from __future__ import annotations
 
 import argparse
+import io
 import time
 
-from beit_jax import exports
+from beit_jax import exports, paths
 from beit_jax.convert import beit, dalle
 
 
@@ -53,6 +56,10 @@ def main(argv=None) -> None:
   t.add_argument("export_dir")
   t.add_argument("out")
   args = parser.parse_args(argv)
+  try:
+    paths.check_storage({k: v for k, v in vars(args).items() if isinstance(v, str)})
+  except paths.StorageBackendMissing as e:
+    raise SystemExit(str(e)) from e
 
   t0 = time.perf_counter()
   if args.kind == "to_pth":
@@ -60,7 +67,9 @@ def main(argv=None) -> None:
 
     _, params, meta = exports.load_pretrained(args.export_dir)
     sd = beit.flax_to_unilm(params, grid=meta["image_size"] // meta["patch_size"])
-    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, args.out)
+    buf = io.BytesIO()
+    torch.save({"model": {k: torch.from_numpy(v) for k, v in sd.items()}}, buf)
+    paths.write_bytes(args.out, buf.getvalue())
     print(f"Wrote {len(sd)} tensors to {args.out} in {time.perf_counter() - t0:.1f} s.")
     return
   if args.kind == "dalle":

@@ -18,20 +18,27 @@ which heads and position terms exist.
 
 from __future__ import annotations
 
+import io
 import math
 import re
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 import flax
 import numpy as np
 
+from beit_jax import paths
 from beit_jax.models import vit
 
 CONTAINER_KEYS = ("model", "state_dict", "module")
 PREFIXES = ("module.", "backbone.", "encoder.")
 DROPPED_SUFFIXES = ("relative_position_index", "attn.k_bias")
 _HEADS_BY_WIDTH = {d: h for d, _, h in vit.VARIANTS.values()}
+
+
+def torch_file(path: str) -> str | IO[bytes]:
+  """What `torch.load` reads for `path`: a local path as it is, a bucket file's bytes."""
+  return io.BytesIO(paths.read_bytes(path)) if paths.is_remote(path) else path
 
 
 def load_torch_checkpoint(path: str) -> Mapping[str, Any]:
@@ -44,7 +51,7 @@ def load_torch_checkpoint(path: str) -> Mapping[str, Any]:
       'Reading PyTorch checkpoints needs torch: pip install -e ".[convert]".'
     ) from e
   try:
-    return torch.load(path, map_location="cpu", weights_only=True)
+    return torch.load(torch_file(path), map_location="cpu", weights_only=True)
   except FileNotFoundError:
     raise
   except Exception as e:  # UnpicklingError for anything but tensors and containers.

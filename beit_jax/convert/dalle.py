@@ -42,7 +42,7 @@ def load_dalle_state_dict(path: str, trust_pickle: bool = False) -> dict[str, np
     warnings.warn(
       f"Unpickling {path} with weights_only=False: this runs code from the file.", stacklevel=2
     )
-    module = torch.load(path, map_location="cpu", weights_only=False)
+    module = torch.load(beit_convert.torch_file(path), map_location="cpu", weights_only=False)
     sd = module.state_dict() if hasattr(module, "state_dict") else module
   return {
     k: np.asarray(v.detach().cpu().numpy() if hasattr(v, "detach") else v, np.float32)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from beit_jax import exports
+from beit_jax import exports, paths
 from beit_jax.data import sources
 from beit_jax.viz import pictures
 
@@ -63,6 +63,17 @@ def main(argv: Sequence[str] | None = None) -> None:
   parser.add_argument("--num_images", type=int, default=4)
   parser.add_argument("--seed", type=int, default=0)
   args = parser.parse_args(argv)
+  try:
+    paths.check_storage(
+      {
+        "--workdir": args.workdir,
+        "--export": args.export,
+        "--out": args.out,
+        "--folder": args.folder,
+      }
+    )
+  except paths.StorageBackendMissing as e:
+    raise SystemExit(str(e)) from e
   export = args.export or os.path.join(args.workdir, "export", "beit")
   if not exports.is_export(export):
     raise SystemExit(

@@ -7,16 +7,16 @@ uint8 array; `beit_jax/viz/pictures.py` feeds them from a model.
 from __future__ import annotations
 
 import colorsys
+import io
 import json
 import math
-import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
 
-from beit_jax import pixels
+from beit_jax import paths, pixels
 
 GREY = 128
 Array = np.ndarray
@@ -55,8 +55,10 @@ def upscale_all(images: Array, factor: int) -> Array:
 
 
 def save_png(image: Array, path: str) -> str:
-  os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-  Image.fromarray(np.asarray(image, np.uint8)).save(path)
+  """Writes a PNG (local or on a bucket, through `beit_jax.paths`); returns `path`."""
+  buf = io.BytesIO()
+  Image.fromarray(np.asarray(image, np.uint8)).save(buf, format="PNG")
+  paths.write_bytes(path, buf.getvalue())
   return path
 
 
@@ -190,8 +192,7 @@ def attention_figure(images: Array, maps: Array) -> Array:
 
 # -- Training curves ---------------------------------------------------------------------
 def read_metrics(path: str, split: str = "train") -> list[dict[str, Any]]:
-  with open(path) as f:
-    return [r for r in map(json.loads, f) if r.get("split") == split]
+  return [r for r in map(json.loads, paths.lines(path)) if r.get("split") == split]
 
 
 def curves_figure(

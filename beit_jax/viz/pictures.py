@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import logging
 
-from beit_jax import pixels
+from beit_jax import paths, pixels
 from beit_jax.data import decode, masking, transforms
 from beit_jax.models import dvae, vit
 from beit_jax.training import metrics as metrics_lib
@@ -154,7 +154,7 @@ def write_pictures(
   `metrics_path` if it exists), and the same images into TensorBoard under
   `tensorboard_workdir/tb` at `step`; returns name -> path."""
   pictures = dict(pictures)
-  if metrics_path and os.path.exists(metrics_path):
+  if metrics_path and paths.exists(metrics_path):
     records = figures.read_metrics(metrics_path)
     if records:
       pictures["curves"] = figures.curves_figure(records)
@@ -177,14 +177,14 @@ def checkpoint_painter(
 
   def paint(state: Any, step: int) -> None:
     try:
-      paths = write_pictures(
+      written = write_pictures(
         draw(state),
         os.path.join(workdir, "pictures"),
         step,
         os.path.join(workdir, "metrics.jsonl"),
         workdir if tensorboard else None,
       )
-      logging.info("Pictures at step %d: %s", step, os.path.dirname(next(iter(paths.values()))))
+      logging.info("Pictures at step %d: %s", step, os.path.dirname(next(iter(written.values()))))
     except Exception as e:
       logging.warning("Could not draw the pictures at step %d: %s", step, e)
 

@@ -219,3 +219,30 @@ def test_cli_converts_a_torch_checkpoint_to_a_loadable_export(tmp_path):
   torch.save({"model": NotWeights()}, bad)
   with pytest.raises(ValueError, match="pickled code"):
     convert.load_torch_checkpoint(str(bad))
+
+
+def test_cli_reads_and_writes_a_bucket(fake_gcs):
+  """`convert beit gs://.../beit.pth gs://.../converted` in process: the .pth read through
+  beit_jax.paths, the export written to the bucket."""
+  import torch
+
+  from beit_jax.convert import __main__ as convert_cli
+
+  model = vit.mim_model("test", image_size=16, patch_size=4, vocab_size=30)
+  sd = random_unilm_state_dict(model, seed=6)
+  torch.save(
+    {"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in sd.items()}},
+    fake_gcs.local("beit.pth"),
+  )
+  convert_cli.main(["beit", fake_gcs.url("beit.pth"), fake_gcs.url("converted")])
+  assert "converted/metadata.json" in fake_gcs.keys()
+  _, params, meta = exports.load_pretrained(fake_gcs.url("converted"))
+  assert meta["source"] == fake_gcs.url("beit.pth")
+  np.testing.assert_array_equal(np.asarray(params["cls_token"]).ravel(), sd["cls_token"].ravel())
+
+
+def test_cli_with_a_bucket_path_and_no_gcsfs_says_what_to_install(no_gcs_backend):
+  from beit_jax.convert import __main__ as convert_cli
+
+  with pytest.raises(SystemExit, match=r"^src='gs://fake-bucket/beit.pth': gs:// paths need gcsfs"):
+    convert_cli.main(["beit", "gs://fake-bucket/beit.pth", "/tmp/out"])

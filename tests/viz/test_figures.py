@@ -43,3 +43,14 @@ def test_curves_from_metrics_records():
   assert (figures.curves_figure(records[:5]) != fig).any()
   with pytest.raises(ValueError, match="None of"):
     figures.curves_figure(records, keys=("mlm_acc",))
+
+
+def test_png_and_metrics_on_a_bucket(fake_gcs):
+  image = np.zeros((8, 8, 3), np.uint8)
+  out = figures.save_png(image, fake_gcs.url("run/pictures/x.png"))
+  assert out == "gs://fake-bucket/run/pictures/x.png" and fake_gcs.keys() == ["run/pictures/x.png"]
+  with open(fake_gcs.local("run/metrics.jsonl"), "w") as f:
+    f.write('{"step": 1, "split": "train", "loss": 2.0}\n{"step": 1, "split": "eval"}\n')
+  assert figures.read_metrics(fake_gcs.url("run/metrics.jsonl")) == [
+    {"step": 1, "split": "train", "loss": 2.0}
+  ]
