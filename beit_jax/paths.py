@@ -16,7 +16,6 @@ GCS reader; TFDS reads the dataset's metadata through epath) and TensorBoard eve
 
 from __future__ import annotations
 
-import fnmatch
 import os
 import re
 import shutil
@@ -108,10 +107,6 @@ def expand(p: PathLike) -> str:
   """`~` expanded in a local path; a URI as it is."""
   p = os.fspath(p)
   return p if is_remote(p) else os.path.expanduser(p)
-
-
-def join(first: PathLike, *rest: str) -> str:
-  return os.path.join(os.fspath(first), *rest)
 
 
 def basename(p: PathLike) -> str:
@@ -211,11 +206,6 @@ def list_files(root: PathLike) -> list[str]:
       rel = os.path.relpath(dirpath, root).replace(os.sep, "/")
       relative.extend(f if rel == "." else f"{rel}/{f}" for f in filenames)
   return sorted(f"{root}/{r}" for r in relative if r and not _hidden(r))
-
-
-def glob(root: PathLike, pattern: str) -> list[str]:
-  """The names in folder `root` matching `pattern` (one level, no '**'), sorted."""
-  return [n for n in listdir(root) if fnmatch.fnmatch(n, pattern)] if isdir(root) else []
 
 
 # ----------------------------------------------------------------------------------

@@ -93,6 +93,7 @@ class ImageFolderSource(_ListedSource):
 
   def __init__(self, root: str | os.PathLike):
     root = os.fspath(root)
+    paths.check_storage({"image folder": root})
     expected = (
       "expected an image folder laid out as ROOT/<class_name>/<image file>"
       " (ImageNet style), or image files directly in ROOT for a single class"

@@ -7,9 +7,10 @@ without TensorFlow installed), as a Grain ``RandomAccessDataSource`` of
 :func:`write_tfds_image_dataset` writes a small image classification dataset in that
 format from images (for tests, or to convert an image folder).
 
-`data_dir` may be on a bucket (`gs://BUCKET/tfds`): TFDS reads the dataset's metadata
-through `etils.epath` (gcsfs without TensorFlow) and array_record's C++ reader the
-records (its own GCS client).
+`data_dir` may be on a bucket (`gs://BUCKET/tfds`) for reading: TFDS reads the dataset's
+metadata through `etils.epath` (gcsfs without TensorFlow) and array_record's C++ reader
+the records (its own GCS client). Writing goes to a local folder (array_record's writer
+has no GCS client), copied to the bucket afterwards.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class TfdsSource:
     image_key: str = "image",
   ):
     data_dir = data_dir or None
+    paths.check_storage({"data_dir": data_dir})  # Else TFDS reports the dataset missing.
     shown_dir = data_dir or ("<TFDS default: $TFDS_DATA_DIR or ~/tensorflow_datasets>")
     where = f"TFDS dataset {name!r} (split {split!r}, data_dir {shown_dir!r})"
     hint = (
@@ -221,6 +223,11 @@ def write_tfds_image_dataset(
   Returns:
     The directory of the prepared dataset (``data_dir/name/version``).
   """
+  if paths.is_remote(data_dir):  # array_record's C++ writer opens gs:// as a local file.
+    raise ValueError(
+      f"data_dir={os.fspath(data_dir)!r}: ArrayRecord files cannot be written to a bucket "
+      "here; write them to a local folder, then copy it (gcloud storage cp -r DIR gs://...)."
+    )
   if not re.fullmatch(r"[a-z][a-z0-9_]*", name):
     raise ValueError(f"TFDS dataset name must be snake_case, got {name!r}.")
   if not splits:

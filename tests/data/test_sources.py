@@ -137,3 +137,8 @@ def test_builtin_photos():
   cfg = _data_config(source="builtin")
   assert len(sources.make_source(cfg, "train")) == len(src)
   assert len(sources.make_source(cfg, "validation")) == len(src)
+
+
+def test_image_folder_on_a_bucket_without_gcsfs_names_the_package(no_gcs_backend):
+  with pytest.raises(ImportError, match=r"image folder='gs://b/train': gs:// paths need gcsfs"):
+    sources.ImageFolderSource("gs://b/train")

@@ -121,3 +121,14 @@ def test_tfds_data_dir_on_a_bucket(gcs_bucket):
   record_reads = [r for r in gcs_bucket.server.requests if ".array_record" in r[3]]
   assert record_reads and all(r[0] == "GET" for r in record_reads)
   assert not gcs_bucket.server.errors
+
+
+def test_tfds_data_dir_on_a_bucket_without_gcsfs_names_the_package(no_gcs_backend):
+  """Not TFDS's "dataset not found" (it swallows the missing backend)."""
+  with pytest.raises(ImportError, match=r"data_dir='gs://b/tfds': gs:// paths need gcsfs"):
+    tfds_source.TfdsSource("x", "train", data_dir="gs://b/tfds")
+
+
+def test_tfds_writing_to_a_bucket_says_to_write_locally_then_copy():
+  with pytest.raises(ValueError, match="write them to a local folder, then copy"):
+    tfds_source.write_tfds_image_dataset("x", "gs://b/tfds", {"train": [(_noise(0), 0)]})
