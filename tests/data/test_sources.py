@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from beit_jax.data import decode, sources
+from beit_jax.data import decode, pipeline, sources, transforms
 
 
 def _noise(seed: int, h: int = 32, w: int = 40) -> np.ndarray:
@@ -142,3 +142,29 @@ def test_builtin_photos():
 def test_image_folder_on_a_bucket_without_gcsfs_names_the_package(no_gcs_backend):
   with pytest.raises(ImportError, match=r"image folder='gs://b/train': gs:// paths need gcsfs"):
     sources.ImageFolderSource("gs://b/train")
+
+
+def test_a_bucket_folder_read_by_grain_worker_processes(real_gcsfs):
+  """Grain's spawned workers (num_workers=2) read the images of a gs:// folder themselves:
+  through gcsfs, which reaches the fake server from the inherited STORAGE_EMULATOR_HOST."""
+  for i in range(8):
+    _write_png(real_gcsfs.local(f"images/c{i % 2}/{i}.png"), i)
+  src = sources.ImageFolderSource(real_gcsfs.url("images"))
+  it = pipeline.make_train_iterator(
+    src,
+    transforms.CenterCropTransform(16, key="image"),
+    global_batch_size=4,
+    seed=0,
+    process_index=0,
+    process_count=1,
+    num_workers=2,
+    read_threads=2,
+    prefetch_buffer_size=8,
+  )
+  try:
+    batches = [next(it) for _ in range(2)]
+  finally:
+    it.close()
+  assert all(b["image"].shape == (4, 16, 16, 3) for b in batches)
+  assert sorted(int(x) for b in batches for x in b["label"]) == [0, 0, 0, 0, 1, 1, 1, 1]
+  assert not real_gcsfs.server.errors
