@@ -222,6 +222,56 @@ def compile_step(
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class OutOfMemory:
+  """The TPU compiler refused the step: its temporaries alone exceed the chip's HBM (it
+  stops there, so there is no memory or cost analysis to report)."""
+
+  message: str
+  required_bytes: float | None  # The compiler's "memory required for HLO temporaries".
+  available_bytes: float | None
+
+  @classmethod
+  def from_message(cls, message: str) -> OutOfMemory:
+    units = {"K": 2**10, "M": 2**20, "G": 2**30, "T": 2**40}
+    match = re.search(r"\(([\d.]+)([KMGT])\) exceeds available HBM \(([\d.]+)([KMGT])\)", message)
+    if not match:
+      return cls(message.strip().splitlines()[0], None, None)
+    need, available = (float(match.group(i)) * units[match.group(i + 1)] for i in (1, 3))
+    return cls(message.strip().splitlines()[0], need, available)
+
+
+def compile_or_oom(
+  config: ml_collections.ConfigDict, mesh: Mesh, num_classes: int = 1000
+) -> Compiled | OutOfMemory:
+  """`compile_step`, or what the TPU compiler said when the step does not fit in HBM."""
+  try:
+    return compile_step(config, mesh, num_classes)
+  except jax.errors.JaxRuntimeError as e:
+    if "RESOURCE_EXHAUSTED" not in str(e):
+      raise
+    return OutOfMemory.from_message(str(e))
+
+
+def format_out_of_memory(
+  oom: OutOfMemory, topology: str, config: ml_collections.ConfigDict, devices: int
+) -> str:
+  batch = config.input.batch_size
+  need = (
+    f"the step's temporaries alone need {oom.required_bytes / GiB:.2f} GiB of the "
+    f"{oom.available_bytes / GiB:.2f} GiB of HBM a device has"
+    if oom.required_bytes
+    else oom.message
+  )
+  return (
+    f"topology {topology}: {devices} devices; {config.task} {model_name(config)} "
+    f"{config.input.image_size} px, batch {batch} ({batch / devices:g} per chip): DOES NOT "
+    f"FIT: {need} (the TPU compiler: {oom.message})\n"
+    "  -> try --config.model.remat=True, a larger --config.mesh.fsdp, or a smaller "
+    "--config.input.batch_size (--find_max_batch finds the largest that fits)."
+  )
+
+
 @dataclasses.dataclass
 class AbstractStep:
   """A task's train step and its abstract inputs with their shardings over a mesh: the
@@ -503,7 +553,8 @@ def find_max_batch(
   def fits(per_chip: int) -> bool:
     trial = ml_collections.ConfigDict(config.to_dict())
     trial.input.batch_size = per_chip * mesh.size
-    return report(compile_step(trial, mesh, num_classes), chip).fits
+    compiled = compile_or_oom(trial, mesh, num_classes)
+    return not isinstance(compiled, OutOfMemory) and report(compiled, chip).fits
 
   if not fits(1):
     return 0
@@ -559,8 +610,11 @@ def main(argv: Sequence[str]) -> None:
   chip = per_device(chip, len(devices) // (grid_chips(topology) * args.num_slices))
   mesh = make_mesh(config, devices, args.num_slices)
   name = f"{topology}" + (f" x {args.num_slices} slices" if args.num_slices > 1 else "")
-  compiled = compile_step(config, mesh, args.num_classes)
-  print(format_report(report(compiled, chip), name, for_tpu(config)))
+  compiled = compile_or_oom(config, mesh, args.num_classes)
+  if isinstance(compiled, OutOfMemory):
+    print(format_out_of_memory(compiled, name, for_tpu(config), mesh.size))
+  else:
+    print(format_report(report(compiled, chip), name, for_tpu(config)))
   if args.pieces:
     for piece, executable in compile_pieces(config, mesh).items():
       costs = cost(executable)

@@ -68,9 +68,19 @@ def row(model: str, spec: str) -> str:
   slices = int(slices or 1)
   config = load(model)
   chip, mesh = mesh_for(config, topology, slices)
-  r = aot.report(aot.compile_step(config, mesh), chip)
-  kind = "C" if r.compiler_seconds else "R"
   name = topology + (f" x {slices}" if slices > 1 else "")
+  start = time.perf_counter()
+  compiled = aot.compile_or_oom(config, mesh)
+  if isinstance(compiled, aot.OutOfMemory):
+    batch = config.input.batch_size
+    need = compiled.required_bytes or float("nan")
+    return (
+      f"| {model} | {name} | {batch} ({batch / mesh.size:g}) | > {need / GiB:.2f} / "
+      f"{chip.hbm_bytes / GiB:.0f} (temporaries alone) | **no** | - | - | - | - | - | - | "
+      f"{time.perf_counter() - start:.0f} s |"
+    )
+  r = aot.report(compiled, chip)
+  kind = "C" if r.compiler_seconds else "R"
   chips = r.chips // (chip.cores_in_name if chip.name.endswith("TensorCore") else 1)
   images, label = MODELS[model][1], MODELS[model][2]
   per_second = r.global_batch / r.step_seconds
@@ -92,10 +102,13 @@ def max_batch(model: str, chip_kind: str, remat: bool) -> tuple[int, str]:
   config.model.remat = remat
   chip, mesh = mesh_for(config, SMALL_GRID[chip_kind], 1)
 
-  def total(per_chip: int) -> int:
+  def total(per_chip: int) -> float:
     trial = ml_collections.ConfigDict(config.to_dict())
     trial.input.batch_size = per_chip * mesh.size
-    return aot.report(aot.compile_step(trial, mesh), chip).total_bytes
+    compiled = aot.compile_or_oom(trial, mesh)
+    if isinstance(compiled, aot.OutOfMemory):
+      return compiled.required_bytes or float("inf")
+    return aot.report(compiled, chip).total_bytes
 
   a, b = 8, 16
   ta, tb = total(a), total(b)

@@ -183,3 +183,22 @@ def test_the_dvae_step_compiles():
   r = aot.report(aot.compile_step(config, mesh), chip)
   assert r.fits and r.flops > 0 and r.extra_bytes == 0
   assert "dvae dVAE (compact)" in aot.format_report(r, topology, aot.for_tpu(config))
+
+
+def test_a_step_the_compiler_refuses_is_reported_with_its_bytes():
+  """At a batch whose temporaries exceed HBM the TPU compiler stops (RESOURCE_EXHAUSTED)
+  instead of reporting memory: the tool says it does not fit, with the compiler's bytes."""
+  chip, topology = aot.parse_topology("v5e:2x2")
+  config = tiny_config()
+  config.input.batch_size = 4 * 2**17
+  mesh = aot.make_mesh(config, aot.topology_devices(topology), 1)
+  result = aot.compile_or_oom(config, mesh)
+  assert isinstance(result, aot.OutOfMemory)
+  assert result.available_bytes == pytest.approx(15.75 * 2**30, rel=0.01)
+  assert result.required_bytes > 10 * result.available_bytes
+  text = aot.format_out_of_memory(result, topology, aot.for_tpu(config), mesh.size)
+  assert "DOES NOT FIT" in text and "remat" in text and "131072 per chip" in text
+  message = "RESOURCE_EXHAUSTED: ... HLO temporaries (23.16G) exceeds available HBM (15.75G)."
+  parsed = aot.OutOfMemory.from_message(message)
+  assert parsed.required_bytes == pytest.approx(23.16 * 2**30)
+  assert aot.OutOfMemory.from_message("RESOURCE_EXHAUSTED: other").required_bytes is None
