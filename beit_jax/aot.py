@@ -413,6 +413,59 @@ def collectives(hlo_text: str) -> dict[str, tuple[int, int]]:
   return {k: (v[0], v[1]) for k, v in out.items() if v[0]}
 
 
+def op_cycles(hlo_text: str, depth: int = 7) -> tuple[list[tuple[str, int, int]], dict[str, int]]:
+  """Where the TPU compiler's cost model puts the time: the `estimated_cycles` it writes
+  into each compiled top-level instruction's backend config (fusion bodies and reducers
+  have none of their own), summed by the JAX operation the instruction came from (its
+  `op_name`, the repeated blocks collapsed to `blocks_N`, cut to `depth` levels).
+  Returns ([(op, cycles, instructions)] largest first, {HLO opcode: count} of the
+  top-level instructions that carry no estimate)."""
+  inner = set(re.findall(r"(?:calls|to_apply)=%([\w.\-]+)", hlo_text))
+  instruction = re.compile(r"^\s+(?:ROOT )?%[\w.\-]+ = .+? ([a-z][\w\-]*)\(")
+  cycles: dict[str, int] = {}
+  count: dict[str, int] = {}
+  missing: dict[str, int] = {}
+  computation = ""
+  for line in hlo_text.splitlines():
+    if line and not line[0].isspace():  # A computation's header (or the module's).
+      header = re.match(r"(?:ENTRY )?%?([\w.\-]+)", line)
+      computation = header.group(1) if header else ""
+      continue
+    match = instruction.match(line)
+    if computation in inner or not match or match.group(1) in _NO_COST_OPS:
+      continue
+    estimate = re.search(r'"estimated_cycles":"?(\d+)', line)
+    if not estimate:
+      missing[match.group(1)] = missing.get(match.group(1), 0) + 1
+      continue
+    name = re.search(r'op_name="([^"]*)"', line)
+    op = re.sub(r"blocks_\d+", "blocks_N", name.group(1)) if name else "(no op_name)"
+    op = "/".join(op.split("/")[:depth])
+    cycles[op] = cycles.get(op, 0) + int(estimate.group(1))
+    count[op] = count.get(op, 0) + 1
+  ranked = sorted(cycles.items(), key=lambda item: -item[1])
+  return [(op, c, count[op]) for op, c in ranked], missing
+
+
+# Instructions that are bookkeeping, not work: the compiler estimates none of them.
+_NO_COST_OPS = frozenset(
+  ("parameter", "constant", "get-tuple-element", "tuple", "bitcast", "after-all",
+   "partition-id", "replica-id", "opt-barrier", "while", "conditional", "call")
+)  # fmt: skip
+
+
+def format_op_cycles(hlo_text: str, top: int = 20) -> str:
+  ranked, missing = op_cycles(hlo_text)
+  total = sum(c for _, c, _ in ranked) or 1
+  unestimated = ", ".join(f"{k} x{n}" for k, n in sorted(missing.items(), key=lambda i: -i[1]))
+  lines = [
+    f"  where the TPU compiler's estimated cycles go, by JAX op (top {top} of {len(ranked)}; "
+    f"compiled instructions without an estimate: {unestimated or 'none'}):"
+  ]
+  lines += [f"    {c / total:6.1%} {n:4d}x  {op}" for op, c, n in ranked[:top]]
+  return "\n".join(lines)
+
+
 def roofline_seconds(flops: float, bytes_accessed: float, chip: Chip) -> float:
   """The roofline bound: the time at the chip's peak FLOP/s or HBM bandwidth, the slower."""
   return max(flops / chip.bf16_flops, bytes_accessed / chip.hbm_bandwidth)
@@ -583,6 +636,9 @@ def define_flags() -> None:
   flags.DEFINE_bool(
     "pieces", False, "Also compile the tokenizer and the MIM update apart (their estimates)."
   )
+  flags.DEFINE_integer(
+    "ops", 0, "Also print the N JAX ops the TPU compiler's per-instruction cycles go to."
+  )
   flags.DEFINE_bool(
     "find_max_batch",
     False,
@@ -615,6 +671,8 @@ def main(argv: Sequence[str]) -> None:
     print(format_out_of_memory(compiled, name, for_tpu(config), mesh.size))
   else:
     print(format_report(report(compiled, chip), name, for_tpu(config)))
+    if args.ops:
+      print(format_op_cycles(compiled.executable.as_text(), args.ops))
   if args.pieces:
     for piece, executable in compile_pieces(config, mesh).items():
       costs = cost(executable)

@@ -202,3 +202,27 @@ def test_a_step_the_compiler_refuses_is_reported_with_its_bytes():
   parsed = aot.OutOfMemory.from_message(message)
   assert parsed.required_bytes == pytest.approx(23.16 * 2**30)
   assert aot.OutOfMemory.from_message("RESOURCE_EXHAUSTED: other").required_bytes is None
+
+
+def test_op_cycles_read_the_compilers_per_instruction_estimates(compiled):
+  _, _, result = compiled
+  ranked, missing = aot.op_cycles(result.executable.as_text())
+  assert ranked and all(c > 0 and n > 0 for _, c, n in ranked)
+  ops = [op for op, _, _ in ranked]
+  assert any("blocks_N/attn" in op for op in ops) and any("blocks_N/mlp" in op for op in ops)
+  assert ranked == sorted(ranked, key=lambda r: -r[1])
+  hlo = (
+    "HloModule m\n\n"
+    "%fused_computation (p: f32[4]) -> f32[4] {\n"
+    '  %e = f32[4]{0} exponential(f32[4]{0} %p), metadata={op_name="jit(f)/inner"}\n'
+    "}\n\n"
+    "ENTRY %main (a: f32[4]) -> f32[4] {\n"
+    "  %a = f32[4]{0} parameter(0)\n"
+    '  %f.1 = f32[4]{0} fusion(%a), calls=%fused_computation, metadata={op_name="jit(f)/'
+    'blocks_3/exp"}, backend_config={"estimated_cycles":"30"}\n'
+    '  %f.2 = f32[4]{0} fusion(%f.1), calls=%fused_computation, metadata={op_name="jit(f)/'
+    'blocks_4/exp"}, backend_config={"estimated_cycles":"12"}\n'
+    "  ROOT %c = f32[4]{0} copy-start(%f.2)\n"
+    "}\n"
+  )
+  assert aot.op_cycles(hlo) == ([("jit(f)/blocks_N/exp", 42, 2)], {"copy-start": 1})
