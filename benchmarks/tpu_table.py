@@ -38,7 +38,7 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 import ml_collections  # noqa: E402
 
-from beit_jax import aot, config_lib  # noqa: E402
+from beit_jax import aot, config_lib, tpu  # noqa: E402
 
 CONFIGS = os.path.join(os.path.dirname(os.path.abspath(__file__)), os.pardir, "configs")
 MODELS = {  # name -> (config file, images the run trains on, its label)
@@ -57,9 +57,9 @@ def load(model: str) -> ml_collections.ConfigDict:
 
 
 def mesh_for(config: ml_collections.ConfigDict, topology: str, slices: int):
-  chip, name = aot.parse_topology(topology)
-  devices = aot.topology_devices(name, slices)
-  chip = aot.per_device(chip, len(devices) // (aot.grid_chips(name) * slices))
+  chip, name = tpu.parse_topology(topology)
+  devices = tpu.topology_devices(name, slices)
+  chip = tpu.per_device(chip, len(devices) // (tpu.grid_chips(name) * slices))
   return chip, aot.make_mesh(config, devices, slices)
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from jax.sharding import PartitionSpec as P
 
-from beit_jax import aot, config_lib
+from beit_jax import aot, config_lib, tpu
 from beit_jax.models import ops
 from beit_jax.training import mesh as mesh_lib
 
@@ -34,23 +34,23 @@ def tiny_config(**model):
 
 @pytest.fixture(scope="module")
 def compiled():
-  chip, topology = aot.parse_topology("v5e:2x2")
-  devices = aot.topology_devices(topology)
+  chip, topology = tpu.parse_topology("v5e:2x2")
+  devices = tpu.topology_devices(topology)
   config = tiny_config()
   mesh = aot.make_mesh(config, devices, 1)
   return chip, config, aot.compile_step(config, mesh)
 
 
 def test_topology_names():
-  assert aot.parse_topology("v5p-64") == (aot.CHIPS["v5p"], "v5p:2x4x4")  # 64 cores, 32 chips.
-  assert aot.parse_topology("v5e-256") == (aot.CHIPS["v5e"], "v5e:16x16")
-  assert aot.parse_topology("v4-32") == (aot.CHIPS["v4"], "v4:2x2x4")
-  assert aot.parse_topology("v5e:2x4")[1] == "v5e:2x4"
+  assert tpu.parse_topology("v5p-64") == (tpu.CHIPS["v5p"], "v5p:2x4x4")  # 64 cores, 32 chips.
+  assert tpu.parse_topology("v5e-256") == (tpu.CHIPS["v5e"], "v5e:16x16")
+  assert tpu.parse_topology("v4-32") == (tpu.CHIPS["v4"], "v4:2x2x4")
+  assert tpu.parse_topology("v5e:2x4")[1] == "v5e:2x4"
   with pytest.raises(ValueError, match="slice name"):
-    aot.parse_topology("h100-8")
+    tpu.parse_topology("h100-8")
   with pytest.raises(ValueError, match="known slice sizes"):
-    aot.parse_topology("v5e-12")
-  assert len(aot.topology_devices("v5e:2x4")) == 8
+    tpu.parse_topology("v5e-12")
+  assert len(tpu.topology_devices("v5e:2x4")) == 8
   assert jax.default_backend() == "cpu"  # Compiling for a TPU leaves this process on CPU.
 
 
@@ -101,13 +101,13 @@ def test_collectives_are_read_from_hlo_text():
     "%ar = (f32[16]{0}, f32[4,4]{1,0}) all-reduce(%a, %b), to_apply=%add\n"
     "%rs.1 = f32[2,3]{1,0} reduce-scatter-start(f32[4,3]{1,0} %g)\n"
   )
-  assert aot.collectives(hlo) == {
+  assert tpu.collectives(hlo) == {
     "all-gather": (1, 8 * 768 * 2), "all-reduce": (1, (16 + 16) * 4), "reduce-scatter": (1, 24),
   }  # fmt: skip
 
 
 def test_a_step_that_does_not_fit_says_what_to_change():
-  chip = aot.Chip("tiny", 1e12, 2**20, 1e9, 1)
+  chip = tpu.Chip("tiny", 1e12, 2**20, 1e9, 1)
   r = aot.Report(chip, 4, 8, 0, 0, 0, "tokenizer", 0, 2**20, 2**20, 0, 0, 1e9, 1e6, None, {}, 0.0)
   assert not r.fits and r.estimate_kind == "roofline bound" and r.step_seconds == 1e-3
   text = aot.format_report(
@@ -140,7 +140,7 @@ def test_the_pieces_add_up_to_the_step(compiled):
   chip, config, result = compiled
   pieces = aot.compile_pieces(config, result.mesh)
   assert set(pieces) == {"tokenizer", "mim_update"}
-  flops = {k: aot.cost(v)["flops"] for k, v in pieces.items()}
+  flops = {k: tpu.cost(v)["flops"] for k, v in pieces.items()}
   assert all(f > 0 for f in flops.values())
   whole = aot.report(result, chip).flops
   assert abs(sum(flops.values()) / whole - 1) < 0.05
@@ -159,9 +159,9 @@ def _tiny_finetune_config(mixup_prob):
 def test_the_finetune_step_compiles_with_its_head_erasing_and_mixup(mixup_prob):
   """The finetune task's own step (make_step_parts): a 10-class head, the erase boxes in
   the batch, the host's mixup draw (when on) as a replicated argument."""
-  chip, topology = aot.parse_topology("v5e:2x2")
+  chip, topology = tpu.parse_topology("v5e:2x2")
   config = _tiny_finetune_config(mixup_prob)
-  mesh = aot.make_mesh(config, aot.topology_devices(topology), 1)
+  mesh = aot.make_mesh(config, tpu.topology_devices(topology), 1)
   result = aot.compile_step(config, mesh, num_classes=10)
   assert result.state.params["head"]["kernel"].shape[-1] == 10
   assert set(result.batch) == {"image", "label", "erase_boxes"}
@@ -175,11 +175,11 @@ def test_the_finetune_step_compiles_with_its_head_erasing_and_mixup(mixup_prob):
 
 
 def test_the_dvae_step_compiles():
-  chip, topology = aot.parse_topology("v5e:2x2")
+  chip, topology = tpu.parse_topology("v5e:2x2")
   config = config_lib.load_config_file(os.path.join(CONFIGS, "dvae_small.py"), "image_size=16")
   config.input.batch_size = 8
   config.model.update(hidden=8, codebook_dim=8, vocab_size=64)
-  mesh = aot.make_mesh(config, aot.topology_devices(topology), 1)
+  mesh = aot.make_mesh(config, tpu.topology_devices(topology), 1)
   r = aot.report(aot.compile_step(config, mesh), chip)
   assert r.fits and r.flops > 0 and r.extra_bytes == 0
   assert "dvae dVAE (compact)" in aot.format_report(r, topology, aot.for_tpu(config))
@@ -188,10 +188,10 @@ def test_the_dvae_step_compiles():
 def test_a_step_the_compiler_refuses_is_reported_with_its_bytes():
   """At a batch whose temporaries exceed HBM the TPU compiler stops (RESOURCE_EXHAUSTED)
   instead of reporting memory: the tool says it does not fit, with the compiler's bytes."""
-  chip, topology = aot.parse_topology("v5e:2x2")
+  chip, topology = tpu.parse_topology("v5e:2x2")
   config = tiny_config()
   config.input.batch_size = 4 * 2**17
-  mesh = aot.make_mesh(config, aot.topology_devices(topology), 1)
+  mesh = aot.make_mesh(config, tpu.topology_devices(topology), 1)
   result = aot.compile_or_oom(config, mesh)
   assert isinstance(result, aot.OutOfMemory)
   assert result.available_bytes == pytest.approx(15.75 * 2**30, rel=0.01)
@@ -206,7 +206,7 @@ def test_a_step_the_compiler_refuses_is_reported_with_its_bytes():
 
 def test_op_cycles_read_the_compilers_per_instruction_estimates(compiled):
   _, _, result = compiled
-  ranked, missing = aot.op_cycles(result.executable.as_text())
+  ranked, missing = tpu.op_cycles(result.executable.as_text())
   assert ranked and all(c > 0 and n > 0 for _, c, n in ranked)
   ops = [op for op, _, _ in ranked]
   assert any("blocks_N/attn" in op for op in ops) and any("blocks_N/mlp" in op for op in ops)
@@ -225,4 +225,4 @@ def test_op_cycles_read_the_compilers_per_instruction_estimates(compiled):
     "  ROOT %c = f32[4]{0} copy-start(%f.2)\n"
     "}\n"
   )
-  assert aot.op_cycles(hlo) == ([("jit(f)/blocks_N/exp", 42, 2)], {"copy-start": 1})
+  assert tpu.op_cycles(hlo) == ([("jit(f)/blocks_N/exp", 42, 2)], {"copy-start": 1})

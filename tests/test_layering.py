@@ -1,7 +1,7 @@
 """The package's imports go down the layers only, and none hides inside a function.
 
   main | aot -> tasks -> viz | convert | config_lib -> exports -> training -> models | data
-  -> pixels | paths
+  -> pixels | paths | tpu
 
 A module may import modules of its own subpackage (no cycle among them) and of lower
 layers; never one of its own layer in another subpackage, nor a higher one.
@@ -26,6 +26,7 @@ LAYERS = {
   "beit_jax.data": 2,
   "beit_jax.pixels": 1,
   "beit_jax.paths": 1,  # Local or bucket paths, for every layer above.
+  "beit_jax.tpu": 1,  # TPU chips, topologies and what the compiler reports (for aot).
   "beit_jax": 0,  # The package's __init__ (the version only).
 }
 # Heavy dependencies that may be imported where they are used: torch and dall_e are
