@@ -63,6 +63,10 @@ def mesh_for(config: ml_collections.ConfigDict, topology: str, slices: int):
   return chip, aot.make_mesh(config, devices, slices)
 
 
+def wall(hours: float) -> str:
+  return f"{hours:.1f} h" if hours < 48 else f"{hours / 24:.1f} d"
+
+
 def row(model: str, spec: str) -> str:
   topology, _, slices = spec.partition("x")
   slices = int(slices or 1)
@@ -92,7 +96,7 @@ def row(model: str, spec: str) -> str:
     f"{r.total_bytes / GiB:.2f} / {chip.hbm_bytes / GiB:.0f} | {fits} | "
     f"{r.flops_per_image / 1e9:.1f} | {r.step_seconds * 1e3:.1f} {kind} | "
     f"{'≤ ' if kind == 'R' else ''}{r.mfu:.1%} | {per_second:,.0f} | "
-    f"{hours / 24:.1f} d ({label}) | ${dollars:,.0f} | {r.compile_seconds:.0f} s |"
+    f"{wall(hours)} ({label}) | ${dollars:,.0f} | {r.compile_seconds:.0f} s |"
   )
 
 
