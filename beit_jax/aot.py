@@ -40,7 +40,6 @@ from collections.abc import Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
 from absl import app, flags
@@ -232,11 +231,7 @@ def abstract_step(
     dtype = precision.compute_dtype(config.model.dtype)
     model = downstream.backbone_model(config, num_classes, None, dtype)
     parts = finetune.make_step_parts(config, model, num_classes)
-    size = model.image_size
-    params = jax.eval_shape(
-      lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"]
-    )
-    state = jax.eval_shape(parts.init_fn, params)
+    state = jax.eval_shape(parts.init_fn, downstream.abstract_params(model))
     mix = None if parts.sampler is None else jax.eval_shape(parts.sampler.identity)
     extra, extra_name = (mix,), "mixup draw"
     shapes = finetune.batch_shapes(config)

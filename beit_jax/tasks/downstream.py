@@ -118,15 +118,20 @@ def backbone_model(
   return vit.classifier_model(m.variant, num_classes, **overrides)
 
 
+def _init_fn(model: vit.BEiT, seed: int) -> Callable[[], Any]:
+  size = model.image_size
+  zeros = jnp.zeros((1, size, size, 3), jnp.float32)
+  return lambda: model.init(jax.random.PRNGKey(seed), zeros)["params"]
+
+
 def init_params(model: vit.BEiT, seed: int) -> Any:
   """Random-init params of `model` (numpy, on the host)."""
-  size = model.image_size
-  params = jax.jit(
-    lambda: model.init(jax.random.PRNGKey(seed), jnp.zeros((1, size, size, 3), jnp.float32))[
-      "params"
-    ]
-  )()
-  return jax.tree.map(np.asarray, params)
+  return jax.tree.map(np.asarray, jax.jit(_init_fn(model, seed))())
+
+
+def abstract_params(model: vit.BEiT) -> Any:
+  """The shapes and dtypes of `model`'s params (nothing computed)."""
+  return jax.eval_shape(_init_fn(model, 0))
 
 
 def backbone_params(model: vit.BEiT, pretrained: str, seed: int) -> tuple[Any, dict]:

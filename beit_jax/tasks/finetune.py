@@ -183,11 +183,9 @@ def make_step_parts(
   """The schedule, optimizer (layer-wise lr decay over `model`'s blocks), state
   initialiser, train step and mixup sampler of `config`."""
   lr_fn = config_lib.lr_schedule(config)
-  size = model.image_size
-  params = jax.eval_shape(
-    lambda: model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"]
+  scales = optim.layerwise_lr_scales(
+    downstream.abstract_params(model), config.optim.layer_decay, model.depth
   )
-  scales = optim.layerwise_lr_scales(params, config.optim.layer_decay, model.depth)
   tx = optim.make_optimizer(config.optim, lr_fn, wd_skip=model.no_weight_decay(), lr_scales=scales)
   use_ema = config.ema_decay > 0
 
