@@ -56,13 +56,16 @@ def get_config(arg=None):
     beta_end=6.6,
     beta_steps=5_000,
     hard=False,
+    diversity=0.0,  # DALL-E's ELB exactly (no codebook-diversity term).
   )
+  c.codebook = dict(init="random", init_images=256)  # DALL-E's init ('kmeans': compact only).
   c.optim = config_lib.adamw_config(
     lr=1e-4,
     min_lr=1.25e-6,
     warmup_steps=0,
     weight_decay=1e-4,
     decay_steps=min(1_200_000, arg.steps),
+    reference_batch=512,  # DALL-E's lr is for batch 512; not rescaled (exact recipe).
   )
   c.ema_decay = 0.999
   c.mesh = config_lib.mesh_config()

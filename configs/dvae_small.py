@@ -72,9 +72,18 @@ def get_config(arg=None):
     beta_end=0.08,
     beta_steps=1,
     hard=False,
+    diversity=0.0,
   )
+  # How the code logits start: 'random' (the layer's init) or 'kmeans' (the encoder's
+  # output layer set from k-means of the encoder features of init_images training views).
+  c.codebook = dict(init="random", init_images=256)
   c.optim = config_lib.adamw_config(
-    lr=1e-3, min_lr=1e-5, warmup_steps=arg.steps // 20, weight_decay=1e-4
+    lr=1e-3,
+    min_lr=1e-5,
+    warmup_steps=arg.steps // 20,
+    weight_decay=1e-4,
+    scale_lr_with_batch=True,  # --config.input.batch_size=N scales lr linearly from 32.
+    reference_batch=32,
   )
   c.ema_decay = 0.0
   c.mesh = config_lib.mesh_config()

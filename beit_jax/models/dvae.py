@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 
 from beit_jax import pixels
-from beit_jax.models import dvae_compact, dvae_dalle, precision
+from beit_jax.models import codebook, dvae_compact, dvae_dalle, precision
 
 Array = jax.Array
 Dtype = Any
@@ -154,6 +154,14 @@ class DiscreteVAE(nn.Module):
     """Images in [0, 1] (B, H, W, 3) -> float32 logits (B, h, w, V)."""
     x = pixels.normalize(images01.astype(jnp.float32), self.input_norm, max_value=1.0)
     return self.encoder(x).astype(jnp.float32)
+
+  def encode_features(self, images01: Array) -> Array:
+    """Images in [0, 1] -> the compact encoder's features before its ``output`` 1x1 conv
+    (B, h, w, hidden), float32 (compact architecture only)."""
+    if not isinstance(self.encoder, dvae_compact.CompactEncoder):
+      raise ValueError("encoder features exist for the compact dVAE only (arch='compact').")
+    x = pixels.normalize(images01.astype(jnp.float32), self.input_norm, max_value=1.0)
+    return self.encoder(x, features_only=True)
 
   def decode_codes(self, codes: Array) -> Array:
     """One-hot or soft codes (B, h, w, V) -> raw float32 output (B, H, W, C)."""
@@ -380,13 +388,20 @@ def elbo_loss(
   tau: float | Array,
   beta: float | Array,
   hard: bool = False,
+  diversity: float | Array = 0.0,
 ) -> tuple[Array, dict[str, Array]]:
-  """Negative ELBO with DALL-E's normalisation, and training metrics.
+  """Negative ELBO with DALL-E's normalisation, an optional codebook-diversity term, and
+  training metrics.
 
   ``loss = mean_subpixels(recon) + beta * mean_positions(KL) / (d^2 * 3)`` with
   d = `model.downsample`: DALL-E divides the summed loss by the number of subpixels
   (256*256*3), so the KL weight is beta/192 at d = 8. The recon term is the logit-Laplace
-  NLL, or for 'mse' the squared error in the normalised input space.
+  NLL, or for 'mse' the squared error in the normalised input space. With `diversity` > 0,
+  ``diversity * (1 - H(q̄) / log V)`` is added, q̄ the batch's mean code distribution
+  softmax(logits) over every position (wav2vec 2.0's diversity loss, in entropy form): 0
+  when the batch uses all codes equally, 1 when it uses one. The per-position KL to the
+  uniform prior does not stop the encoder from giving every position the same few codes;
+  this term does (`codebook.diversity_loss`).
 
   Args:
     model: the `DiscreteVAE`.
@@ -396,12 +411,13 @@ def elbo_loss(
     tau: Gumbel-softmax temperature.
     beta: KL weight.
     hard: straight-through one-hot codes.
+    diversity: weight of the codebook-diversity term (0 = DALL-E's ELB exactly).
 
   Returns:
     ``(loss, aux)``; aux holds float32 scalars ``recon_loss``, ``kl`` (mean per position,
-    nats), ``mse`` (in [0, 1] pixel space of the reconstruction), ``psnr`` (dB, per image
-    then averaged), ``logits_entropy`` (mean per position, nats) and ``token_counts`` (int32
-    (V,) histogram of argmax(logits) over the batch).
+    nats), ``diversity_loss``, ``mse`` (in [0, 1] pixel space of the reconstruction),
+    ``psnr`` (dB, per image then averaged), ``logits_entropy`` (mean per position, nats)
+    and ``token_counts`` (int32 (V,) histogram of argmax(logits) over the batch).
   """
   images01 = images01.astype(jnp.float32)
   res = model.apply(params, images01, rng=rng, tau=tau, hard=hard)
@@ -412,7 +428,8 @@ def elbo_loss(
     target = pixels.normalize(images01, model.input_norm, max_value=1.0)
     recon = jnp.mean(jnp.square(out - target))
   kl = jnp.mean(kl_to_uniform(logits))
-  loss = recon + beta * kl / (model.downsample**2 * 3)
+  spread = codebook.diversity_loss(logits)
+  loss = recon + beta * kl / (model.downsample**2 * 3) + diversity * spread
 
   recon_images = jax.lax.stop_gradient(_reconstruct(out, model.recon_loss, model.input_norm))
   mse_per_image = jnp.mean(jnp.square(recon_images - images01), axis=(1, 2, 3))
@@ -423,12 +440,45 @@ def elbo_loss(
   aux = {
     "recon_loss": recon,
     "kl": kl,
+    "diversity_loss": spread,
     "mse": jnp.mean(mse_per_image),
     "psnr": jnp.mean(pixels.psnr(mse_per_image)),
     "logits_entropy": entropy,
     "token_counts": token_counts,
   }
   return loss, aux
+
+
+def kmeans_logits_init(
+  model: DiscreteVAE, params: Any, images01: Array, rng: Array, iters: int = 20
+) -> Any:
+  """The compact dVAE's params with the encoder's ``output`` 1x1 conv set from k-means
+  of the encoder features of `images01` (codebook initialisation from encoder outputs).
+
+  With centroids c_v of the features h, ``w_v = 2 s c_v`` and ``b_v = -s |c_v|^2`` give
+  logits ``s (|h|^2 - |h - c_v|^2)``: the argmax is the nearest centroid, so every code
+  starts in use on the data, and s = 1 / (mean squared distance to the nearest centroid)
+  keeps the logit gaps of order one at the start (soft codes under tau = 1).
+
+  Args:
+    model: a compact `DiscreteVAE`.
+    params: its params (the ``params`` collection).
+    images01: (B, H, W, 3) images in [0, 1] (B * h * w features are clustered).
+    rng: PRNG key.
+    iters: Lloyd iterations.
+
+  Returns:
+    `params` with ``encoder/output/{w, b}`` replaced.
+  """
+  feats = model.apply({"params": params}, images01, method=DiscreteVAE.encode_features)
+  feats = feats.reshape(-1, feats.shape[-1])
+  centroids, spread = codebook.kmeans(rng, feats, model.vocab_size, iters)
+  scale = 1.0 / jnp.maximum(spread, 1e-12)
+  out = dict(params["encoder"]["output"])
+  out["w"] = (2.0 * scale * centroids.T)[None, None].astype(out["w"].dtype)
+  out["b"] = (-scale * jnp.sum(centroids**2, axis=1)).astype(out["b"].dtype)
+  encoder = {**params["encoder"], "output": out}
+  return {**params, "encoder": encoder}
 
 
 def tokenize(model: DiscreteVAE, params: Any, images01: Array) -> Array:
@@ -466,23 +516,6 @@ def decode(model: DiscreteVAE, params: Any, ids: Array) -> Array:
   return _reconstruct(out, model.recon_loss, model.input_norm)
 
 
-def codebook_stats(token_counts: Array) -> dict[str, Array]:
-  """Codebook usage statistics from a token histogram.
-
-  Args:
-    token_counts: (V,) counts of each code.
-
-  Returns:
-    dict with ``perplexity`` = exp(entropy of the normalised histogram) (1 when one code is
-    used, V when all are used equally) and ``usage`` = fraction of codes with count > 0;
-    float32 scalars.
-  """
-  counts = jnp.asarray(token_counts, jnp.float32)
-  p = counts / jnp.maximum(jnp.sum(counts), 1.0)
-  entropy = -jnp.sum(jnp.where(p > 0, p * jnp.log(jnp.where(p > 0, p, 1.0)), 0.0))
-  return {"perplexity": jnp.exp(entropy), "usage": jnp.mean((counts > 0).astype(jnp.float32))}
-
-
 __all__ = [
   "ARCHS",
   "RECON_LOSSES",
@@ -498,7 +531,7 @@ __all__ = [
   "unmap_pixels",
   "logit_laplace_nll",
   "elbo_loss",
+  "kmeans_logits_init",
   "tokenize",
   "decode",
-  "codebook_stats",
 ]

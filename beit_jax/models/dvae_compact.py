@@ -74,12 +74,16 @@ class CompactEncoder(nn.Module):
     return 2**self.num_layers
 
   @nn.compact
-  def __call__(self, x: Array) -> Array:
-    """Encodes normalised images (B, H, W, C) to float32 logits."""
+  def __call__(self, x: Array, features_only: bool = False) -> Array:
+    """Encodes normalised images (B, H, W, C) to float32 logits; with `features_only`
+    (bound params only) the (B, h, w, hidden) float32 features the ``output`` 1x1 conv
+    maps to logits (what `dvae.kmeans_logits_init` clusters)."""
     for i in range(self.num_layers):
       x = nn.relu(Conv2d(self.hidden, 4, strides=2, dtype=self.dtype, name=f"down_{i + 1}")(x))
     for i in range(self.num_resblocks):
       x = CompactResBlock(self.hidden, dtype=self.dtype, name=f"res_{i + 1}")(x)
+    if features_only:
+      return x.astype(jnp.float32)
     return Conv2d(self.vocab_size, 1, dtype=jnp.float32, name="output")(x)
 
 

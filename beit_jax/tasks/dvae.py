@@ -25,13 +25,14 @@ from absl import logging
 
 from beit_jax import config_lib, exports, pixels
 from beit_jax.data import pipeline, sources, transforms
-from beit_jax.models import dvae, precision
+from beit_jax.models import codebook, dvae, precision
 from beit_jax.training import checkpointing, loop, optim
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training.train_state import TrainState, init_sharded
 from beit_jax.viz import pictures
 
 IMAGE_KEY = "tokenizer_image"
+CODEBOOK_INITS = ("random", "kmeans")
 
 
 # ----------------------------------------------------------------------------------
@@ -58,7 +59,17 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     "loss.tau_end",
     "optim.lr",
   )
-  config_lib.check_positive(config, "eval_every", "loss.beta_end", "ema_decay", allow_zero=True)
+  config_lib.check_positive(
+    config, "eval_every", "loss.beta_end", "loss.diversity", "ema_decay", allow_zero=True
+  )
+  config_lib.check_choice(config, "codebook.init", CODEBOOK_INITS)
+  if config.codebook.init == "kmeans":
+    config_lib.check_positive(config, "codebook.init_images")
+    if config.model.arch != "compact":
+      raise ValueError(
+        "config.codebook.init='kmeans' sets the compact dVAE's encoder output layer; "
+        "use it with config.model.arch='compact' (or codebook.init='random')."
+      )
   if config.model.arch == "dall_e" and config.model.recon_loss != "logit_laplace":
     raise ValueError(
       "config.model.arch='dall_e' has a logit-Laplace decoder (6 output "
@@ -101,7 +112,14 @@ def make_train_step(
 
     def loss_fn(params):
       return dvae.elbo_loss(
-        model, {"params": params}, images, state.step_rng(), tau, beta, config.loss.hard
+        model,
+        {"params": params},
+        images,
+        state.step_rng(),
+        tau,
+        beta,
+        config.loss.hard,
+        config.loss.diversity,
       )
 
     (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
@@ -112,6 +130,7 @@ def make_train_step(
       loss=loss,
       recon_loss=aux["recon_loss"],
       kl=aux["kl"],
+      diversity_loss=aux["diversity_loss"],
       mse=aux["mse"],
       psnr=aux["psnr"],
       token_counts=aux["token_counts"],
@@ -158,10 +177,32 @@ def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int
   return {IMAGE_KEY: ((config.input.batch_size, size, size, 3), jnp.uint8)}
 
 
-def summarize_train(sums: Mapping[str, np.ndarray], num_steps: int) -> dict[str, float]:
-  scalars = loop.mean_scalars(sums, num_steps)
-  scalars.update(dvae.codebook_stats(sums["token_counts"]))
-  return scalars
+COLLAPSE_USAGE = 0.10  # Codebook usage under which the run warns (once) of a collapse.
+
+
+def make_summarize_train(vocab_size: int) -> loop.Summarize:
+  """Interval means plus the codebook usage and perplexity of the interval's argmax
+  tokens; warns once, saying what to change, when usage falls under `COLLAPSE_USAGE`."""
+  warned = False
+
+  def summarize(sums: Mapping[str, np.ndarray], num_steps: int) -> dict[str, float]:
+    nonlocal warned
+    scalars = loop.mean_scalars(sums, num_steps)
+    scalars.update({k: float(v) for k, v in codebook.codebook_stats(sums["token_counts"]).items()})
+    if scalars["usage"] < COLLAPSE_USAGE and not warned:
+      warned = True
+      logging.warning(
+        "Codebook collapse: the last %d steps used %.1f%% of the %d codes (perplexity "
+        "%.1f). Raise config.loss.diversity (e.g. 0.1), use config.codebook.init="
+        "'kmeans', or lower config.loss.beta_end / config.optim.lr.",
+        num_steps,
+        100 * scalars["usage"],
+        vocab_size,
+        scalars["perplexity"],
+      )
+    return scalars
+
+  return summarize
 
 
 def make_eval_step(model: dvae.DiscreteVAE):
@@ -212,8 +253,61 @@ def evaluate(eval_step, params, eval_iter, batch_sharding) -> dict[str, float]:
     num_images=int(sums["num_images"]),
   )
   result["psnr_gain_over_baseline"] = result["psnr"] - result["baseline_psnr"]
-  result.update(dvae.codebook_stats(sums["token_counts"]))
+  result.update(codebook.codebook_stats(sums["token_counts"]))
   return {k: float(v) if k != "num_images" else v for k, v in result.items()}
+
+
+def kmeans_init_state(config, model, state, state_sharding, source, transform) -> TrainState:
+  """`state` with the encoder's output layer set by k-means of the encoder features of
+  `config.codebook.init_images` training views (`dvae.kmeans_logits_init`). Every
+  process draws the same views (one shard), so the params stay identical everywhere."""
+  images = next(
+    pipeline.make_train_iterator(
+      source,
+      transform,
+      global_batch_size=config.codebook.init_images,
+      seed=config.seed + 1,
+      process_index=0,
+      process_count=1,
+    )
+  )[IMAGE_KEY]
+  init = jax.jit(lambda p, x, r: dvae.kmeans_logits_init(model, p, pixels.to_unit(x), r))
+  params = init(jax.device_get(state.params), images, jax.random.PRNGKey(config.seed + 1))
+  logging.info(
+    "Codebook: encoder output layer initialised by k-means of %d views' features.",
+    len(images),
+  )
+  params = jax.device_put(params, state_sharding.params)
+  ema = None if state.ema_params is None else jax.tree.map(jnp.copy, params)
+  return state.replace(params=params, ema_params=ema)
+
+
+def describe_run(
+  config: ml_collections.ConfigDict, export_dir: str, num_train: int, result: loop.RunResult
+) -> list[str]:
+  """The end-of-run summary: what was trained, its eval beside the patch-mean baseline,
+  the export and the next command."""
+  lines = [
+    f"Trained: a {config.model.arch} dVAE tokenizer, {config.model.vocab_size} codes, "
+    f"{config.input.image_size} px views, {config.total_steps} steps on "
+    f"{config.data.source} ({num_train} images)."
+  ]
+  e = result.eval
+  if e:
+    verdict = "beats" if e["psnr"] > e["baseline_psnr"] else "does NOT beat"
+    lines.append(
+      f"Eval ({e['num_images']} images, argmax tokens): PSNR {e['psnr']:.2f} dB vs "
+      f"{e['baseline_psnr']:.2f} dB for each token's patch painted its mean colour "
+      f"({e['psnr'] - e['baseline_psnr']:+.2f} dB: the tokenizer {verdict} it); codebook "
+      f"use {100 * e['usage']:.1f}% of {config.model.vocab_size} codes (perplexity "
+      f"{e['perplexity']:.0f})."
+    )
+  lines += [
+    f"Export: {export_dir}",
+    "Next: pretrain BEiT against it: python -m beit_jax.main "
+    f"--config=configs/pretrain_small.py --config.tokenizer.path={export_dir}",
+  ]
+  return lines
 
 
 # ----------------------------------------------------------------------------------
@@ -257,8 +351,10 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info("dVAE %s: %s params", config.model.arch, f"{num_params:,}")
 
-  # --- Resume ---------------------------------------------------------------------
+  # --- Resume, or a fresh start's codebook initialisation ------------------------------
   ckpt = checkpointing.make_checkpointer(workdir, config.ckpt)
+  if ckpt.latest_step() is None and config.codebook.init == "kmeans":
+    state = kmeans_init_state(config, model, state, state_sharding, train_source, train_transform)
   state = ckpt.restore_latest(state, state_sharding, data_iter)
 
   # --- Compiled steps -------------------------------------------------------------
@@ -276,8 +372,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
     return evaluate(eval_step, state.eval_params, eval_iter, batch_sharding)
 
   # --- Train, then export ------------------------------------------------------------
+  export_dir = config.export_dir or os.path.join(workdir, "export", "tokenizer")
+
   def export(result: loop.RunResult) -> None:
-    export_dir = config.export_dir or os.path.join(workdir, "export", "tokenizer")
     state = result.state
     exports.write_tokenizer(
       export_dir,
@@ -289,6 +386,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
       eval_metrics=result.eval,
     )
     logging.info("Exported tokenizer params to %s", export_dir)
+
+  def describe(result: loop.RunResult) -> list[str]:
+    return describe_run(config, export_dir, len(train_source), result)
 
   painter = None
   if config.get("pictures", True):  # Reconstructions etc. at every checkpoint (beit_jax/viz).
@@ -310,7 +410,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
     batch_sharding=batch_sharding,
     checkpointer=ckpt,
     eval_fn=eval_fn if eval_source is not None else None,
-    summarize=summarize_train,
+    summarize=make_summarize_train(model.vocab_size),
     finish=export,
     on_checkpoint=painter,
+    console_keys=("loss", "psnr", "baseline_psnr", "usage", "perplexity", "tau"),
+    describe=describe,
   )

@@ -19,7 +19,7 @@ import ml_collections
 import numpy as np
 import pytest
 
-from beit_jax.models import dvae, dvae_compact, dvae_dalle, ops
+from beit_jax.models import codebook, dvae, dvae_compact, dvae_dalle, ops
 from beit_jax.models.conv import Conv2d
 
 
@@ -475,21 +475,6 @@ def test_tokenize_decode_dalle():
   assert rec.shape == (1, 32, 24, 3)
 
 
-def test_codebook_stats():
-  codebook_stats = jax.jit(dvae.codebook_stats)
-  uniform = codebook_stats(jnp.full((16,), 3, jnp.int32))
-  np.testing.assert_allclose(uniform["perplexity"], 16.0, rtol=1e-5)
-  np.testing.assert_allclose(uniform["usage"], 1.0)
-  single = codebook_stats(jnp.array([0, 9, 0, 0], jnp.int32))
-  np.testing.assert_allclose(single["perplexity"], 1.0, rtol=1e-6)
-  np.testing.assert_allclose(single["usage"], 0.25)
-  half = codebook_stats(jnp.array([5, 5, 0, 0, 0, 0, 0, 0]))
-  np.testing.assert_allclose(half["perplexity"], 2.0, rtol=1e-5)
-  np.testing.assert_allclose(half["usage"], 0.25)
-  empty = codebook_stats(jnp.zeros((4,), jnp.int32))
-  assert np.isfinite(empty["perplexity"])
-
-
 def test_generic_backend_path_matches_cpu_path(monkeypatch):
   """The plain XLA path (GPU/TPU) gives the CPU path's loss and gradients."""
   monkeypatch.setattr(ops, "cpu_kernels_enabled", lambda: True)
@@ -510,3 +495,57 @@ def test_generic_backend_path_matches_cpu_path(monkeypatch):
   generic = _run_jit(lambda v, x: loss_and_grads(v, x), variables, images)
   for got, want in zip(jax.tree.leaves(generic), jax.tree.leaves(cpu)):
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+# ----------------------------------------------------------------------------
+# Codebook diversity and k-means initialisation.
+# ----------------------------------------------------------------------------
+
+
+def test_elbo_adds_the_weighted_diversity_term():
+  model = _tiny_compact()
+  images = _rand((2, 8, 8, 3))
+  variables = _params(model, images)
+  run = functools.partial(_run_jit, functools.partial(dvae.elbo_loss, model, tau=1.0, beta=2.0))
+  loss0, aux0 = run(variables, images, _key(1))
+  loss1, aux1 = _run_jit(
+    functools.partial(dvae.elbo_loss, model, tau=1.0, beta=2.0, diversity=0.5),
+    variables,
+    images,
+    _key(1),
+  )
+  res = _apply(model, variables, images, rng=_key(1), tau=1.0)
+  spread = codebook.diversity_loss(res["logits"])
+  assert 0.0 < float(spread) < 1.0
+  np.testing.assert_allclose(aux1["diversity_loss"], spread, rtol=1e-5)
+  np.testing.assert_allclose(aux0["diversity_loss"], spread, rtol=1e-5)
+  np.testing.assert_allclose(loss1 - loss0, 0.5 * spread, rtol=1e-4)
+
+
+def test_kmeans_logits_init_makes_argmax_the_nearest_centroid():
+  model = _tiny_compact()  # vocab 32, hidden 16, 8x8 -> 2x2 codes.
+  images = _rand((16, 8, 8, 3), seed=3)
+  variables = _params(model, images)
+  before = np.asarray(_apply(model, variables, images, method="encode"))
+  params = jax.jit(lambda p, x, r: dvae.kmeans_logits_init(model, p, x, r))(
+    variables["params"], images, _key(2)
+  )
+  # Only the encoder's output layer changes.
+  changed = jax.tree.map(lambda a, b: bool(np.any(a != b)), variables["params"], params)
+  flat = flax.traverse_util.flatten_dict(changed, sep="/")
+  assert {k for k, v in flat.items() if v} == {"encoder/output/w", "encoder/output/b"}
+  feats = np.asarray(_apply(model, {"params": params}, images, method="encode_features"))
+  logits = np.asarray(_apply(model, {"params": params}, images, method="encode"))
+  w = np.asarray(params["encoder"]["output"]["w"])[0, 0]  # (hidden, V)
+  b = np.asarray(params["encoder"]["output"]["b"])
+  np.testing.assert_allclose(logits, feats @ w + b, rtol=1e-4, atol=1e-4)
+  # w_v = 2 s c_v and b_v = -s |c_v|^2 with one scale s > 0: recover s and the centroids.
+  scale = -(w**2).sum(0) / (4 * b)
+  np.testing.assert_allclose(scale, scale[0], rtol=1e-4)
+  assert scale[0] > 0
+  centroids = (w / (2 * scale)).T  # (V, hidden)
+  dist = ((feats.reshape(-1, 1, 16) - centroids[None]) ** 2).sum(-1)
+  np.testing.assert_array_equal(logits.reshape(-1, 32).argmax(-1), dist.argmin(-1))
+  # 64 feature vectors for 32 codes: k-means gives every code a position; random init did not.
+  assert len(np.unique(logits.argmax(-1))) == 32
+  assert len(np.unique(before.argmax(-1))) < 32
