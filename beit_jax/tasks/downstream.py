@@ -224,3 +224,25 @@ def common_checks(config: ml_collections.ConfigDict, tasks: tuple[str, ...]) -> 
       f"config.input.image_size={config.input.image_size} is not divisible by "
       f"the patch size {patch}; use a multiple of {patch}."
     )
+
+
+def describe_classifier(
+  config: ml_collections.ConfigDict,
+  what: str,
+  figures: list[str],
+  num_classes: int,
+  export_dir: str,
+  next_command: str,
+) -> list[str]:
+  """The end-of-run summary of a classification task: what was trained (from which
+  backbone, at which lr), its figures beside chance, the export and the next command."""
+  _, _, lr = config_lib.effective_lr(config)
+  origin = config.pretrained or "random init (the from-scratch baseline)"
+  return [
+    f"Trained: {what} of BEiT-{config.model.variant} from {origin}, {config.total_steps} "
+    f"steps on {config.data.source}, {lr}.",
+    *figures,
+    f"Chance level: top-1 {100 / num_classes:.2f}% ({num_classes} classes).",
+    f"Export: {export_dir}",
+    f"Next: {next_command}",
+  ]

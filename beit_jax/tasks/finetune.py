@@ -297,7 +297,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
       step, scalars, lambda: write(best.directory, state.params, step, eval_metrics=scalars)
     )
     scalars["best_top1"] = best.best
+    scalars["chance_top1"] = 1.0 / num_classes
     return scalars
+
+  def describe(result: loop.RunResult) -> list[str]:
+    e = result.eval
+    figures = (
+      [
+        f"Eval ({e['num_images']} images): top-1 {100 * e['top1']:.2f}%, top-5 "
+        f"{100 * e['top5']:.2f}% (best top-1 during the run {100 * e['best_top1']:.2f}%)."
+      ]
+      if e
+      else []
+    )
+    other = "random init" if config.pretrained else "a pretrained export"
+    return downstream.describe_classifier(
+      config,
+      "fine-tuning",
+      figures,
+      num_classes,
+      os.path.join(export_root, "final"),
+      f"compare with {other} (--config.pretrained=...), or probe the backbone: python -m "
+      "beit_jax.main --config=configs/linear_probe_small.py --config.pretrained=...",
+    )
 
   # --- Train, then export ------------------------------------------------------------
   def export(result: loop.RunResult) -> None:
@@ -327,4 +349,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
     step_args=step_args,
     eval_fn=eval_fn if eval_source is not None else None,
     finish=export,
+    console_keys=("loss", "train_top1", "lr", "top1", "top5", "best_top1", "chance_top1"),
+    describe=describe,
   )

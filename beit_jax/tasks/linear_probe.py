@@ -329,10 +329,34 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
           batch_sharding,
         )
       )
+    if scalars:
+      scalars["chance_top1"] = 1.0 / num_classes
     return scalars
 
+  export_dir = config.export_dir or os.path.join(workdir, "export", "final")
+
+  def describe(result: loop.RunResult) -> list[str]:
+    e = result.eval
+    figures = []
+    if e:
+      figures.append(
+        f"Eval ({e['num_images']} images): best block {e['best_layer']} of {model.depth}, "
+        f"top-1 {100 * e['best_top1']:.2f}%"
+        + (f"; k-NN top-1 {100 * e['knn_top1']:.2f}%" if "knn_top1" in e else "")
+        + "."
+      )
+    other = "random init" if config.pretrained else "a pretrained export"
+    return downstream.describe_classifier(
+      config,
+      "linear probes on every block",
+      figures,
+      num_classes,
+      export_dir,
+      f"compare with {other} (--config.pretrained=...), or fine-tune: python -m "
+      "beit_jax.main --config=configs/finetune_small.py --config.pretrained=...",
+    )
+
   def export(result: loop.RunResult) -> None:
-    export_dir = config.export_dir or os.path.join(workdir, "export", "final")
     final = result.eval
     exports.write_linear_probe(
       export_dir,
@@ -365,4 +389,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
     step_args=lambda _: (backbone,),
     eval_fn=eval_fn if eval_source is not None else None,
     finish=export,
+    console_keys=(
+      "loss",
+      "train_top1_best_block",
+      "best_layer",
+      "best_top1",
+      "knn_top1",
+      "chance_top1",
+    ),
+    describe=describe,
   )

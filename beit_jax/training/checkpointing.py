@@ -80,9 +80,15 @@ class Checkpointer:
   def check_params_match(self, step: int, state: Any) -> None:
     """Raises a ValueError naming the first params key whose presence or shape differs
     between checkpoint `step` and `state` (a config that does not match the run)."""
-    with ocp.StandardCheckpointer() as reader:
-      metadata = reader.metadata(self.directory / str(step) / "state")
-    tree = getattr(getattr(metadata, "item_metadata", metadata), "tree", None)
+    # The item's own handler reads `<step>/state` (a `StandardCheckpointer` would take
+    # that folder for a whole checkpoint and warn that its _CHECKPOINT_METADATA, which
+    # lives one level up, does not exist).
+    handler = ocp.StandardCheckpointHandler()
+    try:
+      metadata = handler.metadata(self.directory / str(step) / "state")
+    finally:
+      handler.close()
+    tree = getattr(metadata, "tree", None)
     if not isinstance(tree, Mapping) or not isinstance(tree.get("params"), Mapping):
       return  # Metadata of an unexpected layout: let Orbax's own check speak.
     stored, wanted = _shapes(tree["params"]), _shapes(state.params)

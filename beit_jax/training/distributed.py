@@ -27,6 +27,8 @@ from collections.abc import Mapping
 import jax
 from absl import logging
 
+from beit_jax.training import console
+
 MODES = ("auto", "on", "off")
 
 
@@ -78,7 +80,7 @@ def initialize(
   env = os.environ if env is None else env
   start, why = should_initialize(mode, coordinator_address, env)
   if not start:
-    logging.info("Single-process run (%s).", why)
+    logging.info("Single-process run (%s).", why, extra={console.FILE_ONLY: True})
     return False
   if coordinator_address and (num_processes is None or process_id is None):
     raise ValueError("--coordinator_address needs --num_processes and --process_id too.")

@@ -32,6 +32,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
+from beit_jax.training import console
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training import workdir as workdir_lib
 from beit_jax.training.checkpointing import Checkpointer
@@ -265,6 +266,16 @@ def run(
   return RunResult(state, last, final)
 
 
+def files_lines(config: Any, workdir: str) -> list[str]:
+  """Where a finished run's records are (the end of every summary)."""
+  lines = [f"Metrics: {workdir}/metrics.jsonl; full log: {workdir}/log.txt"]
+  if config.get("tensorboard", False):
+    lines.append(f"TensorBoard: tensorboard --logdir {workdir}/tb")
+  if config.get("pictures", False):
+    lines.append(f"Pictures: {workdir}/pictures/")
+  return lines
+
+
 def run_job(
   *,
   config: Any,
@@ -280,13 +291,24 @@ def run_job(
   summarize: Summarize = mean_scalars,
   finish: Callable[[RunResult], None] | None = None,
   on_checkpoint: Callable[[Any, int], None] | None = None,
+  console_keys: Sequence[str] | None = None,
+  describe: Callable[[RunResult], list[str]] | None = None,
 ) -> RunResult:
   """A task's whole training run: metric writer, `run`, then `finish(result)` (the
   export) unless the run was stopped; the checkpointer, writer and data iterator are
   closed whatever happens. Reads `total_steps`, `log_every`, `eval_every`, `tensorboard`
-  and `nonfinite.max_consecutive` from `config`."""
+  and `nonfinite.max_consecutive` from `config`; `console_keys` are the metrics the
+  progress line shows (`MetricWriter`). After the export, the summary — `describe(result)`
+  (what was trained, its figures beside their baselines, the export, the next command)
+  and where the metrics, TensorBoard and pictures are — is logged and kept in
+  WORKDIR/summary.json (`workdir.write_summary`)."""
+  # Every check has passed by now (the task's values, the mesh, the inputs): the first
+  # files of the run, its log (with the records held since the start) and config.
+  console.open_log_file(workdir)
   workdir_lib.write(config, workdir)
-  writer = MetricWriter(workdir, config.total_steps, tensorboard=config.tensorboard)
+  writer = MetricWriter(
+    workdir, config.total_steps, tensorboard=config.tensorboard, console_keys=console_keys
+  )
   try:
     nonfinite = config.get("nonfinite")
     result = run(
@@ -306,8 +328,12 @@ def run_job(
       max_consecutive_nonfinite=0 if nonfinite is None else nonfinite.max_consecutive,
       on_checkpoint=on_checkpoint,
     )
-    if finish is not None and result.stopped_by is None:
-      finish(result)
+    if result.stopped_by is None:
+      if finish is not None:
+        finish(result)
+      lines = (describe(result) if describe is not None else []) + files_lines(config, workdir)
+      logging.info("%s", "\n".join(["", "Summary:"] + [f"  {line}" for line in lines]))
+      workdir_lib.write_summary(workdir, config.total_steps, lines)
   finally:
     checkpointer.close()
     writer.close()

@@ -12,7 +12,7 @@ import json
 import math
 import os
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import jax
@@ -38,11 +38,44 @@ def format_value(v: Any) -> str:
   return str(v)
 
 
-class MetricWriter:
-  """Writes scalars to stdout (progress line), metrics.jsonl and TensorBoard."""
+# Metrics shown as percentages on the console (fractions in metrics.jsonl).
+PERCENT_SUFFIXES = ("acc", "top1", "top5", "usage", "accuracy")
 
-  def __init__(self, workdir: str, total_steps: int, tensorboard: bool = True):
+
+def format_console(key: str, v: Any) -> str:
+  """`key value` as a person reads it: accuracies and usage in %, dB for PSNR,
+  images/s as `62 img/s`, 4 significant digits otherwise."""
+  if key == "images_per_s":
+    return f"{v:,.0f} img/s"
+  if isinstance(v, bool) or not isinstance(v, (int, float)):
+    return f"{key} {v}"
+  if isinstance(v, int):
+    return f"{key} {v:,}"
+  if key.split("_block_")[0].endswith(PERCENT_SUFFIXES):
+    return f"{key} {100 * v:.1f}%"
+  if "psnr" in key:
+    return f"{key} {v:.2f} dB"
+  return f"{key} {v:.4g}"
+
+
+class MetricWriter:
+  """Writes scalars to stdout (progress line), metrics.jsonl and TensorBoard.
+
+  The progress line holds `console_keys` (those present, in that order; every scalar
+  when None or when none is present), the images/s and the ETA:
+  `step 150/300  loss 1.65  mlm_acc 50.7%  62 img/s  ETA 1m18s`; eval lines start with
+  the split's name. metrics.jsonl and TensorBoard get every scalar.
+  """
+
+  def __init__(
+    self,
+    workdir: str,
+    total_steps: int,
+    tensorboard: bool = True,
+    console_keys: Sequence[str] | None = None,
+  ):
     self.total_steps = total_steps
+    self.console_keys = tuple(console_keys) if console_keys is not None else None
     self._active = jax.process_index() == 0
     self._jsonl = None
     self._tb = None
@@ -65,15 +98,26 @@ class MetricWriter:
         if isinstance(v, (int, float)):
           self._tb.add_scalar(f"{split}/{k}", v, step)
       self._tb.flush()
-    logging.info("%s", self._progress_line(step, scalars, split))
+    logging.info("%s", self.progress_line(step, scalars, split))
 
-  def _progress_line(self, step: int, scalars: Mapping[str, Any], split: str) -> str:
+  def progress_line(self, step: int, scalars: Mapping[str, Any], split: str = "train") -> str:
     if self._start_step is None:
       self._start_step, self._t0 = step, time.time()
+    shown = [k for k in self.console_keys or () if k in scalars]
+    if not shown:
+      shown = [k for k in scalars if k not in ("images_per_s", "skipped_images")]
+    parts = [f"step {step}/{self.total_steps}"] + [format_console(k, scalars[k]) for k in shown]
+    if split != "train":
+      return "  ".join([split.replace("_", " ")] + parts)
+    if "images_per_s" in scalars:
+      parts.append(format_console("images_per_s", scalars["images_per_s"]))
+    if scalars.get("skipped_images"):
+      parts.append(f"{scalars['skipped_images']} undecodable skipped")
     done = step - self._start_step
     eta = (time.time() - self._t0) / done * (self.total_steps - step) if done > 0 else float("nan")
-    body = " | ".join(f"{k} {format_value(v)}" for k, v in scalars.items())
-    return f"[{split}] step {step}/{self.total_steps} | {body} | ETA {format_duration(eta)}"
+    if step < self.total_steps:
+      parts.append(f"ETA {format_duration(eta)}")
+    return "  ".join(parts)
 
   def close(self) -> None:
     if self._jsonl is not None:

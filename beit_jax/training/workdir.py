@@ -8,7 +8,9 @@ run aside into `replaced-<time>/` inside the workdir instead (nothing is deleted
 starts afresh. Settings that may change on a resume (total_steps, logging, checkpoint
 interval, eval) are not part of the identity. The workdir may be on a bucket
 (`gs://BUCKET/run`): its files go through `beit_jax.paths`, and `check` first makes sure
-the bucket's package is installed.
+the bucket's package is installed. A run that ended (trained, evaluated, exported)
+leaves `summary.json`; rerunning its command then prints that summary and stops
+(`completed`; `beit_jax.main --reevaluate` evaluates and exports it again).
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from jax.experimental import multihost_utils
 from beit_jax import paths
 
 RUN_CONFIG = "config.json"
+SUMMARY = "summary.json"  # Written when a run ends with its export: step + summary lines.
 IDENTITY = ("task", "model", "input", "mask", "seed")
 
 
@@ -90,3 +93,20 @@ def write(config: ml_collections.ConfigDict, workdir: str) -> None:
     return
   record = {"identity": identity(config), "config": _plain(config.to_dict())}
   paths.write_text(path, json.dumps(record, indent=2, sort_keys=True))
+
+
+def write_summary(workdir: str, step: int, lines: list[str]) -> None:
+  """Records that the run in `workdir` ended at `step` (trained, evaluated, exported)."""
+  if jax.process_index() == 0:
+    record = {"step": int(step), "lines": list(lines)}
+    paths.write_text(os.path.join(workdir, SUMMARY), json.dumps(record, indent=2))
+
+
+def completed(workdir: str, total_steps: int) -> list[str] | None:
+  """The summary lines of a run in `workdir` that ended at `total_steps` or later, else
+  None (no run, a run stopped early, or one to be trained further)."""
+  path = os.path.join(workdir, SUMMARY)
+  if not paths.exists(path):
+    return None
+  record = json.loads(paths.read_text(path))
+  return record["lines"] if record.get("step", -1) >= total_steps else None

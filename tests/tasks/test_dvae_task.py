@@ -2,6 +2,7 @@
 
 import json
 import os
+import re
 import subprocess
 import sys
 
@@ -78,11 +79,38 @@ def test_cli_train_checkpoint_resume_export(tmp_path):
     assert np.isfinite(train[-1][key]), key
   final = [r for r in records if r["split"] == "final_eval"]
   assert final and final[0]["num_images"] > 0 and "baseline_psnr" in final[0]
+  assert np.isfinite(train[-1]["diversity_loss"])
+
+  # The console: this package's lines without absl's prefix, one progress line per log
+  # step, no library INFO (it is in log.txt, prefixed), the summary at the end.
+  console = first.stderr.splitlines()
+  assert not [line for line in console if re.match(r"[IWEF]\d{4} ", line)], console[:5]
+  assert not [line for line in console if "orbax" in line.lower() or "grain" in line.lower()]
+  progress = [line for line in console if line.startswith("step ")]
+  assert len(progress) == 2 and progress[0].startswith("step 2/4  loss "), progress
+  assert re.search(r"  usage \d+\.\d%  perplexity [\d.]+  tau [\d.]+  [\d,]+ img/s", progress[0])
+  assert "ETA" in progress[0] and "ETA" not in progress[1]
+  assert any(line.startswith("final eval  step 4/4  psnr ") for line in console)
+  summary = console[console.index("Summary:") + 1 :]
+  assert summary[0].startswith("  Trained: a compact dVAE tokenizer, 64 codes")
+  assert "for each token's patch painted its mean colour" in summary[1]
+  assert summary[2] == f"  Export: {workdir}/export/tokenizer"
+  log = open(os.path.join(workdir, "log.txt")).read()
+  assert re.search(r"^I\d{4} .*checkpoint_manager\.py", log, re.M)  # Orbax INFO, prefixed.
+  assert "step 2/4  loss" in log and "Metadata file does not exist" not in log
+
+  # The same command again: the run is complete; its summary, nothing re-run.
+  again = run_main(f"--config={CONFIG}:steps=4", f"--workdir={workdir}", *TINY)
+  assert again.returncode == 0, again.stderr[-3000:]
+  assert "This run is complete (4 steps" in again.stderr and summary[2] in again.stderr
+  assert "--reevaluate" in again.stderr and "final eval" not in again.stderr
+  assert len(open(os.path.join(workdir, "metrics.jsonl")).readlines()) == len(records)
 
   # Resume in the same workdir: continues from step 4 to 6, does not restart.
   second = run_main(f"--config={CONFIG}:steps=6", f"--workdir={workdir}", *TINY)
   assert second.returncode == 0, second.stderr[-3000:]
   assert "Resumed from" in second.stderr and "at step 4" in second.stderr
+  assert "Metadata file does not exist" not in second.stderr  # Orbax warned on resume.
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert [r["step"] for r in records if r["split"] == "train"] == [2, 4, 6]
 
@@ -95,16 +123,44 @@ def test_cli_train_checkpoint_resume_export(tmp_path):
   assert int(ids.max()) < 64
 
 
+def _one_error_line(result) -> str:
+  """The run failed with status 2 and printed its error as one line, no traceback."""
+  assert result.returncode == 2, result.stderr[-2000:]
+  assert "Traceback" not in result.stderr, result.stderr[-2000:]
+  errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+  assert len(errors) == 1, result.stderr[-2000:]
+  return errors[0]
+
+
 def test_cli_rejects_unknown_key_and_bad_value(tmp_path):
   bad_key = run_main(
-    f"--config={CONFIG}", f"--workdir={tmp_path}", "--config.model.widht=3", devices=1
+    f"--config={CONFIG}", f"--workdir={tmp_path}", "--config.model.hiden=3", devices=1
   )
-  assert bad_key.returncode != 0 and "widht" in bad_key.stderr
+  line = _one_error_line(bad_key)
+  assert line.startswith("error: config.model.hiden is not a key of this config.")
+  assert "Closest valid keys: model.hidden" in line
+  no_key = run_main(f"--config={CONFIG}", f"--workdir={tmp_path}", "--config.nosuchkey=1")
+  assert "Keys of the config: ckpt, codebook, data," in _one_error_line(no_key)
+  bad_type = run_main(f"--config={CONFIG}", f"--workdir={tmp_path}", "--config.total_steps=x")
+  assert "--config.total_steps=x" in _one_error_line(bad_type)
   bad_value = run_main(
     f"--config={CONFIG}", f"--workdir={tmp_path}/w", "--config.data.source=imagenet", devices=1
   )
-  assert bad_value.returncode != 0 and "data.source" in bad_value.stderr
-  assert not os.path.exists(f"{tmp_path}/w")  # Nothing written before the check.
+  assert "config.data.source='imagenet'" in _one_error_line(bad_value)
+  missing = run_main(
+    f"--config={CONFIG}",
+    f"--workdir={tmp_path}/w",
+    "--config.data.source=folder",
+    f"--config.data.path={tmp_path}/no_images",
+    devices=1,
+  )
+  assert "no_images" in _one_error_line(missing)
+  assert not os.path.exists(f"{tmp_path}/w")  # Nothing written before the checks.
+  # --verbosity=1 shows the traceback too.
+  verbose = run_main(
+    f"--config={CONFIG}", f"--workdir={tmp_path}/w", "--config.data.source=imagenet", "-v=1"
+  )
+  assert verbose.returncode != 0 and "Traceback" in verbose.stderr
 
 
 @pytest.mark.parametrize(
