@@ -18,7 +18,8 @@ The tokenizer (`config.tokenizer.path`) is a params export: a dVAE trained with
 Arguments after ':' (e.g. configs/pretrain_base.py:epochs=300,batch_size=1024):
   variant     ViT size: tiny | small | base | large
   epochs      pretraining epochs (ImageNet-1k: 1,281,167 images)
-  batch_size  global batch (lr is not rescaled: pass --config.optim.lr too)
+  batch_size  global batch (lr is not rescaled: pass --config.optim.lr, or
+              --config.optim.scale_lr_with_batch=True to scale it linearly from 2048)
   tokenizer   path of the tokenizer export
 Without ImageNet or a tokenizer it stops at once and says how to get them, or how to run
 the quick start (configs/pretrain_small.py).
@@ -67,6 +68,9 @@ def get_config(arg=None):
 
   # 0 = unilm's 75 / 16 of 196, scaled to other grids.
   c.mask = dict(kind="blockwise", num_patches=0, min_patches=0)
+  # Which patches' tokens the loss predicts: 'masked' (BEiT) or 'all' (paper Table 4's
+  # ablation; mask.kind='random' is the other one).
+  c.loss_on = "masked"
 
   c.model = dict(
     variant=arg.variant,
@@ -89,6 +93,7 @@ def get_config(arg=None):
     warmup_steps=arg.warmup_epochs * steps_per_epoch,
     weight_decay=0.05,
     clip_grad_norm=3.0,
+    reference_batch=2048,  # The paper's lr is for batch 2048; not rescaled (exact recipe).
   )
   c.mesh = config_lib.mesh_config()
   c.ckpt = config_lib.ckpt_config(every=5000, keep=3)
@@ -97,6 +102,9 @@ def get_config(arg=None):
   c.log_every = 100
   c.eval_every = 0  # MIM loss / mlm_acc on the eval split every N steps (0: at the end).
   c.eval_batch_size = 1024
+  # The eval's context-free baseline (unigram / most frequent token) is the token
+  # distribution of the centre crops of this many training images.
+  c.prior_images = 10_000
   c.tensorboard = True
   c.export_dir = ""
   return c

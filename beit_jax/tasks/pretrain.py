@@ -24,6 +24,7 @@ tokenizer is trained first in `<workdir>/tokenizer` and then used.
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -31,6 +32,7 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
+import numpy as np
 import optax
 from absl import logging
 
@@ -38,15 +40,14 @@ from beit_jax import config_lib, exports, pixels
 from beit_jax.data import masking, pipeline, sources, transforms
 from beit_jax.models import attention, dvae, precision, vit
 from beit_jax.tasks import dvae as dvae_task
+from beit_jax.tasks import mim_eval
+from beit_jax.tasks.mim_eval import BATCH_KEYS, IMAGE_KEY, MASK_KEY, TOKENIZER_KEY
 from beit_jax.training import checkpointing, loop, losses, optim
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training.train_state import TrainState, init_sharded
 from beit_jax.viz import pictures
 
-IMAGE_KEY = "image"
-TOKENIZER_KEY = "tokenizer_image"
-MASK_KEY = "mask"
-BATCH_KEYS = (IMAGE_KEY, TOKENIZER_KEY, MASK_KEY)
+LOSS_ON = ("masked", "all")  # Which patches' tokens the loss predicts (paper Table 4).
 
 
 # ----------------------------------------------------------------------------------
@@ -144,6 +145,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   config_lib.check_choice(config, "model.dtype", precision.DTYPE_NAMES)
   config_lib.check_choice(config, "model.attention", attention.CHOICES)
   config_lib.check_choice(config, "mask.kind", masking.MASK_KINDS)
+  config_lib.check_choice(config, "loss_on", LOSS_ON)
   config_lib.check_choice(config, "input.norm", ("half", "imagenet"))
   config_lib.check_choice(config, "input.interpolation", tuple(transforms.INTERPOLATIONS))
   config_lib.check_choice(config, "input.second_interpolation", tuple(transforms.INTERPOLATIONS))
@@ -159,7 +161,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     "ckpt.keep",
     "optim.lr",
   )
-  config_lib.check_positive(config, "eval_batch_size")
+  config_lib.check_positive(config, "eval_batch_size", "prior_images")
   config_lib.check_positive(
     config,
     "mask.num_patches",
@@ -215,18 +217,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
 # ----------------------------------------------------------------------------------
 # The MIM step.
 # ----------------------------------------------------------------------------------
-def masked_positions(mask: jax.Array, max_masked: int) -> tuple[jax.Array, jax.Array]:
-  """(B, N) bool -> positions (B, K) of the masked patches (in order, padded) and weights.
-
-  Static shapes: K = `max_masked`, an upper bound of the per-image count (the blockwise
-  generator never exceeds its target). Padding slots point at unmasked patches and get
-  weight 0.
-  """
-  order = jnp.argsort(jnp.logical_not(mask), axis=1, stable=True)[:, :max_masked]
-  weights = jnp.take_along_axis(mask, order, axis=1).astype(jnp.float32)
-  return order.astype(jnp.int32), weights
-
-
 def make_mim_update(
   model: vit.BEiT,
   tx: optax.GradientTransformation,
@@ -234,15 +224,24 @@ def make_mim_update(
   max_masked: int,
   input_norm: str,
   inject_at_steps: tuple[int, ...] = (),
+  loss_on: str = "masked",
 ):
   """`update(state, images_uint8, mask, token_ids) -> (state, metrics)`: the ViT half of
   the step (normalise, mask tokens, logits at the masked positions, cross-entropy, AdamW)
-  given the target ids (B, N) of every patch."""
+  given the target ids (B, N) of every patch. `loss_on='all'` (the paper's ablation)
+  predicts the tokens of every patch, masked or not; `mlm_acc` is then over all patches."""
+  if loss_on not in LOSS_ON:
+    raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
 
   def update(state: TrainState, images: jax.Array, mask: jax.Array, ids: jax.Array):
     images = pixels.normalize(images, input_norm)
     mask = mask.astype(bool)
-    positions, weights = masked_positions(mask, max_masked)
+    masked_weights = losses.masked_positions(mask, max_masked)[1]
+    if loss_on == "all":
+      positions = jnp.broadcast_to(jnp.arange(mask.shape[1], dtype=jnp.int32), mask.shape)
+      weights = jnp.ones(mask.shape, jnp.float32)
+    else:
+      positions, weights = losses.masked_positions(mask, max_masked)
     targets = jnp.take_along_axis(ids, positions, axis=1)
 
     def loss_fn(params):
@@ -265,7 +264,7 @@ def make_mim_update(
       loss=loss,
       mlm_acc=acc,
       lr=lr_fn(state.step),
-      masked_per_image=jnp.mean(jnp.sum(weights, axis=1)),
+      masked_per_image=jnp.mean(jnp.sum(masked_weights, axis=1)),
       **update_metrics,
     )
     return new_state, metrics
@@ -281,10 +280,11 @@ def make_train_step(
   max_masked: int,
   input_norm: str,
   inject_at_steps: tuple[int, ...] = (),
+  loss_on: str = "masked",
 ):
   """`train_step(state, batch, tokenizer_params) -> (state, metrics)`, for `jax.jit`:
   the frozen tokenizer's ids of the tokenizer view, then `make_mim_update`."""
-  update = make_mim_update(model, tx, lr_fn, max_masked, input_norm, inject_at_steps)
+  update = make_mim_update(model, tx, lr_fn, max_masked, input_norm, inject_at_steps, loss_on)
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array], tokenizer_params: Any):
     ids = dvae.tokenize(tokenizer, tokenizer_params, pixels.to_unit(batch[TOKENIZER_KEY]))
@@ -292,45 +292,6 @@ def make_train_step(
     return update(state, batch[IMAGE_KEY], batch[MASK_KEY], ids)
 
   return train_step
-
-
-def make_eval_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, max_masked: int, input_norm: str):
-  """Sums over a padded eval batch: masked-token cross-entropy, correct, count, images."""
-
-  def eval_step(params: Any, batch: Mapping[str, jax.Array], tokenizer_params: Any):
-    images = pixels.normalize(batch[IMAGE_KEY], input_norm)
-    ids = dvae.tokenize(tokenizer, tokenizer_params, pixels.to_unit(batch[TOKENIZER_KEY]))
-    ids = ids.reshape(ids.shape[0], -1)
-    valid = batch["valid"]
-    mask = jnp.logical_and(batch[MASK_KEY].astype(bool), valid[:, None])
-    positions, weights = masked_positions(mask, max_masked)
-    targets = jnp.take_along_axis(ids, positions, axis=1)
-    logits = model.apply(
-      {"params": params}, images, mask, positions, train=False, method=vit.BEiT.mim_logits
-    )
-    return dict(
-      losses.masked_token_sums(logits, targets, weights),
-      num_images=jnp.sum(valid.astype(jnp.float32)),
-    )
-
-  return eval_step
-
-
-def evaluate(
-  eval_step, params: Any, tokenizer_params: Any, eval_iter, batch_sharding
-) -> dict[str, float]:
-  """MIM loss and accuracy over one pass of the eval split (masks fixed per image)."""
-  sums = loop.sum_over_batches(
-    eval_step, eval_iter, BATCH_KEYS + ("valid",), batch_sharding, params, tokenizer_params
-  )
-  if sums is None:
-    return {}
-  count = max(float(sums["count"]), 1.0)
-  return dict(
-    loss=float(sums["loss_sum"]) / count,
-    mlm_acc=float(sums["correct"]) / count,
-    num_images=int(sums["num_images"]),
-  )
 
 
 # ----------------------------------------------------------------------------------
@@ -417,6 +378,7 @@ def make_step_parts(
     mask_counts(config)[0],
     config.input.norm,
     config_lib.injected_nonfinite_steps(config),
+    config.loss_on,
   )
   return StepParts(model, lr_fn, tx, init_fn, train_step)
 
@@ -489,20 +451,42 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
     parts.train_step, state_sharding, batch_sharding, tokenizer_sharding
   )
   eval_step = jax.jit(
-    make_eval_step(model, tokenizer, max_masked, config.input.norm),
-    in_shardings=(state_sharding.eval_params, batch_sharding, tokenizer_sharding),
+    mim_eval.make_eval_step(model, tokenizer, max_masked, config.input.norm),
+    in_shardings=(state_sharding.eval_params, batch_sharding, tokenizer_sharding, replicated),
     out_shardings=replicated,
   )
+  histogram = jax.jit(
+    mim_eval.make_token_histogram(tokenizer),
+    in_shardings=(tokenizer_sharding, batch_sharding),
+    out_shardings=replicated,
+  )
+  prior: list[np.ndarray] = []  # The baseline's log unigram prior, made at the first eval.
 
   def eval_fn(state: TrainState) -> dict[str, float]:
+    if not prior:  # Centre crops of the first `prior_images` training images.
+      batches = pipeline.make_eval_iterator(
+        train_source, eval_transform, batch_size=config.eval_batch_size
+      )
+      num_batches = -(-min(config.prior_images, len(train_source)) // config.eval_batch_size)
+      prior.append(
+        mim_eval.training_token_prior(
+          histogram, tokenizer_params, itertools.islice(batches, num_batches), batch_sharding
+        )
+      )
     eval_iter = pipeline.make_eval_iterator(
       eval_source, eval_transform, batch_size=config.eval_batch_size
     )
-    return evaluate(eval_step, state.eval_params, tokenizer_params, eval_iter, batch_sharding)
+    return mim_eval.evaluate(
+      eval_step, state.eval_params, tokenizer_params, prior[0], eval_iter, batch_sharding
+    )
 
   # --- Train, then export ------------------------------------------------------------
+  export_dir = config.export_dir or os.path.join(workdir, "export", "beit")
+
+  def describe(result: loop.RunResult) -> list[str]:
+    return mim_eval.describe_run(config, export_dir, tokenizer_path, len(train_source), result)
+
   def export(result: loop.RunResult) -> None:
-    export_dir = config.export_dir or os.path.join(workdir, "export", "beit")
     exports.write_mim(
       export_dir,
       result.state.eval_params,
@@ -548,4 +532,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
     eval_fn=eval_fn if eval_source is not None else None,
     finish=export,
     on_checkpoint=painter,
+    console_keys=("loss", "mlm_acc", "lr", "unigram_loss", "frequent_acc"),
+    describe=describe,
   )

@@ -45,6 +45,18 @@ def label_smoothing_cross_entropy(
   return soft_target_cross_entropy(logits, targets, weights)
 
 
+def masked_positions(mask: jax.Array, max_masked: int) -> tuple[jax.Array, jax.Array]:
+  """(B, N) bool -> positions (B, K) of the masked patches (in order, padded) and weights.
+
+  Static shapes: K = `max_masked`, an upper bound of the per-image count (the blockwise
+  generator never exceeds its target). Padding slots point at unmasked patches and get
+  weight 0.
+  """
+  order = jnp.argsort(jnp.logical_not(mask), axis=1, stable=True)[:, :max_masked]
+  weights = jnp.take_along_axis(mask, order, axis=1).astype(jnp.float32)
+  return order.astype(jnp.int32), weights
+
+
 def masked_token_sums(logits: Array, targets: Array, weights: Array) -> dict[str, Array]:
   """Sums over the weighted (masked) tokens of the MIM head's (B, K, vocab) logits:
   cross-entropy, argmax hits and the token count (weights 0 for padding slots)."""

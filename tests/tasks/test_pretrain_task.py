@@ -116,7 +116,7 @@ def tiny_batch(n=8, seed=0):
 
 def test_masked_positions_static_and_weighted():
   mask = jnp.array([[False, True, False, True, True], [False, False, False, False, True]])
-  positions, weights = pretrain.masked_positions(mask, 3)
+  positions, weights = losses_lib.masked_positions(mask, 3)
   np.testing.assert_array_equal(positions, [[1, 3, 4], [4, 0, 1]])
   np.testing.assert_array_equal(weights, [[1, 1, 1], [1, 0, 0]])
 
@@ -135,6 +135,35 @@ def test_mim_loss_matches_direct_formula():
   np.testing.assert_allclose(loss, expected, rtol=1e-5)
   expected_acc = np.mean([logits[b, k].argmax() == targets[b, k] for b, k in picked])
   np.testing.assert_allclose(acc, expected_acc)
+
+
+@pytest.mark.parametrize("loss_on", ["masked", "all"])
+def test_loss_on_masked_or_every_patch_matches_the_direct_formula(loss_on):
+  """config.loss_on (paper Table 4): the cross-entropy over the masked patches' tokens, or
+  over every patch's, from the same masked input."""
+  model = vit.mim_model("test", image_size=16, patch_size=4, vocab_size=VOCAB)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
+  tx = optim.make_optimizer(config_lib.adamw_config(lr=1e-3), optim.warmup_cosine(1e-3, 0, 10, 0))
+  state = TrainState.create(params, tx, jax.random.PRNGKey(1))
+  batch = tiny_batch(4)
+  ids = jnp.asarray(np.random.default_rng(3).integers(0, VOCAB, (4, 16)), jnp.int32)
+  update = jax.jit(pretrain.make_mim_update(model, tx, lambda s: 1e-3, 6, "half", loss_on=loss_on))
+  _, metrics = update(state, batch["image"], batch["mask"], ids)
+  positions = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (4, 16))
+  logits = model.apply(
+    {"params": params},
+    (jnp.asarray(batch["image"], jnp.float32) / 255 - 0.5) / 0.5,
+    jnp.asarray(batch["mask"]),
+    positions,
+    method=vit.BEiT.mim_logits,
+  )
+  logp = np.asarray(jax.nn.log_softmax(logits, -1))
+  nll = -np.take_along_axis(logp, np.asarray(ids)[..., None], -1)[..., 0]
+  chosen = batch["mask"] if loss_on == "masked" else np.ones((4, 16), bool)
+  np.testing.assert_allclose(metrics["loss"], nll[chosen].mean(), rtol=1e-4)
+  np.testing.assert_allclose(metrics["masked_per_image"], batch["mask"].sum(1).mean())
+  with pytest.raises(ValueError, match="loss_on must be one of"):
+    pretrain.make_mim_update(model, tx, lambda s: 1e-3, 6, "half", loss_on="some")
 
 
 def test_loss_at_init_is_log_vocab_and_overfits_a_few_images():
@@ -345,6 +374,11 @@ def test_quick_start_two_stages_then_kill_and_resume(tmp_path):
   assert first.returncode == 0, first.stderr[-3000:]
   assert os.path.exists(os.path.join(workdir, "tokenizer", "export", "tokenizer", "metadata.json"))
   assert "Stage 2/2" in first.stderr
+  # Each stage ends with its summary; the MIM one puts the ViT beside the context-free
+  # baselines (the final eval records them too).
+  assert first.stderr.count("Summary:") == 2
+  assert "for the training tokens' frequencies; mlm_acc" in first.stderr
+  assert f"Export: {workdir}/export/beit" in first.stderr
   assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2", "4"]
   records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
   train = [r for r in records if r["split"] == "train"]
@@ -354,6 +388,7 @@ def test_quick_start_two_stages_then_kill_and_resume(tmp_path):
   assert abs(train[0]["loss"] - math.log(VOCAB)) < 1.0
   final = [r for r in records if r["split"] == "final_eval"]
   assert final and final[0]["num_images"] == 18 and 0 <= final[0]["mlm_acc"] <= 1
+  assert 0 < final[0]["frequent_acc"] < 1 and 0 < final[0]["unigram_loss"] < math.log(VOCAB)
   assert abs(final[0]["loss"] - math.log(VOCAB)) < 1.5
   model, params, meta = exports.load_pretrained(os.path.join(workdir, "export", "beit"))
   assert meta["step"] == 4 and model.vocab_size == VOCAB and model.image_size == 32

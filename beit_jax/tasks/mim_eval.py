@@ -1,0 +1,154 @@
+"""The MIM evaluation of task `pretrain`, and its end-of-run summary.
+
+On the eval split (centre crops, a fixed mask per image) the ViT's masked-token
+cross-entropy and accuracy are reported next to those of a context-free predictor on the
+same masked tokens: the unigram distribution of the training tokens (`unigram_loss`) and
+always the most frequent training token (`frequent_acc`). A ViT that does not beat them
+has learned no more than the token frequencies. The prior is counted from the tokens of
+the centre crops of the first `config.prior_images` training images.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+
+from beit_jax import config_lib, pixels
+from beit_jax.models import dvae, vit
+from beit_jax.training import loop, losses
+
+# The keys of a pretrain batch (the two views and the mask the pipeline makes).
+IMAGE_KEY = "image"
+TOKENIZER_KEY = "tokenizer_image"
+MASK_KEY = "mask"
+BATCH_KEYS = (IMAGE_KEY, TOKENIZER_KEY, MASK_KEY)
+
+
+def make_eval_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, max_masked: int, input_norm: str):
+  """Sums over a padded eval batch: masked-token cross-entropy, correct, count, images;
+  and the same for the context-free predictor `log_prior` (V,) (log unigram frequencies
+  of the training tokens: its cross-entropy, and the hits of always predicting the most
+  frequent token)."""
+
+  def eval_step(
+    params: Any, batch: Mapping[str, jax.Array], tokenizer_params: Any, log_prior: jax.Array
+  ):
+    images = pixels.normalize(batch[IMAGE_KEY], input_norm)
+    ids = dvae.tokenize(tokenizer, tokenizer_params, pixels.to_unit(batch[TOKENIZER_KEY]))
+    ids = ids.reshape(ids.shape[0], -1)
+    valid = batch["valid"]
+    mask = jnp.logical_and(batch[MASK_KEY].astype(bool), valid[:, None])
+    positions, weights = losses.masked_positions(mask, max_masked)
+    targets = jnp.take_along_axis(ids, positions, axis=1)
+    logits = model.apply(
+      {"params": params}, images, mask, positions, train=False, method=vit.BEiT.mim_logits
+    )
+    prior = losses.masked_token_sums(jnp.broadcast_to(log_prior, logits.shape), targets, weights)
+    return dict(
+      losses.masked_token_sums(logits, targets, weights),
+      unigram_loss_sum=prior["loss_sum"],
+      frequent_correct=prior["correct"],
+      num_images=jnp.sum(valid.astype(jnp.float32)),
+    )
+
+  return eval_step
+
+
+def make_token_histogram(tokenizer: dvae.DiscreteVAE):
+  """(tokenizer_params, batch) -> (V,) int32 counts of the tokens of the batch's valid
+  images (all positions)."""
+
+  def histogram(tokenizer_params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
+    ids = dvae.tokenize(tokenizer, tokenizer_params, pixels.to_unit(batch[TOKENIZER_KEY]))
+    ids = ids.reshape(ids.shape[0], -1)
+    weight = jnp.broadcast_to(batch["valid"][:, None], ids.shape).astype(jnp.int32)
+    counts = jnp.zeros((tokenizer.vocab_size,), jnp.int32).at[ids].add(weight)
+    return {"counts": counts}
+
+  return histogram
+
+
+def log_unigram_prior(counts: np.ndarray) -> np.ndarray:
+  """log p of the add-one-smoothed unigram distribution of token `counts` (V,)."""
+  counts = np.asarray(counts, np.float64) + 1.0
+  return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def training_token_prior(histogram, tokenizer_params, batches, batch_sharding) -> np.ndarray:
+  """`log_unigram_prior` of the tokens of `batches` (centre crops of training images)."""
+  sums = loop.sum_over_batches(
+    histogram, batches, (TOKENIZER_KEY, "valid"), batch_sharding, tokenizer_params
+  )
+  return log_unigram_prior(np.zeros(0) if sums is None else sums["counts"])
+
+
+def evaluate(
+  eval_step, params: Any, tokenizer_params: Any, log_prior, eval_iter, batch_sharding
+) -> dict[str, float]:
+  """MIM loss and accuracy over one pass of the eval split (masks fixed per image), next
+  to those of the context-free predictor `log_prior` on the same masked tokens:
+  `unigram_loss` (cross-entropy of the training tokens' unigram distribution) and
+  `frequent_acc` (always the most frequent training token)."""
+  sums = loop.sum_over_batches(
+    eval_step,
+    eval_iter,
+    BATCH_KEYS + ("valid",),
+    batch_sharding,
+    params,
+    tokenizer_params,
+    log_prior,
+  )
+  if sums is None:
+    return {}
+  count = max(float(sums["count"]), 1.0)
+  return dict(
+    loss=float(sums["loss_sum"]) / count,
+    mlm_acc=float(sums["correct"]) / count,
+    unigram_loss=float(sums["unigram_loss_sum"]) / count,
+    frequent_acc=float(sums["frequent_correct"]) / count,
+    num_images=int(sums["num_images"]),
+  )
+
+
+def describe_run(
+  config: ml_collections.ConfigDict,
+  export_dir: str,
+  tokenizer_path: str,
+  num_train: int,
+  result: loop.RunResult,
+) -> list[str]:
+  """The end-of-run summary: what was trained, the eval beside the context-free
+  baselines (did the ViT learn more than the token frequencies?), the export, the next
+  commands."""
+  _, _, lr = config_lib.effective_lr(config)
+  lines = [
+    f"Trained: BEiT-{config.model.variant} masked image modeling, {config.total_steps} steps "
+    f"on {config.data.source} ({num_train} images), tokenizer {tokenizer_path}, {lr}."
+  ]
+  e = result.eval
+  if e:
+    learned = e["loss"] < e["unigram_loss"] and e["mlm_acc"] > e["frequent_acc"]
+    lines.append(
+      f"Eval ({e['num_images']} images, fixed masks): masked-token loss {e['loss']:.3f} vs "
+      f"{e['unigram_loss']:.3f} for the training tokens' frequencies; mlm_acc "
+      f"{100 * e['mlm_acc']:.1f}% vs {100 * e['frequent_acc']:.1f}% for always the most "
+      "frequent token: "
+      + (
+        "the ViT predicts the masked tokens better than their frequencies."
+        if learned
+        else "the ViT does NOT beat the token frequencies yet (train longer, or check the "
+        "tokenizer's summary)."
+      )
+    )
+  lines += [
+    f"Export: {export_dir}",
+    "Next: fine-tune it: python -m beit_jax.main --config=configs/finetune_small.py "
+    f"--config.pretrained={export_dir}; probe it: --config=configs/linear_probe_small.py; "
+    f"pictures: python -m beit_jax.viz --export={export_dir}",
+  ]
+  return lines
