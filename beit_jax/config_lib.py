@@ -8,6 +8,7 @@ key and says what to change, before anything is compiled or written.
 
 from __future__ import annotations
 
+import difflib
 import importlib.util
 import os
 from collections.abc import Iterable
@@ -80,16 +81,44 @@ def adamw_config(**overrides: Any) -> ml_collections.ConfigDict:
       weight_decay=0.05,
       clip_grad_norm=0.0,
       decay_steps=0,  # Steps of the cosine lr decay (0 = total_steps); then min_lr.
+      # lr and min_lr are for a global batch of `reference_batch`; with
+      # scale_lr_with_batch they are scaled linearly to input.batch_size (Goyal et al.).
+      scale_lr_with_batch=False,
+      reference_batch=0,
     )
   )
   optim_config.update(overrides)
   return optim_config
 
 
-def lr_schedule(config: ml_collections.ConfigDict):
-  """The lr schedule of `config.optim` over `config.total_steps` (unilm's cosine)."""
+def effective_lr(config: ml_collections.ConfigDict) -> tuple[float, float, str]:
+  """(lr, min_lr, how) the run uses: `config.optim`'s, scaled by input.batch_size /
+  optim.reference_batch when optim.scale_lr_with_batch; `how` says which for a person."""
   o = config.optim
-  return optim.warmup_cosine(o.lr, o.min_lr, o.decay_steps or config.total_steps, o.warmup_steps)
+  batch = config.input.batch_size if "input" in config else None
+  if not o.get("scale_lr_with_batch", False):
+    ref = o.get("reference_batch", 0)
+    note = f", set for batch {ref}" if ref and ref != batch else ""
+    return o.lr, o.min_lr, f"lr {o.lr:g} (as configured{note}; batch {batch})"
+  if o.reference_batch <= 0:
+    raise ValueError(
+      "config.optim.scale_lr_with_batch=True needs config.optim.reference_batch > 0, the "
+      "global batch config.optim.lr is set for."
+    )
+  factor = batch / o.reference_batch
+  how = (
+    f"lr {o.lr * factor:g} (= {o.lr:g} x batch {batch} / reference batch "
+    f"{o.reference_batch}, optim.scale_lr_with_batch)"
+  )
+  return o.lr * factor, o.min_lr * factor, how
+
+
+def lr_schedule(config: ml_collections.ConfigDict):
+  """The lr schedule of `config.optim` over `config.total_steps` (unilm's cosine), at the
+  `effective_lr`."""
+  o = config.optim
+  lr, min_lr, _ = effective_lr(config)
+  return optim.warmup_cosine(lr, min_lr, o.decay_steps or config.total_steps, o.warmup_steps)
 
 
 def ckpt_config(
@@ -174,6 +203,11 @@ def check_data(config: ml_collections.ConfigDict) -> None:
       "config.data.source='folder' needs config.data.path=/path/to/images "
       "(root/<class>/<image> or root/train/<class>/<image>)."
     )
+  if config.data.source == "folder" and not paths.isdir(config.data.path):
+    raise ValueError(
+      f"config.data.path={config.data.path} is not a folder: point it at the image folder "
+      "(root/<class>/<image> or root/train/<class>/<image>)."
+    )
   if config.data.source == "tfds" and not config.data.name:
     raise ValueError(
       "config.data.source='tfds' needs config.data.name=<dataset name> "
@@ -196,3 +230,36 @@ def load_config_file(path: str, arg: str | None = None) -> ml_collections.Config
 def sibling_config(this_file: str, name: str, arg: str | None = None) -> ml_collections.ConfigDict:
   """The config of `name` (e.g. 'dvae_small.py') in the same folder as `this_file`."""
   return load_config_file(os.path.join(os.path.dirname(os.path.abspath(this_file)), name), arg)
+
+
+def flat_keys(config: ml_collections.ConfigDict, prefix: str = "") -> list[str]:
+  """Every key of `config`, dotted (`optim.lr`), sections included."""
+  out = []
+  for key, value in config.items():
+    name = f"{prefix}{key}"
+    out.append(name)
+    if isinstance(value, ml_collections.ConfigDict):
+      out.extend(flat_keys(value, name + "."))
+  return out
+
+
+def unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str | None:
+  """For an override `--config.KEY=...`: None when KEY exists in `config`, else a message
+  naming it and the closest valid keys (by name within the deepest existing section, then
+  anywhere in the config), or that section's keys."""
+  keys = flat_keys(config)
+  if key in keys:
+    return None
+  parent = key.rpartition(".")[0]
+  while parent and parent not in keys:
+    parent, _, _ = parent.rpartition(".")
+  leaf = key[len(parent) + 1 :] if parent else key
+  section = [k[len(parent) + 1 :] for k in keys if k.startswith(parent + ".")] if parent else keys
+  close = [
+    f"{parent}.{k}" if parent else k for k in difflib.get_close_matches(leaf, section, n=4)
+  ] or difflib.get_close_matches(key, keys, n=4, cutoff=0.75)
+  hint = f" Closest valid keys: {', '.join(close)}." if close else ""
+  node = get(config, parent) if parent else config
+  where = f"config.{parent}" if parent else "the config"
+  listing = f" Keys of {where}: {', '.join(sorted(node.keys()))}."
+  return f"config.{key} is not a key of this config.{hint or listing}"

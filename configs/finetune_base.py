@@ -127,6 +127,7 @@ def get_config(arg=None):
     warmup_steps=recipe.warmup_epochs * steps_per_epoch,
     weight_decay=recipe.weight_decay,
     clip_grad_norm=0.0,
+    reference_batch=recipe.batch_size,  # The paper's lr is for this batch; not rescaled.
   )
   c.optim.layer_decay = recipe.layer_decay
   c.ema_decay = 0.0  # unilm --model_ema (off by default; 0.9999 when on).

@@ -28,7 +28,12 @@ def get_config(arg=None):
   config_lib.small_downstream(c, variant=arg.variant, steps=arg.steps)
   c.mixup.prob = 0.0
   c.optim = config_lib.adamw_config(
-    lr=arg.lr, min_lr=1e-6, warmup_steps=max(arg.steps // 10, 1), weight_decay=0.05
+    lr=arg.lr,
+    min_lr=1e-6,
+    warmup_steps=max(arg.steps // 10, 1),
+    weight_decay=0.05,
+    scale_lr_with_batch=True,  # `:batch_size=N` scales lr linearly from batch 32.
+    reference_batch=32,
   )
   c.optim.layer_decay = 0.75
   return c

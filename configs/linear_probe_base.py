@@ -64,7 +64,9 @@ def get_config(arg=None):
     attention="auto",  # beit_jax.models.attention: einsum on CPU/TPU, cuDNN's on GPU.
     dtype="auto",
   )
-  c.optim = config_lib.adamw_config(lr=4e-3, min_lr=0.0, warmup_steps=0, weight_decay=1e-4)
+  c.optim = config_lib.adamw_config(
+    lr=4e-3, min_lr=0.0, warmup_steps=0, weight_decay=1e-4, reference_batch=1024
+  )
   c.knn = dict(k=20, temperature=0.07, max_train_images=0)  # k=0: no k-NN; 0 = all images.
   c.mesh = config_lib.mesh_config()
   c.ckpt = config_lib.ckpt_config(every=steps_per_epoch, keep=2)

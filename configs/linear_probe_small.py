@@ -20,6 +20,13 @@ def get_config(arg=None):
     __file__, "linear_probe_base.py", f"batch_size={arg.batch_size},pretrained={arg.pretrained}"
   )
   config_lib.small_downstream(c, variant=arg.variant, steps=arg.steps)
-  c.optim = config_lib.adamw_config(lr=4e-3, min_lr=0.0, warmup_steps=0, weight_decay=1e-4)
+  c.optim = config_lib.adamw_config(
+    lr=4e-3,
+    min_lr=0.0,
+    warmup_steps=0,
+    weight_decay=1e-4,
+    scale_lr_with_batch=True,  # `:batch_size=N` scales lr linearly from batch 32.
+    reference_batch=32,
+  )
   c.knn.max_train_images = 10000
   return c

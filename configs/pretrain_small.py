@@ -42,6 +42,8 @@ def get_config(arg=None):
     warmup_steps=max(arg.steps // 20, 1),
     weight_decay=0.05,
     clip_grad_norm=3.0,
+    scale_lr_with_batch=True,  # `:batch_size=N` scales lr linearly from batch 32.
+    reference_batch=32,
   )
   c.ckpt = config_lib.ckpt_config(every=250, keep=2)
   c.nonfinite = config_lib.nonfinite_config()

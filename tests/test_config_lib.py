@@ -46,6 +46,64 @@ def test_lr_schedule_reads_the_optim_section():
   assert float(lr(10)) == pytest.approx(0.0, abs=1e-7)
 
 
+def test_lr_scales_with_the_batch_only_when_asked():
+  config = ml_collections.ConfigDict(
+    dict(
+      total_steps=10,
+      input=dict(batch_size=64),
+      optim=config_lib.adamw_config(lr=1e-3, min_lr=1e-5, reference_batch=32),
+    )
+  )
+  lr, min_lr, how = config_lib.effective_lr(config)
+  assert (lr, min_lr) == (
+    1e-3,
+    1e-5,
+  ) and how == "lr 0.001 (as configured, set for batch 32; batch 64)"
+  config.optim.scale_lr_with_batch = True
+  lr, min_lr, how = config_lib.effective_lr(config)
+  assert (lr, min_lr) == pytest.approx((2e-3, 2e-5))
+  assert how.startswith("lr 0.002 (= 0.001 x batch 64 / reference batch 32")
+  assert float(config_lib.lr_schedule(config)(0)) == pytest.approx(2e-3)
+  config.optim.reference_batch = 0
+  with pytest.raises(ValueError, match="needs config.optim.reference_batch > 0"):
+    config_lib.effective_lr(config)
+  # The paper configs keep their values; the small ones scale from their default batch.
+  for name, scaled, reference in (
+    ("pretrain_base.py", False, 2048),
+    ("finetune_base.py", False, 1024),
+    ("linear_probe_base.py", False, 1024),
+    ("dvae_dalle.py", False, 512),
+    ("pretrain_small.py", True, 32),
+    ("finetune_small.py", True, 32),
+    ("linear_probe_small.py", True, 32),
+    ("dvae_small.py", True, 32),
+  ):
+    c = config_lib.load_config_file(os.path.join(CONFIGS, name))
+    assert (c.optim.scale_lr_with_batch, c.optim.reference_batch) == (scaled, reference), name
+    assert config_lib.effective_lr(c)[0] == c.optim.lr, name  # At the default batch.
+
+
+def test_unknown_key_is_named_with_the_closest_valid_keys():
+  config = config_lib.load_config_file(os.path.join(CONFIGS, "pretrain_small.py"))
+  assert config_lib.unknown_key_message(config, "optim.lr") is None
+  assert config_lib.unknown_key_message(config, "optim.lrr") == (
+    "config.optim.lrr is not a key of this config. Closest valid keys: optim.lr."
+  )
+  message = config_lib.unknown_key_message(config, "mask.zzz")
+  assert message.endswith("Keys of config.mask: kind, min_patches, num_patches.")
+  assert "Closest valid keys: total_steps" in config_lib.unknown_key_message(config, "totl_steps")
+
+
+def test_a_folder_source_that_is_not_a_folder_is_refused(tmp_path):
+  config = ml_collections.ConfigDict(
+    dict(data=config_lib.data_config(source="folder", path=str(tmp_path / "none")))
+  )
+  with pytest.raises(ValueError, match=r"config.data.path=.*none is not a folder"):
+    config_lib.check_data(config)
+  config.data.path = str(tmp_path)
+  config_lib.check_data(config)
+
+
 def test_injected_nonfinite_steps_drop_the_placeholder():
   config = ml_collections.ConfigDict(dict(nonfinite=config_lib.nonfinite_config()))
   assert config_lib.injected_nonfinite_steps(config) == ()
