@@ -1,4 +1,5 @@
-"""The figures, drawn with Pillow from numpy arrays only (no model, no JAX).
+"""The figures, drawn with Pillow (the curves with matplotlib) from numpy arrays only
+(no model, no JAX).
 
 Every function takes uint8 images (H, W, 3) or plain arrays and returns an (H, W, 3)
 uint8 array; `beit_jax/viz/pictures.py` feeds them from a model.
@@ -14,6 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
 from PIL import Image, ImageDraw
 
 from beit_jax import paths, pixels
@@ -195,37 +198,62 @@ def read_metrics(path: str, split: str = "train") -> list[dict[str, Any]]:
   return [r for r in map(json.loads, paths.lines(path)) if r.get("split") == split]
 
 
+CURVE_KEYS = ("loss", "mlm_acc", "psnr", "usage", "top1", "lr", "grad_norm")
+
+
 def curves_figure(
   records: Sequence[Mapping[str, Any]],
-  keys: Iterable[str] = ("loss", "mlm_acc", "lr", "grad_norm"),
-  width: int = 300,
-  height: int = 160,
+  eval_records: Sequence[Mapping[str, Any]] = (),
+  keys: Iterable[str] = CURVE_KEYS,
+  title: str = "Training curves",
+  width: int = 900,
 ) -> Array:
-  """One panel a metric (those present): value against step, min/max in the corner."""
-  panels = []
-  for key in keys:
-    pts = [(r["step"], r[key]) for r in records if key in r and np.isfinite(r[key])]
-    if not pts:
-      continue
-    out = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(out)
-    steps, values = np.array(pts, np.float64).T
-    x0, y0, x1, y1 = 6, 16, width - 6, height - 6
-    sx = (x1 - x0) / max(steps.max() - steps.min(), 1)
-    lo, hi = values.min(), values.max()
-    sy = (y1 - y0) / max(hi - lo, 1e-12)
-    xy = [(x0 + (s - steps.min()) * sx, y1 - (v - lo) * sy) for s, v in zip(steps, values)]
-    draw.rectangle([x0, y0, x1, y1], outline=(200, 200, 200))
-    if len(xy) > 1:
-      draw.line(xy, fill=(200, 40, 40), width=2)
-    else:
-      draw.ellipse([xy[0][0] - 2, xy[0][1] - 2, xy[0][0] + 2, xy[0][1] + 2], fill=(200, 40, 40))
-    draw.text(
-      (4, 2),
-      f"{key}: {values[0]:.4g} -> {values[-1]:.4g} (steps {int(steps.min())}-{int(steps.max())})",
-      fill=(0, 0, 0),
-    )
-    panels.append(np.asarray(out))
-  if not panels:
-    raise ValueError(f"None of {list(keys)} is in the metrics records.")
-  return grid(panels, 2)
+  """A panel per metric present (matplotlib, Agg canvas: no global backend change): the
+  train means per log interval as a line and the eval values (`eval_records`) as dots on
+  the same axes, against the step, with labelled axes and ticks; a log y-scale for a
+  positive metric spanning over a decade (a loss from log V down, an lr warm-up)."""
+  keys = [k for k in keys if any(k in r for r in (*records, *eval_records))]
+  if not keys:
+    raise ValueError(f"None of {list(CURVE_KEYS)} is in the metrics records.")
+  cols = min(2, len(keys))
+  rows = math.ceil(len(keys) / cols)
+  fig = Figure(figsize=(width / 100, 0.6 + 2.6 * rows), dpi=100)
+  FigureCanvasAgg(fig)
+  for i, key in enumerate(keys):
+    ax = fig.add_subplot(rows, cols, i + 1)
+    values = []
+    for recs, style, label in ((records, "-", "train"), (eval_records, "o", "eval")):
+      pts = [(r["step"], r[key]) for r in recs if key in r and np.isfinite(r[key])]
+      if pts:
+        steps, vals = np.array(pts, np.float64).T
+        ax.plot(steps, vals, style, color="C0" if label == "train" else "C3", label=label)
+        values.extend(vals)
+    values = np.asarray(values)
+    if len(values) and values.min() > 0 and values.max() / values.min() > 10:
+      ax.set_yscale("log")
+    ax.set_xlabel("step")
+    ax.set_ylabel(key)
+    ax.set_title(key, fontsize=10)
+    ax.grid(True, alpha=0.3)
+    if eval_records and any(key in r for r in eval_records):
+      ax.legend(fontsize=8)
+  fig.suptitle(title, fontsize=12)
+  fig.tight_layout(rect=(0, 0, 1, 0.96))
+  fig.canvas.draw()
+  return np.asarray(fig.canvas.buffer_rgba())[..., :3].copy()
+
+
+def titled(image: Array, title: str, caption: str) -> Array:
+  """`image` under a white band holding its `title` and a one-line `caption` (the band,
+  and the picture, widen to fit the caption)."""
+  image = np.asarray(image, np.uint8)
+  h, w = image.shape[:2]
+  band = 34
+  measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
+  text_w = int(max(measure.textlength(title), measure.textlength(caption))) + 8
+  out = Image.new("RGB", (max(w, text_w), h + band), "white")
+  draw = ImageDraw.Draw(out)
+  draw.text((4, 3), title, fill=(0, 0, 0))
+  draw.text((4, 18), caption, fill=(90, 90, 90))
+  out.paste(Image.fromarray(image), (0, band))
+  return np.asarray(out)

@@ -143,6 +143,36 @@ def mim_pictures(
 
 
 # -- Writing them ------------------------------------------------------------------------
+CAPTIONS = {  # name -> (title, the one line saying what the picture shows)
+  "masks": (
+    "Masks",
+    "The ViT's view with the blockwise-masked patches grey (~40%): the ViT predicts their tokens.",
+  ),
+  "reconstructions": (
+    "Tokenizer reconstructions",
+    "Each image's tokenizer view | decoded from its argmax tokens (PSNR in dB).",
+  ),
+  "inpainting": (
+    "MIM inpainting",
+    "Original | masked input | decoded from the ViT's predicted tokens at the masked "
+    "patches | from the true tokens.",
+  ),
+  "tokens": ("Token maps", "A colour per token id at every patch of each image."),
+  "codebook": (
+    "Codebook use",
+    "Token counts over these images, most used first: a long flat tail means many codes in use.",
+  ),
+  "attention": (
+    "Attention",
+    "The cls token's attention over the patches in the last block, one map per head.",
+  ),
+  "curves": (
+    "Curves",
+    "Train means per log interval (line) and eval (dots) against the step, from metrics.jsonl.",
+  ),
+}
+
+
 def write_pictures(
   pictures: Mapping[str, Array],
   out_dir: str,
@@ -153,11 +183,20 @@ def write_pictures(
   """PNGs into `out_dir` (plus `curves.png`, loss / mlm_acc / lr / grad norm, from
   `metrics_path` if it exists), and the same images into TensorBoard under
   `tensorboard_workdir/tb` at `step`; returns name -> path."""
-  pictures = dict(pictures)
+  pictures = {
+    name: figures.titled(image, *CAPTIONS[name]) if name in CAPTIONS else image
+    for name, image in pictures.items()
+  }
   if metrics_path and paths.exists(metrics_path):
     records = figures.read_metrics(metrics_path)
+    evals = figures.read_metrics(metrics_path, "eval") + figures.read_metrics(
+      metrics_path, "final_eval"
+    )
     if records:
-      pictures["curves"] = figures.curves_figure(records)
+      pictures["curves"] = figures.titled(
+        figures.curves_figure(records, evals, title=f"Training curves at step {step}"),
+        *CAPTIONS["curves"],
+      )
   if tensorboard_workdir:
     metrics_lib.write_images(tensorboard_workdir, step, pictures)
   return {

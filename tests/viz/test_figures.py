@@ -39,10 +39,26 @@ def test_token_map_and_codebook_follow_the_ids():
 def test_curves_from_metrics_records():
   records = [{"step": s, "loss": 7.0 / s, "lr": 1e-3} for s in range(1, 11)]
   fig = figures.curves_figure(records)
-  assert fig.shape[0] > 100 and fig.dtype == np.uint8
+  # Two panels side by side (loss, lr), 900 px wide, drawn by matplotlib.
+  assert fig.shape == (320, 900, 3) and fig.dtype == np.uint8
   assert (figures.curves_figure(records[:5]) != fig).any()
+  with_eval = figures.curves_figure(records, [{"step": 10, "loss": 0.5}])
+  assert with_eval.shape == fig.shape and (with_eval != fig).any()
+  # Eval-only keys get a panel too; three panels take two rows.
+  evals = [{"step": 1, "psnr": 20.0}]
+  assert figures.curves_figure(records, evals, keys=("psnr",)).shape == (320, 900, 3)
+  assert figures.curves_figure(records, evals, keys=("loss", "lr", "psnr")).shape == (580, 900, 3)
   with pytest.raises(ValueError, match="None of"):
     figures.curves_figure(records, keys=("mlm_acc",))
+
+
+def test_titled_adds_a_band_with_title_and_caption():
+  image = np.full((40, 60, 3), 7, np.uint8)
+  out = figures.titled(image, "Masks", "The ViT's view with the masked patches grey.")
+  assert out.shape[0] == 40 + 34 and out.shape[1] > 60  # Widened to fit the caption.
+  np.testing.assert_array_equal(out[34:, :60], image)
+  band = out[:34]
+  assert (band == 255).mean() > 0.8 and (band < 128).any()  # White, with dark text.
 
 
 def test_png_and_metrics_on_a_bucket(fake_gcs):
