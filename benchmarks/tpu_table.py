@@ -20,10 +20,11 @@ those the wall time and cost of the run the config is for (pretrain: ImageNet-1k
 epochs; fine-tuning: 100 epochs) at Cloud TPU on-demand list prices per chip-hour
 (PRICES, USD, us-central; check current pricing: they are inputs, not results).
 
-`--max_batch` finds the largest per-chip batch that fits on a chip kind (memory does not
-depend on the slice size here: the mesh is data-parallel, `mesh.fsdp=1`): two compiles
-at small batches give the per-image and fixed bytes; the predicted largest batch is then
-compiled to check it fits and one more image does not (stepping down or up until so).
+`--max_batch` finds the largest per-chip batch that fits on a chip kind, to within 8
+images (memory does not depend on the slice size here: the mesh is data-parallel,
+`mesh.fsdp=1`): two compiles at small batches give the per-image and fixed bytes, the
+linear prediction is bracketed by a batch that fits and one that does not, and the
+bracket is bisected (`max_batch`).
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ from __future__ import annotations
 import argparse
 import os
 import time
+from collections.abc import Callable
 
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -100,38 +102,72 @@ def row(model: str, spec: str) -> str:
   )
 
 
-def max_batch(model: str, chip_kind: str, remat: bool) -> tuple[int, str]:
-  """Largest per-chip batch that fits on one chip kind, and how it was found."""
+def largest_fitting(fits: Callable[[int], bool], guess: int, step: int) -> tuple[int, int]:
+  """(lo, hi): `fits(lo)` (or lo = 0) and not `fits(hi)`, hi - lo <= `step`, multiples of
+  `step`, found from `guess` by stepping a quarter up or down, then bisecting."""
+  if fits(guess):  # Step up by a quarter until a batch does not fit.
+    lo, hi = guess, None
+    while hi is None:
+      nxt = (int(lo * 1.25) // step + 1) * step
+      lo, hi = (nxt, None) if fits(nxt) else (lo, nxt)
+  else:  # Step down by a quarter until one fits (0: not even `step` images fit).
+    lo, hi = None, guess
+    while lo is None:
+      nxt = max(step, int(hi * 0.75) // step * step)
+      if nxt >= hi:
+        lo = 0
+      elif fits(nxt):
+        lo = nxt
+      else:
+        hi = nxt
+  while hi - lo > step:
+    mid = (lo + hi) // 2 // step * step
+    if mid in (lo, hi):
+      break
+    if fits(mid):
+      lo = mid
+    else:
+      hi = mid
+  return lo, hi
+
+
+def max_batch(model: str, chip_kind: str, remat: bool, step: int = 8) -> tuple[int, str]:
+  """Largest per-chip batch that fits on one chip kind (to within `step` images), and how
+  it was found: two compiles at small batches give the per-image and fixed bytes, the
+  linear prediction is bracketed (a batch that fits and one that does not), then the
+  bracket is bisected down to `step` images. Memory is not exactly linear in the batch
+  (the compiler picks other fusions and layouts), so the prediction alone is not trusted."""
   config = load(model)
   config.model.remat = remat
   chip, mesh = mesh_for(config, SMALL_GRID[chip_kind], 1)
+  compiles = 0
+
+  def fits(per_chip: int) -> bool:
+    nonlocal compiles
+    compiles += 1
+    trial = ml_collections.ConfigDict(config.to_dict())
+    trial.input.batch_size = per_chip * mesh.size
+    compiled = aot.compile_or_oom(trial, mesh)
+    if isinstance(compiled, aot.OutOfMemory):
+      return False
+    return aot.report(compiled, chip).total_bytes <= chip.hbm_bytes
 
   def total(per_chip: int) -> float:
     trial = ml_collections.ConfigDict(config.to_dict())
     trial.input.batch_size = per_chip * mesh.size
     compiled = aot.compile_or_oom(trial, mesh)
-    if isinstance(compiled, aot.OutOfMemory):
-      return compiled.required_bytes or float("inf")
     return aot.report(compiled, chip).total_bytes
 
   a, b = 8, 16
   ta, tb = total(a), total(b)
+  compiles += 2
   per_image = (tb - ta) / (b - a)
-  guess = max(1, int((chip.hbm_bytes - (ta - a * per_image)) // per_image))
-  compiles = 2
-  fits = total(guess) <= chip.hbm_bytes
-  compiles += 1
-  step = -1 if not fits else 1
-  for _ in range(8):  # Walk to the boundary: `best` fits and `best + 1` does not.
-    nxt = guess + step
-    compiles += 1
-    nxt_fits = total(nxt) <= chip.hbm_bytes
-    if fits and not nxt_fits:
-      return guess, f"{compiles} compiles, {per_image / 2**20:.0f} MiB per image"
-    if not fits and nxt_fits:
-      return nxt, f"{compiles} compiles, {per_image / 2**20:.0f} MiB per image"
-    guess, fits = nxt, nxt_fits
-  return 0, f"not found within 8 steps of the linear guess ({compiles} compiles)"
+  guess = max(step, int((chip.hbm_bytes - (ta - a * per_image)) // per_image) // step * step)
+  lo, hi = largest_fitting(fits, guess, step)
+  return lo, (
+    f"{lo} fits, {hi} does not; {compiles} compiles; linear prediction {guess} from "
+    f"{per_image / 2**20:.0f} MiB per image"
+  )
 
 
 def main() -> None:
