@@ -24,7 +24,7 @@ from beit_jax import config_lib
 
 
 def get_config(arg=None):
-  arg = config_lib.parse_arg(arg, variant="mini", steps=300, tokenizer_steps=300, batch_size=32)
+  arg = config_lib.parse_arg(arg, variant="mini", steps=300, tokenizer_steps=600, batch_size=32)
   c = config_lib.sibling_config(
     __file__, "pretrain_base.py", f"variant={arg.variant},batch_size={arg.batch_size}"
   )

@@ -7,7 +7,7 @@ import numpy as np
 from beit_jax.models import dvae, vit
 from beit_jax.tasks import mim_eval
 from beit_jax.training import losses
-from tests.tasks.test_pretrain_task import VOCAB, tiny_batch
+from tests.tasks.test_pretrain_task import VOCAB, tiny_batch, tiny_tokenizer
 
 
 def test_log_unigram_prior_is_add_one_smoothed():
@@ -18,22 +18,8 @@ def test_log_unigram_prior_is_add_one_smoothed():
 
 def test_eval_step_scores_the_baselines_on_the_same_masked_tokens():
   model = vit.mim_model("test", image_size=16, patch_size=4, vocab_size=VOCAB)
-  tokenizer = dvae.from_config(
-    dict(
-      arch="compact",
-      vocab_size=VOCAB,
-      recon_loss="mse",
-      input_norm="half",
-      num_layers=2,
-      hidden=8,
-      num_resblocks=0,
-      codebook_dim=8,
-    )
-  )
   params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)))["params"]
-  tok = tokenizer.init(
-    jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)), rng=jax.random.PRNGKey(2), tau=1.0
-  )
+  tokenizer, tok = tiny_tokenizer()
   batch = dict(tiny_batch(4), valid=np.array([True, True, True, False]))
   counts = np.random.default_rng(0).integers(0, 5, VOCAB)
   prior = mim_eval.log_unigram_prior(counts)

@@ -67,10 +67,8 @@ def run_main(*args, devices=8, wait=True):
 # ----------------------------------------------------------------------------------
 # In-process pieces: a tiny ViT (16 px, patch 4 -> 4x4) and a tiny random dVAE (4x4).
 # ----------------------------------------------------------------------------------
-def tiny_setup(mesh, seed=0, lr=3e-3, drop_path=0.0, dtype=jnp.float32, min_shard_size=2**18):
-  model = vit.mim_model(
-    "test", image_size=16, patch_size=4, vocab_size=VOCAB, drop_path_rate=drop_path, dtype=dtype
-  )
+def tiny_tokenizer() -> tuple[dvae.DiscreteVAE, dict]:
+  """A random compact dVAE for 16 px views (4x4 tokens of VOCAB) and its variables."""
   tokenizer = dvae.from_config(
     dict(
       arch="compact",
@@ -86,6 +84,14 @@ def tiny_setup(mesh, seed=0, lr=3e-3, drop_path=0.0, dtype=jnp.float32, min_shar
   tok_params = tokenizer.init(
     jax.random.PRNGKey(1), jnp.zeros((1, 16, 16, 3)), rng=jax.random.PRNGKey(2), tau=1.0, hard=False
   )
+  return tokenizer, tok_params
+
+
+def tiny_setup(mesh, seed=0, lr=3e-3, drop_path=0.0, dtype=jnp.float32, min_shard_size=2**18):
+  model = vit.mim_model(
+    "test", image_size=16, patch_size=4, vocab_size=VOCAB, drop_path_rate=drop_path, dtype=dtype
+  )
+  tokenizer, tok_params = tiny_tokenizer()
   cfg = config_lib.adamw_config(lr=lr, weight_decay=0.05, clip_grad_norm=3.0)
   lr_fn = optim.warmup_cosine(lr, 1e-5, 1000, 0)
   tx = optim.make_optimizer(cfg, lr_fn, wd_skip=model.no_weight_decay())
