@@ -161,12 +161,13 @@ def parse_flags(argv: list[str]) -> list[str]:
 def main(argv):
   if len(argv) > 1:
     fail(f"unexpected arguments {argv[1:]}: flags are --name=value (see --help).")
-  console.setup(flags.FLAGS.verbosity)
+  verbosity = flags.FLAGS.verbosity  # Read first: console.setup sets absl's to INFO (0).
+  console.setup(verbosity)
   # Before anything creates a JAX backend (importing jax does not).
   distributed.initialize(
     _DISTRIBUTED.value, _COORDINATOR.value, _NUM_PROCESSES.value, _PROCESS_ID.value
   )
-  console.quiet_other_processes(flags.FLAGS.verbosity)
+  console.quiet_other_processes(verbosity)
   workdir = _WORKDIR.value or default_workdir(
     config_flags.get_config_filename(flags.FLAGS["config"])
   )
@@ -183,7 +184,7 @@ def main(argv):
   try:
     run_task(_CONFIG.value, workdir, _OVERWRITE.value, _REEVALUATE.value)
   except INPUT_ERRORS as error:
-    if flags.FLAGS.verbosity > 0:
+    if verbosity > 0:
       raise
     logging.info("The run stopped:", exc_info=True, extra={console.FILE_ONLY: True})
     fail(str(error))

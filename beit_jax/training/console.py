@@ -100,7 +100,8 @@ _log_file: _LogFile | None = None
 
 def setup(verbosity: int = 0) -> None:
   """Splits absl's output as the module doc says. Call it once absl's handler exists
-  (inside `app.run`'s main) and before JAX starts its backend."""
+  (inside `app.run`'s main) and before JAX starts its backend. It sets absl's verbosity
+  (and so `FLAGS.verbosity`) to INFO: read the flag before."""
   global _log_file
   logging.set_verbosity(logging.INFO)  # Every INFO record reaches the log file.
   handler = logging.get_absl_handler()

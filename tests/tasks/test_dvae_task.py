@@ -212,6 +212,7 @@ def test_dall_e_architecture_with_ema_in_process(tmp_path):
     n_init=8,
     n_blk_per_group=1,
   )
+  config.codebook.init = "random"  # k-means init is for the compact dVAE only.
   config.input.batch_size = 8
   config.eval_batch_size = 8
   config.ema_decay = 0.5

@@ -92,6 +92,7 @@ def test_two_processes_train_like_one(tmp_path):
         f"--coordinator_address=localhost:{port}",
         "--num_processes=2",
         f"--process_id={i}",
+        "--verbosity=1",  # Every process's INFO on its console (else process 1 is quiet).
       ],
       cwd=ROOT,
       env=_env(4),
