@@ -33,6 +33,7 @@ import argparse
 import os
 import time
 from collections.abc import Callable
+from typing import Any
 
 os.environ.setdefault("TPU_SKIP_MDS_QUERY", "1")
 os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
@@ -142,25 +143,24 @@ def max_batch(model: str, chip_kind: str, remat: bool, step: int = 8) -> tuple[i
   chip, mesh = mesh_for(config, SMALL_GRID[chip_kind], 1)
   compiles = 0
 
-  def fits(per_chip: int) -> bool:
+  def compile_at(per_chip: int) -> Any:
     nonlocal compiles
     compiles += 1
     trial = ml_collections.ConfigDict(config.to_dict())
     trial.input.batch_size = per_chip * mesh.size
-    compiled = aot.compile_or_oom(trial, mesh)
+    return aot.compile_or_oom(trial, mesh)
+
+  def fits(per_chip: int) -> bool:
+    compiled = compile_at(per_chip)
     if isinstance(compiled, aot.OutOfMemory):
       return False
     return aot.report(compiled, chip).total_bytes <= chip.hbm_bytes
 
   def total(per_chip: int) -> float:
-    trial = ml_collections.ConfigDict(config.to_dict())
-    trial.input.batch_size = per_chip * mesh.size
-    compiled = aot.compile_or_oom(trial, mesh)
-    return aot.report(compiled, chip).total_bytes
+    return aot.report(compile_at(per_chip), chip).total_bytes
 
   a, b = 8, 16
   ta, tb = total(a), total(b)
-  compiles += 2
   per_image = (tb - ta) / (b - a)
   guess = max(step, int((chip.hbm_bytes - (ta - a * per_image)) // per_image) // step * step)
   lo, hi = largest_fitting(fits, guess, step)

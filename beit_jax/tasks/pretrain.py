@@ -236,12 +236,11 @@ def make_mim_update(
   def update(state: TrainState, images: jax.Array, mask: jax.Array, ids: jax.Array):
     images = pixels.normalize(images, input_norm)
     mask = mask.astype(bool)
-    masked_weights = losses.masked_positions(mask, max_masked)[1]
+    positions, weights = losses.masked_positions(mask, max_masked)
+    masked_weights = weights
     if loss_on == "all":
       positions = jnp.broadcast_to(jnp.arange(mask.shape[1], dtype=jnp.int32), mask.shape)
       weights = jnp.ones(mask.shape, jnp.float32)
-    else:
-      positions, weights = losses.masked_positions(mask, max_masked)
     targets = jnp.take_along_axis(ids, positions, axis=1)
 
     def loss_fn(params):
