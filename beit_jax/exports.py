@@ -190,8 +190,10 @@ def write_mim(
   model_config: Mapping[str, Any] | None = None,
   final_train: Mapping[str, Any] | None = None,
   eval_metrics: Mapping[str, Any] | None = None,
+  target: str = "tokens",
 ) -> str:
-  """The pretrained MIM model with the tokenizer it learned from."""
+  """The pretrained MIM model with the tokenizer it learned from (`target='pixels'`: the
+  pixel-regression ablation, no tokenizer; `vocab_size` is then the head's p*p*3)."""
   return write(
     directory,
     params,
@@ -199,8 +201,9 @@ def write_mim(
       MIM,
       vit.architecture(model),
       vocab_size=model.vocab_size,
+      target=target,
       input_norm=input_norm,
-      tokenizer=paths.absolute(tokenizer),
+      tokenizer=paths.absolute(tokenizer) if tokenizer else "",
       tokenizer_image_size=int(tokenizer_image_size),
       model=dict(model_config or {}),
       step=int(step),

@@ -12,7 +12,19 @@ whose export already exists is skipped, so an interrupted benchmark resumes):
   5. lp_pretrained  linear probe of every block of the MIM backbone (configs/linear_probe_small.py)
   6. lp_random      the same probe on a random-init backbone
 
-and prints one table (top-1 on the 5,000 val images; per-stage wall time). The data
+and prints one table (top-1 on the 5,000 val images; per-stage wall time).
+
+  python benchmarks/learning_quality.py --data=../shared/data --ablations
+
+adds the paper's ablations (Table 4) as further stages: for each of `pixels` (regress
+the normalised pixels of the masked patches, L2, no tokenizer), `random_mask` (random
+instead of blockwise masking) and `all_tokens` (predict every patch's token), a MIM
+pretraining at the same budget with that one switch changed, then the same fine-tuning
+and probe (stages `pretrain_<name>`, `ft_<name>`, `lp_<name>`; `--ablations=a,b` picks
+some, `pixels_random` is the paper's pixels + random masking row), and prints a second
+table in the paper's form: fine-tune top-1 and the best probe layer per pretraining. The
+stages of one ablation can run in a second process (`--stages=pretrain_pixels,...`)
+while the main ones run: they share the workdir, the tokenizer and the baselines. The data
 folder must hold `tinyimagenet100_{train,val}.npz` (see ../shared/data/README.md); they
 are written out once as an image folder under --workdir and read through the same
 `folder` source users use.
@@ -36,6 +48,21 @@ sys.path.insert(0, HERE)
 import prepare_tinyimagenet  # noqa: E402  (a sibling script: importable once HERE is on the path)
 
 STAGES = ("tokenizer", "pretrain", "ft_pretrained", "ft_scratch", "lp_pretrained", "lp_random")
+# The paper's Table 4 ablations: name -> (row label, the switches changed from BEiT's).
+ABLATIONS = {
+  "pixels": ("pixel regression (no tokens)", ["--config.target=pixels"]),
+  "random_mask": ("random masking (no blockwise)", ["--config.mask.kind=random"]),
+  "all_tokens": ("predict all tokens", ["--config.loss_on=all"]),
+  "pixels_random": (
+    "pixels + random masking",
+    ["--config.target=pixels", "--config.mask.kind=random"],
+  ),
+}
+DEFAULT_ABLATIONS = ("pixels", "random_mask", "all_tokens")
+
+
+def ablation_stages(name: str) -> tuple[str, str, str]:
+  return (f"pretrain_{name}", f"ft_{name}", f"lp_{name}")
 
 
 def read_jsonl(path: str) -> list[dict]:
@@ -68,7 +95,7 @@ def stage_commands(args, folder: str) -> dict[str, tuple[list[str], str]]:
   backbone = os.path.join(w("pretrain"), "export", "beit")
   ft = f"configs/finetune_small.py:steps={args.finetune_steps},batch_size={args.batch_size}"
   lp = f"configs/linear_probe_small.py:steps={args.probe_steps},batch_size={args.batch_size}"
-  return {
+  commands = {
     "tokenizer": (
       [
         f"--config=configs/dvae_small.py:steps={args.tokenizer_steps}",
@@ -106,6 +133,31 @@ def stage_commands(args, folder: str) -> dict[str, tuple[list[str], str]]:
       os.path.join(w("lp_random"), "export", "final"),
     ),
   }
+  for name in args.ablations:
+    pre, ft_stage, lp_stage = ablation_stages(name)
+    switches = ABLATIONS[name][1]
+    pixels = "--config.target=pixels" in switches
+    exported = os.path.join(w(pre), "export", "beit")
+    commands[pre] = (
+      [
+        f"--config=configs/pretrain_small.py:steps={args.mim_steps},batch_size={args.batch_size}",
+        f"--workdir={w(pre)}",
+        f"--config.tokenizer.path={'' if pixels else tokenizer}",
+        "--config.eval_every=0",
+      ]
+      + switches
+      + data,
+      exported,
+    )
+    commands[ft_stage] = (
+      [f"--config={ft}", f"--workdir={w(ft_stage)}", f"--config.pretrained={exported}"] + data,
+      os.path.join(w(ft_stage), "export", "final"),
+    )
+    commands[lp_stage] = (
+      [f"--config={lp}", f"--workdir={w(lp_stage)}", f"--config.pretrained={exported}"] + data,
+      os.path.join(w(lp_stage), "export", "final"),
+    )
+  return commands
 
 
 def run_stage(
@@ -118,9 +170,13 @@ def run_stage(
   print(f"[{name}] {' '.join(cmd[1:])}", flush=True)
   start = time.time()
   subprocess.run(cmd, check=True, cwd=ROOT)
-  timings[name] = timings.get(name, 0.0) + time.time() - start
-  with open(timings_path, "w") as f:
+  seconds = time.time() - start
+  if os.path.exists(timings_path):  # Another process may run other stages of the workdir.
+    timings.update(json.load(open(timings_path)))
+  timings[name] = timings.get(name, 0.0) + seconds
+  with open(timings_path + ".partial", "w") as f:
     json.dump(timings, f, indent=1)
+  os.replace(timings_path + ".partial", timings_path)
 
 
 def fmt_minutes(seconds: float) -> str:
@@ -187,6 +243,35 @@ def print_table(args, timings: dict) -> None:
   print(f"\nTotal wall time of the stages: {fmt_minutes(total)}")
 
 
+def print_ablation_table(args) -> None:
+  """The paper's Table 4 form: per pretraining, fine-tune top-1 and the best probe layer
+  (with the MIM stage's own val figure); '-' where a stage has not run."""
+
+  def w(name):
+    return os.path.join(args.workdir, name)
+
+  def row(label, pre, ft_stage, lp_stage):
+    ft, lp = final_eval(w(ft_stage)), final_eval(w(lp_stage))
+    mim = final_eval(w(pre)) if pre else {}
+    if "patch_mean_loss" in mim:
+      mim_text = f"L2 {mim['loss']:.3f} (mean colour {mim['patch_mean_loss']:.3f})"
+    elif mim:
+      mim_text = f"loss {mim['loss']:.3f}, mlm_acc {100 * mim['mlm_acc']:.1f}%"
+    else:
+      mim_text = "-" if pre else "(none)"
+    ft_text = f"{100 * ft['top1']:.2f}%" if ft else "-"
+    lp_text = f"{100 * lp['best_top1']:.2f}% (block {lp['best_layer']})" if lp else "-"
+    return f"| {label} | {ft_text} | {lp_text} | {mim_text} |"
+
+  header = "pretraining (Tiny-ImageNet-100) | fine-tune top-1 | linear probe, best block"
+  print(f"\n| {header} | MIM val |")
+  print("|---|---|---|---|")
+  print(row("BEiT (tokens, blockwise, masked only)", "pretrain", "ft_pretrained", "lp_pretrained"))
+  for name in args.ablations:
+    print(row(ABLATIONS[name][0], *ablation_stages(name)))
+  print(row("none (random init, same fine-tuning / probe)", None, "ft_scratch", "lp_random"))
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument(
@@ -194,9 +279,20 @@ def main() -> None:
   )
   parser.add_argument("--workdir", default="runs/learning_quality")
   parser.add_argument(
-    "--stages", default=",".join(STAGES), help=f"comma-separated subset of {','.join(STAGES)}"
+    "--stages",
+    default="",
+    help=f"comma-separated subset of {','.join(STAGES)} and the ablations' stages "
+    "(default: all of them)",
   )
-  parser.add_argument("--tokenizer_steps", type=int, default=1500)
+  parser.add_argument(
+    "--ablations",
+    nargs="?",
+    default="",
+    const=",".join(DEFAULT_ABLATIONS),
+    help=f"the paper's ablations to add, comma-separated, of {','.join(ABLATIONS)} "
+    f"(the flag alone: {','.join(DEFAULT_ABLATIONS)})",
+  )
+  parser.add_argument("--tokenizer_steps", type=int, default=2600)
   parser.add_argument("--mim_steps", type=int, default=2500)
   parser.add_argument("--finetune_steps", type=int, default=1500)
   parser.add_argument("--probe_steps", type=int, default=1000)
@@ -209,10 +305,18 @@ def main() -> None:
   )
   args = parser.parse_args()
   args.workdir = os.path.abspath(args.workdir)
-  stages = [s for s in args.stages.split(",") if s]
-  unknown = sorted(set(stages) - set(STAGES))
+  args.ablations = [a for a in args.ablations.split(",") if a]
+  unknown = sorted(set(args.ablations) - set(ABLATIONS))
   if unknown:
-    raise SystemExit(f"Unknown stages {unknown}; choose from {STAGES}.")
+    raise SystemExit(f"Unknown ablations {unknown}; choose from {', '.join(ABLATIONS)}.")
+  all_stages = list(STAGES) + [s for a in args.ablations for s in ablation_stages(a)]
+  stages = [s for s in args.stages.split(",") if s] or all_stages
+  unknown = sorted(set(stages) - set(all_stages))
+  if unknown:
+    raise SystemExit(
+      f"Unknown stages {unknown}; choose from {', '.join(all_stages)} (an ablation's stages "
+      "need --ablations=NAME)."
+    )
   for split in ("train", "val"):
     if not os.path.exists(os.path.join(args.data, f"tinyimagenet100_{split}.npz")):
       raise SystemExit(
@@ -233,10 +337,12 @@ def main() -> None:
   timings_path = os.path.join(args.workdir, "timings.json")
   timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
   commands = stage_commands(args, folder)
-  for name in STAGES:
+  for name in all_stages:
     if name in stages:
       run_stage(name, *commands[name], timings, timings_path)
   print_table(args, timings)
+  if args.ablations:
+    print_ablation_table(args)
 
 
 if __name__ == "__main__":

@@ -71,6 +71,9 @@ def get_config(arg=None):
   # Which patches' tokens the loss predicts: 'masked' (BEiT) or 'all' (paper Table 4's
   # ablation; mask.kind='random' is the other one).
   c.loss_on = "masked"
+  # What the ViT predicts: 'tokens' (BEiT) or 'pixels' (paper Table 4's pixel-regression
+  # ablation: L2 on each masked patch's pixels, normalised per patch; no tokenizer).
+  c.target = "tokens"
 
   c.model = dict(
     variant=arg.variant,

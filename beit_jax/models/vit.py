@@ -292,6 +292,15 @@ class Block(nn.Module):
     return x + drop_path(self.drop_path_rate, "drop_path_2")(y, deterministic=deterministic)
 
 
+def patchify(images: Array, patch_size: int) -> Array:
+  """(B, H, W, C) -> (B, N, p*p*C): the patches in row-major order (the token order of the
+  ViT), each flattened as (row, column, channel) — the layout of `PatchEmbed`'s kernel."""
+  b, h, w, c = images.shape
+  p = patch_size
+  x = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
+  return x.reshape(b, (h // p) * (w // p), p * p * c)
+
+
 class PatchEmbed(nn.Module):
   """Conv(k=s=patch) as patchify + matmul; kernel (p, p, 3, D) HWIO, bias (D,)."""
 
@@ -302,7 +311,7 @@ class PatchEmbed(nn.Module):
 
   @nn.compact
   def __call__(self, images: Array) -> Array:
-    b, h, w, c = images.shape
+    c = images.shape[-1]
     p = self.patch_size
     kernel = self.param(
       "kernel",
@@ -311,8 +320,7 @@ class PatchEmbed(nn.Module):
       jnp.float32,
     )
     bias = self.param("bias", nn.initializers.zeros, (self.embed_dim,), jnp.float32)
-    patches = images.reshape(b, h // p, p, w // p, p, c).transpose(0, 1, 3, 2, 4, 5)
-    patches = patches.reshape(b, (h // p) * (w // p), p * p * c).astype(self.dtype)
+    patches = patchify(images, p).astype(self.dtype)
     x = patches @ kernel.reshape(p * p * c, self.embed_dim).astype(self.dtype)
     return x + bias.astype(self.dtype)
 

@@ -5,7 +5,9 @@ cross-entropy and accuracy are reported next to those of a context-free predicto
 same masked tokens: the unigram distribution of the training tokens (`unigram_loss`) and
 always the most frequent training token (`frequent_acc`). A ViT that does not beat them
 has learned no more than the token frequencies. The prior is counted from the tokens of
-the centre crops of the first `config.prior_images` training images.
+the centre crops of the first `config.prior_images` training images. With
+`config.target='pixels'` the eval is the masked patches' L2 loss next to that of painting
+each patch its own mean colour (`patch_mean_loss`).
 """
 
 from __future__ import annotations
@@ -57,6 +59,46 @@ def make_eval_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, max_masked: int
     )
 
   return eval_step
+
+
+def make_pixel_eval_step(model: vit.BEiT, max_masked: int, input_norm: str):
+  """Sums over a padded eval batch for `config.target='pixels'`: the masked patches' L2
+  loss, that of predicting each patch as its own mean colour (0 after the per-patch
+  normalisation of the target), the patch count and the images."""
+
+  def eval_step(params: Any, batch: Mapping[str, jax.Array]):
+    images = pixels.normalize(batch[IMAGE_KEY], input_norm)
+    valid = batch["valid"]
+    mask = jnp.logical_and(batch[MASK_KEY].astype(bool), valid[:, None])
+    positions, weights = losses.masked_positions(mask, max_masked)
+    targets = jnp.take_along_axis(
+      losses.normalized_patch_pixels(images, model.patch_size), positions[..., None], axis=1
+    )
+    predictions = model.apply(
+      {"params": params}, images, mask, positions, train=False, method=vit.BEiT.mim_logits
+    )
+    return dict(
+      losses.masked_pixel_sums(predictions, targets, weights),
+      num_images=jnp.sum(valid.astype(jnp.float32)),
+    )
+
+  return eval_step
+
+
+def evaluate_pixels(eval_step, params: Any, eval_iter, batch_sharding) -> dict[str, float]:
+  """Pixel-regression loss over one pass of the eval split (masks fixed per image), next
+  to `patch_mean_loss`: the loss of painting each masked patch its own mean colour."""
+  sums = loop.sum_over_batches(
+    eval_step, eval_iter, (IMAGE_KEY, MASK_KEY, "valid"), batch_sharding, params
+  )
+  if sums is None:
+    return {}
+  count = max(float(sums["count"]), 1.0)
+  return dict(
+    loss=float(sums["loss_sum"]) / count,
+    patch_mean_loss=float(sums["zero_loss_sum"]) / count,
+    num_images=int(sums["num_images"]),
+  )
 
 
 def make_token_histogram(tokenizer: dvae.DiscreteVAE):
@@ -126,12 +168,19 @@ def describe_run(
   baselines (did the ViT learn more than the token frequencies?), the export, the next
   commands."""
   _, _, lr = config_lib.effective_lr(config)
+  target = f"tokenizer {tokenizer_path}" if tokenizer_path else "pixel-regression target"
   lines = [
     f"Trained: BEiT-{config.model.variant} masked image modeling, {config.total_steps} steps "
-    f"on {config.data.source} ({num_train} images), tokenizer {tokenizer_path}, {lr}."
+    f"on {config.data.source} ({num_train} images), {target}, {lr}."
   ]
   e = result.eval
-  if e:
+  if e and "patch_mean_loss" in e:
+    lines.append(
+      f"Eval ({e['num_images']} images, fixed masks): masked-patch L2 loss {e['loss']:.3f} "
+      f"(normalised pixels) vs {e['patch_mean_loss']:.3f} for each patch painted its own "
+      "mean colour."
+    )
+  elif e:
     learned = e["loss"] < e["unigram_loss"] and e["mlm_acc"] > e["frequent_acc"]
     lines.append(
       f"Eval ({e['num_images']} images, fixed masks): masked-token loss {e['loss']:.3f} vs "
@@ -148,7 +197,7 @@ def describe_run(
   lines += [
     f"Export: {export_dir}",
     "Next: fine-tune it: python -m beit_jax.main --config=configs/finetune_small.py "
-    f"--config.pretrained={export_dir}; probe it: --config=configs/linear_probe_small.py; "
-    f"pictures: python -m beit_jax.viz --export={export_dir}",
+    f"--config.pretrained={export_dir}; probe it: --config=configs/linear_probe_small.py"
+    + (f"; pictures: python -m beit_jax.viz --export={export_dir}" if tokenizer_path else ""),
   ]
   return lines

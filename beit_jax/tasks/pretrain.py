@@ -16,6 +16,11 @@ the same per-element generator as the crop. Optimizer: AdamW with unilm's no-dec
 image; on the eval split (centre crops, a fixed mask per image): loss and mlm_acc. At the
 end the MIM model's params go to `<workdir>/export/beit` (`exports.write_mim`).
 
+`config.target='pixels'` (the paper's pixel-regression ablation, Table 4) replaces the
+tokens with each chosen patch's pixels, normalised per patch, and the cross-entropy with
+an L2 loss; the tokenizer is then neither trained nor run (the pipeline still makes the
+second view, so crops and masks are those of the token run with the same seed).
+
 The tokenizer comes from an Orbax export by path (`config.tokenizer.path`: one trained
 with the `dvae` task, or the official DALL-E dVAE converted to the same format). If the
 path is empty and the config holds a `tokenizer.train` section (the quick start), that
@@ -48,6 +53,20 @@ from beit_jax.training.train_state import TrainState, init_sharded
 from beit_jax.viz import pictures
 
 LOSS_ON = ("masked", "all")  # Which patches' tokens the loss predicts (paper Table 4).
+# What the ViT predicts: the tokenizer's ids (BEiT) or the normalised pixels of the patches
+# with an L2 loss (paper Table 4's pixel-regression ablation; no tokenizer is used).
+TARGETS = ("tokens", "pixels")
+
+
+def predicts_pixels(config: ml_collections.ConfigDict) -> bool:
+  return config.get("target", "tokens") == "pixels"
+
+
+def head_size(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> int:
+  """The MIM head's output width: the vocabulary, or a patch's p*p*3 pixels."""
+  if predicts_pixels(config):
+    return config.model.patch_size**2 * 3
+  return config.model.vocab_size or tokenizer_vocab
 
 
 # ----------------------------------------------------------------------------------
@@ -84,7 +103,7 @@ def mask_counts(config: ml_collections.ConfigDict) -> tuple[int, int]:
 def tokenizer_train_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict | None:
   """The `dvae` config to train first (quick start), reading the same data; else None."""
   train = config.tokenizer.get("train")
-  if train is None or config.tokenizer.path:
+  if train is None or config.tokenizer.path or predicts_pixels(config):
     return None
   train = ml_collections.ConfigDict(train.to_dict())
   train.data = ml_collections.ConfigDict(config.data.to_dict())
@@ -111,7 +130,9 @@ def tokenizer_spec(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def missing_inputs_message(config: ml_collections.ConfigDict) -> str | None:
   """What is missing (tokenizer, data set) and how to get it; None if all is there."""
   problems = []
-  if not config.tokenizer.path and tokenizer_train_config(config) is None:
+  if predicts_pixels(config):
+    pass  # Pixel regression needs no tokenizer.
+  elif not config.tokenizer.path and tokenizer_train_config(config) is None:
     problems.append(
       "config.tokenizer.path is empty. Pass the export of a trained tokenizer "
       "(--config.tokenizer.path=RUN/export/tokenizer, written by e.g. `python -m "
@@ -146,6 +167,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   config_lib.check_choice(config, "model.attention", attention.CHOICES)
   config_lib.check_choice(config, "mask.kind", masking.MASK_KINDS)
   config_lib.check_choice(config, "loss_on", LOSS_ON)
+  config_lib.check_choice(config, "target", TARGETS)
   config_lib.check_choice(config, "input.norm", ("half", "imagenet"))
   config_lib.check_choice(config, "input.interpolation", tuple(transforms.INTERPOLATIONS))
   config_lib.check_choice(config, "input.second_interpolation", tuple(transforms.INTERPOLATIONS))
@@ -194,6 +216,13 @@ def check_config(config: ml_collections.ConfigDict) -> None:
   message = missing_inputs_message(config)
   if message:
     raise FileNotFoundError(message)
+  if predicts_pixels(config):
+    if config.model.vocab_size:
+      raise ValueError(
+        f"config.model.vocab_size={config.model.vocab_size} with config.target='pixels': "
+        f"the head regresses a patch's {patch}*{patch}*3 pixels; set it to 0."
+      )
+    return
   tokenizer = tokenizer_spec(config)
   if tokenizer["grid"] != grid:
     raise ValueError(
@@ -225,15 +254,20 @@ def make_mim_update(
   input_norm: str,
   inject_at_steps: tuple[int, ...] = (),
   loss_on: str = "masked",
+  target: str = "tokens",
 ):
   """`update(state, images_uint8, mask, token_ids) -> (state, metrics)`: the ViT half of
   the step (normalise, mask tokens, logits at the masked positions, cross-entropy, AdamW)
   given the target ids (B, N) of every patch. `loss_on='all'` (the paper's ablation)
-  predicts the tokens of every patch, masked or not; `mlm_acc` is then over all patches."""
+  predicts the tokens of every patch, masked or not; `mlm_acc` is then over all patches.
+  `target='pixels'` (the other ablation) regresses each chosen patch's pixels, normalised
+  per patch (`losses.normalized_patch_pixels`), with an L2 loss; `token_ids` is unused."""
   if loss_on not in LOSS_ON:
     raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
+  if target not in TARGETS:
+    raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
 
-  def update(state: TrainState, images: jax.Array, mask: jax.Array, ids: jax.Array):
+  def update(state: TrainState, images: jax.Array, mask: jax.Array, ids: jax.Array | None):
     images = pixels.normalize(images, input_norm)
     mask = mask.astype(bool)
     positions, weights = losses.masked_positions(mask, max_masked)
@@ -241,7 +275,11 @@ def make_mim_update(
     if loss_on == "all":
       positions = jnp.broadcast_to(jnp.arange(mask.shape[1], dtype=jnp.int32), mask.shape)
       weights = jnp.ones(mask.shape, jnp.float32)
-    targets = jnp.take_along_axis(ids, positions, axis=1)
+    if target == "pixels":
+      patch_targets = losses.normalized_patch_pixels(images, model.patch_size)
+      targets = jnp.take_along_axis(patch_targets, positions[..., None], axis=1)
+    else:
+      targets = jnp.take_along_axis(ids, positions, axis=1)
 
     def loss_fn(params):
       logits = model.apply(
@@ -253,15 +291,18 @@ def make_mim_update(
         rngs={"dropout": state.step_rng()},
         method=vit.BEiT.mim_logits,
       )
-      return losses.masked_token_loss(logits, targets, weights)
+      if target == "pixels":
+        return losses.masked_pixel_loss(logits, targets, weights), {}
+      loss, acc = losses.masked_token_loss(logits, targets, weights)
+      return loss, {"mlm_acc": acc}
 
-    (loss, acc), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
+    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
     new_state, update_metrics = state.apply_gradients(
       grads, tx, loss, inject_at_steps=inject_at_steps
     )
     metrics = dict(
       loss=loss,
-      mlm_acc=acc,
+      **accuracy,
       lr=lr_fn(state.step),
       masked_per_image=jnp.mean(jnp.sum(masked_weights, axis=1)),
       **update_metrics,
@@ -280,12 +321,18 @@ def make_train_step(
   input_norm: str,
   inject_at_steps: tuple[int, ...] = (),
   loss_on: str = "masked",
+  target: str = "tokens",
 ):
   """`train_step(state, batch, tokenizer_params) -> (state, metrics)`, for `jax.jit`:
-  the frozen tokenizer's ids of the tokenizer view, then `make_mim_update`."""
-  update = make_mim_update(model, tx, lr_fn, max_masked, input_norm, inject_at_steps, loss_on)
+  the frozen tokenizer's ids of the tokenizer view, then `make_mim_update` (with
+  `target='pixels'` the tokenizer is not run and `tokenizer_params` is ignored)."""
+  update = make_mim_update(
+    model, tx, lr_fn, max_masked, input_norm, inject_at_steps, loss_on, target
+  )
 
   def train_step(state: TrainState, batch: Mapping[str, jax.Array], tokenizer_params: Any):
+    if target == "pixels":
+      return update(state, batch[IMAGE_KEY], batch[MASK_KEY], None)
     ids = dvae.tokenize(tokenizer, tokenizer_params, pixels.to_unit(batch[TOKENIZER_KEY]))
     ids = jax.lax.stop_gradient(ids.reshape(ids.shape[0], -1))
     return update(state, batch[IMAGE_KEY], batch[MASK_KEY], ids)
@@ -355,11 +402,12 @@ class StepParts(NamedTuple):
 
 
 def make_step_parts(
-  config: ml_collections.ConfigDict, tokenizer: dvae.DiscreteVAE, vocab_size: int
+  config: ml_collections.ConfigDict, tokenizer: dvae.DiscreteVAE | None, vocab_size: int
 ) -> StepParts:
-  """The MIM model, schedule, optimizer, state initialiser and train step of `config`."""
+  """The MIM model, schedule, optimizer, state initialiser and train step of `config`
+  (`vocab_size`: the tokenizer's; the head is `head_size` wide)."""
   dtype = precision.compute_dtype(config.model.dtype)
-  model = make_model(config.model, config.input.image_size, vocab_size, dtype)
+  model = make_model(config.model, config.input.image_size, head_size(config, vocab_size), dtype)
   lr_fn = config_lib.lr_schedule(config)
   tx = optim.make_optimizer(config.optim, lr_fn, wd_skip=model.no_weight_decay())
   size = config.input.image_size
@@ -378,6 +426,7 @@ def make_step_parts(
     config.input.norm,
     config_lib.injected_nonfinite_steps(config),
     config.loss_on,
+    config.get("target", "tokens"),
   )
   return StepParts(model, lr_fn, tx, init_fn, train_step)
 
@@ -400,13 +449,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   # --- Mesh ---------------------------------------------------------------------
   mesh, batch_sharding, replicated = mesh_lib.task_mesh(config)
 
-  # --- Tokenizer (trained first in the quick start) -------------------------------
-  tokenizer_path = prepare_tokenizer(config, workdir)
-  tokenizer, tokenizer_params, tokenizer_meta = exports.load_tokenizer(
-    tokenizer_path, sharding=replicated
-  )
-  vocab = tokenizer.vocab_size  # check_config made sure config.model.vocab_size agrees.
-  tokenizer_size, tokenizer_grid = tokenizer_meta["image_size"], tokenizer_meta["grid"]
+  # --- Tokenizer (trained first in the quick start; none for pixel targets) ---------
+  pixel_target = predicts_pixels(config)
+  if pixel_target:
+    tokenizer, tokenizer_params, tokenizer_path, vocab = None, {}, "", 0
+    tokenizer_size = config.input.second_size
+  else:
+    tokenizer_path = prepare_tokenizer(config, workdir)
+    tokenizer, tokenizer_params, tokenizer_meta = exports.load_tokenizer(
+      tokenizer_path, sharding=replicated
+    )
+    vocab = tokenizer.vocab_size  # check_config made sure config.model.vocab_size agrees.
+    tokenizer_size = tokenizer_meta["image_size"]
 
   # --- Input --------------------------------------------------------------------
   train_source = sources.make_source(config.data, config.data.train_split)
@@ -414,14 +468,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   transform, eval_transform, max_masked = make_transforms(config)
   data_iter = pipeline.make_task_train_iterator(config, train_source, transform)
   logging.info(
-    "Train source: %s (%d images); eval: %s; tokenizer %s (%d tokens, %dx%d grid)",
+    "Train source: %s (%d images); eval: %s; target: %s",
     config.data.source,
     len(train_source),
     "none" if eval_source is None else f"{len(eval_source)} images",
-    tokenizer_path,
-    vocab,
-    tokenizer_grid,
-    tokenizer_grid,
+    "normalised pixels (L2)" if pixel_target else f"tokenizer {tokenizer_path} ({vocab} tokens)",
   )
 
   # --- Model, optimizer, step ------------------------------------------------------
@@ -449,19 +500,31 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   train_step = loop.compile_train_step(
     parts.train_step, state_sharding, batch_sharding, tokenizer_sharding
   )
-  eval_step = jax.jit(
-    mim_eval.make_eval_step(model, tokenizer, max_masked, config.input.norm),
-    in_shardings=(state_sharding.eval_params, batch_sharding, tokenizer_sharding, replicated),
-    out_shardings=replicated,
-  )
-  histogram = jax.jit(
-    mim_eval.make_token_histogram(tokenizer),
-    in_shardings=(tokenizer_sharding, batch_sharding),
-    out_shardings=replicated,
-  )
+  if pixel_target:
+    pixel_eval_step = jax.jit(
+      mim_eval.make_pixel_eval_step(model, max_masked, config.input.norm),
+      in_shardings=(state_sharding.eval_params, batch_sharding),
+      out_shardings=replicated,
+    )
+  else:
+    eval_step = jax.jit(
+      mim_eval.make_eval_step(model, tokenizer, max_masked, config.input.norm),
+      in_shardings=(state_sharding.eval_params, batch_sharding, tokenizer_sharding, replicated),
+      out_shardings=replicated,
+    )
+    histogram = jax.jit(
+      mim_eval.make_token_histogram(tokenizer),
+      in_shardings=(tokenizer_sharding, batch_sharding),
+      out_shardings=replicated,
+    )
   prior: list[np.ndarray] = []  # The baseline's log unigram prior, made at the first eval.
 
   def eval_fn(state: TrainState) -> dict[str, float]:
+    if pixel_target:
+      eval_iter = pipeline.make_eval_iterator(
+        eval_source, eval_transform, batch_size=config.eval_batch_size
+      )
+      return mim_eval.evaluate_pixels(pixel_eval_step, state.eval_params, eval_iter, batch_sharding)
     if not prior:  # Centre crops of the first `prior_images` training images.
       batches = pipeline.make_eval_iterator(
         train_source, eval_transform, batch_size=config.eval_batch_size
@@ -497,11 +560,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
       model_config=config.model.to_dict(),
       final_train=result.train,
       eval_metrics=result.eval,
+      target=config.get("target", "tokens"),
     )
     logging.info("Exported BEiT MIM params to %s", export_dir)
 
   painter = None
-  if config.get("pictures", True):  # What it learned, at every checkpoint (beit_jax/viz).
+  if (
+    config.get("pictures", True) and not pixel_target
+  ):  # What it learned, at every checkpoint (beit_jax/viz).
     sample = pictures.sample_images(train_source, 4)
     painter = pictures.checkpoint_painter(
       workdir,
@@ -531,6 +597,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
     eval_fn=eval_fn if eval_source is not None else None,
     finish=export,
     on_checkpoint=painter,
-    console_keys=("loss", "mlm_acc", "lr", "unigram_loss", "frequent_acc"),
+    console_keys=("loss", "mlm_acc", "lr", "unigram_loss", "frequent_acc", "patch_mean_loss"),
     describe=describe,
   )

@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 import optax
 
+from beit_jax.models import vit
+
 Array = jax.Array
 
 
@@ -74,6 +76,36 @@ def masked_token_loss(logits: Array, targets: Array, weights: Array) -> tuple[Ar
   sums = masked_token_sums(logits, targets, weights)
   count = jnp.maximum(sums["count"], 1.0)
   return sums["loss_sum"] / count, sums["correct"] / count
+
+
+def normalized_patch_pixels(images: Array, patch_size: int, eps: float = 1e-6) -> Array:
+  """The pixel-regression target: each patch's pixels minus the patch mean, over the
+  square root of the patch variance + `eps` (MAE's `norm_pix_loss`), in float32."""
+  x = vit.patchify(jnp.asarray(images, jnp.float32), patch_size)
+  mean = jnp.mean(x, axis=-1, keepdims=True)
+  var = jnp.var(x, axis=-1, keepdims=True)
+  return (x - mean) / jnp.sqrt(var + eps)
+
+
+def masked_pixel_sums(predictions: Array, targets: Array, weights: Array) -> dict[str, Array]:
+  """Sums over the weighted (masked) patches of (B, K, D) pixel predictions: the per-patch
+  mean squared error, that of predicting 0 (under `normalized_patch_pixels`: each patch
+  as its own mean colour, the context-free baseline) and the patch count."""
+  predictions = predictions.astype(jnp.float32)
+  mse = jnp.mean(jnp.square(predictions - targets), axis=-1)
+  zero = jnp.mean(jnp.square(targets), axis=-1)
+  return dict(
+    loss_sum=jnp.sum(mse * weights),
+    zero_loss_sum=jnp.sum(zero * weights),
+    count=jnp.sum(weights),
+  )
+
+
+def masked_pixel_loss(predictions: Array, targets: Array, weights: Array) -> Array:
+  """Mean over the masked patches of the per-patch mean squared error (the L2 loss of
+  the paper's pixel-regression ablation, Table 4)."""
+  sums = masked_pixel_sums(predictions, targets, weights)
+  return sums["loss_sum"] / jnp.maximum(sums["count"], 1.0)
 
 
 def classification_sums(logits: Array, labels: Array, valid: Array) -> dict[str, Array]:

@@ -1,16 +1,17 @@
 """What a workdir holds: the run's config, checked before a rerun resumes it.
 
 The first run in a workdir writes `config.json` (process 0): the whole config and its
-identity, the sections that define the run — task, model, input, mask, seed. A later run
-in the same workdir resumes it; if its identity differs, `check` refuses before anything
-is compiled or written, naming the differing keys. `--overwrite` (main.py) moves the old
-run aside into `replaced-<time>/` inside the workdir instead (nothing is deleted) and
-starts afresh. Settings that may change on a resume (total_steps, logging, checkpoint
-interval, eval) are not part of the identity. The workdir may be on a bucket
-(`gs://BUCKET/run`): its files go through `beit_jax.paths`, and `check` first makes sure
-the bucket's package is installed. A run that ended (trained, evaluated, exported)
-leaves `summary.json`; rerunning its command then prints that summary and stops
-(`completed`; `beit_jax.main --reevaluate` evaluates and exports it again).
+identity, the sections that define the run — task, model, input, mask, seed and the MIM
+target (`target`, `loss_on`). A later run in the same workdir resumes it; if its
+identity differs, `check` refuses before anything is compiled or written, naming the
+differing keys. `--overwrite` (main.py) moves the old run aside into `replaced-<time>/`
+inside the workdir instead (nothing is deleted) and starts afresh. Settings that may
+change on a resume (total_steps, logging, checkpoint interval, eval) are not part of the
+identity. The workdir may be on a bucket (`gs://BUCKET/run`): its files go through
+`beit_jax.paths`, and `check` first makes sure the bucket's package is installed. A run
+that ended (trained, evaluated, exported) leaves `summary.json`; rerunning its command
+then prints that summary and stops (`completed`; `beit_jax.main --reevaluate` evaluates
+and exports it again).
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from beit_jax import paths
 
 RUN_CONFIG = "config.json"
 SUMMARY = "summary.json"  # Written when a run ends with its export: step + summary lines.
-IDENTITY = ("task", "model", "input", "mask", "seed")
+IDENTITY = ("task", "model", "input", "mask", "seed", "target", "loss_on")
 
 
 def _plain(value: Any) -> Any:

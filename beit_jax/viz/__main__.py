@@ -81,6 +81,11 @@ def main(argv: Sequence[str] | None = None) -> None:
       "(python -m beit_jax.main --config=configs/pretrain_small.py) and pass "
       "--workdir=runs/pretrain_small, or --export=DIR."
     )
+  if exports.read_metadata(export).get("target", "tokens") == "pixels":
+    raise SystemExit(
+      f"{export} was pretrained with config.target='pixels' (no tokenizer): the pictures "
+      "show token predictions, so they need a token-target export."
+    )
   out = args.out or os.path.join(
     args.workdir or os.path.dirname(os.path.dirname(export)), "pictures"
   )

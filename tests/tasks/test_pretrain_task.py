@@ -52,11 +52,11 @@ PICTURES = ["--config.pictures=True", "--config.tokenizer.train.pictures=True"]
 VOCAB = 64
 
 
-def run_main(*args, devices=8, wait=True):
+def run_main(*args, devices=8, wait=True, module="beit_jax.main"):
   env = dict(
     os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu"
   )
-  cmd = [sys.executable, "-m", "beit_jax.main", *args]
+  cmd = [sys.executable, "-m", module, *args]
   if not wait:
     return subprocess.Popen(
       cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
