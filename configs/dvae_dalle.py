@@ -58,7 +58,9 @@ def get_config(arg=None):
     hard=False,
     diversity=0.0,  # DALL-E's ELB exactly (no codebook-diversity term).
   )
-  c.codebook = dict(init="random", init_images=256)  # DALL-E's init ('kmeans': compact only).
+  c.codebook = dict(
+    init="random", init_images=256, restart_every=0, restart_below=0.05
+  )  # DALL-E's init ('kmeans': compact only).
   c.optim = config_lib.adamw_config(
     lr=1e-4,
     min_lr=1.25e-6,

@@ -79,7 +79,9 @@ def get_config(arg=None):
   # How the code logits start: 'random' (the layer's init) or 'kmeans' (the encoder's
   # output layer set from k-means of the encoder features of init_images training views:
   # +4.4 dB PSNR on the built-in photos at 300 steps).
-  c.codebook = dict(init="kmeans", init_images=256)
+  # restart_every > 0: every that many steps, codes the batch gives under restart_below / V
+  # of its soft assignments take a copy of a busy code (dead-code restarts; 0 = off).
+  c.codebook = dict(init="kmeans", init_images=256, restart_every=0, restart_below=0.05)
   c.optim = config_lib.adamw_config(
     lr=3e-3,
     min_lr=1e-5,

@@ -417,7 +417,9 @@ def elbo_loss(
     ``(loss, aux)``; aux holds float32 scalars ``recon_loss``, ``kl`` (mean per position,
     nats), ``diversity_loss``, ``mse`` (in [0, 1] pixel space of the reconstruction),
     ``psnr`` (dB, per image then averaged), ``logits_entropy`` (mean per position, nats)
-    and ``token_counts`` (int32 (V,) histogram of argmax(logits) over the batch).
+    ``token_counts`` (int32 (V,) histogram of argmax(logits) over the batch), and the
+    arrays `restart_dead_codes` reads: ``mean_probs`` ((V,) q̄, no gradient) and ``ids``
+    ((B*h*w,) int32 argmax tokens).
   """
   images01 = images01.astype(jnp.float32)
   res = model.apply(params, images01, rng=rng, tau=tau, hard=hard)
@@ -445,8 +447,47 @@ def elbo_loss(
     "psnr": jnp.mean(pixels.psnr(mse_per_image)),
     "logits_entropy": entropy,
     "token_counts": token_counts,
+    "mean_probs": jnp.mean(jnp.exp(logq).reshape(-1, model.vocab_size), axis=0),
+    "ids": ids.astype(jnp.int32),
   }
   return loss, aux
+
+
+def restart_dead_codes(
+  params: Any, mean_probs: Array, ids: Array, rng: Array, below: float, noise: float = 0.01
+) -> tuple[Any, Array]:
+  """Dead-code restarts by splitting busy codes (compact dVAE).
+
+  A code is dead when the batch's mean soft assignment to it, `mean_probs` (q̄), is under
+  ``below / V`` (a `below`-th of a uniform share). Each dead code is re-seeded from a
+  code in use: the winner (argmax) at a batch position drawn at random from `ids`, whose
+  encoder ``output`` weights and bias, and decoder ``codebook`` row, it copies, the
+  weights times (1 + `noise` · N(0, 1)) so that the two drift apart. A split code takes
+  over part of a busy code's data at once, where a code re-seeded from a raw feature
+  vector would not outscore the codes the encoder has learned.
+
+  Args:
+    params: the compact dVAE's params (the ``params`` collection).
+    mean_probs: (V,) q̄ of the batch (`elbo_loss`'s ``aux['mean_probs']``).
+    ids: (N,) int32 argmax tokens of the batch's positions.
+    rng: PRNG key (which positions, the noise).
+    below: the threshold in units of 1/V (0 restarts nothing).
+
+  Returns:
+    ``(params, num_restarted)``, the count as an int32 scalar.
+  """
+  vocab = mean_probs.shape[0]
+  dead = mean_probs < below / vocab
+  pick_rng, noise_rng = jax.random.split(rng)
+  donor = ids[jax.random.randint(pick_rng, (vocab,), 0, ids.shape[0])]
+  source = jnp.where(dead, donor, jnp.arange(vocab))
+  out = params["encoder"]["output"]
+  w = out["w"][..., source]
+  w = jnp.where(dead, w * (1.0 + noise * jax.random.normal(noise_rng, w.shape, w.dtype)), w)
+  output = {**out, "w": w, "b": out["b"][source]}
+  decoder = {**params["decoder"], "codebook": params["decoder"]["codebook"][source]}
+  new = {**params, "encoder": {**params["encoder"], "output": output}, "decoder": decoder}
+  return new, jnp.sum(dead.astype(jnp.int32))
 
 
 def kmeans_logits_init(
@@ -532,6 +573,7 @@ __all__ = [
   "logit_laplace_nll",
   "elbo_loss",
   "kmeans_logits_init",
+  "restart_dead_codes",
   "tokenize",
   "decode",
 ]

@@ -63,6 +63,14 @@ def check_config(config: ml_collections.ConfigDict) -> None:
     config, "eval_every", "loss.beta_end", "loss.diversity", "ema_decay", allow_zero=True
   )
   config_lib.check_choice(config, "codebook.init", CODEBOOK_INITS)
+  config_lib.check_positive(
+    config, "codebook.restart_every", "codebook.restart_below", allow_zero=True
+  )
+  if config.codebook.restart_every and config.model.arch != "compact":
+    raise ValueError(
+      "config.codebook.restart_every re-seeds the compact dVAE's codes; use it with "
+      "config.model.arch='compact' (or set it to 0)."
+    )
   if config.codebook.init == "kmeans":
     config_lib.check_positive(config, "codebook.init_images")
     if config.model.arch != "compact":
@@ -101,8 +109,10 @@ def make_train_step(
   config: ml_collections.ConfigDict,
 ):
   """`train_step(state, batch) -> (state, metrics)`: the ELB loss with annealed tau and
-  beta, AdamW, optional EMA."""
+  beta, AdamW, optional EMA, optional dead-code restarts (`config.codebook.restart_every`
+  > 0: after every restart_every-th update, `dvae.restart_dead_codes` on that batch)."""
   inject_at_steps = config_lib.injected_nonfinite_steps(config)
+  restart_every = config.codebook.get("restart_every", 0)
   tau_fn = optim.cosine_ramp(config.loss.tau_start, config.loss.tau_end, config.loss.tau_steps)
   beta_fn = optim.cosine_ramp(config.loss.beta_start, config.loss.beta_end, config.loss.beta_steps)
 
@@ -126,6 +136,19 @@ def make_train_step(
     new_state, update_metrics = state.apply_gradients(
       grads, tx, loss, ema_decay=config.ema_decay, inject_at_steps=inject_at_steps
     )
+    if restart_every:  # Dead-code restarts after the update of every restart_every-th step.
+      restarted_params, restarted = dvae.restart_dead_codes(
+        new_state.params,
+        aux["mean_probs"],
+        aux["ids"],
+        jax.random.fold_in(state.step_rng(), 1),
+        config.codebook.restart_below,
+      )
+      due = (state.step + 1) % restart_every == 0
+      new_state = new_state.replace(
+        params=jax.tree.map(lambda a, b: jnp.where(due, a, b), restarted_params, new_state.params)
+      )
+      update_metrics["restarted_codes"] = jnp.where(due, restarted, 0)
     metrics = dict(
       loss=loss,
       recon_loss=aux["recon_loss"],
@@ -189,6 +212,8 @@ def make_summarize_train(vocab_size: int) -> loop.Summarize:
     nonlocal warned
     scalars = loop.mean_scalars(sums, num_steps)
     scalars.update({k: float(v) for k, v in codebook.codebook_stats(sums["token_counts"]).items()})
+    if "restarted_codes" in sums:  # A count over the interval, not a mean.
+      scalars["restarted_codes"] = int(sums["restarted_codes"])
     if scalars["usage"] < COLLAPSE_USAGE and not warned:
       warned = True
       logging.warning(
@@ -413,6 +438,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
     summarize=make_summarize_train(model.vocab_size),
     finish=export,
     on_checkpoint=painter,
-    console_keys=("loss", "psnr", "baseline_psnr", "usage", "perplexity", "tau"),
+    console_keys=("loss", "psnr", "baseline_psnr", "usage", "perplexity", "tau", "restarted_codes"),
     describe=describe,
   )

@@ -549,3 +549,50 @@ def test_kmeans_logits_init_makes_argmax_the_nearest_centroid():
   # 64 feature vectors for 32 codes: k-means gives every code a position; random init did not.
   assert len(np.unique(logits.argmax(-1))) == 32
   assert len(np.unique(before.argmax(-1))) < 32
+
+
+def test_restart_dead_codes_splits_busy_codes_into_the_dead_ones():
+  model = _tiny_compact()  # vocab 32, hidden 16, 8x8 -> 2x2 codes.
+  images = _rand((16, 8, 8, 3), seed=4)
+  params = _params(model, images)["params"]
+  out = params["encoder"]["output"]  # Codes 20..31 made dead: their logits far below.
+  bias = np.asarray(out["b"]).copy()
+  bias[20:] -= 30.0
+  params = {**params, "encoder": {**params["encoder"], "output": {**out, "b": bias}}}
+  res = _apply(model, {"params": params}, images, rng=_key(1), tau=1.0)
+  probs = np.asarray(jax.nn.softmax(res["logits"], -1)).reshape(-1, 32)
+  ids = probs.argmax(-1).astype(np.int32)
+  mean_probs = probs.mean(0)
+  below = 0.5  # Codes under half a uniform share are dead.
+  dead = mean_probs < below / 32
+  assert dead[20:].all() and 0 < dead.sum() < 32
+  new, count = jax.jit(dvae.restart_dead_codes, static_argnums=(4,))(
+    params, mean_probs, ids, _key(5), below
+  )
+  assert int(count) == dead.sum()
+  w0, b0 = (np.asarray(params["encoder"]["output"][k]) for k in ("w", "b"))
+  w1, b1 = (np.asarray(new["encoder"]["output"][k]) for k in ("w", "b"))
+  c0, c1 = np.asarray(params["decoder"]["codebook"]), np.asarray(new["decoder"]["codebook"])
+  # Live codes keep their rows; nothing outside the three code-indexed arrays changes.
+  np.testing.assert_array_equal(w1[..., ~dead], w0[..., ~dead])
+  np.testing.assert_array_equal(b1[~dead], b0[~dead])
+  np.testing.assert_array_equal(c1[~dead], c0[~dead])
+  rest = flax.traverse_util.flatten_dict(
+    jax.tree.map(lambda a, b: bool(np.any(a != b)), params, new)
+  )
+  assert {k for k, v in rest.items() if v} == {
+    ("encoder", "output", "w"),
+    ("encoder", "output", "b"),
+    ("decoder", "codebook"),
+  }
+  # Each dead code is a copy of a code that won somewhere in the batch: the same bias and
+  # codebook row, weights within 1% noise.
+  used = set(np.unique(ids))
+  for v in np.flatnonzero(dead):
+    (donor,) = [u for u in used if b0[u] == b1[v] and np.array_equal(c0[u], c1[v])][:1]
+    np.testing.assert_allclose(w1[..., v], w0[..., donor], rtol=0.05, atol=1e-6)
+    assert not np.array_equal(w1[..., v], w0[..., donor])
+  # Below 0 nothing is dead.
+  same, none = dvae.restart_dead_codes(params, jnp.asarray(mean_probs), ids, _key(5), 0.0)
+  assert int(none) == 0
+  chex.assert_trees_all_equal(same, params)
