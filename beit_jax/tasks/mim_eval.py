@@ -12,7 +12,8 @@ each patch its own mean colour (`patch_mean_loss`).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import itertools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import jax
@@ -21,6 +22,7 @@ import ml_collections
 import numpy as np
 
 from beit_jax import config_lib, pixels
+from beit_jax.data import pipeline
 from beit_jax.models import dvae, vit
 from beit_jax.training import loop, losses
 
@@ -155,6 +157,63 @@ def evaluate(
     frequent_acc=float(sums["frequent_correct"]) / count,
     num_images=int(sums["num_images"]),
   )
+
+
+def make_eval_fn(
+  config: ml_collections.ConfigDict,
+  model: vit.BEiT,
+  tokenizer: dvae.DiscreteVAE | None,
+  tokenizer_params: Any,
+  max_masked: int,
+  shardings: tuple[Any, Any, Any, Any],
+  data: tuple[Any, Any, Any],
+) -> Callable[[Any], dict[str, float]]:
+  """`eval_fn(state) -> metrics` of the pretrain job, its steps compiled once: `evaluate`
+  (the prior counted at the first call) or, for `config.target='pixels'`,
+  `evaluate_pixels`. `shardings`: (eval params, batch, tokenizer params, replicated);
+  `data`: (train source, eval source, eval transform)."""
+  params_sharding, batch_sharding, tokenizer_sharding, replicated = shardings
+  train_source, eval_source, eval_transform = data
+
+  def eval_batches(source):
+    return pipeline.make_eval_iterator(source, eval_transform, batch_size=config.eval_batch_size)
+
+  if config.get("target", "tokens") == "pixels":
+    pixel_step = jax.jit(
+      make_pixel_eval_step(model, max_masked, config.input.norm),
+      in_shardings=(params_sharding, batch_sharding),
+      out_shardings=replicated,
+    )
+    return lambda state: evaluate_pixels(
+      pixel_step, state.eval_params, eval_batches(eval_source), batch_sharding
+    )
+  eval_step = jax.jit(
+    make_eval_step(model, tokenizer, max_masked, config.input.norm),
+    in_shardings=(params_sharding, batch_sharding, tokenizer_sharding, replicated),
+    out_shardings=replicated,
+  )
+  histogram = jax.jit(
+    make_token_histogram(tokenizer),
+    in_shardings=(tokenizer_sharding, batch_sharding),
+    out_shardings=replicated,
+  )
+  prior: list[np.ndarray] = []  # The baseline's log unigram prior, made at the first eval.
+
+  def eval_fn(state) -> dict[str, float]:
+    if not prior:  # Centre crops of the first `prior_images` training images.
+      num_batches = -(-min(config.prior_images, len(train_source)) // config.eval_batch_size)
+      batches = itertools.islice(eval_batches(train_source), num_batches)
+      prior.append(training_token_prior(histogram, tokenizer_params, batches, batch_sharding))
+    return evaluate(
+      eval_step,
+      state.eval_params,
+      tokenizer_params,
+      prior[0],
+      eval_batches(eval_source),
+      batch_sharding,
+    )
+
+  return eval_fn
 
 
 def describe_run(

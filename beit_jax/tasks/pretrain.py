@@ -29,7 +29,6 @@ tokenizer is trained first in `<workdir>/tokenizer` and then used.
 
 from __future__ import annotations
 
-import itertools
 import os
 from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
@@ -37,7 +36,6 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import ml_collections
-import numpy as np
 import optax
 from absl import logging
 
@@ -500,47 +498,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   train_step = loop.compile_train_step(
     parts.train_step, state_sharding, batch_sharding, tokenizer_sharding
   )
-  if pixel_target:
-    pixel_eval_step = jax.jit(
-      mim_eval.make_pixel_eval_step(model, max_masked, config.input.norm),
-      in_shardings=(state_sharding.eval_params, batch_sharding),
-      out_shardings=replicated,
-    )
-  else:
-    eval_step = jax.jit(
-      mim_eval.make_eval_step(model, tokenizer, max_masked, config.input.norm),
-      in_shardings=(state_sharding.eval_params, batch_sharding, tokenizer_sharding, replicated),
-      out_shardings=replicated,
-    )
-    histogram = jax.jit(
-      mim_eval.make_token_histogram(tokenizer),
-      in_shardings=(tokenizer_sharding, batch_sharding),
-      out_shardings=replicated,
-    )
-  prior: list[np.ndarray] = []  # The baseline's log unigram prior, made at the first eval.
-
-  def eval_fn(state: TrainState) -> dict[str, float]:
-    if pixel_target:
-      eval_iter = pipeline.make_eval_iterator(
-        eval_source, eval_transform, batch_size=config.eval_batch_size
-      )
-      return mim_eval.evaluate_pixels(pixel_eval_step, state.eval_params, eval_iter, batch_sharding)
-    if not prior:  # Centre crops of the first `prior_images` training images.
-      batches = pipeline.make_eval_iterator(
-        train_source, eval_transform, batch_size=config.eval_batch_size
-      )
-      num_batches = -(-min(config.prior_images, len(train_source)) // config.eval_batch_size)
-      prior.append(
-        mim_eval.training_token_prior(
-          histogram, tokenizer_params, itertools.islice(batches, num_batches), batch_sharding
-        )
-      )
-    eval_iter = pipeline.make_eval_iterator(
-      eval_source, eval_transform, batch_size=config.eval_batch_size
-    )
-    return mim_eval.evaluate(
-      eval_step, state.eval_params, tokenizer_params, prior[0], eval_iter, batch_sharding
-    )
+  eval_fn = mim_eval.make_eval_fn(
+    config,
+    model,
+    tokenizer,
+    tokenizer_params,
+    max_masked,
+    (state_sharding.eval_params, batch_sharding, tokenizer_sharding, replicated),
+    (train_source, eval_source, eval_transform),
+  )
 
   # --- Train, then export ------------------------------------------------------------
   export_dir = config.export_dir or os.path.join(workdir, "export", "beit")
