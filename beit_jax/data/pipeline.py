@@ -248,8 +248,12 @@ def make_train_dataset(
   read_threads: int = 16,
   prefetch_buffer_size: int = 256,
   max_pixels: int = decode.DEFAULT_MAX_PIXELS,
+  decode_records: bool = True,
 ) -> grain.IterDataset:
-  """The training ``IterDataset`` (see :func:`make_train_iterator`)."""
+  """The training ``IterDataset`` (see :func:`make_train_iterator`). With
+  `decode_records=False` the transform gets each record as the source stores it (it
+  decodes what it needs itself: segmentation's image + annotation pairs) and returns the
+  element, `pipeline.Undecodable` to skip it."""
   process_index, process_count = _process_info(process_index, process_count)
   batch_size = local_batch_size(global_batch_size, process_count)
   if len(source) == 0:
@@ -261,7 +265,9 @@ def make_train_dataset(
     grain.MapDataset.source(source)
     .shuffle(seed=shuffle_seed)
     .repeat(None)
-    .random_map(DecodeAndTransform(transform, max_pixels), seed=map_seed)
+    .random_map(
+      DecodeAndTransform(transform, max_pixels) if decode_records else transform, seed=map_seed
+    )
   )
   ds = ds[process_index::process_count]
   it_ds = ds.to_iter_dataset(
