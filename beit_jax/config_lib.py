@@ -114,10 +114,15 @@ def effective_lr(config: ml_collections.ConfigDict) -> tuple[float, float, str]:
 
 
 def lr_schedule(config: ml_collections.ConfigDict):
-  """The lr schedule of `config.optim` over `config.total_steps` (unilm's cosine), at the
-  `effective_lr`."""
+  """The lr schedule of `config.optim` over `config.total_steps` at the `effective_lr`:
+  unilm's cosine, or with `optim.schedule='poly'` mmcv's poly with linear warmup (unilm's
+  segmentation; `optim.power`, `optim.warmup_ratio`)."""
   o = config.optim
   lr, min_lr, _ = effective_lr(config)
+  if o.get("schedule", "cosine") == "poly":
+    return optim.warmup_poly(
+      lr, config.total_steps, o.warmup_steps, o.warmup_ratio, o.power, min_lr
+    )
   return optim.warmup_cosine(lr, min_lr, o.decay_steps or config.total_steps, o.warmup_steps)
 
 

@@ -43,6 +43,40 @@ def warmup_cosine(base: float, final: float, total_steps: int, warmup_steps: int
   return schedule
 
 
+def warmup_poly(
+  base: float,
+  total_steps: int,
+  warmup_steps: int = 0,
+  warmup_ratio: float = 1e-6,
+  power: float = 1.0,
+  min_lr: float = 0.0,
+) -> Schedule:
+  """mmcv's `PolyLrUpdaterHook` with linear warmup (by iteration), as unilm's segmentation
+  configs set it (`policy='poly', warmup='linear', warmup_iters=1500, warmup_ratio=1e-6,
+  power=1.0, min_lr=0.0, by_epoch=False`).
+
+  Step s (0-based, mmcv's `runner.iter` before the iteration) takes the poly lr
+  `(base - min_lr) (1 - s / total) ** power + min_lr`, times `1 - (1 - s / warmup)
+  (1 - warmup_ratio)` while s < warmup (mmcv `get_warmup_lr`: the warmup scales the
+  regular lr of that step, it does not ramp to a fixed peak).
+  """
+  if warmup_steps > total_steps:
+    raise ValueError(f"warmup_steps={warmup_steps} exceeds total_steps={total_steps}.")
+
+  def schedule(step):
+    step = jnp.asarray(step, jnp.float32)
+    # (total - step) / total and ratio + (1 - ratio) step / warmup: mmcv's 1 - step / total
+    # and 1 - k, rearranged so that float32 keeps their precision near the ends.
+    remaining = jnp.clip((total_steps - step) / total_steps, 0.0, 1.0)
+    regular = (base - min_lr) * remaining**power + min_lr
+    if warmup_steps <= 0:
+      return regular
+    warm = warmup_ratio + (1.0 - warmup_ratio) * step / warmup_steps
+    return jnp.where(step < warmup_steps, regular * warm, regular)
+
+  return schedule
+
+
 def cosine_ramp(start: float, end: float, steps: int) -> Schedule:
   """Half-cosine from `start` (step 0) to `end` (step >= `steps`)."""
 
@@ -77,10 +111,22 @@ def vit_layer_id(path: str, depth: int) -> int:
   return depth + 1
 
 
-def layerwise_lr_scales(params: Any, decay: float, depth: int) -> Any:
-  """Per-leaf lr multipliers `decay ** (depth + 1 - layer_id)` (unilm LayerDecayValueAssigner)."""
+def layerwise_lr_scales(params: Any, decay: float, depth: int, backbone: str = "") -> Any:
+  """Per-leaf lr multipliers `decay ** (depth + 1 - layer_id)` (unilm LayerDecayValueAssigner).
+
+  `backbone`: the name of the subtree holding the ViT (segmentation: 'backbone'); every
+  leaf outside it (neck, heads) gets layer id depth + 1, scale 1 — unilm's segmentation
+  `get_num_layer_for_vit` (mmcv_custom/layer_decay_optimizer_constructor.py), whose
+  `num_layers - layer_id - 1` with num_layers = depth + 2 is the same exponent."""
   flat = flax.traverse_util.flatten_dict(flax.core.unfreeze(params), sep="/")
-  scales = {k: float(decay ** (depth + 1 - vit_layer_id(k, depth))) for k in flat}
+  prefix = backbone + "/" if backbone else ""
+
+  def layer_id(key: str) -> int:
+    if not key.startswith(prefix):
+      return depth + 1
+    return vit_layer_id(key[len(prefix) :], depth)
+
+  scales = {k: float(decay ** (depth + 1 - layer_id(k))) for k in flat}
   return flax.traverse_util.unflatten_dict(scales, sep="/")
 
 

@@ -16,7 +16,8 @@ from beit_jax.training import mesh as mesh_lib
 
 @flax.struct.dataclass
 class TrainState:
-  """Step counter, params, optimizer state, base RNG and (optional) parameter EMA.
+  """Step counter, params, optimizer state, base RNG, (optional) parameter EMA and
+  (optional) BatchNorm statistics (`batch_stats`: the segmentation neck and heads).
 
   The per-step RNG is `fold_in(rng, step)`, so it never needs a host round trip and
   continues exactly after a resume.
@@ -28,10 +29,16 @@ class TrainState:
   rng: jax.Array
   ema_params: Any = None
   nonfinite_streak: Any = None  # Consecutive steps skipped for a non-finite loss/gradient.
+  batch_stats: Any = None  # Flax's 'batch_stats' collection (running means / variances).
 
   @classmethod
   def create(
-    cls, params: Any, tx: optax.GradientTransformation, rng: jax.Array, use_ema: bool = False
+    cls,
+    params: Any,
+    tx: optax.GradientTransformation,
+    rng: jax.Array,
+    use_ema: bool = False,
+    batch_stats: Any = None,
   ) -> TrainState:
     return cls(
       step=jnp.zeros((), jnp.int32),
@@ -40,6 +47,7 @@ class TrainState:
       rng=rng,
       ema_params=jax.tree.map(jnp.copy, params) if use_ema else None,
       nonfinite_streak=jnp.zeros((), jnp.int32),
+      batch_stats=batch_stats,
     )
 
   @property
@@ -58,6 +66,7 @@ class TrainState:
     *,
     ema_decay: float | None = None,
     inject_at_steps: tuple[int, ...] = (),
+    batch_stats: Any = None,
   ) -> tuple[TrainState, dict]:
     """One optimizer step, skipped when the loss or the gradient norm is not finite.
 
@@ -67,7 +76,8 @@ class TrainState:
     streak reaches its limit (`loop.run`). Returns the state and metrics
     `{grad_norm, nonfinite}` (nonfinite: 1.0 for a skipped step). `inject_at_steps` turns
     the gradients of those steps into NaN (fault injection for tests:
-    `config.nonfinite.inject_at_steps`).
+    `config.nonfinite.inject_at_steps`). `batch_stats`: the step's updated BatchNorm
+    statistics (kept, like the params, only when the step is finite).
     """
     if inject_at_steps:
       injected = jnp.isin(self.step, jnp.asarray(inject_at_steps, jnp.int32))
@@ -90,6 +100,7 @@ class TrainState:
       opt_state=keep(opt_state, self.opt_state),
       ema_params=None if ema is None else keep(ema, self.ema_params),
       nonfinite_streak=jnp.where(ok, 0, streak + 1).astype(jnp.int32),
+      batch_stats=self.batch_stats if batch_stats is None else keep(batch_stats, self.batch_stats),
     )
     return state, dict(grad_norm=grad_norm, nonfinite=1.0 - ok.astype(jnp.float32))
 
@@ -121,13 +132,19 @@ def place(host_tree: Any, shardings: Any) -> Any:
 
 
 def init_sharded_from_params(
-  host_params: Any, create: Callable[[Any], TrainState], mesh: Mesh, min_shard_size: int = 2**18
+  host_params: Any,
+  create: Callable[[Any], TrainState],
+  mesh: Mesh,
+  min_shard_size: int = 2**18,
+  params_of: Callable[[Any], Any] = lambda shardings: shardings.params,
 ) -> tuple[TrainState, Any]:
   """`init_sharded` for a state built from given params (pretrained weights): the params
   go straight into their shards (`place`) and `create(params)` (optimizer state etc.) runs
-  sharded; the weights are never baked into a compiled program as constants."""
+  sharded; the weights are never baked into a compiled program as constants.
+  `params_of(state shardings)` gives the shardings of `host_params` (default: the state's
+  `params`; segmentation passes {'params', 'batch_stats'})."""
   abstract = jax.eval_shape(create, host_params)
   shardings = mesh_lib.state_shardings(abstract, mesh, min_shard_size)
-  params = place(host_params, shardings.params)
+  params = place(host_params, params_of(shardings))
   state = jax.jit(create, out_shardings=shardings)(params)
   return state, shardings
