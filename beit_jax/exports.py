@@ -1,6 +1,6 @@
 """Params exports: the hand-off between stages and the format weights move in and out.
 
-An export is a folder with `params/` (an Orbax checkpoint of the params only) and
+An export is a folder with `params/` (an Orbax checkpoint of the params) and
 `metadata.json` (what the params are and where they came from). Its `kind` says which
 model they belong to, and each kind has one writer and one loader here:
 
@@ -10,12 +10,18 @@ model they belong to, and each kind has one writer and one loader here:
   'beit'             `convert beit` (unilm / timm weights)    `load_pretrained`, `load_beit`
   'beit_classifier'  task finetune (`export/best`, `/final`)  `load_classifier`, `load_beit`
   'beit_linear_probe' task linear_probe                       `load_linear_probe`
+  'beit_segmenter'   `convert segmentation` (unilm / mmseg /   `load_segmenter`
+                     HF BeitForSemanticSegmentation weights)
+
+A segmenter export saves the whole variables dict `{'params', 'batch_stats'}` of a
+`segmentation.Segmenter` (its BatchNorm running statistics are part of the model); every
+other kind saves params only.
 
 Loaders rebuild the model from the metadata (`vit.BEiT(**model_kwargs)`,
-`dvae.from_config(model)`) and restore the params onto one device, or onto a given
-sharding (a replicated NamedSharding to use them in a mesh). An export may be on a bucket
-(`gs://...`): `metadata.json` goes through `beit_jax.paths`, `params/` through Orbax
-(tensorstore's gcs driver).
+`dvae.from_config(model)`, `segmentation.from_architecture(model_kwargs)`) and restore the
+params onto one device, or onto a given sharding (a replicated NamedSharding to use them in
+a mesh). An export may be on a bucket (`gs://...`): `metadata.json` goes through
+`beit_jax.paths`, `params/` through Orbax (tensorstore's gcs driver).
 """
 
 from __future__ import annotations
@@ -30,7 +36,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from beit_jax import paths
-from beit_jax.models import dvae, vit
+from beit_jax.models import dvae, segmentation, vit
 from beit_jax.training.checkpointing import abstract_with_shardings
 
 METADATA_FILE = "metadata.json"
@@ -41,6 +47,7 @@ MIM = "beit_mim"
 CONVERTED_BEIT = "beit"
 CLASSIFIER = "beit_classifier"
 LINEAR_PROBE = "beit_linear_probe"
+SEGMENTER = "beit_segmenter"
 PRETRAINED_KINDS = (MIM, CONVERTED_BEIT)
 BEIT_KINDS = (MIM, CONVERTED_BEIT, CLASSIFIER)  # Exports of BEiT ViT params (`model_kwargs`).
 
@@ -49,7 +56,7 @@ BEIT_KINDS = (MIM, CONVERTED_BEIT, CLASSIFIER)  # Exports of BEiT ViT params (`m
 # The folder format.
 # ----------------------------------------------------------------------------------
 def write(directory: str | os.PathLike, params: Any, metadata: Mapping[str, Any]) -> str:
-  """Writes `directory/params` (Orbax, params only) and `directory/metadata.json`."""
+  """Writes `directory/params` (Orbax, the `params` tree as given) and `directory/metadata.json`."""
   directory = paths.absolute(directory)
   paths.makedirs(directory)
   with ocp.StandardCheckpointer() as checkpointer:
@@ -330,4 +337,53 @@ def load_linear_probe(
     kernel=jax.ShapeDtypeStruct((depth, dim, classes), jnp.float32),
     bias=jax.ShapeDtypeStruct((depth, classes), jnp.float32),
   )
+  return model, load_params_onto(directory, abstract, sharding), metadata
+
+
+# ----------------------------------------------------------------------------------
+# Semantic segmentation (BEiT + UperNet).
+# ----------------------------------------------------------------------------------
+def write_segmenter(
+  directory: str | os.PathLike,
+  variables: Mapping[str, Any],
+  model: segmentation.Segmenter,
+  *,
+  input_norm: str,
+  pretrained: str,
+  step: int,
+  eval_metrics: Mapping[str, Any] | None = None,
+  **extra: Any,
+) -> str:
+  """A `Segmenter`'s variables `{'params', 'batch_stats'}`, saved whole (`extra`: e.g.
+  source, final_train)."""
+  missing = {"params", "batch_stats"} - set(variables)
+  if missing:
+    raise ValueError(
+      f"A segmenter export needs variables {{'params', 'batch_stats'}}; missing {sorted(missing)}."
+    )
+  return write(
+    directory,
+    {"params": variables["params"], "batch_stats": variables["batch_stats"]},
+    dict(
+      kind=SEGMENTER,
+      model_kwargs=segmentation.architecture(model),
+      image_size=model.image_size,
+      patch_size=model.patch_size,
+      num_classes=model.num_classes,
+      input_norm=input_norm,
+      pretrained=pretrained,
+      step=int(step),
+      eval=dict(eval_metrics or {}),
+      **extra,
+    ),
+  )
+
+
+def load_segmenter(
+  directory: str | os.PathLike, sharding: Any = None, dtype: Any = jnp.float32
+) -> tuple[segmentation.Segmenter, dict[str, Any], dict[str, Any]]:
+  """(model, variables {'params', 'batch_stats'}, metadata) of a segmenter export."""
+  metadata = read_metadata_of_kind(directory, (SEGMENTER,), "a segmenter")
+  model = segmentation.from_architecture(metadata["model_kwargs"], dtype=dtype)
+  abstract = segmentation.abstract_variables(model)
   return model, load_params_onto(directory, abstract, sharding), metadata

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from beit_jax import exports
-from beit_jax.models import dvae, vit
+from beit_jax.models import dvae, segmentation, vit
 
 TOKENIZER_CONFIG = dict(
   arch="compact",
@@ -149,6 +149,84 @@ def test_linear_probe_export_round_trip(tmp_path):
   model, loaded, meta = exports.load_linear_probe(out)
   assert model.depth == depth and meta["eval"]["best_layer"] == 2
   _assert_equal_trees(loaded, probes)
+
+
+def test_segmenter_export_round_trip(tmp_path):
+  """params AND batch_stats saved and restored; the model rebuilt from its metadata computes
+  what the original does; the kind is checked both ways."""
+  model = segmentation.segmenter(
+    "test",
+    num_classes=5,
+    image_size=32,
+    patch_size=8,
+    depth=4,
+    out_indices=(0, 1, 2, 3),
+    channels=16,
+    aux_channels=8,
+    pool_scales=(1, 2),
+    drop_path_rate=0.0,
+  )
+  abstract = segmentation.abstract_variables(model)
+  variables = {
+    "params": jax.tree.map(lambda a: 0.1 * a, _random_like(abstract["params"], seed=2)),
+    # Running variances must be positive; random, so that init values would not pass.
+    "batch_stats": jax.tree.map(
+      lambda a: np.abs(a) + 0.5, _random_like(abstract["batch_stats"], seed=3)
+    ),
+  }
+  # Device arrays, like the restored ones (numpy operands can round differently when eager).
+  variables = jax.tree.map(jnp.asarray, variables)
+  out = exports.write_segmenter(
+    tmp_path / "seg",
+    variables,
+    model,
+    input_norm="half",
+    pretrained="/pretrained/beit",
+    step=11,
+    eval_metrics={"mIoU": 0.25},
+    source="seg.pth",
+  )
+  loaded, restored, meta = exports.load_segmenter(out)
+  assert loaded == model
+  assert segmentation.architecture(loaded) == segmentation.architecture(model)
+  assert meta["kind"] == exports.SEGMENTER and meta["num_classes"] == 5
+  assert (meta["image_size"], meta["patch_size"], meta["step"]) == (32, 8, 11)
+  assert meta["input_norm"] == "half" and meta["pretrained"] == "/pretrained/beit"
+  assert meta["eval"] == {"mIoU": 0.25} and meta["source"] == "seg.pth"
+  assert set(restored) == {"params", "batch_stats"}
+  _assert_equal_trees(restored["params"], variables["params"])
+  _assert_equal_trees(restored["batch_stats"], variables["batch_stats"])
+
+  images = np.random.default_rng(4).standard_normal((2, 32, 32, 3)).astype(np.float32)
+  logits, aux = model.apply(variables, images, train=False)
+  got_logits, got_aux = loaded.apply(restored, images, train=False)
+  assert logits.shape == (2, 16, 16, 5) and np.isfinite(np.asarray(logits)).all()
+  np.testing.assert_array_equal(np.asarray(got_logits), np.asarray(logits))
+  np.testing.assert_array_equal(np.asarray(got_aux), np.asarray(aux))
+
+  assert exports.load_segmenter(out, dtype=jnp.bfloat16)[0].dtype == jnp.bfloat16
+  with pytest.raises(ValueError, match="not a classifier"):
+    exports.load_classifier(out)
+  with pytest.raises(ValueError, match="missing"):
+    exports.write_segmenter(
+      tmp_path / "bad",
+      {"params": variables["params"]},
+      model,
+      input_norm="half",
+      pretrained="",
+      step=0,
+    )
+  clf = vit.classifier_model("test", 5, image_size=16, patch_size=4)
+  clf_out = exports.write_classifier(
+    tmp_path / "clf",
+    _random_like(vit.abstract_params(clf)),
+    clf,
+    input_norm="half",
+    pretrained="",
+    step=0,
+  )
+  with pytest.raises(ValueError, match="not a segmenter"):
+    exports.load_segmenter(clf_out)
 
 
 def test_exports_on_a_bucket(gcs_bucket):

@@ -4,9 +4,12 @@ r"""Convert PyTorch weights to this project's Orbax params exports.
   python -m beit_jax.convert dalle --encoder=encoder.pkl --decoder=decoder.pkl OUT_DIR \
       [--image_size=112] --trust_pickle
   python -m beit_jax.convert to_pth EXPORT_DIR OUT.pth
+  python -m beit_jax.convert segmentation SRC.pth OUT_DIR [--num_heads=N] \
+      [--out_indices=3,5,7,11] [--pool_scales=1,2,3,6] [--input_norm=half]
 
 `beit`: a unilm BEiT checkpoint (`beit_{base,large}_patch16_*_pt22k*.pth`,
-`beit_base_patch16_224_pt1k_800ep.pth`, segmentation checkpoints with `backbone.`), a timm
+`beit_base_patch16_224_pt1k_800ep.pth`, `backbone.`-prefixed backbones; a whole
+segmentation checkpoint, with its neck and heads, is refused here: see `segmentation`), a timm
 BEiT state dict, or a `.pth` written by `torch.save(model.state_dict())`. The file is read
 with `torch.load(weights_only=True)` (no code runs), the architecture is inferred from its
 keys and shapes, and OUT_DIR gets `params/` (Orbax) + `metadata.json`, which
@@ -24,6 +27,20 @@ the file and needs the `dall_e` package); state dicts saved with torch.save load
 `modeling_pretrain` / `modeling_finetune` models and timm's `beit` (strict=False there
 for the index buffers).
 
+`segmentation`: a BEiT + UperNet semantic-segmentation checkpoint, unilm / mmseg's
+(`beit/semantic_segmentation`: `backbone.*`, `decode_head.*`, `auxiliary_head.*`, also in
+mmseg's `{'state_dict': ...}` container) or a Hugging Face `BeitForSemanticSegmentation`
+state dict (`beit.*`, `fpn.*`, ...; transformers 5 or older names), read with
+`torch.load(weights_only=True)` and converted by `beit_jax.convert.segmentation.to_flax`
+into a segmenter export (params + BatchNorm statistics) that
+`beit_jax.exports.load_segmenter(OUT_DIR)` loads. The architecture is read from the weights
+except what they do not say: `--out_indices`, the 0-based blocks whose outputs feed the neck
+(default unilm's: 3,5,7,11 for 12 blocks, 7,11,15,23 for 24; for an HF model translate its
+`config.out_indices` with `segmentation.blocks_from_hf_out_indices`: HF index i is block
+i - 2), and `--pool_scales` (their number must match the checkpoint's pyramid pooling
+branches). `--input_norm` is recorded for the evaluation: unilm's configs normalise with
+mean = std = 127.5, i.e. 'half' (the default).
+
 Every path may be on a bucket (`gs://BUCKET/...`, with `pip install "beit_jax[gcs]"`).
 """
 
@@ -32,9 +49,65 @@ from __future__ import annotations
 import argparse
 import io
 import time
+from collections.abc import Mapping
 
 from beit_jax import exports, paths
 from beit_jax.convert import beit, dalle
+from beit_jax.convert import segmentation as segmentation_convert
+from beit_jax.models import segmentation
+
+
+def _ints(text: str) -> tuple[int, ...]:
+  """'3,5,7,11' -> (3, 5, 7, 11) (an argparse type)."""
+  try:
+    return tuple(int(v) for v in text.split(",") if v.strip())
+  except ValueError as e:
+    raise argparse.ArgumentTypeError(f"{text!r} is not comma-separated integers") from e
+
+
+def _has_heads(checkpoint) -> bool:
+  """Whether a checkpoint (containers unwrapped as the converters do) holds segmentation
+  head weights (`decode_head.*`, unilm / mmseg and HF alike)."""
+  sd = checkpoint
+  for _ in range(3):
+    inner = next((k for k in beit.CONTAINER_KEYS if isinstance(sd.get(k), Mapping)), None)
+    if inner is None:
+      break
+    sd = sd[inner]
+  return any(str(k).removeprefix("module.").startswith("decode_head.") for k in sd)
+
+
+def convert_segmentation(args: argparse.Namespace) -> None:
+  t0 = time.perf_counter()
+  checkpoint = beit.load_torch_checkpoint(args.src)
+  if not _has_heads(checkpoint):
+    raise SystemExit(
+      f"{args.src} is not a segmentation checkpoint: it has no 'decode_head.*' weights "
+      "(a BEiT backbone or classifier converts with `python -m beit_jax.convert beit`)."
+    )
+  try:
+    params, batch_stats, kwargs = segmentation_convert.to_flax(
+      checkpoint,
+      out_indices=args.out_indices,
+      pool_scales=args.pool_scales,
+      num_heads=args.num_heads,
+    )
+  except ValueError as e:
+    raise SystemExit(f"{args.src} does not convert to a BEiT segmenter: {e}") from e
+  model = segmentation.Segmenter(**kwargs)
+  exports.write_segmenter(
+    args.out,
+    {"params": params, "batch_stats": batch_stats},
+    model,
+    input_norm=args.input_norm,
+    pretrained="",
+    step=0,
+    source=args.src,
+  )
+  print(
+    f"Converted {args.src} -> {args.out} (segmenter) in {time.perf_counter() - t0:.1f} s; "
+    f"architecture: {kwargs}"
+  )
 
 
 def main(argv=None) -> None:
@@ -55,12 +128,26 @@ def main(argv=None) -> None:
   t = sub.add_parser("to_pth", help="BEiT params export -> unilm-layout .pth")
   t.add_argument("export_dir")
   t.add_argument("out")
+  g = sub.add_parser(
+    "segmentation", help="unilm / mmseg / HF BEiT segmentation .pth -> segmenter export"
+  )
+  g.add_argument("src")
+  g.add_argument("out")
+  g.add_argument("--num_heads", type=int, default=None)
+  g.add_argument(
+    "--out_indices", type=_ints, default=None, help="0-based blocks (default: unilm's)"
+  )
+  g.add_argument("--pool_scales", type=_ints, default=(1, 2, 3, 6))
+  g.add_argument("--input_norm", choices=("half", "imagenet"), default="half")
   args = parser.parse_args(argv)
   try:
     paths.check_storage({k: v for k, v in vars(args).items() if isinstance(v, str)})
   except paths.StorageBackendMissing as e:
     raise SystemExit(str(e)) from e
 
+  if args.kind == "segmentation":
+    convert_segmentation(args)
+    return
   t0 = time.perf_counter()
   if args.kind == "to_pth":
     import torch  # Optional: the `convert` extra.

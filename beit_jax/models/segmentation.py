@@ -50,6 +50,7 @@ default U(+-1/sqrt(fan_in)), fan_in = out_channels * 4 (torch reads dim 1 of (in
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from typing import Any
 
@@ -339,27 +340,7 @@ class Segmenter(nn.Module):
         f"aux_num_convs={self.aux_num_convs} must be >= 1 and aux_in_index="
         f"{self.aux_in_index} one of the 4 maps."
       )
-    self.backbone = vit.BEiT(
-      image_size=self.image_size,
-      patch_size=self.patch_size,
-      embed_dim=self.embed_dim,
-      depth=self.depth,
-      num_heads=self.num_heads,
-      mlp_ratio=self.mlp_ratio,
-      init_values=self.init_values,
-      drop_path_rate=self.drop_path_rate,
-      use_abs_pos_emb=self.use_abs_pos_emb,
-      use_shared_rel_pos_bias=self.use_shared_rel_pos_bias,
-      use_rel_pos_bias=self.use_rel_pos_bias,
-      use_mask_token=False,
-      vocab_size=0,
-      num_classes=0,
-      init_truncation=self.init_truncation,
-      remat=self.remat,
-      attention=self.attention,
-      dtype=self.dtype,
-      name="backbone",
-    )
+    self.backbone = backbone_model(self, name="backbone")
     d = self.embed_dim
     self.fpn1_0 = ConvTranspose2x2(d, self.dtype)
     self.fpn1_1 = BatchNorm(dtype=self.dtype)
@@ -397,6 +378,52 @@ class Segmenter(nn.Module):
     logits = self.decode_head(feats, train)
     aux = self.auxiliary_head(feats, train) if self.use_auxiliary_head else None
     return logits, aux
+
+
+def backbone_model(model: Segmenter, **module_kwargs: Any) -> vit.BEiT:
+  """The `vit.BEiT` that `model` runs as its backbone (no heads, no mask token): the model
+  pretrained weights are loaded into (`models.transfer.transfer_params` on the
+  `backbone` subtree) and whose layer ids the layer-wise lr decay reads."""
+  return vit.BEiT(
+    image_size=model.image_size,
+    patch_size=model.patch_size,
+    embed_dim=model.embed_dim,
+    depth=model.depth,
+    num_heads=model.num_heads,
+    mlp_ratio=model.mlp_ratio,
+    init_values=model.init_values,
+    drop_path_rate=model.drop_path_rate,
+    use_abs_pos_emb=model.use_abs_pos_emb,
+    use_shared_rel_pos_bias=model.use_shared_rel_pos_bias,
+    use_rel_pos_bias=model.use_rel_pos_bias,
+    use_mask_token=False,
+    vocab_size=0,
+    num_classes=0,
+    init_truncation=model.init_truncation,
+    remat=model.remat,
+    attention=model.attention,
+    dtype=model.dtype,
+    **module_kwargs,
+  )
+
+
+def architecture(model: Segmenter) -> dict[str, Any]:
+  """The model's constructor arguments except `dtype`, `attention` and `remat` (how it
+  computes, not what; JSON-able: tuples become lists; `Segmenter(**a)` rebuilds it)."""
+  skip = ("parent", "name", "dtype", "attention", "remat")
+  out = {}
+  for f in dataclasses.fields(model):
+    if f.name not in skip:
+      value = getattr(model, f.name)
+      out[f.name] = list(value) if isinstance(value, tuple) else value
+  return out
+
+
+def from_architecture(kwargs: dict[str, Any], **overrides: Any) -> Segmenter:
+  """`Segmenter` from `architecture`'s dict (lists back to tuples), with `overrides`."""
+  kw = {k: tuple(v) if isinstance(v, list) else v for k, v in kwargs.items()}
+  kw.update(overrides)
+  return Segmenter(**kw)
 
 
 def segmenter(variant: str, num_classes: int, image_size: int, **overrides: Any) -> Segmenter:

@@ -15,8 +15,12 @@ mmcv `ConvModule` (`conv`, `bn`).
 
 import numpy as np
 import pytest
+import torch
 
+from beit_jax import exports
+from beit_jax.convert import __main__ as convert_cli
 from beit_jax.convert import segmentation as convert
+from beit_jax.models import segmentation as seg
 from beit_jax.models import vit
 from tests.models import test_segmentation as ref
 
@@ -201,3 +205,63 @@ def test_shape_mismatch_and_pool_scales(hf_sd):
     convert.to_flax(hf_sd, out_indices=OUT, pool_scales=(1, 2, 3))
   with pytest.raises(ValueError, match="out_indices"):
     convert.to_flax(hf_sd, out_indices=(0, 1, 3, 6))
+
+
+def _save_pth(checkpoint, path) -> str:
+  """torch.save of a (nested) dict of numpy arrays as tensors."""
+
+  def tensors(x):
+    return {k: tensors(v) for k, v in x.items()} if isinstance(x, dict) else torch.tensor(x)
+
+  torch.save(tensors(checkpoint), path)
+  return str(path)
+
+
+def test_cli_converts_mmseg_and_hf_checkpoints_to_a_segmenter_export(tmp_path, hf_sd, hf_converted):
+  """`convert segmentation SRC.pth OUT`: the export loads (`exports.load_segmenter`) as the
+  model and variables of `to_flax`, and computes HF's outputs; HF's state dict converts the
+  same way."""
+  params, stats, kwargs = hf_converted
+  src = _save_pth({"meta": {"iter": 8}, "state_dict": mmseg_state_dict(hf_sd)}, tmp_path / "m.pth")
+  out = str(tmp_path / "mmseg_export")
+  convert_cli.main(["segmentation", src, out, "--out_indices", "0,1,3,4"])
+  model, variables, meta = exports.load_segmenter(out)
+  assert model == seg.Segmenter(**kwargs)
+  _assert_same(variables["params"], params)
+  _assert_same(variables["batch_stats"], stats)
+  assert meta["kind"] == exports.SEGMENTER and meta["source"] == src
+  assert meta["input_norm"] == "half" and meta["num_classes"] == ref.NUM_CLASSES
+  assert meta["model_kwargs"]["out_indices"] == list(OUT)
+
+  x = ref.images()
+  ref_logits, ref_aux = ref.hf_forward(ref.hf_model(seed=3), x)  # The model of `hf_sd`.
+  logits, aux = ref._run(lambda v, x: model.apply(v, x, train=False), variables, x)
+  assert np.abs(ref_logits).max() > 0.1
+  assert ref._max_diff(logits, ref_logits) <= ref.TOL
+  assert ref._max_diff(aux, ref_aux) <= ref.TOL
+
+  src = _save_pth(hf_sd, tmp_path / "hf.pth")
+  out = str(tmp_path / "hf_export")
+  args = ["--out_indices=0,1,3,4", "--pool_scales=1,2,3,6", "--input_norm=imagenet"]
+  convert_cli.main(["segmentation", src, out, *args])
+  model, variables, meta = exports.load_segmenter(out)
+  assert model == seg.Segmenter(**kwargs) and meta["input_norm"] == "imagenet"
+  _assert_same(variables["params"], params)
+  _assert_same(variables["batch_stats"], stats)
+
+
+def test_cli_refuses_what_is_not_a_segmentation_checkpoint(tmp_path, hf_sd):
+  sd = mmseg_state_dict(hf_sd)
+  classifier = {  # A unilm classification-style backbone: no neck, no heads.
+    k.removeprefix("backbone."): v
+    for k, v in sd.items()
+    if k.startswith("backbone.") and not k.startswith("backbone.fpn")
+  }
+  src = _save_pth({"model": classifier}, tmp_path / "cls.pth")
+  out = tmp_path / "out"
+  with pytest.raises(SystemExit, match=r"is not a segmentation checkpoint: .*'decode_head\.\*'"):
+    convert_cli.main(["segmentation", src, str(out)])
+  src = _save_pth(sd, tmp_path / "seg.pth")
+  with pytest.raises(SystemExit, match="does not convert .* 4 pyramid pooling branches"):
+    convert_cli.main(["segmentation", src, str(out), "--out_indices=0,1,3,4", "--pool_scales=1,2"])
+  assert not exports.is_export(out)
