@@ -43,6 +43,7 @@ import io
 from collections.abc import Sequence
 from typing import Any
 
+import grain
 import numpy as np
 from PIL import Image
 
@@ -400,7 +401,9 @@ class SegmentationTrainTransform(_Loader):
   label; see the module docstring) -> :func:`random_crop_box` -> horizontal flip with
   ``flip_prob`` (image and label) -> :class:`PhotoMetricDistortion` (``photometric``) ->
   pad bottom/right to ``crop_size`` with ``pad_value`` / ``ignore_index``. Returns
-  ``{'image': (h, w, 3) uint8, 'label': (h, w) uint8}`` with ``(h, w) = crop_size``, or a
+  ``{'image': (h, w, 3) uint8, 'label': (h, w) uint8, 'valid_hw': (2,) int32}`` with
+  ``(h, w) = crop_size`` and ``valid_hw`` the height and width of the unpadded part (the
+  device sets the padding to 0 after normalising, mmseg's Pad-after-Normalize), or a
   ``pipeline.Undecodable`` for a missing or undecodable file. Only the crop of the resized
   image is computed.
   """
@@ -427,6 +430,9 @@ class SegmentationTrainTransform(_Loader):
     self.photometric = PhotoMetricDistortion() if photometric else None
     self.pad_value = int(pad_value)
 
+  def output_keys(self) -> tuple[str, ...]:
+    return ("image", "label", "valid_hw")
+
   def __call__(self, record: dict[str, Any], rng: Any) -> dict[str, np.ndarray] | Any:
     loaded = self.load(record)
     if isinstance(loaded, pipeline.Undecodable):
@@ -449,7 +455,8 @@ class SegmentationTrainTransform(_Loader):
     out_seg = np.full(self.crop_size, self.ignore_index, np.uint8)
     out_img[: img.shape[0], : img.shape[1]] = img
     out_seg[: seg.shape[0], : seg.shape[1]] = seg
-    return {"image": out_img, "label": out_seg}
+    valid_hw = np.asarray(img.shape[:2], np.int32)
+    return {"image": out_img, "label": out_seg, "valid_hw": valid_hw}
 
 
 class SegmentationEvalTransform(_Loader):
@@ -472,3 +479,55 @@ class SegmentationEvalTransform(_Loader):
     image, label = loaded
     new_w, new_h = rescale_size(image.shape[1], image.shape[0], self.img_scale)
     return {"image": resize_bilinear(image, new_h, new_w), "label": label}
+
+
+class MultiScaleEvalTransform(_Loader):
+  """mmseg's ``MultiScaleFlipAug`` test pipeline (the flips are made on the device):
+  ``(record, rng=None) -> {'images': [one (h_r, w_r, 3) uint8 image per ratio], 'label':
+  (H, W) uint8}``, image r resized keep-ratio to ``img_scale * ratios[r]`` (mmseg:
+  ``img_scale = [(int(w * r), int(h * r)) for r in img_ratios]``), the label at the
+  original size. ``ratios=(1.0,)`` is :class:`SegmentationEvalTransform`'s single scale;
+  unilm's multi-scale test uses (0.5, 0.75, 1.0, 1.25, 1.5, 1.75)."""
+
+  def __init__(
+    self,
+    img_scale: Sequence[int] = (2048, 512),
+    ratios: Sequence[float] = (1.0,),
+    **kwargs: Any,
+  ):
+    super().__init__(**kwargs)
+    if not ratios or min(ratios) <= 0:
+      raise ValueError(f"ratios={tuple(ratios)} must be positive numbers.")
+    self.scales = [(int(img_scale[0] * r), int(img_scale[1] * r)) for r in ratios]
+
+  def __call__(self, record: dict[str, Any], rng: Any = None) -> dict[str, Any] | Any:
+    loaded = self.load(record)
+    if isinstance(loaded, pipeline.Undecodable):
+      return loaded
+    image, label = loaded
+    images = []
+    for scale in self.scales:
+      new_w, new_h = rescale_size(image.shape[1], image.shape[0], scale)
+      images.append(resize_bilinear(image, new_h, new_w))
+    return {"images": images, "label": label, "path": str(record.get("path", ""))}
+
+
+def eval_stream(
+  source: Any,
+  transform: Any,
+  *,
+  max_images: int = 0,
+  process_index: int = 0,
+  process_count: int = 1,
+  read_threads: int = 8,
+) -> Any:
+  """This process's slice (elements ``p, p + n, ...``) of the first ``max_images`` (0: all)
+  of ``source`` through ``transform``, in order, decoded by ``read_threads`` threads:
+  one element at a time (segmentation evaluates images of different sizes one by one),
+  each the transform's dict or a ``pipeline.Undecodable`` (counted by the caller)."""
+  ds = grain.MapDataset.source(source)
+  if max_images:
+    ds = ds[: min(int(max_images), len(source))]
+  ds = ds[process_index::process_count].map(transform)
+  options = grain.ReadOptions(num_threads=read_threads, prefetch_buffer_size=2 * read_threads)
+  return iter(ds.to_iter_dataset(options))

@@ -10,6 +10,10 @@ pipeline's workers, in the transforms of :mod:`beit_jax.data.segmentation`), and
 * :class:`SegmentationFolderSource`: the two above, any two folders paired by stem.
 * :class:`TfdsSegmentationSource`: a prepared TFDS ArrayRecord split (see its warning on
   TFDS's ``scene_parse150``).
+* :class:`beit_jax.data.mosaics.BuiltinMosaicSource`: mosaics of the built-in photos (the
+  default, no download).
+
+:func:`make_segmentation_source` picks one from a data config.
 """
 
 from __future__ import annotations
@@ -22,8 +26,10 @@ import tensorflow_datasets as tfds
 from absl import logging
 
 from beit_jax import paths
+from beit_jax.data import mosaics
 
 ADE20K_NUM_CLASSES = 150
+BUILTIN_NUM_IMAGES = 512  # Train mosaics of data.source='builtin' when data.num_images is 0.
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
 
@@ -224,3 +230,117 @@ class TfdsSegmentationSource:
 
   def __repr__(self) -> str:
     return f"TfdsSegmentationSource(name={self._name!r}, split={self._split!r}, n={len(self)})"
+
+
+# --- Config -> source.
+
+SEGMENTATION_SOURCES = ("builtin", "ade20k", "masks", "tfds")
+
+
+def _num_classes(data_config: Any, kind: str) -> int:
+  """``data.num_classes`` as an int (0 = the source's own), checked."""
+  value = getattr(data_config, "num_classes", 0) or 0
+  if isinstance(value, bool) or not isinstance(value, int | float) or int(value) != value:
+    raise ValueError(f"data.num_classes is {value!r}: set --config.data.num_classes to an integer.")
+  if value < 0:
+    raise ValueError(f"data.num_classes is {value}: set --config.data.num_classes to 0 or more.")
+  if not value and kind in ("masks", "tfds"):
+    raise ValueError(
+      f"data.source={kind!r} needs the number of classes in its masks: set"
+      " --config.data.num_classes."
+    )
+  return int(value)
+
+
+def _at_least(num_classes: int, own: int, what: str) -> int:
+  """``num_classes`` (0: ``own``), which must cover the ``own`` classes of the data."""
+  if num_classes and num_classes < own:
+    raise ValueError(
+      f"data.num_classes={num_classes} is below the {own} classes of {what}: set"
+      f" --config.data.num_classes to 0 (= {own}) or at least {own}."
+    )
+  return num_classes or own
+
+
+def make_segmentation_source(data_config: Any, split: str) -> Any | None:
+  """Builds the segmentation source of ``split`` from a data config.
+
+  Reads ``data_config.source``: ``'builtin'`` (:class:`mosaics.BuiltinMosaicSource`;
+  ``num_images`` train mosaics, absent or 0 = :data:`BUILTIN_NUM_IMAGES`, for another split
+  ``max(64, num_images // 8)`` mosaics of the 'val' seeds), ``'ade20k'``
+  (:func:`ade20k_source` of ``path``, ``split`` mapped as it maps it), ``'masks'``
+  (:func:`mask_folder_source` of ``path/<split>`` when that folder exists, else of ``path``
+  for ``train_split``; another split without its folder gives None, logged) or ``'tfds'``
+  (:class:`TfdsSegmentationSource` of ``name`` in ``data_dir``, with ``annotation_channel``
+  if set and >= 0). ``num_classes`` (0 = the source's own: 150 for ADE20K, the photos for
+  builtin; required for masks and tfds) and ``reduce_zero_label`` (masks, tfds; ADE20K forces
+  True, builtin False) describe the labels; ``train_split`` tells train from eval.
+
+  Returns the source (with int ``num_classes`` and ``reduce_zero_label`` attributes), or None
+  when ``split`` is empty or is a missing eval split of a masks folder. Raises ValueError for
+  a misconfiguration (saying what to set), FileNotFoundError for missing data.
+  """
+  kind = str(getattr(data_config, "source", "")).lower()
+  if kind not in SEGMENTATION_SOURCES:
+    raise ValueError(
+      f"Unknown segmentation data.source {getattr(data_config, 'source', None)!r}: set"
+      " --config.data.source to 'builtin', 'ade20k', 'masks' or 'tfds'."
+    )
+  if not split:
+    return None
+  num_classes = _num_classes(data_config, kind)
+  reduce_zero = bool(getattr(data_config, "reduce_zero_label", False))
+  train_split = getattr(data_config, "train_split", "train")
+  if kind == "builtin":
+    num_images = int(getattr(data_config, "num_images", 0) or BUILTIN_NUM_IMAGES)
+    if num_images < 1:
+      raise ValueError(
+        f"data.num_images is {num_images}: set --config.data.num_images to the number of"
+        f" built-in train mosaics (0 = {BUILTIN_NUM_IMAGES})."
+      )
+    if split == train_split:
+      source = mosaics.BuiltinMosaicSource(num_images, split="train")
+    else:
+      source = mosaics.BuiltinMosaicSource(max(64, num_images // 8), split="val")
+    if reduce_zero:
+      logging.warning("data.reduce_zero_label is ignored for data.source='builtin' (0 is a class).")
+    source.num_classes = _at_least(num_classes, source.num_classes, "the built-in photos")
+    return source
+  if kind in ("ade20k", "masks"):
+    path = paths.expand(str(getattr(data_config, "path", "") or ""))
+    if not path:
+      folder = (
+        "the ADEChallengeData2016 folder or its parent"
+        if kind == "ade20k"
+        else "the folder of <split>/images + <split>/masks, or of images + masks"
+      )
+      raise ValueError(f"data.source={kind!r} needs its folder: set --config.data.path ({folder}).")
+    if kind == "ade20k":
+      classes = _at_least(num_classes, ADE20K_NUM_CLASSES, "ADE20K")
+      return ade20k_source(path, split, num_classes=classes, reduce_zero_label=True)
+    split_dir = os.path.join(path, split)
+    if paths.isdir(split_dir):
+      return mask_folder_source(split_dir, num_classes=num_classes, reduce_zero_label=reduce_zero)
+    if split == train_split:
+      if not paths.isdir(os.path.join(path, "images")):
+        raise FileNotFoundError(
+          f"No masks data for split {split!r}: expected {split_dir}/images + {split_dir}/masks"
+          f" or {path}/images + {path}/masks."
+        )
+      return mask_folder_source(path, num_classes=num_classes, reduce_zero_label=reduce_zero)
+    logging.info("No %s folder for split %r; skipping evaluation.", split_dir, split)
+    return None
+  name = str(getattr(data_config, "name", "") or "")
+  if not name:
+    raise ValueError(
+      "data.source='tfds' needs the dataset: set --config.data.name (its TFDS name)."
+    )
+  channel = getattr(data_config, "annotation_channel", None)
+  return TfdsSegmentationSource(
+    name,
+    split,
+    str(getattr(data_config, "data_dir", "") or "") or None,
+    annotation_channel=None if channel is None or int(channel) < 0 else int(channel),
+    num_classes=num_classes,
+    reduce_zero_label=reduce_zero,
+  )
