@@ -5,6 +5,7 @@ The config's `task` field picks the job:
   pretrain      BEiT masked image modeling against a frozen tokenizer (beit_jax/tasks/pretrain.py)
   finetune      classification fine-tuning of a (pretrained) backbone (beit_jax/tasks/finetune.py)
   linear_probe  linear probes on every block of a frozen backbone (beit_jax/tasks/linear_probe.py)
+  segment       semantic segmentation, BEiT + UperNet (beit_jax/tasks/segment.py)
 
 Any config value can be overridden: `--config.total_steps=100 --config.data.source=folder`.
 A key that does not exist (named with the closest valid keys), or a value of the wrong
@@ -36,6 +37,7 @@ TASKS = {
   "pretrain": "beit_jax.tasks.pretrain",
   "finetune": "beit_jax.tasks.finetune",
   "linear_probe": "beit_jax.tasks.linear_probe",
+  "segment": "beit_jax.tasks.segment",
 }
 
 _CONFIG = config_flags.DEFINE_config_file(

@@ -120,6 +120,7 @@ def test_injected_nonfinite_steps_drop_the_placeholder():
     ("pretrain_base.py", "tokenizer.path", "gs://fake-bucket/dall_e"),
     ("finetune_small.py", "pretrained", "gs://fake-bucket/beit/export/beit"),
     ("linear_probe_small.py", "data.data_dir", "gs://fake-bucket/tfds"),
+    ("segment_small.py", "pretrained", "gs://fake-bucket/beit/export/beit"),
   ],
 )
 def test_every_task_check_stops_at_a_bucket_path_without_its_package(

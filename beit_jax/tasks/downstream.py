@@ -101,21 +101,32 @@ def backbone_model(
     attention=m.attention,
     dtype=dtype,
   )
-  if pretrained_meta is not None:
-    src = pretrained_meta["model_kwargs"]
-    overrides.update({k: src[k] for k in ARCHITECTURE_KEYS})
-    overrides["use_abs_pos_emb"] = bool(src["use_abs_pos_emb"])
-    src_rel = bool(src["use_rel_pos_bias"] or src["use_shared_rel_pos_bias"])
-    overrides["use_rel_pos_bias"] = src_rel and m.use_rel_pos_bias
-    if not src_rel and m.use_rel_pos_bias:
-      logging.info(
-        "The pretrained backbone has no relative position bias (vanilla ViT): "
-        "fine-tuning without it, as unilm does."
-      )
-      overrides["use_rel_pos_bias"] = False
-    # LayerScale exists iff the checkpoint has gammas (their values are loaded).
-    overrides["init_values"] = (m.init_values or 0.1) if src["init_values"] > 0 else 0.0
+  overrides.update(pretrained_architecture(m, pretrained_meta))
   return vit.classifier_model(m.variant, num_classes, **overrides)
+
+
+def pretrained_architecture(
+  model_config: ml_collections.ConfigDict, pretrained_meta: Mapping[str, Any] | None
+) -> dict[str, Any]:
+  """What a pretrained export fixes of a downstream backbone (nothing for random init):
+  width / depth / heads / MLP ratio / patch, its absolute position embedding, relative
+  position bias if both it and `model_config` have one (unilm fine-tunes a vanilla ViT
+  without), and LayerScale iff it has gammas (`model_config.init_values`, or 0.1, is
+  only the placeholder their loaded values replace)."""
+  if pretrained_meta is None:
+    return {}
+  m, src = model_config, pretrained_meta["model_kwargs"]
+  out: dict[str, Any] = {k: src[k] for k in ARCHITECTURE_KEYS}
+  out["use_abs_pos_emb"] = bool(src["use_abs_pos_emb"])
+  src_rel = bool(src["use_rel_pos_bias"] or src["use_shared_rel_pos_bias"])
+  out["use_rel_pos_bias"] = src_rel and m.use_rel_pos_bias
+  if not src_rel and m.use_rel_pos_bias:
+    logging.info(
+      "The pretrained backbone has no relative position bias (vanilla ViT): "
+      "fine-tuning without it, as unilm does."
+    )
+  out["init_values"] = (m.init_values or 0.1) if src["init_values"] > 0 else 0.0
+  return out
 
 
 def _init_fn(model: vit.BEiT, seed: int) -> Callable[[], Any]:
@@ -137,7 +148,12 @@ def abstract_params(model: vit.BEiT) -> Any:
 def backbone_params(model: vit.BEiT, pretrained: str, seed: int) -> tuple[Any, dict]:
   """Host params for `model`: random init, with the pretrained export loaded over them by
   unilm's rules. Returns (params, report of loaded / kept / dropped / resized keys)."""
-  params = init_params(model, seed)
+  return transfer_pretrained(model, init_params(model, seed), pretrained)
+
+
+def transfer_pretrained(model: vit.BEiT, params: Any, pretrained: str) -> tuple[Any, dict]:
+  """`params` of `model` (host, freshly initialised) with the export `pretrained` loaded over
+  them by unilm's rules (nothing when ''), and the report, logged."""
   if not pretrained:
     return params, {}
   _, src, _ = exports.load_beit(pretrained)

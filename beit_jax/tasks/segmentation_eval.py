@@ -17,6 +17,8 @@ Layout: images and logits are NHWC here (mmseg is NCHW); labels are (B, H, W) in
 * Metrics (`intersect_and_union_sums` on the device, `segmentation_metrics` on the host):
   mmseg/core/evaluation/metrics.py `intersect_and_union`, `total_intersect_and_union`,
   `eval_metrics`, and the `np.nanmean` of mmseg/datasets/custom.py `evaluate`.
+* The task's evaluation (`Predictor`, `evaluate`, `draw_predictions`): whole images one at
+  a time, the model jitted on windows of static shape, mIoU sums kept on the device.
 * Inference (`window_grid`, `sliding_window_logits`, `inference_probs`):
   mmseg/models/segmentors/encoder_decoder.py `slide_inference`, `inference`, `aug_test`
   (unilm's ADE20K configs: mode='slide', crop_size=(512, 512), stride=(341, 341)).
@@ -29,16 +31,23 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import ml_collections
 import numpy as np
 import optax
+from absl import logging
 
+from beit_jax import pixels
+from beit_jax.data import pipeline
+from beit_jax.data import segmentation as seg_data
 from beit_jax.models import segmentation
+from beit_jax.viz import figures
 
 IGNORE_INDEX = 255
 DECODE_WEIGHT = 1.0  # unilm's UPerHead: loss_decode=dict(type='CrossEntropyLoss', loss_weight=1.0)
 AUX_WEIGHT = 0.4  # unilm's auxiliary FCNHead: loss_weight=0.4
 CROP = (512, 512)  # unilm's ADE20K test_cfg: mode='slide', crop_size=(512, 512)
 STRIDE = (341, 341)  # ... stride=(341, 341)
+FLUSH_EVERY = 200  # Eval images between fetches of the int32 device sums into int64.
 SUM_KEYS = ("area_intersect", "area_union", "area_pred_label", "area_label")
 
 Window = tuple[int, int, int, int]
@@ -321,3 +330,157 @@ def predict_labels(probs: jax.Array) -> jax.Array:
   over classes (mmseg's `simple_test` / `aug_test`), what `intersect_and_union_sums`
   takes as `pred`."""
   return jnp.argmax(probs, axis=-1).astype(jnp.int32)
+
+
+# ---------------------------------------------------------------------------------------
+# The task's evaluation: whole images, one at a time, and their pictures.
+# ----------------------------------------------------------------------------------
+class Predictor:
+  """Class probabilities of whole images by mmseg's sliding-window inference.
+
+  The model runs in one jitted step on `window_batch` windows of static shape (sharded
+  over the mesh's batch axes); cutting the windows, summing their logits, the resize to
+  the original size and the softmax run as separate small ops (one compile per image
+  size, none of the model)."""
+
+  def __init__(
+    self,
+    model: segmentation.Segmenter,
+    config: ml_collections.ConfigDict,
+    variables_sharding: Any,
+    batch_sharding: Any,
+  ):
+    norm = config.input.norm
+    self.num_classes = model.num_classes
+    self.window_batch = int(config.eval_batch_size)
+    self.crop = (config.input.crop_size,) * 2
+    self.stride = (config.eval.stride,) * 2
+    self.flip = bool(config.eval.flip)
+    self.batch_sharding = batch_sharding
+
+    def window_logits(variables, crops):
+      logits, _ = model.apply(variables, pixels.normalize(crops, norm), train=False)
+      return segmentation.resize_bilinear(logits.astype(jnp.float32), crops.shape[1:3])
+
+    self._window_logits = jax.jit(
+      window_logits, in_shardings=(variables_sharding, batch_sharding), out_shardings=batch_sharding
+    )
+
+  def probs(self, variables: Any, images: list[np.ndarray], size: tuple[int, int]) -> jax.Array:
+    """(H, W, C) probabilities of one image given at each test scale (`images`), averaged
+    over the scales (and the flip), at the original `size`."""
+
+    def apply_window(crops: jax.Array) -> jax.Array:
+      n, b = crops.shape[0], self.window_batch
+      pad = (-n) % b
+      if pad:
+        crops = jnp.concatenate([crops, jnp.zeros((pad,) + crops.shape[1:], crops.dtype)])
+      out = [
+        self._window_logits(variables, jax.device_put(crops[i : i + b], self.batch_sharding))
+        for i in range(0, n + pad, b)
+      ]
+      return jnp.concatenate(out)[:n]
+
+    total = None
+    for image in images:
+      p = inference_probs(
+        apply_window,
+        jnp.asarray(image),
+        self.num_classes,
+        self.crop,
+        self.stride,
+        output_size=size,
+        flip=self.flip,
+      )
+      total = p if total is None else total + p
+    return total / len(images)
+
+
+def majority_miou(sums: Mapping[str, np.ndarray]) -> float:
+  """mIoU of predicting the most frequent ground-truth class everywhere (the baseline a
+  segmenter must beat): IoU = its share of the labelled pixels for it, 0 for every other
+  class present."""
+  label = np.asarray(sums["area_label"], np.float64)
+  present = label > 0
+  if not present.any():
+    return float("nan")
+  return float(label.max() / label.sum() / present.sum())
+
+
+def evaluate(
+  predictor: Predictor,
+  variables: Any,
+  source: Any,
+  transform: Any,
+  config: ml_collections.ConfigDict,
+) -> dict[str, Any]:
+  """mIoU / mAcc / aAcc (mmseg's) over the eval split (the first `eval.max_images`)."""
+  num_classes = predictor.num_classes
+  total, device_sums, skipped, count = None, None, 0, 0
+  stream = seg_data.eval_stream(
+    source, transform, max_images=config.eval.max_images, read_threads=config.eval.read_threads
+  )
+  for element in stream:
+    if isinstance(element, pipeline.Undecodable):
+      skipped += 1
+      logging.warning("Eval: skipped %s", element.name)
+      continue
+    label = jnp.asarray(element["label"], jnp.int32)
+    probs = predictor.probs(variables, element["images"], tuple(label.shape))
+    pred = predict_labels(probs)
+    sums = intersect_and_union_sums(pred[None], label[None], jnp.ones((1,), bool), num_classes)
+    device_sums = sums if device_sums is None else jax.tree.map(jnp.add, device_sums, sums)
+    count += 1
+    if count % FLUSH_EVERY == 0:
+      total, device_sums = add_sums(total, device_sums), None
+  if device_sums is not None:
+    total = add_sums(total, device_sums)
+  if total is None:
+    return {"num_images": 0, "skipped_images": skipped}
+  out = segmentation_metrics(total)
+  scalars = {k: out[k] for k in ("mIoU", "mAcc", "aAcc")}
+  scalars.update(num_images=count, skipped_images=skipped, majority_mIoU=majority_miou(total))
+  return scalars
+
+
+def label_colours(num_classes: int) -> np.ndarray:
+  """(256, 3) uint8: a colour per class, black for 255 (ignored) and unused values."""
+  out = np.zeros((256, 3), np.uint8)
+  out[:num_classes] = figures.token_colours(num_classes)
+  return out
+
+
+def draw_predictions(
+  predictor: Predictor, variables: Any, samples: list[dict[str, Any]], tile: int = 128
+) -> dict[str, np.ndarray]:
+  """{'segmentation': rows of (image, ground truth, prediction) for `samples`}."""
+  colours, tiles, captions = label_colours(predictor.num_classes), [], []
+  for element in samples:
+    label = np.asarray(element["label"])
+    pred = np.asarray(
+      jax.device_get(predict_labels(predictor.probs(variables, element["images"][:1], label.shape)))
+    )
+    image = seg_data.resize_bilinear(element["images"][0], *label.shape)
+    labelled = label != IGNORE_INDEX
+    acc = (pred == label)[labelled].mean() if labelled.any() else float("nan")
+    for x, cap in (
+      (image, "image"),
+      (colours[label], "ground truth"),
+      (colours[pred], f"prediction ({100 * acc:.0f}%)"),
+    ):
+      rows = seg_data.nearest_indices(x.shape[0], tile)
+      cols = seg_data.nearest_indices(x.shape[1], tile)
+      tiles.append(x[rows][:, cols])
+      captions.append(cap)
+  return {"segmentation": figures.grid(tiles, 3, captions)}
+
+
+def eval_samples(source: Any, transform: Any, count: int) -> list[dict[str, Any]]:
+  """The first `count` decodable eval elements (for the pictures)."""
+  out = []
+  for element in seg_data.eval_stream(source, transform, max_images=4 * count, read_threads=2):
+    if not isinstance(element, pipeline.Undecodable):
+      out.append(element)
+    if len(out) == count:
+      break
+  return out

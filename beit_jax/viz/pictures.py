@@ -144,6 +144,11 @@ def mim_pictures(
 
 # -- Writing them ------------------------------------------------------------------------
 CAPTIONS = {  # name -> (title, the one line saying what the picture shows)
+  "segmentation": (
+    "Segmentation",
+    "Eval images, their ground truth (a colour per class, black = ignored) and the "
+    "segmenter's sliding-window prediction (pixel accuracy).",
+  ),
   "masks": (
     "Masks",
     "The ViT's view with the blockwise-masked patches grey (~40%): the ViT predicts their tokens.",
