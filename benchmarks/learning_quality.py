@@ -29,6 +29,16 @@ folder must hold `tinyimagenet100_{train,val}.npz` (see ../shared/data/README.md
 are written out once as an image folder under --workdir and read through the same
 `folder` source users use.
 
+  python benchmarks/learning_quality.py --data=../shared/data --segmentation
+
+adds semantic segmentation (stages `seg_pretrained`, `seg_scratch`): Voronoi mosaics of 2-4
+Tiny-ImageNet-100 images of different classes, the per-pixel label the region's class
+(`benchmarks/segmentation_mosaics.py`; train mosaics from the train split, val from val,
+written once under --workdir as images/ + masks/ folders and read through the `masks`
+source), trained with configs/segment_small.py (UperNet, 64 px crops, sliding-window
+eval) from the MIM backbone and from random init at the same budget, and prints a third
+table (val mIoU / mAcc / aAcc and the most-frequent-class baseline).
+
 Budgets (steps, batch) are arguments; the defaults fit about 90 minutes on 2 CPU cores.
 """
 
@@ -46,6 +56,7 @@ ROOT = os.path.dirname(HERE)
 sys.path.insert(0, HERE)
 
 import prepare_tinyimagenet  # noqa: E402  (a sibling script: importable once HERE is on the path)
+import segmentation_mosaics  # noqa: E402
 
 STAGES = ("tokenizer", "pretrain", "ft_pretrained", "ft_scratch", "lp_pretrained", "lp_random")
 # The paper's Table 4 ablations: name -> (row label, the switches changed from BEiT's).
@@ -59,6 +70,7 @@ ABLATIONS = {
   ),
 }
 DEFAULT_ABLATIONS = ("pixels", "random_mask", "all_tokens")
+SEG_STAGES = ("seg_pretrained", "seg_scratch")
 
 
 def ablation_stages(name: str) -> tuple[str, str, str]:
@@ -133,6 +145,22 @@ def stage_commands(args, folder: str) -> dict[str, tuple[list[str], str]]:
       os.path.join(w("lp_random"), "export", "final"),
     ),
   }
+  seg = [
+    f"--config=configs/segment_small.py:steps={args.seg_steps},batch_size={args.seg_batch_size}",
+    "--config.data.source=masks",
+    f"--config.data.path={os.path.join(args.workdir, 'seg_mosaics')}",
+    "--config.data.num_classes=100",
+    "--config.data.train_split=train",
+    "--config.data.eval_split=val",
+    f"--config.data.num_workers={args.num_workers}",
+    f"--config.eval_batch_size={args.seg_windows}",
+    f"--config.ckpt.every={max(args.seg_steps // 4, 1)}",
+  ]
+  for stage, start in (("seg_pretrained", backbone), ("seg_scratch", "")):
+    commands[stage] = (
+      seg + [f"--workdir={w(stage)}", f"--config.pretrained={start}"],
+      os.path.join(w(stage), "export", "segmenter"),
+    )
   for name in args.ablations:
     pre, ft_stage, lp_stage = ablation_stages(name)
     switches = ABLATIONS[name][1]
@@ -272,6 +300,50 @@ def print_ablation_table(args) -> None:
   print(row("none (random init, same fine-tuning / probe)", None, "ft_scratch", "lp_random"))
 
 
+def print_segmentation_table(args, timings: dict) -> None:
+  """Segmentation of the val mosaics: the MIM backbone against random init."""
+  print(
+    f"\n| segmentation (Tiny-ImageNet-100 mosaics, {args.seg_val} val) | mIoU | mAcc | aAcc "
+    "| wall |"
+  )
+  print("|---|---|---|---|---|")
+  baseline = None
+  for stage, what in (
+    ("seg_pretrained", "UperNet, BEiT-pretrained backbone"),
+    ("seg_scratch", "UperNet, random init (same recipe and budget)"),
+  ):
+    r = final_eval(os.path.join(args.workdir, stage))
+    if not r:
+      continue
+    baseline = r.get("majority_mIoU", baseline)
+    seconds = timings.get(stage)
+    print(
+      f"| {what} | {100 * r['mIoU']:.2f}% | {100 * r['mAcc']:.2f}% | {100 * r['aAcc']:.2f}% |"
+      f" {fmt_minutes(seconds) if seconds else '-'} |"
+    )
+  if baseline is not None:
+    print(f"| the most frequent class everywhere | {100 * baseline:.2f}% | | | |")
+
+
+def write_mosaics(args) -> None:
+  """The train / val mosaic folders (once; `segmentation_mosaics`' CLI)."""
+  out = os.path.join(args.workdir, "seg_mosaics")
+  if os.path.exists(os.path.join(out, "val", "masks")):
+    return
+  code = segmentation_mosaics.main(
+    [
+      f"--data={args.data}",
+      f"--out={out}",
+      f"--train={args.seg_train}",
+      f"--val={args.seg_val}",
+      "--size=128",
+      "--seed=0",
+    ]
+  )
+  if code:
+    raise SystemExit(code)
+
+
 def main() -> None:
   parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
   parser.add_argument(
@@ -298,6 +370,16 @@ def main() -> None:
   parser.add_argument("--probe_steps", type=int, default=1000)
   parser.add_argument("--batch_size", type=int, default=64)
   parser.add_argument(
+    "--segmentation", action="store_true", help=f"add the stages {', '.join(SEG_STAGES)}"
+  )
+  parser.add_argument("--seg_steps", type=int, default=600)
+  parser.add_argument("--seg_batch_size", type=int, default=16)
+  parser.add_argument("--seg_train", type=int, default=10000, help="train mosaics")
+  parser.add_argument("--seg_val", type=int, default=500, help="val mosaics")
+  parser.add_argument(
+    "--seg_windows", type=int, default=1, help="sliding windows per call (the device count)"
+  )
+  parser.add_argument(
     "--num_workers",
     type=int,
     default=0,
@@ -310,6 +392,7 @@ def main() -> None:
   if unknown:
     raise SystemExit(f"Unknown ablations {unknown}; choose from {', '.join(ABLATIONS)}.")
   all_stages = list(STAGES) + [s for a in args.ablations for s in ablation_stages(a)]
+  all_stages += list(SEG_STAGES) if args.segmentation else []
   stages = [s for s in args.stages.split(",") if s] or all_stages
   unknown = sorted(set(stages) - set(all_stages))
   if unknown:
@@ -337,10 +420,14 @@ def main() -> None:
   timings_path = os.path.join(args.workdir, "timings.json")
   timings = json.load(open(timings_path)) if os.path.exists(timings_path) else {}
   commands = stage_commands(args, folder)
+  if args.segmentation and set(SEG_STAGES) & set(stages):
+    write_mosaics(args)
   for name in all_stages:
     if name in stages:
       run_stage(name, *commands[name], timings, timings_path)
   print_table(args, timings)
+  if args.segmentation:
+    print_segmentation_table(args, timings)
   if args.ablations:
     print_ablation_table(args)
 
