@@ -49,7 +49,6 @@ from __future__ import annotations
 import argparse
 import io
 import time
-from collections.abc import Mapping
 
 from beit_jax import exports, paths
 from beit_jax.convert import beit, dalle
@@ -66,15 +65,9 @@ def _ints(text: str) -> tuple[int, ...]:
 
 
 def _has_heads(checkpoint) -> bool:
-  """Whether a checkpoint (containers unwrapped as the converters do) holds segmentation
-  head weights (`decode_head.*`, unilm / mmseg and HF alike)."""
-  sd = checkpoint
-  for _ in range(3):
-    inner = next((k for k in beit.CONTAINER_KEYS if isinstance(sd.get(k), Mapping)), None)
-    if inner is None:
-      break
-    sd = sd[inner]
-  return any(str(k).removeprefix("module.").startswith("decode_head.") for k in sd)
+  """Whether a checkpoint holds segmentation head weights (`decode_head.*`, unilm / mmseg
+  and HF alike)."""
+  return any(k.startswith("decode_head.") for k in segmentation_convert.flat_state_dict(checkpoint))
 
 
 def convert_segmentation(args: argparse.Namespace) -> None:

@@ -85,7 +85,9 @@ def _numpy(value: Any) -> np.ndarray:
   return np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
 
 
-def _flat_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, np.ndarray]:
+def flat_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """{name: numpy array} with the `state_dict` / `model` / `module` containers and
+  `module.` prefixes unwrapped."""
   sd = checkpoint
   for _ in range(3):
     inner = next((k for k in beit_convert.CONTAINER_KEYS if isinstance(sd.get(k), Mapping)), None)
@@ -241,7 +243,7 @@ def to_flax(
   Both trees are checked against the inferred model's (`jax.eval_shape`): a key with no place
   in the model, a missing weight or a shape mismatch raises ValueError naming the key.
   """
-  sd = _flat_state_dict(checkpoint)
+  sd = flat_state_dict(checkpoint)
   source = {k: k for k in sd}  # mmseg name -> the name in the checkpoint, for messages.
   if is_hf_state_dict(sd):
     source = {_hf_name_to_mmseg(k): k for k in sd}
