@@ -91,6 +91,18 @@ def final_eval(workdir: str) -> dict:
   return records[-1] if records else {}
 
 
+def seg_suffix(args) -> str:
+  """Names the mosaic set (size, class count) in its folders, so that runs on other sets do
+  not mix; "" for the default set (128 px, 100 classes: the first runs' names)."""
+  if (args.seg_size, args.seg_classes) == (128, 100):
+    return ""
+  return f"_{args.seg_size}px_{args.seg_classes}c"
+
+
+def mosaic_folder(args) -> str:
+  return os.path.join(args.workdir, "seg_mosaics" + seg_suffix(args))
+
+
 def stage_commands(args, folder: str) -> dict[str, tuple[list[str], str]]:
   """{stage: (main.py arguments, export dir whose existence means done)}."""
 
@@ -148,8 +160,8 @@ def stage_commands(args, folder: str) -> dict[str, tuple[list[str], str]]:
   seg = [
     f"--config=configs/segment_small.py:steps={args.seg_steps},batch_size={args.seg_batch_size}",
     "--config.data.source=masks",
-    f"--config.data.path={os.path.join(args.workdir, 'seg_mosaics')}",
-    "--config.data.num_classes=100",
+    f"--config.data.path={mosaic_folder(args)}",
+    f"--config.data.num_classes={args.seg_classes}",
     "--config.data.train_split=train",
     "--config.data.eval_split=val",
     f"--config.data.num_workers={args.num_workers}",
@@ -157,9 +169,10 @@ def stage_commands(args, folder: str) -> dict[str, tuple[list[str], str]]:
     f"--config.ckpt.every={max(args.seg_steps // 4, 1)}",
   ]
   for stage, start in (("seg_pretrained", backbone), ("seg_scratch", "")):
+    workdir = w(stage + seg_suffix(args))
     commands[stage] = (
-      seg + [f"--workdir={w(stage)}", f"--config.pretrained={start}"],
-      os.path.join(w(stage), "export", "segmenter"),
+      seg + [f"--workdir={workdir}", f"--config.pretrained={start}"],
+      os.path.join(workdir, "export", "segmenter"),
     )
   for name in args.ablations:
     pre, ft_stage, lp_stage = ablation_stages(name)
@@ -303,7 +316,8 @@ def print_ablation_table(args) -> None:
 def print_segmentation_table(args, timings: dict) -> None:
   """Segmentation of the val mosaics: the MIM backbone against random init."""
   print(
-    f"\n| segmentation (Tiny-ImageNet-100 mosaics, {args.seg_val} val) | mIoU | mAcc | aAcc "
+    f"\n| segmentation ({args.seg_val} val mosaics, {args.seg_size} px, {args.seg_classes} classes)"
+    " | mIoU | mAcc | aAcc "
     "| wall |"
   )
   print("|---|---|---|---|---|")
@@ -312,11 +326,11 @@ def print_segmentation_table(args, timings: dict) -> None:
     ("seg_pretrained", "UperNet, BEiT-pretrained backbone"),
     ("seg_scratch", "UperNet, random init (same recipe and budget)"),
   ):
-    r = final_eval(os.path.join(args.workdir, stage))
+    r = final_eval(os.path.join(args.workdir, stage + seg_suffix(args)))
     if not r:
       continue
     baseline = r.get("majority_mIoU", baseline)
-    seconds = timings.get(stage)
+    seconds = timings.get(stage + seg_suffix(args))
     print(
       f"| {what} | {100 * r['mIoU']:.2f}% | {100 * r['mAcc']:.2f}% | {100 * r['aAcc']:.2f}% |"
       f" {fmt_minutes(seconds) if seconds else '-'} |"
@@ -327,7 +341,7 @@ def print_segmentation_table(args, timings: dict) -> None:
 
 def write_mosaics(args) -> None:
   """The train / val mosaic folders (once; `segmentation_mosaics`' CLI)."""
-  out = os.path.join(args.workdir, "seg_mosaics")
+  out = mosaic_folder(args)
   if os.path.exists(os.path.join(out, "val", "masks")):
     return
   code = segmentation_mosaics.main(
@@ -336,7 +350,8 @@ def write_mosaics(args) -> None:
       f"--out={out}",
       f"--train={args.seg_train}",
       f"--val={args.seg_val}",
-      "--size=128",
+      f"--size={args.seg_size}",
+      f"--classes={args.seg_classes}",
       "--seed=0",
     ]
   )
@@ -376,6 +391,10 @@ def main() -> None:
   parser.add_argument("--seg_batch_size", type=int, default=16)
   parser.add_argument("--seg_train", type=int, default=10000, help="train mosaics")
   parser.add_argument("--seg_val", type=int, default=500, help="val mosaics")
+  parser.add_argument("--seg_size", type=int, default=128, help="mosaic side in pixels")
+  parser.add_argument(
+    "--seg_classes", type=int, default=100, help="mosaics of the first K classes only"
+  )
   parser.add_argument(
     "--seg_windows", type=int, default=1, help="sliding windows per call (the device count)"
   )
@@ -424,7 +443,8 @@ def main() -> None:
     write_mosaics(args)
   for name in all_stages:
     if name in stages:
-      run_stage(name, *commands[name], timings, timings_path)
+      key = name + seg_suffix(args) if name in SEG_STAGES else name  # Its timings entry.
+      run_stage(key, *commands[name], timings, timings_path)
   print_table(args, timings)
   if args.segmentation:
     print_segmentation_table(args, timings)

@@ -1,7 +1,7 @@
 r"""Builds a semantic-segmentation benchmark from Tiny-ImageNet-100 (../shared/data): mosaics.
 
   python benchmarks/segmentation_mosaics.py --data=../shared/data --out=/tmp/seg_mosaics \
-      --train=20000 --val=1000 --size=128 --seed=0
+      --train=20000 --val=1000 --size=128 --seed=0 [--classes=100]
 
 Each mosaic is a size x size RGB image cut into 2-4 regions (the count uniform in [2, 4]):
 the Voronoi cells of that many seed points drawn uniformly in the square (each pixel goes to
@@ -9,6 +9,8 @@ its nearest seed; the seeds are redrawn until every cell holds a pixel). Every r
 Tiny-ImageNet image of its own class (no two regions share a class), resized to size x size
 (PIL bilinear) and seen through the region's mask; the pixel's label is that image's class
 (0..99). Train mosaics draw only from the train npz, val mosaics only from the val npz.
+``--classes=K`` keeps the images of the first K classes (classes.txt order) and only those:
+labels 0..K-1.
 
 Mosaic i of a split is made by its own ``np.random.default_rng(mosaic_seed(seed, split, i))``
 (``seed + i`` for train, ``seed + VAL_SEED_OFFSET + i`` for val, so that val does not repeat
@@ -21,7 +23,7 @@ num_classes=100)``):
   OUT/train/images/000000.png   RGB mosaic
   OUT/train/masks/000000.png    8-bit grayscale ('L') PNG, value = class index
   OUT/val/images/..., OUT/val/masks/...
-  OUT/classes.txt               the 100 WordNet ids, line k = class k
+  OUT/classes.txt               the K WordNet ids (100 by default), line k = class k
   OUT/README.txt                how the data was made, the command
 
 The mosaics themselves come from ``beit_jax.data.mosaics`` (whose BuiltinMosaicSource makes
@@ -41,9 +43,28 @@ from collections.abc import Sequence
 import numpy as np
 from PIL import Image
 
-from beit_jax.data.mosaics import VAL_SEED_OFFSET, make_mosaic, mosaic_seed
+from beit_jax.data.mosaics import MAX_REGIONS, VAL_SEED_OFFSET, make_mosaic, mosaic_seed
 
 SPLITS = ("train", "val")
+
+
+class ImageSubset:
+  """``images[indices[i]]`` for i in range(len(indices)): the images of a class subset."""
+
+  def __init__(self, images, indices: np.ndarray):
+    self.images, self.indices = images, indices
+
+  def __len__(self) -> int:
+    return len(self.indices)
+
+  def __getitem__(self, i: int) -> np.ndarray:
+    return self.images[int(self.indices[i])]
+
+
+def keep_classes(images, labels: np.ndarray, k: int):
+  """``(images, labels)`` of the classes 0..k-1 only (labels unchanged: they are < k)."""
+  keep = np.flatnonzero(labels < k)
+  return ImageSubset(images, keep), labels[keep]
 
 
 class PackedImages:
@@ -98,12 +119,12 @@ def readme(args: argparse.Namespace, argv: Sequence[str], seconds: float) -> str
     f"Command:\n  {command}\n\n"
     f"train: {args.train} mosaics from {args.data}/tinyimagenet100_train.npz\n"
     f"val:   {args.val} mosaics from {args.data}/tinyimagenet100_val.npz\n"
-    f"size {args.size}x{args.size}, seed {args.seed}, 100 classes (classes.txt, line k ="
+    f"size {args.size}x{args.size}, seed {args.seed}, {args.classes} classes (classes.txt, line k ="
     f" class k), made in {seconds:.1f} s.\n\n"
     f"{body}\n\n"
     "Layout: <split>/images/<i>.png (RGB) and <split>/masks/<i>.png (mode 'L', value = class),"
     " read by\nbeit_jax.data.segmentation_sources.mask_folder_source('<OUT>/<split>',"
-    " num_classes=100).\n"
+    f" num_classes={args.classes}).\n"
   )
 
 
@@ -116,7 +137,17 @@ def main(argv: Sequence[str] | None = None) -> int:
   parser.add_argument("--val", type=int, default=1000, help="number of val mosaics")
   parser.add_argument("--size", type=int, default=128, help="mosaic side in pixels")
   parser.add_argument("--seed", type=int, default=0)
+  parser.add_argument(
+    "--classes", type=int, default=100, help=f"use the first K classes only ({MAX_REGIONS}..100)"
+  )
   args = parser.parse_args(argv)
+  if not MAX_REGIONS <= args.classes <= 100:
+    print(
+      f"error: --classes={args.classes}: pass a number in {MAX_REGIONS}..100 (a mosaic has up"
+      f" to {MAX_REGIONS} regions of distinct classes).",
+      file=sys.stderr,
+    )
+    return 2
   files = {s: os.path.join(args.data, f"tinyimagenet100_{s}.npz") for s in SPLITS}
   for path in files.values():
     if not os.path.isfile(path):
@@ -134,13 +165,14 @@ def main(argv: Sequence[str] | None = None) -> int:
     elif split_classes != classes:
       print(f"error: {files[split]} lists other classes than the train file.", file=sys.stderr)
       return 2
+    images, labels = keep_classes(images, labels, args.classes)
     t = time.perf_counter()
     write_split(os.path.join(args.out, split), n, images, labels, args.size, args.seed, split)
     print(
       f"{split}: {n} mosaics -> {os.path.join(args.out, split)} ({time.perf_counter() - t:.1f} s)"
     )
   with open(os.path.join(args.out, "classes.txt"), "w") as f:
-    f.write("".join(c + "\n" for c in classes))
+    f.write("".join(c + "\n" for c in classes[: args.classes]))
   with open(os.path.join(args.out, "README.txt"), "w") as f:
     f.write(readme(args, argv, time.perf_counter() - start))
   return 0

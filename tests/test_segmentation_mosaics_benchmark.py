@@ -181,3 +181,28 @@ def test_cli_missing_data_exits_2(tmp_path, capsys):
   err = capsys.readouterr().err.strip().splitlines()
   assert len(err) == 1 and str(tmp_path / "tinyimagenet100_train.npz") in err[0]
   assert not (tmp_path / "out").exists()
+
+
+def test_cli_classes_keeps_the_first_k_classes_only(tmp_path, capsys):
+  data, out = tmp_path / "data", tmp_path / "out"
+  data.mkdir()
+  classes = [f"n{k:08d}" for k in range(100)]
+  images, _ = _dataset(n=36, num_classes=12, seed=2)
+  labels = [k % 12 for k in range(36)]  # classes 0..11; --classes=6 keeps 0..5
+  for split in ("train", "val"):
+    _write_npz(data / f"tinyimagenet100_{split}.npz", images, labels, classes)
+  argv = [f"--data={data}", f"--out={out}", "--train=12", "--val=4", "--size=16", "--classes=6"]
+  assert bench.main(argv) == 0
+  assert (out / "classes.txt").read_text().splitlines() == classes[:6]
+  assert "6 classes" in (out / "README.txt").read_text()
+  seen = set()
+  for split, n in (("train", 12), ("val", 4)):
+    source = mask_folder_source(str(out / split), num_classes=6)
+    for i in range(n):
+      seen |= set(np.unique(decode_annotation(source[i]["annotation"])).tolist())
+  assert seen <= set(range(6)) and len(seen) >= 4
+
+  assert bench.main([f"--data={data}", f"--out={tmp_path / 'o3'}", "--classes=3"]) == 2
+  err = capsys.readouterr().err.strip().splitlines()
+  assert len(err) == 1 and "--classes=3" in err[0] and "4..100" in err[0]
+  assert not (tmp_path / "o3").exists()
