@@ -62,15 +62,26 @@ def load_torch_checkpoint(path: str) -> Mapping[str, Any]:
     ) from e
 
 
-def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, np.ndarray]:
-  """The flat {key: numpy array} of a checkpoint: containers unwrapped, prefixes and
-  recomputed buffers dropped."""
+def unwrap_containers(checkpoint: Mapping[str, Any]) -> Mapping[str, Any]:
+  """The state dict inside up to three levels of `model` / `state_dict` / `module`."""
   sd = checkpoint
   for _ in range(3):
     inner = next((k for k in CONTAINER_KEYS if isinstance(sd.get(k), Mapping)), None)
     if inner is None:
       break
     sd = sd[inner]
+  return sd
+
+
+def to_numpy(value: Any) -> np.ndarray:
+  """A torch tensor or array-like as a numpy array."""
+  return np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+
+
+def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, np.ndarray]:
+  """The flat {key: numpy array} of a checkpoint: containers unwrapped, prefixes and
+  recomputed buffers dropped."""
+  sd = unwrap_containers(checkpoint)
   out = {}
   for key, value in sd.items():
     for prefix in PREFIXES:
@@ -78,7 +89,7 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, np.ndarray]:
         key = key[len(prefix) :]
     if key.endswith(DROPPED_SUFFIXES):
       continue
-    out[key] = np.asarray(value.detach().cpu().numpy() if hasattr(value, "detach") else value)
+    out[key] = to_numpy(value)
   if "cls_token" not in out:
     raise ValueError(f"Not a BEiT state dict: no 'cls_token' (keys start with {sorted(out)[:5]}).")
   return out
@@ -146,7 +157,7 @@ def infer_model_kwargs(
   )
 
 
-def _to_flax_leaf(key: str, value: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
+def to_flax_leaf(key: str, value: np.ndarray) -> tuple[tuple[str, ...], np.ndarray]:
   if key.startswith("patch_embed.proj."):
     key = "patch_embed." + key[len("patch_embed.proj.") :]
   if key.startswith("blocks."):
@@ -172,8 +183,16 @@ def unilm_to_flax(
   """
   sd = unwrap_state_dict(checkpoint)
   kwargs = infer_model_kwargs(sd, num_heads)
-  flat = dict(_to_flax_leaf(k, v.astype(np.float32)) for k, v in sd.items())
-  expected = flax.traverse_util.flatten_dict(vit.abstract_params(vit.BEiT(**kwargs)))
+  flat = dict(to_flax_leaf(k, v.astype(np.float32)) for k, v in sd.items())
+  check_params(flat, vit.abstract_params(vit.BEiT(**kwargs)), kwargs)
+  return flax.traverse_util.unflatten_dict(flat), kwargs
+
+
+def check_params(flat: Mapping[tuple[str, ...], Any], abstract: Any, kwargs: Any) -> None:
+  """Raises ValueError naming the first param of ``abstract`` (the model's param tree of
+  ShapeDtypeStructs) that ``flat`` ({path: array}) lacks or has in another shape, or the
+  first key of ``flat`` the model has no place for."""
+  expected = flax.traverse_util.flatten_dict(abstract)
   for path, leaf in expected.items():
     if path not in flat:
       raise ValueError(
@@ -187,7 +206,6 @@ def unilm_to_flax(
   extra = sorted("/".join(p) for p in flat if p not in expected)
   if extra:
     raise ValueError(f"Checkpoint keys with no place in the model: {extra[:5]}.")
-  return flax.traverse_util.unflatten_dict(flat), kwargs
 
 
 def flax_to_unilm(

@@ -267,7 +267,7 @@ def to_flax(
   flat: dict[str, dict[tuple[str, ...], np.ndarray]] = {"params": {}, "batch_stats": {}}
   origin: dict[tuple[str, tuple[str, ...]], str] = {}
   for key, value in backbone.items():
-    path, leaf = beit_convert._to_flax_leaf(key, value.astype(np.float32))
+    path, leaf = beit_convert.to_flax_leaf(key, value.astype(np.float32))
     flat["params"][("backbone",) + path] = leaf
     origin["params", ("backbone",) + path] = "backbone." + key
   for key, value in sd.items():
