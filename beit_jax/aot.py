@@ -49,6 +49,7 @@ from ml_collections import config_flags
 
 from beit_jax import exports, pixels, tpu
 from beit_jax.models import dvae, ops, precision
+from beit_jax.models import tokenizer as tokenizer_lib
 from beit_jax.tasks import downstream, finetune, pretrain
 from beit_jax.tasks import dvae as dvae_task
 from beit_jax.training import loop
@@ -267,7 +268,7 @@ def compile_pieces(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, A
     step = abstract_step(config, mesh)
     batch_sharding = step.batch_sharding
     ids_fn = jax.jit(
-      lambda params, x: dvae.tokenize(step.tokenizer, params, pixels.to_unit(x)),
+      lambda params, x: tokenizer_lib.tokenize(step.tokenizer, params, pixels.to_unit(x)),
       in_shardings=(step.extra_sharding[0], batch_sharding),
       out_shardings=batch_sharding,
     )

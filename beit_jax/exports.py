@@ -6,6 +6,7 @@ model they belong to, and each kind has one writer and one loader here:
 
   kind               written by                               loaded by
   'dvae'             task dvae, `convert dalle`               `load_tokenizer`
+  'vqkd'             `convert vqkd` (unilm BEiT v2 tokenizers) `load_tokenizer`, `load_vqkd`
   'beit_mim'         task pretrain                            `load_pretrained`, `load_beit`
   'beit'             `convert beit` (unilm / timm weights)    `load_pretrained`, `load_beit`
   'beit_classifier'  task finetune (`export/best`, `/final`)  `load_classifier`, `load_beit`
@@ -14,8 +15,9 @@ model they belong to, and each kind has one writer and one loader here:
                      HF BeitForSemanticSegmentation weights)
 
 A segmenter export saves the whole variables dict `{'params', 'batch_stats'}` of a
-`segmentation.Segmenter` (its BatchNorm running statistics are part of the model); every
-other kind saves params only.
+`segmentation.Segmenter` (its BatchNorm running statistics are part of the model), a VQ-KD
+export `{'params', 'codebook'}` (the codebook is state, not a parameter); every other kind
+saves params only.
 
 Loaders rebuild the model from the metadata (`vit.BEiT(**model_kwargs)`,
 `dvae.from_config(model)`, `segmentation.from_architecture(model_kwargs)`) and restore the
@@ -36,13 +38,15 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from beit_jax import paths
-from beit_jax.models import dvae, segmentation, vit
+from beit_jax.models import dvae, segmentation, vit, vqkd
 from beit_jax.training.checkpointing import abstract_with_shardings
 
 METADATA_FILE = "metadata.json"
 PARAMS_DIR = "params"
 
 TOKENIZER = "dvae"
+VQKD_TOKENIZER = "vqkd"
+TOKENIZER_KINDS = (TOKENIZER, VQKD_TOKENIZER)
 MIM = "beit_mim"
 CONVERTED_BEIT = "beit"
 CLASSIFIER = "beit_classifier"
@@ -153,23 +157,71 @@ def write_tokenizer(
 
 
 def tokenizer_info(directory: str | os.PathLike) -> dict[str, int]:
-  """{grid, vocab_size, image_size} of a tokenizer export (from its metadata only)."""
-  metadata = read_metadata_of_kind(directory, (TOKENIZER,), "a dVAE tokenizer")
-  return dict(
-    grid=metadata["grid"],
-    vocab_size=metadata["model"]["vocab_size"],
-    image_size=metadata["image_size"],
-  )
+  """{grid, vocab_size, image_size} of a tokenizer export, dVAE or VQ-KD (metadata only)."""
+  metadata = read_metadata_of_kind(directory, TOKENIZER_KINDS, "a visual tokenizer")
+  if metadata["kind"] == VQKD_TOKENIZER:
+    vocab_size = metadata["model_kwargs"]["num_codes"]
+  else:
+    vocab_size = metadata["model"]["vocab_size"]
+  return dict(grid=metadata["grid"], vocab_size=vocab_size, image_size=metadata["image_size"])
 
 
 def load_tokenizer(
   directory: str | os.PathLike, sharding: Any = None
-) -> tuple[dvae.DiscreteVAE, dict[str, Any], dict[str, Any]]:
-  """(model, variables {'params': ...}, metadata) of a tokenizer export."""
-  metadata = read_metadata_of_kind(directory, (TOKENIZER,), "a dVAE tokenizer")
+) -> tuple[dvae.DiscreteVAE | vqkd.VQKD, dict[str, Any], dict[str, Any]]:
+  """(model, variables, metadata) of a tokenizer export: a dVAE's ``{'params'}`` or a
+  VQ-KD's ``{'params', 'codebook'}``; `beit_jax.models.tokenizer.tokenize` takes either."""
+  metadata = read_metadata_of_kind(directory, TOKENIZER_KINDS, "a visual tokenizer")
+  if metadata["kind"] == VQKD_TOKENIZER:
+    return load_vqkd(directory, sharding)
   model = dvae.from_config(metadata["model"])
   abstract = tokenizer_abstract_params(model, metadata["image_size"])
   return model, {"params": load_params_onto(directory, abstract, sharding)}, metadata
+
+
+def write_vqkd(
+  directory: str | os.PathLike,
+  params: Any,
+  codebook: Any,
+  model_kwargs: Mapping[str, Any],
+  *,
+  step: int = 0,
+  teacher: str = "",
+  eval_metrics: Mapping[str, Any] | None = None,
+  source: str = "",
+) -> str:
+  """A VQ-KD tokenizer export: ``{'params', 'codebook'}`` and `vqkd.VQKD(**model_kwargs)`."""
+  model = vqkd.VQKD(**model_kwargs)
+  if tuple(codebook.shape) != (model.num_codes, model.code_dim):
+    raise ValueError(
+      f"codebook shape {tuple(codebook.shape)} != (num_codes, code_dim) = "
+      f"({model.num_codes}, {model.code_dim})."
+    )
+  metadata = dict(
+    kind=VQKD_TOKENIZER,
+    model_kwargs=dict(model_kwargs),
+    image_size=model.image_size,
+    grid=model.grid[0],
+    step=int(step),
+    teacher=teacher,
+    eval=dict(eval_metrics or {}),
+  )
+  if source:
+    metadata["source"] = source
+  return write(directory, {"params": params, "codebook": codebook}, metadata)
+
+
+def load_vqkd(
+  directory: str | os.PathLike, sharding: Any = None
+) -> tuple[vqkd.VQKD, dict[str, Any], dict[str, Any]]:
+  """(model, variables {'params', 'codebook'}, metadata) of a VQ-KD export."""
+  metadata = read_metadata_of_kind(directory, (VQKD_TOKENIZER,), "a VQ-KD tokenizer")
+  model = vqkd.VQKD(**metadata["model_kwargs"])
+  abstract = {
+    "params": vqkd.abstract_params(model),
+    "codebook": jax.ShapeDtypeStruct((model.num_codes, model.code_dim), jnp.float32),
+  }
+  return model, load_params_onto(directory, abstract, sharding), metadata
 
 
 # ----------------------------------------------------------------------------------

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from beit_jax import exports
-from beit_jax.models import dvae, segmentation, vit
+from beit_jax.models import dvae, segmentation, vit, vqkd
 
 TOKENIZER_CONFIG = dict(
   arch="compact",
@@ -100,7 +100,7 @@ def test_beit_exports_round_trip_and_refuse_the_wrong_kind(tmp_path):
   _assert_equal_trees(loaded, params)
   with pytest.raises(ValueError, match="not a classifier"):
     exports.load_classifier(out)
-  with pytest.raises(ValueError, match="not a dVAE tokenizer"):
+  with pytest.raises(ValueError, match="not a visual tokenizer"):
     exports.load_tokenizer(out)
 
   clf = vit.classifier_model("test", 5, image_size=16, patch_size=4)
@@ -255,3 +255,30 @@ def test_exports_on_a_bucket(gcs_bucket):
   assert exports.read_metadata(out)["tokenizer"] == "gs://fake-bucket/dall_e"
   assert not exports.is_export(gcs_bucket.url("nothing"))
   assert not gcs_bucket.server.errors
+
+
+def test_vqkd_export_round_trip_and_codebook_shape_check(tmp_path):
+  kwargs = dict(
+    image_size=16, patch_size=8, encoder_width=32, encoder_depth=1, encoder_heads=2,
+    decoder_width=32, decoder_depth=1, decoder_heads=2, code_dim=4, num_codes=8, teacher_dim=6,
+  )  # fmt: skip
+  model = vqkd.VQKD(**kwargs)
+  codebook = jnp.asarray(np.random.default_rng(0).normal(size=(8, 4)), jnp.float32)
+  params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, 16, 16, 3)), codebook)["params"]
+  with pytest.raises(ValueError, match=r"codebook shape \(4, 8\) != \(num_codes, code_dim\)"):
+    exports.write_vqkd(str(tmp_path / "bad"), params, codebook.T, kwargs)
+  assert not (tmp_path / "bad").exists()
+  out = exports.write_vqkd(str(tmp_path / "tok"), params, codebook, kwargs, step=7, teacher="clip")
+  assert exports.tokenizer_info(out) == dict(grid=2, vocab_size=8, image_size=16)
+  loaded, variables, meta = exports.load_tokenizer(out)
+  assert loaded == model and meta["step"] == 7 and meta["teacher"] == "clip"
+  np.testing.assert_array_equal(np.asarray(variables["codebook"]), np.asarray(codebook))
+  for a, b in zip(
+    jax.tree_util.tree_leaves(variables["params"]), jax.tree_util.tree_leaves(params)
+  ):
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+  model = dvae.from_config(TOKENIZER_CONFIG)
+  dvae_params = _random_like(exports.tokenizer_abstract_params(model, 16))
+  dalle = exports.write_tokenizer(tmp_path / "dvae", dvae_params, TOKENIZER_CONFIG, 16)
+  with pytest.raises(ValueError, match="holds a 'dvae' export, not a VQ-KD tokenizer"):
+    exports.load_vqkd(dalle)

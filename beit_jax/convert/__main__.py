@@ -6,6 +6,7 @@ r"""Convert PyTorch weights to this project's Orbax params exports.
   python -m beit_jax.convert to_pth EXPORT_DIR OUT.pth
   python -m beit_jax.convert segmentation SRC.pth OUT_DIR [--num_heads=N] \
       [--out_indices=3,5,7,11] [--pool_scales=1,2,3,6] [--input_norm=half]
+  python -m beit_jax.convert vqkd SRC.pth OUT_DIR [--encoder_heads=N] [--decoder_heads=N]
 
 `beit`: a unilm BEiT checkpoint (`beit_{base,large}_patch16_*_pt22k*.pth`,
 `beit_base_patch16_224_pt1k_800ep.pth`, `backbone.`-prefixed backbones; a whole
@@ -41,6 +42,12 @@ i - 2), and `--pool_scales` (their number must match the checkpoint's pyramid po
 branches). `--input_norm` is recorded for the evaluation: unilm's configs normalise with
 mean = std = 127.5, i.e. 'half' (the default).
 
+`vqkd`: a BEiT v2 VQ-KD tokenizer of unilm (`vqkd_encoder_base_decoder_3x768x12_clip-*.pth`,
+`..._dino-*.pth`; `beit_jax.convert.vqkd`) -> a tokenizer export (params + codebook) that
+`--config.tokenizer.path=OUT_DIR` of a pretraining config takes: its tokens are the BEiT v2
+targets of the 224 px view itself (`--config.input.second_size=224`). The teacher recorded
+in the metadata is read from the decoder's output width (512: CLIP, 768: DINO).
+
 Every path may be on a bucket (`gs://BUCKET/...`, with `pip install "beit_jax[gcs]"`).
 """
 
@@ -53,6 +60,7 @@ import time
 from beit_jax import exports, paths
 from beit_jax.convert import beit, dalle
 from beit_jax.convert import segmentation as segmentation_convert
+from beit_jax.convert import vqkd as vqkd_convert
 from beit_jax.models import segmentation
 
 
@@ -103,6 +111,26 @@ def convert_segmentation(args: argparse.Namespace) -> None:
   )
 
 
+TEACHERS_BY_WIDTH = {512: "clip", 768: "dino"}
+
+
+def convert_vqkd(args: argparse.Namespace) -> None:
+  t0 = time.perf_counter()
+  checkpoint = beit.load_torch_checkpoint(args.src)
+  try:
+    params, codebook, kwargs = vqkd_convert.unilm_to_flax(
+      checkpoint, args.encoder_heads, args.decoder_heads
+    )
+  except ValueError as e:
+    raise SystemExit(f"{args.src} does not convert to a VQ-KD tokenizer: {e}") from e
+  teacher = TEACHERS_BY_WIDTH.get(kwargs["teacher_dim"], f"{kwargs['teacher_dim']}-d")
+  exports.write_vqkd(args.out, params, codebook, kwargs, teacher=teacher, source=args.src)
+  print(
+    f"Converted {args.src} -> {args.out} (VQ-KD tokenizer, teacher {teacher}) in "
+    f"{time.perf_counter() - t0:.1f} s; architecture: {kwargs}"
+  )
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
     prog="python -m beit_jax.convert", description=__doc__.split("\n\n")[0]
@@ -132,6 +160,11 @@ def main(argv=None) -> None:
   )
   g.add_argument("--pool_scales", type=_ints, default=(1, 2, 3, 6))
   g.add_argument("--input_norm", choices=("half", "imagenet"), default="half")
+  q = sub.add_parser("vqkd", help="unilm BEiT v2 VQ-KD tokenizer .pth -> tokenizer export")
+  q.add_argument("src")
+  q.add_argument("out")
+  q.add_argument("--encoder_heads", type=int, default=None)
+  q.add_argument("--decoder_heads", type=int, default=None)
   args = parser.parse_args(argv)
   try:
     paths.check_storage({k: v for k, v in vars(args).items() if isinstance(v, str)})
@@ -140,6 +173,9 @@ def main(argv=None) -> None:
 
   if args.kind == "segmentation":
     convert_segmentation(args)
+    return
+  if args.kind == "vqkd":
+    convert_vqkd(args)
     return
   t0 = time.perf_counter()
   if args.kind == "to_pth":

@@ -23,8 +23,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from beit_jax.convert import beit as beit_convert
@@ -105,15 +103,6 @@ def infer_model_kwargs(
   )
 
 
-def abstract_params(model: vqkd_lib.VQKD) -> Any:
-  """ShapeDtypeStructs of the model's params."""
-  images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
-  codebook = jax.ShapeDtypeStruct((model.num_codes, model.code_dim), jnp.float32)
-  return jax.eval_shape(
-    lambda x, e: model.init(jax.random.PRNGKey(0), x, e)["params"], images, codebook
-  )
-
-
 def unilm_to_flax(
   checkpoint: Mapping[str, Any],
   encoder_heads: int | None = None,
@@ -142,6 +131,6 @@ def unilm_to_flax(
       flat[(name, "kernel" if kind == "weight" else "bias")] = (
         value.T if kind == "weight" else value
       )
-  beit_convert.check_params(flat, abstract_params(vqkd_lib.VQKD(**kwargs)), kwargs)
+  beit_convert.check_params(flat, vqkd_lib.abstract_params(vqkd_lib.VQKD(**kwargs)), kwargs)
   codebook = parts["codebook"]["weight"].astype(np.float32)
   return flax.traverse_util.unflatten_dict(flat), codebook, kwargs

@@ -85,6 +85,11 @@ class VQKD(nn.Module):
   dtype: DType = jnp.float32
 
   @property
+  def vocab_size(self) -> int:
+    """The number of visual tokens (the MIM head's size)."""
+    return self.num_codes
+
+  @property
   def grid(self) -> tuple[int, int]:
     side = self.image_size // self.patch_size
     return (side, side)
@@ -165,3 +170,12 @@ class VQKD(nn.Module):
       "quant_loss": quant_loss,
       "rec": self.decode(z_q),
     }
+
+
+def abstract_params(model: VQKD) -> Any:
+  """ShapeDtypeStructs of the model's params."""
+  images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
+  codebook = jax.ShapeDtypeStruct((model.num_codes, model.code_dim), jnp.float32)
+  return jax.eval_shape(
+    lambda x, e: model.init(jax.random.PRNGKey(0), x, e)["params"], images, codebook
+  )

@@ -23,7 +23,8 @@ import numpy as np
 
 from beit_jax import config_lib, pixels
 from beit_jax.data import pipeline
-from beit_jax.models import dvae, vit
+from beit_jax.models import tokenizer as tokenizer_lib
+from beit_jax.models import vit
 from beit_jax.training import loop, losses
 
 # The keys of a pretrain batch (the two views and the mask the pipeline makes).
@@ -33,7 +34,9 @@ MASK_KEY = "mask"
 BATCH_KEYS = (IMAGE_KEY, TOKENIZER_KEY, MASK_KEY)
 
 
-def make_eval_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, max_masked: int, input_norm: str):
+def make_eval_step(
+  model: vit.BEiT, tokenizer: tokenizer_lib.Tokenizer, max_masked: int, input_norm: str
+):
   """Sums over a padded eval batch: masked-token cross-entropy, correct, count, images;
   and the same for the context-free predictor `log_prior` (V,) (log unigram frequencies
   of the training tokens: its cross-entropy, and the hits of always predicting the most
@@ -43,7 +46,7 @@ def make_eval_step(model: vit.BEiT, tokenizer: dvae.DiscreteVAE, max_masked: int
     params: Any, batch: Mapping[str, jax.Array], tokenizer_params: Any, log_prior: jax.Array
   ):
     images = pixels.normalize(batch[IMAGE_KEY], input_norm)
-    ids = dvae.tokenize(tokenizer, tokenizer_params, pixels.to_unit(batch[TOKENIZER_KEY]))
+    ids = tokenizer_lib.tokenize(tokenizer, tokenizer_params, pixels.to_unit(batch[TOKENIZER_KEY]))
     ids = ids.reshape(ids.shape[0], -1)
     valid = batch["valid"]
     mask = jnp.logical_and(batch[MASK_KEY].astype(bool), valid[:, None])
@@ -103,12 +106,12 @@ def evaluate_pixels(eval_step, params: Any, eval_iter, batch_sharding) -> dict[s
   )
 
 
-def make_token_histogram(tokenizer: dvae.DiscreteVAE):
+def make_token_histogram(tokenizer: tokenizer_lib.Tokenizer):
   """(tokenizer_params, batch) -> (V,) int32 counts of the tokens of the batch's valid
   images (all positions)."""
 
   def histogram(tokenizer_params: Any, batch: Mapping[str, jax.Array]) -> dict[str, jax.Array]:
-    ids = dvae.tokenize(tokenizer, tokenizer_params, pixels.to_unit(batch[TOKENIZER_KEY]))
+    ids = tokenizer_lib.tokenize(tokenizer, tokenizer_params, pixels.to_unit(batch[TOKENIZER_KEY]))
     ids = ids.reshape(ids.shape[0], -1)
     weight = jnp.broadcast_to(batch["valid"][:, None], ids.shape).astype(jnp.int32)
     counts = jnp.zeros((tokenizer.vocab_size,), jnp.int32).at[ids].add(weight)
@@ -162,7 +165,7 @@ def evaluate(
 def make_eval_fn(
   config: ml_collections.ConfigDict,
   model: vit.BEiT,
-  tokenizer: dvae.DiscreteVAE | None,
+  tokenizer: tokenizer_lib.Tokenizer | None,
   tokenizer_params: Any,
   max_masked: int,
   shardings: tuple[Any, Any, Any, Any],

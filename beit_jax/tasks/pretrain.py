@@ -42,6 +42,7 @@ from absl import logging
 from beit_jax import config_lib, exports, pixels
 from beit_jax.data import masking, pipeline, sources, transforms
 from beit_jax.models import attention, dvae, precision, vit
+from beit_jax.models import tokenizer as tokenizer_lib
 from beit_jax.tasks import dvae as dvae_task
 from beit_jax.tasks import mim_eval
 from beit_jax.tasks.mim_eval import BATCH_KEYS, IMAGE_KEY, MASK_KEY, TOKENIZER_KEY
@@ -312,7 +313,7 @@ def make_mim_update(
 
 def make_train_step(
   model: vit.BEiT,
-  tokenizer: dvae.DiscreteVAE,
+  tokenizer: tokenizer_lib.Tokenizer,
   tx: optax.GradientTransformation,
   lr_fn: optim.Schedule,
   max_masked: int,
@@ -331,7 +332,7 @@ def make_train_step(
   def train_step(state: TrainState, batch: Mapping[str, jax.Array], tokenizer_params: Any):
     if target == "pixels":
       return update(state, batch[IMAGE_KEY], batch[MASK_KEY], None)
-    ids = dvae.tokenize(tokenizer, tokenizer_params, pixels.to_unit(batch[TOKENIZER_KEY]))
+    ids = tokenizer_lib.tokenize(tokenizer, tokenizer_params, pixels.to_unit(batch[TOKENIZER_KEY]))
     ids = jax.lax.stop_gradient(ids.reshape(ids.shape[0], -1))
     return update(state, batch[IMAGE_KEY], batch[MASK_KEY], ids)
 
@@ -400,7 +401,7 @@ class StepParts(NamedTuple):
 
 
 def make_step_parts(
-  config: ml_collections.ConfigDict, tokenizer: dvae.DiscreteVAE | None, vocab_size: int
+  config: ml_collections.ConfigDict, tokenizer: tokenizer_lib.Tokenizer | None, vocab_size: int
 ) -> StepParts:
   """The MIM model, schedule, optimizer, state initialiser and train step of `config`
   (`vocab_size`: the tokenizer's; the head is `head_size` wide)."""

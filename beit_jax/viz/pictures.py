@@ -20,6 +20,7 @@ from absl import logging
 from beit_jax import paths, pixels
 from beit_jax.data import decode, masking, transforms
 from beit_jax.models import dvae, vit
+from beit_jax.models import tokenizer as tokenizer_lib
 from beit_jax.training import metrics as metrics_lib
 from beit_jax.viz import figures
 
@@ -27,9 +28,10 @@ Array = np.ndarray
 
 
 # -- The tokenizer ---------------------------------------------------------------------
-def tokenize(tokenizer: dvae.DiscreteVAE, tokenizer_vars: Any, views: Array) -> Array:
-  """(B, h, w) token ids of uint8 tokenizer views, on the host."""
-  return np.asarray(dvae.tokenize(tokenizer, tokenizer_vars, pixels.to_unit(jnp.asarray(views))))
+def tokenize(tokenizer: tokenizer_lib.Tokenizer, tokenizer_vars: Any, views: Array) -> Array:
+  """(B, h, w) token ids of uint8 tokenizer views (dVAE or VQ-KD), on the host."""
+  unit = pixels.to_unit(jnp.asarray(views))
+  return np.asarray(tokenizer_lib.tokenize(tokenizer, tokenizer_vars, unit))
 
 
 def decode_ids(tokenizer: dvae.DiscreteVAE, tokenizer_vars: Any, ids: Array) -> Array:
@@ -38,18 +40,22 @@ def decode_ids(tokenizer: dvae.DiscreteVAE, tokenizer_vars: Any, ids: Array) -> 
 
 
 def tokenizer_pictures(
-  tokenizer: dvae.DiscreteVAE, tokenizer_vars: Any, images: Array, image_size: int
-) -> tuple[dict[str, Array], Array, Array, Array]:
-  """reconstructions / tokens / codebook pictures of uint8 `images` at the tokenizer's size;
-  also returns (tokenizer views, true ids, reconstructions)."""
+  tokenizer: tokenizer_lib.Tokenizer, tokenizer_vars: Any, images: Array, image_size: int
+) -> tuple[dict[str, Array], Array, Array, Array | None]:
+  """reconstructions (a dVAE only: VQ-KD decodes to teacher features) / tokens / codebook
+  pictures of uint8 `images` at the tokenizer's size; also returns (tokenizer views, true
+  ids, reconstructions or None)."""
   views = figures.resize_square(images, image_size)
   ids = tokenize(tokenizer, tokenizer_vars, views)
-  recons = decode_ids(tokenizer, tokenizer_vars, ids)
-  up = max(1, 64 // image_size)
-  pictures = {
-    "reconstructions": figures.reconstructions_figure(
+  pictures = {}
+  recons = None
+  if tokenizer_lib.can_decode(tokenizer):
+    recons = decode_ids(tokenizer, tokenizer_vars, ids)
+    up = max(1, 64 // image_size)
+    pictures["reconstructions"] = figures.reconstructions_figure(
       figures.upscale_all(views, up), figures.upscale_all(recons, up)
-    ),
+    )
+  pictures |= {
     "tokens": figures.grid(
       [figures.token_map(i, tokenizer.vocab_size, cell=max(4, 64 // i.shape[0])) for i in ids],
       min(6, len(ids)),
@@ -99,7 +105,7 @@ def cls_attention(model: vit.BEiT, params: Any, images: Array, input_norm: str) 
 def mim_pictures(
   model: vit.BEiT,
   params: Any,
-  tokenizer: dvae.DiscreteVAE,
+  tokenizer: tokenizer_lib.Tokenizer,
   tokenizer_vars: Any,
   images: Array,
   *,
@@ -114,6 +120,7 @@ def mim_pictures(
     reconstructions  original | dVAE reconstruction of the tokenizer view, with PSNR
     inpainting       original | masked input | decoded from the ViT's predicted tokens at
                      the masked patches (true tokens elsewhere) | decoded from the true tokens
+                     (these two need a dVAE: a VQ-KD tokenizer has no pixel decoder)
     tokens           token map (a colour per token id) of each image
     codebook         codebook use: token counts over the images, most used first
     attention        the cls token's attention in the last block, one map per head
@@ -131,10 +138,13 @@ def mim_pictures(
   acc = [float(np.mean((p == t)[m.reshape(t.shape)])) for p, t, m in zip(pred, true_ids, masks)]
   big = max(1, 128 // size)
   large_views = figures.upscale_all(views, big)
-  inpainted = decode_ids(tokenizer, tokenizer_vars, inpainted_ids(true_ids, pred, masks))
+  if recons is not None:
+    inpainted = decode_ids(tokenizer, tokenizer_vars, inpainted_ids(true_ids, pred, masks))
+    pictures["inpainting"] = figures.inpainting_figure(
+      large_views, masks, patch * big, inpainted, recons, acc
+    )
   pictures.update(
     masks=figures.masks_figure(large_views, patch * big, generator, seed=seed),
-    inpainting=figures.inpainting_figure(large_views, masks, patch * big, inpainted, recons, acc),
     attention=figures.attention_figure(
       large_views, cls_attention(model, params, views, input_norm)
     ),

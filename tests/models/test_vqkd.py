@@ -14,23 +14,6 @@ from beit_jax.convert import vqkd as convert
 from beit_jax.models import vqkd
 from tests.models import torch_vqkd
 
-TINY = dict(
-  img_size=32, patch_size=8, enc=(32, 2, 2), dec=(32, 1, 2), n_embed=64, embed_dim=8,
-  decoder_out_dim=24,
-)  # fmt: skip
-
-
-def _torch_model(seed=0, **overrides):
-  torch.manual_seed(seed)
-  model = torch_vqkd.VQKD(**{**TINY, **overrides})
-  with torch.no_grad():
-    for name, p in model.named_parameters():
-      if not name.startswith("quantize."):
-        p.add_(torch.randn_like(p) * 0.02)  # zero biases and unit LayerNorms matter too
-        if "norm" in name and p.ndim == 1:
-          p.mul_(1.0 + 0.3 * torch.randn_like(p))
-  return model.eval()
-
 
 def _count(tree) -> int:
   return sum(int(np.prod(x.shape)) for x in jax.tree_util.tree_leaves(tree))
@@ -38,7 +21,7 @@ def _count(tree) -> int:
 
 @pytest.fixture(scope="module")
 def converted():
-  model = _torch_model()
+  model = torch_vqkd.random_model()
   sd = model.unilm_state_dict()
   sd["teacher_model.visual.proj"] = torch.zeros(3, 3)  # dropped, as unilm drops them
   sd["scaling_layer.shift"] = torch.zeros(1, 3, 1, 1)
@@ -93,7 +76,7 @@ def test_base_param_count_equals_unilm():
     )  # fmt: skip
   torch_count = sum(p.numel() for n, p in model.named_parameters() if not n.startswith("quantize"))
   ours = vqkd.VQKD()  # the defaults are Base's
-  assert _count(convert.abstract_params(ours)) == torch_count == 108_829_216
+  assert _count(vqkd.abstract_params(ours)) == torch_count == 108_829_216
 
 
 def test_init_is_finite_and_the_codebook_is_not_a_param():

@@ -90,3 +90,22 @@ class VQKD(nn.Module):
     sd["quantize.embedding.initted"] = torch.tensor([1.0])
     sd["quantize.cluster_size"] = self.quantize.cluster_size.clone()
     return sd
+
+
+TINY = dict(
+  img_size=32, patch_size=8, enc=(32, 2, 2), dec=(32, 1, 2), n_embed=64, embed_dim=8,
+  decoder_out_dim=24,
+)  # fmt: skip
+
+
+def random_model(seed=0, **overrides) -> VQKD:
+  """A tiny VQKD (TINY, 32 px -> 4x4 codes of 64) in eval mode, every weight perturbed."""
+  torch.manual_seed(seed)
+  model = VQKD(**{**TINY, **overrides})
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if not name.startswith("quantize."):
+        p.add_(torch.randn_like(p) * 0.02)  # zero biases and unit LayerNorms matter too
+        if "norm" in name and p.ndim == 1:
+          p.mul_(1.0 + 0.3 * torch.randn_like(p))
+  return model.eval()

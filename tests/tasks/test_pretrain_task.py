@@ -13,15 +13,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+import torch
 from jax.sharding import PartitionSpec as P
 
 from beit_jax import config_lib, exports
+from beit_jax.convert import __main__ as convert_cli
 from beit_jax.models import dvae, vit
 from beit_jax.tasks import pretrain
 from beit_jax.training import checkpointing, optim
 from beit_jax.training import losses as losses_lib
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training.train_state import TrainState, init_sharded
+from tests.models import torch_vqkd
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = os.path.join(ROOT, "configs", "pretrain_small.py")
@@ -454,3 +457,34 @@ def test_quick_start_two_stages_then_kill_and_resume(tmp_path):
   assert f"at step {saved}" in resumed.stderr
   steps = [json.loads(line)["step"] for line in open(os.path.join(workdir, "metrics.jsonl"))]
   assert steps[-1] == saved + 2
+
+
+def test_pretraining_on_a_vqkd_tokenizers_targets(tmp_path):
+  """BEiT v2's targets: a converted unilm VQ-KD tokenizer (tiny, random; 32 px -> 4x4 codes
+  of 64) tokenizes the ViT's own 32 px view (second_size = image_size); the job trains on
+  its codes, evaluates against their unigram baseline, exports, and draws the pictures that
+  need no pixel decoder (VQ-KD decodes to teacher features, not images)."""
+  src, tok = str(tmp_path / "vqkd.pth"), str(tmp_path / "vqkd")
+  torch.save({"model": torch_vqkd.random_model(seed=5).unilm_state_dict()}, src)
+  convert_cli.main(["vqkd", src, tok, "--encoder_heads=2", "--decoder_heads=2"])
+  workdir = str(tmp_path / "run")
+  tiny = [a for a in TINY if not a.startswith(("--config.input.second_size", "--config.pictures"))]
+  run = run_main(
+    f"--config={SMALL}:steps=2,variant=test",
+    f"--workdir={workdir}",
+    *tiny,
+    f"--config.tokenizer.path={tok}",
+    "--config.input.second_size=32",
+    "--config.pictures=True",
+  )
+  assert run.returncode == 0, run.stderr[-3000:]
+  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  train = [r for r in records if r["split"] == "train"]
+  assert [r["step"] for r in train] == [2] and abs(train[0]["loss"] - math.log(64)) < 1.0
+  final = [r for r in records if r["split"] == "final_eval"][0]
+  assert 0 < final["unigram_loss"] < math.log(64) and 0 <= final["mlm_acc"] <= 1
+  model, _, meta = exports.load_pretrained(os.path.join(workdir, "export", "beit"))
+  assert model.vocab_size == 64 and meta["tokenizer"] == tok
+  assert sorted(os.listdir(os.path.join(workdir, "pictures"))) == sorted(
+    f"{n}.png" for n in ("masks", "tokens", "codebook", "attention", "curves")
+  )
