@@ -168,8 +168,28 @@ def _np_attention(x, p, heads, bias):
   return out @ p["proj"]["kernel"] + p["proj"]["bias"]
 
 
-def _np_encode(params, images, mask, heads):
-  """Blocks output (B, N+1, D) before the final norm."""
+def _np_block(x, bp, heads, bias):
+  """unilm Block.forward on x (B, N+1, D); bias (heads, N+1, N+1) (shared + per-block)."""
+  b = x.shape[0]
+  if "relative_position_bias_table" in bp["attn"]:
+    grid = int(round(((bp["attn"]["relative_position_bias_table"].shape[0] - 3) ** 0.5 + 1) / 2))
+    bias = bias + _np_rel_bias(bp["attn"]["relative_position_bias_table"], (grid, grid))
+  h = _np_layer_norm(x, bp["norm1"])
+  y = np.stack([_np_attention(h[s], bp["attn"], heads, bias) for s in range(b)])
+  if "gamma_1" in bp:
+    y = y * bp["gamma_1"]
+  x = x + y
+  h = _np_layer_norm(x, bp["norm2"])
+  y = _np_gelu(h @ bp["mlp"]["fc1"]["kernel"] + bp["mlp"]["fc1"]["bias"])
+  y = y @ bp["mlp"]["fc2"]["kernel"] + bp["mlp"]["fc2"]["bias"]
+  if "gamma_2" in bp:
+    y = y * bp["gamma_2"]
+  return x + y
+
+
+def _np_encode(params, images, mask, heads, return_layers=False):
+  """Blocks output (B, N+1, D) before the final norm (and each block's, with
+  `return_layers`), the params as float64, and the shared rel-pos bias (or zeros)."""
   params = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
   images = np.asarray(images, np.float64)
   pe = params["patch_embed"]
@@ -183,28 +203,16 @@ def _np_encode(params, images, mask, heads):
   x = np.concatenate([cls, x], axis=1)
   if "pos_embed" in params:
     x = x + params["pos_embed"]
-  shared = None
+  shared = np.zeros((heads, num + 1, num + 1))
   if "rel_pos_bias" in params:
     shared = _np_rel_bias(params["rel_pos_bias"]["relative_position_bias_table"], grid)
   depth = sum(1 for k in params if k.startswith("blocks_"))
+  layers = []
   for i in range(depth):
-    bp = params[f"blocks_{i}"]
-    bias = np.zeros((heads, num + 1, num + 1))
-    if "relative_position_bias_table" in bp["attn"]:
-      bias = bias + _np_rel_bias(bp["attn"]["relative_position_bias_table"], grid)
-    if shared is not None:
-      bias = bias + shared
-    h = _np_layer_norm(x, bp["norm1"])
-    y = np.stack([_np_attention(h[s], bp["attn"], heads, bias) for s in range(b)])
-    if "gamma_1" in bp:
-      y = y * bp["gamma_1"]
-    x = x + y
-    h = _np_layer_norm(x, bp["norm2"])
-    y = _np_gelu(h @ bp["mlp"]["fc1"]["kernel"] + bp["mlp"]["fc1"]["bias"])
-    y = y @ bp["mlp"]["fc2"]["kernel"] + bp["mlp"]["fc2"]["bias"]
-    if "gamma_2" in bp:
-      y = y * bp["gamma_2"]
-    x = x + y
+    x = _np_block(x, params[f"blocks_{i}"], heads, shared)
+    layers.append(x)
+  if return_layers:
+    return x, params, layers, shared
   return x, params
 
 
