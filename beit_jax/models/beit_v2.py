@@ -52,23 +52,12 @@ class BEiTv2(vit.BEiT):
       )
     if self.vocab_size <= 0:
       raise ValueError("BEiT v2 pretraining needs the MIM head (vocab_size > 0).")
-    block_cls = nn_remat(self.remat)
     dpr = np.linspace(
       0.0, self.drop_path_rate, max(self.depth, self.early_layers + self.head_layers)
     )
     self.cls_pt_layers = [
-      block_cls(
-        self.num_heads,
-        self.mlp_ratio,
-        self.grid,
-        layer=self.early_layers + i + 1,
-        drop_path_rate=float(dpr[self.early_layers + i]),
-        init_values=self.init_values,
-        use_rel_pos_bias=self.use_rel_pos_bias,
-        init_truncation=self.init_truncation,
-        attention=self.attention,
-        dtype=self.dtype,
-        name=f"{CLS_PT_PREFIX}{i}",
+      self.make_block(
+        self.early_layers + i + 1, float(dpr[self.early_layers + i]), f"{CLS_PT_PREFIX}{i}"
       )
       for i in range(self.head_layers)
     ]
@@ -104,11 +93,6 @@ class BEiTv2(vit.BEiT):
     if positions is None:
       positions = jnp.broadcast_to(jnp.arange(self.num_patches), mask.shape)
     return self.mim_logits(images, mask, positions, train=train)
-
-
-def nn_remat(remat: bool):
-  """The block class: rematerialised (`nn.remat`, as `vit.BEiT` does) or not."""
-  return flax.linen.remat(vit.Block, static_argnums=(3,)) if remat else vit.Block
 
 
 def mim_model(variant: str, **overrides: Any) -> BEiTv2:

@@ -392,24 +392,8 @@ class BEiT(nn.Module):
       )
     if self.use_shared_rel_pos_bias:
       self.rel_pos_bias = RelativePositionBias(self.grid, self.num_heads, name="rel_pos_bias")
-    block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
     dpr = np.linspace(0.0, self.drop_path_rate, self.depth)
-    self.blocks = [
-      block_cls(
-        self.num_heads,
-        self.mlp_ratio,
-        self.grid,
-        layer=i + 1,
-        drop_path_rate=float(dpr[i]),
-        init_values=self.init_values,
-        use_rel_pos_bias=self.use_rel_pos_bias,
-        init_truncation=self.init_truncation,
-        attention=self.attention,
-        dtype=self.dtype,
-        name=f"blocks_{i}",
-      )
-      for i in range(self.depth)
-    ]
+    self.blocks = [self.make_block(i + 1, float(dpr[i]), f"blocks_{i}") for i in range(self.depth)]
     use_norm = self.vocab_size > 0 or (self.num_classes > 0 and not self.use_mean_pooling)
     if use_norm:
       self.norm = layer_norm("norm", jnp.float32)
@@ -432,6 +416,23 @@ class BEiT(nn.Module):
         param_dtype=jnp.float32,
         name="head",
       )
+
+  def make_block(self, layer: int, drop_path_rate: float, name: str) -> Block:
+    """A block of this model's layout (rematerialised with `remat`); `layer` is 1-based."""
+    block_cls = nn.remat(Block, static_argnums=(3,)) if self.remat else Block
+    return block_cls(
+      self.num_heads,
+      self.mlp_ratio,
+      self.grid,
+      layer=layer,
+      drop_path_rate=drop_path_rate,
+      init_values=self.init_values,
+      use_rel_pos_bias=self.use_rel_pos_bias,
+      init_truncation=self.init_truncation,
+      attention=self.attention,
+      dtype=self.dtype,
+      name=name,
+    )
 
   # -- Backbone ---------------------------------------------------------------------
   def embed(self, images: Array, mask: Array | None = None) -> Array:
