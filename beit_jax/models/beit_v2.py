@@ -71,13 +71,7 @@ class BEiTv2(vit.BEiT):
     shared = self.rel_pos_bias() if self.use_shared_rel_pos_bias else None
     for block in self.cls_pt_layers:
       y = block(y, shared, not train)
-    index = positions[:, :, None].astype(jnp.int32)
-
-    def head(states):
-      states = self.norm(states[:, 1:].astype(jnp.float32))
-      return self.lm_head(jnp.take_along_axis(states, index, axis=1))
-
-    return head(x), head(y)
+    return self.token_logits(x, positions), self.token_logits(y, positions)
 
   def __call__(
     self,

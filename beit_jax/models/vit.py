@@ -479,10 +479,12 @@ class BEiT(nn.Module):
     `mask` (B, N) bool marks the patches replaced by the mask token; `positions` are
     patch indices (0-based, cls excluded), usually the masked ones padded to a static K.
     """
-    x = self.encode(images, mask, train=train)
+    return self.token_logits(self.encode(images, mask, train=train), positions)
+
+  def token_logits(self, x: Array, positions: Array) -> Array:
+    """The MIM head on block states (B, 1 + N, D): norm -> the patches at `positions` -> lm_head."""
     x = self.norm(x[:, 1:].astype(jnp.float32))
-    x = jnp.take_along_axis(x, positions[:, :, None].astype(jnp.int32), axis=1)
-    return self.lm_head(x)
+    return self.lm_head(jnp.take_along_axis(x, positions[:, :, None].astype(jnp.int32), axis=1))
 
   def classify(self, images: Array, *, train: bool = False) -> Array:
     """Class logits (B, num_classes), float32."""
