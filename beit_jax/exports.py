@@ -6,7 +6,9 @@ model they belong to, and each kind has one writer and one loader here:
 
   kind               written by                               loaded by
   'dvae'             task dvae, `convert dalle`               `load_tokenizer`
-  'vqkd'             `convert vqkd` (unilm BEiT v2 tokenizers) `load_tokenizer`, `load_vqkd`
+  'vqkd'             task vqkd, `convert vqkd` (unilm BEiT v2  `load_tokenizer`, `load_vqkd`
+                     tokenizers)
+  'vqkd_teacher'     `convert teacher` (timm CLIP / DINO ViTs) `load_teacher`
   'beit_mim'         task pretrain                            `load_pretrained`, `load_beit`
   'beit'             `convert beit` (unilm / timm weights)    `load_pretrained`, `load_beit`
   'beit_classifier'  task finetune (`export/best`, `/final`)  `load_classifier`, `load_beit`
@@ -38,7 +40,7 @@ import jax.numpy as jnp
 import orbax.checkpoint as ocp
 
 from beit_jax import paths
-from beit_jax.models import dvae, segmentation, vit, vqkd
+from beit_jax.models import dvae, segmentation, teacher, vit, vqkd
 from beit_jax.training.checkpointing import abstract_with_shardings
 
 METADATA_FILE = "metadata.json"
@@ -46,6 +48,7 @@ PARAMS_DIR = "params"
 
 TOKENIZER = "dvae"
 VQKD_TOKENIZER = "vqkd"
+TEACHER = "vqkd_teacher"  # A frozen CLIP / DINO ViT for VQ-KD to distil.
 TOKENIZER_KINDS = (TOKENIZER, VQKD_TOKENIZER)
 MIM = "beit_mim"
 CONVERTED_BEIT = "beit"
@@ -222,6 +225,31 @@ def load_vqkd(
     "codebook": jax.ShapeDtypeStruct((model.num_codes, model.code_dim), jnp.float32),
   }
   return model, load_params_onto(directory, abstract, sharding), metadata
+
+
+def write_teacher(
+  directory: str | os.PathLike, params: Any, model_kwargs: Mapping[str, Any], source: str = ""
+) -> str:
+  """A frozen VQ-KD teacher (`teacher.Teacher(**model_kwargs)`, converted from timm)."""
+  model = teacher.Teacher(**model_kwargs)
+  metadata = dict(
+    kind=TEACHER,
+    model_kwargs=dict(model_kwargs),
+    image_size=model.image_size,
+    patch_size=model.patch_size,
+    width=teacher.out_dim(model),
+    source=source,
+  )
+  return write(directory, params, metadata)
+
+
+def load_teacher(
+  directory: str | os.PathLike, sharding: Any = None
+) -> tuple[teacher.Teacher, Any, dict[str, Any]]:
+  """(model, params, metadata) of a teacher export."""
+  metadata = read_metadata_of_kind(directory, (TEACHER,), "a VQ-KD teacher")
+  model = teacher.Teacher(**metadata["model_kwargs"])
+  return model, load_params_onto(directory, teacher.abstract_params(model), sharding), metadata
 
 
 # ----------------------------------------------------------------------------------

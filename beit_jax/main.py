@@ -2,6 +2,7 @@ r"""Entry point: `python -m beit_jax.main --config=configs/FILE.py[:ARGS] --work
 
 The config's `task` field picks the job:
   dvae          train a Gumbel-softmax dVAE visual tokenizer (beit_jax/tasks/dvae.py)
+  vqkd          train BEiT v2's VQ-KD tokenizer against a frozen teacher (beit_jax/tasks/vqkd.py)
   pretrain      BEiT masked image modeling against a frozen tokenizer (beit_jax/tasks/pretrain.py)
   finetune      classification fine-tuning of a (pretrained) backbone (beit_jax/tasks/finetune.py)
   linear_probe  linear probes on every block of a frozen backbone (beit_jax/tasks/linear_probe.py)
@@ -34,6 +35,7 @@ from beit_jax.training import workdir as workdir_lib
 
 TASKS = {
   "dvae": "beit_jax.tasks.dvae",
+  "vqkd": "beit_jax.tasks.vqkd",
   "pretrain": "beit_jax.tasks.pretrain",
   "finetune": "beit_jax.tasks.finetune",
   "linear_probe": "beit_jax.tasks.linear_probe",

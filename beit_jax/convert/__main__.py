@@ -7,6 +7,7 @@ r"""Convert PyTorch weights to this project's Orbax params exports.
   python -m beit_jax.convert segmentation SRC.pth OUT_DIR [--num_heads=N] \
       [--out_indices=3,5,7,11] [--pool_scales=1,2,3,6] [--input_norm=half]
   python -m beit_jax.convert vqkd SRC.pth OUT_DIR [--encoder_heads=N] [--decoder_heads=N]
+  python -m beit_jax.convert teacher SRC.pth OUT_DIR --kind=clip|dino [--num_heads=N]
 
 `beit`: a unilm BEiT checkpoint (`beit_{base,large}_patch16_*_pt22k*.pth`,
 `beit_base_patch16_224_pt1k_800ep.pth`, `backbone.`-prefixed backbones; a whole
@@ -48,6 +49,11 @@ mean = std = 127.5, i.e. 'half' (the default).
 targets of the 224 px view itself (`--config.input.second_size=224`). The teacher recorded
 in the metadata is read from the decoder's output width (512: CLIP, 768: DINO).
 
+`teacher`: a frozen ViT for the `vqkd` task to distil, from a timm state dict
+(`vit_base_patch16_clip_quickgelu_224.openai` with `--kind=clip`: its 512-d projected patch
+features, the paper's default; `vit_base_patch16_224.dino` with `--kind=dino`: 768-d) ->
+a teacher export (`--config.teacher.path=OUT_DIR` of `configs/vqkd_base.py`).
+
 Every path may be on a bucket (`gs://BUCKET/...`, with `pip install "beit_jax[gcs]"`).
 """
 
@@ -60,6 +66,7 @@ import time
 from beit_jax import exports, paths
 from beit_jax.convert import beit, dalle
 from beit_jax.convert import segmentation as segmentation_convert
+from beit_jax.convert import teacher as teacher_convert
 from beit_jax.convert import vqkd as vqkd_convert
 from beit_jax.models import segmentation
 
@@ -131,6 +138,20 @@ def convert_vqkd(args: argparse.Namespace) -> None:
   )
 
 
+def convert_teacher(args: argparse.Namespace) -> None:
+  t0 = time.perf_counter()
+  checkpoint = beit.load_torch_checkpoint(args.src)
+  try:
+    params, kwargs = teacher_convert.timm_to_flax(checkpoint, args.teacher_kind, args.num_heads)
+  except ValueError as e:
+    raise SystemExit(f"{args.src} does not convert to a {args.teacher_kind} teacher: {e}") from e
+  exports.write_teacher(args.out, params, kwargs, source=args.src)
+  print(
+    f"Converted {args.src} -> {args.out} ({args.teacher_kind} teacher) in "
+    f"{time.perf_counter() - t0:.1f} s; architecture: {kwargs}"
+  )
+
+
 def main(argv=None) -> None:
   parser = argparse.ArgumentParser(
     prog="python -m beit_jax.convert", description=__doc__.split("\n\n")[0]
@@ -165,6 +186,11 @@ def main(argv=None) -> None:
   q.add_argument("out")
   q.add_argument("--encoder_heads", type=int, default=None)
   q.add_argument("--decoder_heads", type=int, default=None)
+  r = sub.add_parser("teacher", help="timm CLIP / DINO ViT .pth -> VQ-KD teacher export")
+  r.add_argument("src")
+  r.add_argument("out")
+  r.add_argument("--kind", dest="teacher_kind", choices=("clip", "dino"), required=True)
+  r.add_argument("--num_heads", type=int, default=None)
   args = parser.parse_args(argv)
   try:
     paths.check_storage({k: v for k, v in vars(args).items() if isinstance(v, str)})
@@ -176,6 +202,9 @@ def main(argv=None) -> None:
     return
   if args.kind == "vqkd":
     convert_vqkd(args)
+    return
+  if args.kind == "teacher":
+    convert_teacher(args)
     return
   t0 = time.perf_counter()
   if args.kind == "to_pth":

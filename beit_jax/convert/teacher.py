@@ -16,8 +16,6 @@ from collections.abc import Mapping
 from typing import Any
 
 import flax
-import jax
-import jax.numpy as jnp
 import numpy as np
 
 from beit_jax.convert import beit as beit_convert
@@ -84,11 +82,6 @@ def infer_model_kwargs(
   )
 
 
-def abstract_params(model: teacher_lib.Teacher) -> Any:
-  images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
-  return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x)["params"], images)
-
-
 def timm_to_flax(
   checkpoint: Mapping[str, Any], kind: str, num_heads: int | None = None
 ) -> tuple[dict[str, Any], dict[str, Any]]:
@@ -102,5 +95,7 @@ def timm_to_flax(
     sd.pop("head.weight"), sd.pop("head.bias", None)  # A classifier: not a DINO teacher part.
   kwargs = infer_model_kwargs(sd, kind, num_heads)
   flat = dict(_leaf(k, v) for k, v in sd.items())
-  beit_convert.check_params(flat, abstract_params(teacher_lib.Teacher(**kwargs)), kwargs)
+  beit_convert.check_params(
+    flat, teacher_lib.abstract_params(teacher_lib.Teacher(**kwargs)), kwargs
+  )
   return flax.traverse_util.unflatten_dict(flat), kwargs

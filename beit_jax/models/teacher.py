@@ -149,3 +149,28 @@ class Teacher(nn.Module):
     if self.proj_dim:
       x = nn.Dense(self.proj_dim, dtype=jnp.float32, name="head")(x)
     return x
+
+
+def abstract_params(model: Teacher) -> Any:
+  """ShapeDtypeStructs of the teacher's params."""
+  images = jax.ShapeDtypeStruct((1, model.image_size, model.image_size, 3), jnp.float32)
+  return jax.eval_shape(lambda x: model.init(jax.random.PRNGKey(0), x)["params"], images)
+
+
+def out_dim(model: Teacher) -> int:
+  """The width of the teacher's patch features (the VQ-KD decoder's output)."""
+  return model.proj_dim or model.embed_dim
+
+
+def beit_patch_features(model: vit.BEiT, images: Array) -> Array:
+  """A BEiT backbone of this project as the teacher (`model.apply(..., method=this)`):
+  its last block's patch states through its own final LayerNorm (`fc_norm` of a
+  mean-pooling classifier, else `norm`; none for a headless backbone), (B, N, D) float32
+  — the counterpart of DINO's ``norm(x)[:, 1:]``. ``images`` are normalised as the
+  backbone was trained."""
+  x = model.encode(images)[:, 1:].astype(jnp.float32)
+  if model.num_classes > 0 and model.use_mean_pooling:
+    return model.fc_norm(x)
+  if model.vocab_size > 0 or model.num_classes > 0:
+    return model.norm(x)
+  return x

@@ -55,14 +55,20 @@ def task_layer(width: int, out: int, name: str) -> list[nn.Dense]:
   ]
 
 
-def cosine_distance(rec: Array, target: Array) -> Array:
-  """unilm's `calculate_rec_loss` (cosine): mean over positions of ``1 - cos(rec, target)``,
-  both divided by their plain norms (no epsilon, as unilm), float32 scalar."""
+def cosine_distances(rec: Array, target: Array) -> Array:
+  """``1 - cos(rec, target)`` at every position (...,), both divided by their plain norms
+  (no epsilon, as unilm), float32."""
   rec = rec.astype(jnp.float32)
   target = target.astype(jnp.float32)
   rec = rec / jnp.linalg.norm(rec, axis=-1, keepdims=True)
   target = target / jnp.linalg.norm(target, axis=-1, keepdims=True)
-  return jnp.mean(1.0 - jnp.sum(rec * target, axis=-1))
+  return 1.0 - jnp.sum(rec * target, axis=-1)
+
+
+def cosine_distance(rec: Array, target: Array) -> Array:
+  """unilm's `calculate_rec_loss` (cosine): the mean over positions of `cosine_distances`,
+  a float32 scalar."""
+  return jnp.mean(cosine_distances(rec, target))
 
 
 class VQKD(nn.Module):

@@ -200,31 +200,19 @@ def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int
   return {IMAGE_KEY: ((config.input.batch_size, size, size, 3), jnp.uint8)}
 
 
-COLLAPSE_USAGE = 0.10  # Codebook usage under which the run warns (once) of a collapse.
-
-
 def make_summarize_train(vocab_size: int) -> loop.Summarize:
   """Interval means plus the codebook usage and perplexity of the interval's argmax
-  tokens; warns once, saying what to change, when usage falls under `COLLAPSE_USAGE`."""
-  warned = False
+  tokens, with the collapse warning (`loop.make_codebook_summarize`) and the restart count."""
+  summarize_codebook = loop.make_codebook_summarize(
+    vocab_size,
+    "Raise config.loss.diversity (e.g. 0.1), use config.codebook.init='kmeans', or lower "
+    "config.loss.beta_end / config.optim.lr.",
+  )
 
   def summarize(sums: Mapping[str, np.ndarray], num_steps: int) -> dict[str, float]:
-    nonlocal warned
-    scalars = loop.mean_scalars(sums, num_steps)
-    scalars.update({k: float(v) for k, v in codebook.codebook_stats(sums["token_counts"]).items()})
+    scalars = summarize_codebook(sums, num_steps)
     if "restarted_codes" in sums:  # A count over the interval, not a mean.
       scalars["restarted_codes"] = int(sums["restarted_codes"])
-    if scalars["usage"] < COLLAPSE_USAGE and not warned:
-      warned = True
-      logging.warning(
-        "Codebook collapse: the last %d steps used %.1f%% of the %d codes (perplexity "
-        "%.1f). Raise config.loss.diversity (e.g. 0.1), use config.codebook.init="
-        "'kmeans', or lower config.loss.beta_end / config.optim.lr.",
-        num_steps,
-        100 * scalars["usage"],
-        vocab_size,
-        scalars["perplexity"],
-      )
     return scalars
 
   return summarize

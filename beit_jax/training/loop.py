@@ -32,6 +32,7 @@ from absl import logging
 from jax.experimental import multihost_utils
 from jax.sharding import NamedSharding
 
+from beit_jax.models import codebook
 from beit_jax.training import console
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training import workdir as workdir_lib
@@ -157,6 +158,36 @@ def _check_streak(streak: Any, step: int, max_consecutive: int, checkpointer: Ch
 def mean_scalars(sums: Mapping[str, np.ndarray], num_steps: int) -> dict[str, float]:
   """Interval means of the scalar metrics (non-scalars are left to the task)."""
   return {k: float(v) / num_steps for k, v in sums.items() if np.ndim(v) == 0}
+
+
+COLLAPSE_USAGE = 0.10  # Codebook usage under which a tokenizer run warns (once) of a collapse.
+
+
+def make_codebook_summarize(
+  vocab_size: int, advice: str, counts_key: str = "token_counts"
+) -> Summarize:
+  """`mean_scalars` plus the codebook usage and perplexity of the interval's code counts
+  (`sums[counts_key]`, (V,)) for a tokenizer's training; warns once, with `advice` (what to
+  change), when the usage falls under `COLLAPSE_USAGE` (the dVAE and VQ-KD tasks)."""
+  warned = False
+
+  def summarize(sums: Mapping[str, np.ndarray], num_steps: int) -> dict[str, float]:
+    nonlocal warned
+    scalars = mean_scalars(sums, num_steps)
+    scalars.update({k: float(v) for k, v in codebook.codebook_stats(sums[counts_key]).items()})
+    if scalars["usage"] < COLLAPSE_USAGE and not warned:
+      warned = True
+      logging.warning(
+        "Codebook collapse: the last %d steps used %.1f%% of the %d codes (perplexity %.1f). %s",
+        num_steps,
+        100 * scalars["usage"],
+        vocab_size,
+        scalars["perplexity"],
+        advice,
+      )
+    return scalars
+
+  return summarize
 
 
 def run(

@@ -99,3 +99,20 @@ def test_compile_train_step_donates_the_state_and_refuses_a_retrace():
   again = loop.compile_train_step(train_step, sharding, sharding)
   again(jnp.zeros(()), jnp.ones((6,)))
   chex.clear_trace_counter()
+
+
+def test_codebook_summarize_gives_usage_perplexity_and_warns_once_on_collapse(caplog):
+  summarize = loop.make_codebook_summarize(100, "Do X.")
+  counts = np.zeros(100, np.float32)
+  counts[:50] = 2.0
+  out = summarize({"loss": np.float32(6.0), "token_counts": counts}, 3)
+  assert out["loss"] == pytest.approx(2.0) and out["usage"] == pytest.approx(0.5)
+  assert out["perplexity"] == pytest.approx(50.0, rel=1e-5)
+  assert "Codebook collapse" not in caplog.text
+  counts = np.zeros(100, np.float32)
+  counts[:5] = 1.0
+  with caplog.at_level("WARNING"):
+    assert summarize({"token_counts": counts}, 1)["usage"] == pytest.approx(0.05)
+    summarize({"token_counts": counts}, 1)
+  assert caplog.text.count("Codebook collapse: the last 1 steps used 5.0% of the 100 codes") == 1
+  assert "Do X." in caplog.text
