@@ -50,7 +50,7 @@ from ml_collections import config_flags
 from beit_jax import exports, pixels, tpu
 from beit_jax.models import dvae, ops, precision
 from beit_jax.models import tokenizer as tokenizer_lib
-from beit_jax.tasks import downstream, finetune, pretrain
+from beit_jax.tasks import downstream, finetune, mim_step, pretrain
 from beit_jax.tasks import dvae as dvae_task
 from beit_jax.training import loop
 from beit_jax.training import mesh as mesh_lib
@@ -260,7 +260,7 @@ def abstract_step(
 def compile_pieces(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, Any]:
   """The step's two halves compiled apart, to see which one the TPU compiler can estimate:
   'tokenizer' (the frozen dVAE's ids of the tokenizer view) and 'mim_update' (BEiT forward,
-  backward and AdamW given the ids: `pretrain.make_mim_update`). name -> executable."""
+  backward and AdamW given the ids: `mim_step.make_mim_update`). name -> executable."""
   config = for_tpu(config)
   if config.task != "pretrain":
     raise ValueError("--pieces splits the pretrain step (tokenizer | MIM update) only.")
@@ -273,7 +273,7 @@ def compile_pieces(config: ml_collections.ConfigDict, mesh: Mesh) -> dict[str, A
       out_shardings=batch_sharding,
     )
     parts = step.parts
-    update = pretrain.make_mim_update(
+    update = mim_step.make_mim_update(
       parts.model, parts.tx, parts.lr_fn, pretrain.mask_counts(config)[0], config.input.norm
     )
     update_fn = jax.jit(

@@ -5,7 +5,7 @@ r"""The MIM train step against a PyTorch peer, side by side in one run (CPU).
   python benchmarks/mim_step_vs_timm.py --tokenizer --cases=base:224:16:8   # + DALL-E rows
   python benchmarks/mim_step_vs_timm.py --precisions=bfloat16     # mixed precision only
 
-Ours: `pretrain.make_mim_update` jitted with the state donated (normalise, mask tokens,
+Ours: `mim_step.make_mim_update` jitted with the state donated (normalise, mask tokens,
 shared rel-pos BEiT, logits only at the masked positions, cross-entropy, AdamW with
 unilm's no-decay rule and clipping), fed random target ids (the tokenizer is left out on
 both sides). The peer: timm's `Beit(use_abs_pos_emb=False, use_shared_rel_pos_bias=True,
@@ -25,7 +25,7 @@ achieved FLOP/s of a bf16 row is set against XLA's bf16 matmul rate of the same 
 With --tokenizer (cases with patch 16, i.e. a 14x14 token grid from the 112 px view) two
 more rows per case: the DALL-E encoder alone (ours: `dvae.tokenize` jitted; peer: OpenAI's
 `dall_e.Encoder` + argmax, same size, random weights) and the whole step with the
-tokenizer in it (ours: `pretrain.make_train_step`, the step the `pretrain` task runs;
+tokenizer in it (ours: `mim_step.make_train_step`, the step the `pretrain` task runs;
 peer: `dall_e.Encoder` under no_grad, then the timm step above). Needs the `dall-e`
 package (`pip install -e ".[torch_refs]"`, part of ".[test]").
 """
@@ -43,7 +43,7 @@ import numpy as np
 from beit_jax import config_lib
 from beit_jax.data import masking
 from beit_jax.models import dvae, vit
-from beit_jax.tasks import pretrain
+from beit_jax.tasks import mim_step, pretrain
 from beit_jax.training import optim
 from beit_jax.training.train_state import TrainState
 
@@ -111,12 +111,12 @@ def ours(variant, size, patch, batch, steps, masks, remat=False, tokenizer=None,
   images = jnp.asarray(rng.integers(0, 256, (batch, size, size, 3), dtype=np.uint8))
   mask = jnp.asarray(masks)
   if tokenizer is None:
-    fn = jax.jit(pretrain.make_mim_update(model, tx, lr_fn, num, "half"), donate_argnums=(0,))
+    fn = jax.jit(mim_step.make_mim_update(model, tx, lr_fn, num, "half"), donate_argnums=(0,))
     args = (images, mask, jnp.asarray(rng.integers(0, VOCAB, masks.shape), jnp.int32))
   else:  # The `pretrain` task's step: tokenizer ids of the 112 px view, then the update.
     tok_model, tok_params = tokenizer
     fn = jax.jit(
-      pretrain.make_train_step(model, tok_model, tx, lr_fn, num, "half"), donate_argnums=(0,)
+      mim_step.make_train_step(model, tok_model, tx, lr_fn, num, "half"), donate_argnums=(0,)
     )
     token_view = rng.integers(0, 256, (batch, size // 2, size // 2, 3), dtype=np.uint8)
     args = (

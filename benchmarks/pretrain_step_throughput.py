@@ -4,11 +4,11 @@ r"""Train-step throughput of BEiT MIM pretraining (tokenizer + ViT + AdamW in on
   python benchmarks/pretrain_step_throughput.py --variants=base --batch_size=64,128 \
     --dtype=bfloat16 --tokenizer=dall_e,none --attention=einsum,dot_product --steps=10
 
-Times the compiled `pretrain.make_train_step` (the exact step the `pretrain` task runs)
+Times the compiled `mim_step.make_train_step` (the exact step the `pretrain` task runs)
 on random uint8 views and blockwise masks (default 224 px, patch 16: 75 of 196 masked), with a
 frozen tokenizer of the given architecture on the 112 px view: 'dall_e' (the DALL-E dVAE
 BEiT uses, 54M-param encoder, 8192 tokens), 'compact' (a small dVAE), or 'none' (the
-ViT + AdamW half alone, `pretrain.make_mim_update`, on random target ids). Every
+ViT + AdamW half alone, `mim_step.make_mim_update`, on random target ids). Every
 comma-separated value of --variants, --batch_size, --tokenizer and --attention
 (`beit_jax.models.attention`: einsum, dot_product, ...) is crossed; one row each:
 
@@ -41,7 +41,7 @@ import numpy as np
 from beit_jax import config_lib
 from beit_jax.data import masking
 from beit_jax.models import attention, dvae, vit
-from beit_jax.tasks import pretrain
+from beit_jax.tasks import mim_step
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training import optim
 from beit_jax.training.train_state import TrainState, init_sharded
@@ -229,9 +229,9 @@ def run_one(args, mesh, variant: str, batch_size: int, tok_arch: str, attn: str)
 
   def make_step(model):
     if tok_arch == "none":
-      update = pretrain.make_mim_update(model, tx, lr_fn, num, "half")
+      update = mim_step.make_mim_update(model, tx, lr_fn, num, "half")
       return lambda state, batch, extra: update(state, batch["image"], batch["mask"], batch["ids"])
-    return pretrain.make_train_step(model, tokenizer, tx, lr_fn, num, "half")
+    return mim_step.make_train_step(model, tokenizer, tx, lr_fn, num, "half")
 
   def init_fn():
     params = model.init(jax.random.PRNGKey(0), jnp.zeros((1, size, size, 3)))["params"]

@@ -5,7 +5,7 @@ ImageNet-1k 800 epochs and ImageNet-22k 150 epochs on TPU v5e / v5p pods and H10
   python benchmarks/scaling_on_paper.py --mfu=0.45 --variants=base
 
 FLOPs per image come from XLA's cost analysis of the exact train step the `pretrain` task
-compiles (`pretrain.make_train_step`: DALL-E tokenizer forward on the 112 px view, BEiT
+compiles (`mim_step.make_train_step`: DALL-E tokenizer forward on the 112 px view, BEiT
 forward + backward on 224 px / patch 16 with 75 masked patches, AdamW), lowered on
 abstract shapes (nothing is run; batch 8, FLOPs divided by 8). Then
 
@@ -28,7 +28,7 @@ import jax.numpy as jnp
 
 from beit_jax import config_lib
 from beit_jax.models import dvae, vit
-from beit_jax.tasks import pretrain
+from beit_jax.tasks import mim_step, pretrain
 from beit_jax.training import optim
 from beit_jax.training.train_state import TrainState
 
@@ -81,7 +81,7 @@ def step_flops_per_image(variant: str, batch: int = 8) -> tuple[float, float]:
     pretrain.TOKENIZER_KEY: u8(batch, 112, 112, 3),
     pretrain.MASK_KEY: jax.ShapeDtypeStruct((batch, 196), jnp.bool_),
   }
-  step = jax.jit(pretrain.make_train_step(model, tokenizer, tx, lr_fn, 75, "half"))
+  step = jax.jit(mim_step.make_train_step(model, tokenizer, tx, lr_fn, 75, "half"))
 
   def flops(lowered):
     cost = lowered.compile().cost_analysis()

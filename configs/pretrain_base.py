@@ -84,6 +84,12 @@ def get_config(arg=None):
     use_abs_pos_emb=False,
     use_shared_rel_pos_bias=True,
     remat=False,
+    # BEiT v2's patch aggregation (configs/pretrain_v2_base.py): the last block's cls token
+    # with block `early_layers`' patch states (0: 9 of 12, 21 of 24) through `head_layers`
+    # extra blocks, a second masked-token loss; dropped at export.
+    patch_aggregation=False,
+    early_layers=0,
+    head_layers=2,
     attention="auto",  # beit_jax.models.attention: einsum on CPU/TPU, cuDNN's on GPU.
     dtype="auto",
   )  # bf16 compute on GPU/TPU, f32 on CPU.

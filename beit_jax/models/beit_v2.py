@@ -37,6 +37,11 @@ CLS_PT_PREFIX = "cls_pt_layers_"
 EARLY_LAYERS = {12: 9, 24: 21}
 
 
+def default_early_layers(depth: int) -> int:
+  """unilm's early layer for a depth (9 of 12, 21 of 24), else depth - 3 (at least 1)."""
+  return EARLY_LAYERS.get(depth, max(depth - 3, 1))
+
+
 class BEiTv2(vit.BEiT):
   """`vit.BEiT` (MIM layout) with the patch-aggregation head; `mim_logits` gives
   ``(logits, cls_pt_logits)``, both (B, K, vocab) at `positions`."""
@@ -94,7 +99,7 @@ def mim_model(variant: str, **overrides: Any) -> BEiTv2:
   rel-pos, LayerScale, mask token) with the head from block 9 (Base) / 21 (Large)."""
   kw = vit.mim_model(variant, **{k: v for k, v in overrides.items() if k not in _OWN})
   own = {k: overrides[k] for k in _OWN if k in overrides}
-  own.setdefault("early_layers", EARLY_LAYERS.get(kw.depth, max(kw.depth - 3, 1)))
+  own.setdefault("early_layers", default_early_layers(kw.depth))
   return BEiTv2(**{f.name: getattr(kw, f.name) for f in _FIELDS}, **own)
 
 

@@ -30,7 +30,7 @@ tokenizer is trained first in `<workdir>/tokenizer` and then used.
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from typing import Any, NamedTuple
 
 import jax
@@ -39,22 +39,18 @@ import ml_collections
 import optax
 from absl import logging
 
-from beit_jax import config_lib, exports, pixels
+from beit_jax import config_lib, exports
 from beit_jax.data import masking, pipeline, sources, transforms
-from beit_jax.models import attention, dvae, precision, vit
+from beit_jax.models import attention, beit_v2, dvae, precision, vit
 from beit_jax.models import tokenizer as tokenizer_lib
 from beit_jax.tasks import dvae as dvae_task
-from beit_jax.tasks import mim_eval
+from beit_jax.tasks import mim_eval, mim_step
 from beit_jax.tasks.mim_eval import BATCH_KEYS, IMAGE_KEY, MASK_KEY, TOKENIZER_KEY
-from beit_jax.training import checkpointing, loop, losses, optim
+from beit_jax.tasks.mim_step import LOSS_ON, TARGETS
+from beit_jax.training import checkpointing, loop, optim
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training.train_state import TrainState, init_sharded
 from beit_jax.viz import pictures
-
-LOSS_ON = ("masked", "all")  # Which patches' tokens the loss predicts (paper Table 4).
-# What the ViT predicts: the tokenizer's ids (BEiT) or the normalised pixels of the patches
-# with an L2 loss (paper Table 4's pixel-regression ablation; no tokenizer is used).
-TARGETS = ("tokens", "pixels")
 
 
 def predicts_pixels(config: ml_collections.ConfigDict) -> bool:
@@ -71,27 +67,6 @@ def head_size(config: ml_collections.ConfigDict, tokenizer_vocab: int) -> int:
 # ----------------------------------------------------------------------------------
 # Config checks and the resolved pieces (before anything is compiled or written).
 # ----------------------------------------------------------------------------------
-def make_model(
-  model_config: Mapping[str, Any], image_size: int, vocab_size: int, dtype: Any = jnp.float32
-) -> vit.BEiT:
-  """The MIM model from `config.model` (a named variant plus overrides)."""
-  m = dict(model_config)
-  return vit.mim_model(
-    m["variant"],
-    image_size=image_size,
-    patch_size=m["patch_size"],
-    vocab_size=vocab_size,
-    init_values=m["init_values"],
-    drop_path_rate=m["drop_path_rate"],
-    use_abs_pos_emb=m["use_abs_pos_emb"],
-    use_shared_rel_pos_bias=m["use_shared_rel_pos_bias"],
-    use_rel_pos_bias=not m["use_shared_rel_pos_bias"],
-    remat=m["remat"],
-    attention=m["attention"],
-    dtype=dtype,
-  )
-
-
 def mask_counts(config: ml_collections.ConfigDict) -> tuple[int, int]:
   """(num masked patches, min block) — unilm's 75 / 16 of 196 scaled to the grid if 0."""
   grid = config.input.image_size // config.model.patch_size
@@ -157,6 +132,27 @@ def missing_inputs_message(config: ml_collections.ConfigDict) -> str | None:
   )
 
 
+def check_patch_aggregation(config: ml_collections.ConfigDict) -> None:
+  """BEiT v2's head (`model.patch_aggregation`): an early layer inside the ViT, token targets."""
+  m = config.model
+  if not m.get("patch_aggregation", False):
+    return
+  config_lib.check_positive(config, "model.early_layers", allow_zero=True)
+  config_lib.check_positive(config, "model.head_layers")
+  depth = vit.VARIANTS[m.variant][1]
+  early = m.early_layers or beit_v2.default_early_layers(depth)
+  if not 0 < early < depth:
+    raise ValueError(
+      f"config.model.early_layers={early} must be in 1..{depth - 1}: ViT-{m.variant} has "
+      f"{depth} blocks (unilm: 9 of 12, 21 of 24; 0 = that default)."
+    )
+  if predicts_pixels(config):
+    raise ValueError(
+      "config.model.patch_aggregation=True predicts tokens (BEiT v2); set config.target="
+      "'tokens' or turn patch aggregation off."
+    )
+
+
 def check_config(config: ml_collections.ConfigDict) -> None:
   """Raises ValueError naming the first bad value, before anything is compiled or written."""
   config_lib.check_choice(config, "task", ("pretrain",))
@@ -212,6 +208,7 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       f"config.mask.min_patches={min_block} is above "
       f"config.mask.num_patches={num}; a block cannot be larger than the mask."
     )
+  check_patch_aggregation(config)
   message = missing_inputs_message(config)
   if message:
     raise FileNotFoundError(message)
@@ -240,103 +237,6 @@ def check_config(config: ml_collections.ConfigDict) -> None:
       f"{tokenizer['vocab_size']} tokens; set it to {tokenizer['vocab_size']} "
       "(or 0 to take the tokenizer's)."
     )
-
-
-# ----------------------------------------------------------------------------------
-# The MIM step.
-# ----------------------------------------------------------------------------------
-def make_mim_update(
-  model: vit.BEiT,
-  tx: optax.GradientTransformation,
-  lr_fn: optim.Schedule,
-  max_masked: int,
-  input_norm: str,
-  inject_at_steps: tuple[int, ...] = (),
-  loss_on: str = "masked",
-  target: str = "tokens",
-):
-  """`update(state, images_uint8, mask, token_ids) -> (state, metrics)`: the ViT half of
-  the step (normalise, mask tokens, logits at the masked positions, cross-entropy, AdamW)
-  given the target ids (B, N) of every patch. `loss_on='all'` (the paper's ablation)
-  predicts the tokens of every patch, masked or not; `mlm_acc` is then over all patches.
-  `target='pixels'` (the other ablation) regresses each chosen patch's pixels, normalised
-  per patch (`losses.normalized_patch_pixels`), with an L2 loss; `token_ids` is unused."""
-  if loss_on not in LOSS_ON:
-    raise ValueError(f"loss_on must be one of {LOSS_ON}, got {loss_on!r}")
-  if target not in TARGETS:
-    raise ValueError(f"target must be one of {TARGETS}, got {target!r}")
-
-  def update(state: TrainState, images: jax.Array, mask: jax.Array, ids: jax.Array | None):
-    images = pixels.normalize(images, input_norm)
-    mask = mask.astype(bool)
-    positions, weights = losses.masked_positions(mask, max_masked)
-    masked_weights = weights
-    if loss_on == "all":
-      positions = jnp.broadcast_to(jnp.arange(mask.shape[1], dtype=jnp.int32), mask.shape)
-      weights = jnp.ones(mask.shape, jnp.float32)
-    if target == "pixels":
-      patch_targets = losses.normalized_patch_pixels(images, model.patch_size)
-      targets = jnp.take_along_axis(patch_targets, positions[..., None], axis=1)
-    else:
-      targets = jnp.take_along_axis(ids, positions, axis=1)
-
-    def loss_fn(params):
-      logits = model.apply(
-        {"params": params},
-        images,
-        mask,
-        positions,
-        train=True,
-        rngs={"dropout": state.step_rng()},
-        method=vit.BEiT.mim_logits,
-      )
-      if target == "pixels":
-        return losses.masked_pixel_loss(logits, targets, weights), {}
-      loss, acc = losses.masked_token_loss(logits, targets, weights)
-      return loss, {"mlm_acc": acc}
-
-    (loss, accuracy), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params)
-    new_state, update_metrics = state.apply_gradients(
-      grads, tx, loss, inject_at_steps=inject_at_steps
-    )
-    metrics = dict(
-      loss=loss,
-      **accuracy,
-      lr=lr_fn(state.step),
-      masked_per_image=jnp.mean(jnp.sum(masked_weights, axis=1)),
-      **update_metrics,
-    )
-    return new_state, metrics
-
-  return update
-
-
-def make_train_step(
-  model: vit.BEiT,
-  tokenizer: tokenizer_lib.Tokenizer,
-  tx: optax.GradientTransformation,
-  lr_fn: optim.Schedule,
-  max_masked: int,
-  input_norm: str,
-  inject_at_steps: tuple[int, ...] = (),
-  loss_on: str = "masked",
-  target: str = "tokens",
-):
-  """`train_step(state, batch, tokenizer_params) -> (state, metrics)`, for `jax.jit`:
-  the frozen tokenizer's ids of the tokenizer view, then `make_mim_update` (with
-  `target='pixels'` the tokenizer is not run and `tokenizer_params` is ignored)."""
-  update = make_mim_update(
-    model, tx, lr_fn, max_masked, input_norm, inject_at_steps, loss_on, target
-  )
-
-  def train_step(state: TrainState, batch: Mapping[str, jax.Array], tokenizer_params: Any):
-    if target == "pixels":
-      return update(state, batch[IMAGE_KEY], batch[MASK_KEY], None)
-    ids = tokenizer_lib.tokenize(tokenizer, tokenizer_params, pixels.to_unit(batch[TOKENIZER_KEY]))
-    ids = jax.lax.stop_gradient(ids.reshape(ids.shape[0], -1))
-    return update(state, batch[IMAGE_KEY], batch[MASK_KEY], ids)
-
-  return train_step
 
 
 # ----------------------------------------------------------------------------------
@@ -406,17 +306,17 @@ def make_step_parts(
   """The MIM model, schedule, optimizer, state initialiser and train step of `config`
   (`vocab_size`: the tokenizer's; the head is `head_size` wide)."""
   dtype = precision.compute_dtype(config.model.dtype)
-  model = make_model(config.model, config.input.image_size, head_size(config, vocab_size), dtype)
+  model = mim_step.make_model(
+    config.model, config.input.image_size, head_size(config, vocab_size), dtype
+  )
   lr_fn = config_lib.lr_schedule(config)
   tx = optim.make_optimizer(config.optim, lr_fn, wd_skip=model.no_weight_decay())
-  size = config.input.image_size
 
   def init_fn() -> TrainState:
     init_rng, state_rng = jax.random.split(jax.random.PRNGKey(config.seed))
-    params = model.init(init_rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
-    return TrainState.create(params, tx, state_rng)
+    return TrainState.create(mim_step.init_params(model, init_rng), tx, state_rng)
 
-  train_step = make_train_step(
+  train_step = mim_step.make_train_step(
     model,
     tokenizer,
     tx,
@@ -477,11 +377,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   # --- Model, optimizer, step ------------------------------------------------------
   parts = make_step_parts(config, tokenizer, vocab)
   model, dtype = parts.model, parts.model.dtype
+  plain = mim_step.eval_model(model)  # What the eval, pictures and export apply.
 
   state, state_sharding = init_sharded(parts.init_fn, mesh)
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info(
-    "BEiT-%s MIM: %s params, %d patches, %d masked (%s), compute %s",
+    "%s-%s MIM: %s params, %d patches, %d masked (%s), compute %s",
+    "BEiT v2" if plain is not model else "BEiT",
     config.model.variant,
     f"{num_params:,}",
     model.num_patches,
@@ -501,7 +403,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   )
   eval_fn = mim_eval.make_eval_fn(
     config,
-    model,
+    plain,
     tokenizer,
     tokenizer_params,
     max_masked,
@@ -516,10 +418,12 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
     return mim_eval.describe_run(config, export_dir, tokenizer_path, len(train_source), result)
 
   def export(result: loop.RunResult) -> None:
+    # BEiT v2: the backbone only (the patch-aggregation blocks stay in the checkpoints).
+    _, params = mim_step.backbone(model, result.state.eval_params)
     exports.write_mim(
       export_dir,
-      result.state.eval_params,
-      model,
+      params,
+      plain,
       input_norm=config.input.norm,
       tokenizer=tokenizer_path,
       tokenizer_image_size=tokenizer_size,
@@ -539,7 +443,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
     painter = pictures.checkpoint_painter(
       workdir,
       lambda state: pictures.mim_pictures(
-        model,
+        plain,
         state.eval_params,
         tokenizer,
         tokenizer_params,

@@ -8,7 +8,7 @@ import pytest
 
 from beit_jax import config_lib
 from beit_jax.models import attention
-from beit_jax.tasks import downstream, finetune, linear_probe, pretrain
+from beit_jax.tasks import downstream, finetune, linear_probe, mim_step, pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -28,7 +28,7 @@ def test_pretrain_model_takes_the_option():
   config = _config("pretrain_small")
   config.model.attention = "dot_product"
   pretrain.check_config(config)
-  model = pretrain.make_model(config.model, 32, 64)
+  model = mim_step.make_model(config.model, 32, 64)
   assert model.attention == "dot_product"
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from beit_jax import config_lib, exports
 from beit_jax.models import vit
-from beit_jax.tasks import pretrain
+from beit_jax.tasks import mim_step
 from beit_jax.training import losses, optim
 from beit_jax.training.train_state import TrainState
 from tests.tasks.test_pretrain_task import SMALL, TINY, run_main, tiny_batch
@@ -39,7 +39,7 @@ def _state_and_update(target, loss_on="masked", lr=1e-3):
   lr_fn = optim.warmup_cosine(lr, 1e-5, 1000, 0)
   tx = optim.make_optimizer(config_lib.adamw_config(lr=lr, weight_decay=0.05), lr_fn)
   state = TrainState.create(params, tx, jax.random.PRNGKey(1))
-  update = pretrain.make_mim_update(model, tx, lr_fn, 6, "half", loss_on=loss_on, target=target)
+  update = mim_step.make_mim_update(model, tx, lr_fn, 6, "half", loss_on=loss_on, target=target)
   return model, params, state, jax.jit(update)
 
 
@@ -67,7 +67,7 @@ def test_pixel_loss_is_the_mse_of_the_chosen_patches(loss_on):
   np.testing.assert_allclose(metrics["loss"], per_patch[chosen].mean(), rtol=1e-4)
   with pytest.raises(ValueError, match="target must be one of"):
     tx = optim.make_optimizer(config_lib.adamw_config(), 1e-3)
-    pretrain.make_mim_update(model, tx, lambda s: 1e-3, 6, "half", target="depth")
+    mim_step.make_mim_update(model, tx, lambda s: 1e-3, 6, "half", target="depth")
 
 
 def test_pixel_regression_learns_the_masked_patches_of_a_few_images():

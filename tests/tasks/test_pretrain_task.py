@@ -19,7 +19,7 @@ from jax.sharding import PartitionSpec as P
 from beit_jax import config_lib, exports
 from beit_jax.convert import __main__ as convert_cli
 from beit_jax.models import dvae, vit
-from beit_jax.tasks import pretrain
+from beit_jax.tasks import mim_step, pretrain
 from beit_jax.training import checkpointing, optim
 from beit_jax.training import losses as losses_lib
 from beit_jax.training import mesh as mesh_lib
@@ -106,7 +106,7 @@ def tiny_setup(mesh, seed=0, lr=3e-3, drop_path=0.0, dtype=jnp.float32, min_shar
   state, state_sh = init_sharded(init_fn, mesh, min_shard_size)
   batch_sh, repl = mesh_lib.batch_sharding(mesh), mesh_lib.replicated(mesh)
   step = jax.jit(
-    pretrain.make_train_step(model, tokenizer, tx, lr_fn, max_masked=6, input_norm="half"),
+    mim_step.make_train_step(model, tokenizer, tx, lr_fn, max_masked=6, input_norm="half"),
     in_shardings=(state_sh, batch_sh, jax.tree.map(lambda _: repl, tok_params)),
     out_shardings=(state_sh, repl),
     donate_argnums=(0,),
@@ -156,7 +156,7 @@ def test_loss_on_masked_or_every_patch_matches_the_direct_formula(loss_on):
   state = TrainState.create(params, tx, jax.random.PRNGKey(1))
   batch = tiny_batch(4)
   ids = jnp.asarray(np.random.default_rng(3).integers(0, VOCAB, (4, 16)), jnp.int32)
-  update = jax.jit(pretrain.make_mim_update(model, tx, lambda s: 1e-3, 6, "half", loss_on=loss_on))
+  update = jax.jit(mim_step.make_mim_update(model, tx, lambda s: 1e-3, 6, "half", loss_on=loss_on))
   _, metrics = update(state, batch["image"], batch["mask"], ids)
   positions = jnp.broadcast_to(jnp.arange(16, dtype=jnp.int32), (4, 16))
   logits = model.apply(
@@ -172,7 +172,7 @@ def test_loss_on_masked_or_every_patch_matches_the_direct_formula(loss_on):
   np.testing.assert_allclose(metrics["loss"], nll[chosen].mean(), rtol=1e-4)
   np.testing.assert_allclose(metrics["masked_per_image"], batch["mask"].sum(1).mean())
   with pytest.raises(ValueError, match="loss_on must be one of"):
-    pretrain.make_mim_update(model, tx, lambda s: 1e-3, 6, "half", loss_on="some")
+    mim_step.make_mim_update(model, tx, lambda s: 1e-3, 6, "half", loss_on="some")
 
 
 def test_loss_at_init_is_log_vocab_and_overfits_a_few_images():
