@@ -341,6 +341,12 @@ def evaluate(eval_step, state: TrainState, eval_iter, batch_sharding, teacher_pa
   )
 
 
+def next_config(config: ml_collections.ConfigDict) -> str:
+  """The BEiT v2 pretraining config for this tokenizer's size: the ImageNet recipe for
+  224 px views, else the small one."""
+  return "pretrain_v2_base.py" if config.input.image_size == 224 else "pretrain_v2_small.py"
+
+
 def describe_run(config, spec: TeacherSpec, export_dir: str, num_train: int, result) -> list[str]:
   """The end-of-run summary: what was trained, its eval, the export and the next command."""
   lines = [
@@ -361,7 +367,7 @@ def describe_run(config, spec: TeacherSpec, export_dir: str, num_train: int, res
   lines += [
     f"Export: {export_dir}",
     "Next: BEiT v2 pretraining on its codes: python -m beit_jax.main "
-    f"--config=configs/pretrain_v2_base.py --config.tokenizer.path={export_dir}",
+    f"--config=configs/{next_config(config)} --config.tokenizer.path={export_dir}",
   ]
   return lines
 

@@ -55,9 +55,12 @@ PICTURES = ["--config.pictures=True", "--config.tokenizer.train.pictures=True"]
 VOCAB = 64
 
 
-def run_main(*args, devices=8, wait=True, module="beit_jax.main"):
+def run_main(*args, devices=8, wait=True, module="beit_jax.main", extra_env=None):
   env = dict(
-    os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}", JAX_PLATFORMS="cpu"
+    os.environ,
+    XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+    JAX_PLATFORMS="cpu",
+    **(extra_env or {}),
   )
   cmd = [sys.executable, "-m", module, *args]
   if not wait:
