@@ -39,6 +39,16 @@ source), trained with configs/segment_small.py (UperNet, 64 px crops, sliding-wi
 eval) from the MIM backbone and from random init at the same budget, and prints a third
 table (val mIoU / mAcc / aAcc and the most-frequent-class baseline).
 
+  python benchmarks/learning_quality.py --data=../shared/data --v2
+
+adds BEiT v2 (stages `vqkd`, `pretrain_v2`, `ft_v2`, `lp_v2`): a VQ-KD tokenizer
+(configs/vqkd_small.py, 64 px -> 8x8 codes) distilled from a teacher trained here -- by
+default the fine-tuned classifier of stage `ft_pretrained` (`<workdir>/ft_pretrained/
+export/best`, `--v2_teacher` another), so the labels reach v2 only through the teacher's
+features -- then BEiT v2 pretraining on its codes (configs/pretrain_v2_small.py, the same
+ViT, steps and batch as stage `pretrain`), then the same fine-tuning and probe, and prints
+a fourth table: v1 and v2 side by side (fine-tune top-1, best probe block, codebook use).
+
 Budgets (steps, batch) are arguments; the defaults fit about 90 minutes on 2 CPU cores.
 """
 
@@ -71,6 +81,7 @@ ABLATIONS = {
 }
 DEFAULT_ABLATIONS = ("pixels", "random_mask", "all_tokens")
 SEG_STAGES = ("seg_pretrained", "seg_scratch")
+V2_STAGES = ("vqkd", "pretrain_v2", "ft_v2", "lp_v2")
 
 
 def ablation_stages(name: str) -> tuple[str, str, str]:
@@ -173,6 +184,33 @@ def stage_commands(args, folder: str) -> dict[str, tuple[list[str], str]]:
     commands[stage] = (
       seg + [f"--workdir={workdir}", f"--config.pretrained={start}"],
       os.path.join(workdir, "export", "segmenter"),
+    )
+  vqkd = os.path.join(w("vqkd"), "export", "tokenizer")
+  v2_backbone = os.path.join(w("pretrain_v2"), "export", "beit")
+  teacher = args.v2_teacher or os.path.join(w("ft_pretrained"), "export", "best")
+  commands["vqkd"] = (
+    [
+      f"--config=configs/vqkd_small.py:steps={args.vqkd_steps},batch_size={args.batch_size}",
+      f"--workdir={w('vqkd')}",
+      f"--config.teacher.path={teacher}",
+    ]
+    + data,
+    vqkd,
+  )
+  commands["pretrain_v2"] = (
+    [
+      f"--config=configs/pretrain_v2_small.py:steps={args.mim_steps},batch_size={args.batch_size}",
+      f"--workdir={w('pretrain_v2')}",
+      f"--config.tokenizer.path={vqkd}",
+      "--config.eval_every=0",
+    ]
+    + data,
+    v2_backbone,
+  )
+  for stage, config in (("ft_v2", ft), ("lp_v2", lp)):
+    commands[stage] = (
+      [f"--config={config}", f"--workdir={w(stage)}", f"--config.pretrained={v2_backbone}"] + data,
+      os.path.join(w(stage), "export", "final"),
     )
   for name in args.ablations:
     pre, ft_stage, lp_stage = ablation_stages(name)
@@ -313,6 +351,29 @@ def print_ablation_table(args) -> None:
   print(row("none (random init, same fine-tuning / probe)", None, "ft_scratch", "lp_random"))
 
 
+def print_v2_table(args) -> None:
+  """BEiT v1 against v2 at the same ViT and budgets: fine-tune top-1, best probe block, the
+  tokenizer's codebook use on the val split and the MIM stage's own val figure."""
+
+  def w(name):
+    return os.path.join(args.workdir, name)
+
+  def row(label, tok, pre, ft_stage, lp_stage):
+    ft, lp, t, mim = (final_eval(w(s)) for s in (ft_stage, lp_stage, tok, pre))
+    ft_text = f"{100 * ft['top1']:.2f}%" if ft else "-"
+    lp_text = f"{100 * lp['best_top1']:.2f}% (block {lp['best_layer']})" if lp else "-"
+    use = f"{100 * t['usage']:.1f}%" if "usage" in t else "-"
+    mim_text = f"loss {mim['loss']:.3f}, mlm_acc {100 * mim['mlm_acc']:.1f}%" if mim else "-"
+    return f"| {label} | {ft_text} | {lp_text} | {use} | {mim_text} |"
+
+  print("\n| pretraining (Tiny-ImageNet-100) | fine-tune top-1 | linear probe, best block ")
+  print("| tokenizer codebook use | MIM val (main head) |\n|---|---|---|---|---|")
+  print(row("BEiT v1 (dVAE tokens)", "tokenizer", "pretrain", "ft_pretrained", "lp_pretrained"))
+  print(row("BEiT v2 (VQ-KD codes, patch aggregation)", "vqkd", "pretrain_v2", "ft_v2", "lp_v2"))
+  teacher = args.v2_teacher or w("ft_pretrained/export/best")
+  print(f"VQ-KD teacher: {teacher} (its labels reach v2 only through its features).")
+
+
 def print_segmentation_table(args, timings: dict) -> None:
   """Segmentation of the val mosaics: the MIM backbone against random init."""
   print(
@@ -387,6 +448,11 @@ def main() -> None:
   parser.add_argument(
     "--segmentation", action="store_true", help=f"add the stages {', '.join(SEG_STAGES)}"
   )
+  parser.add_argument("--v2", action="store_true", help=f"add the stages {', '.join(V2_STAGES)}")
+  parser.add_argument("--vqkd_steps", type=int, default=2600)
+  parser.add_argument(
+    "--v2_teacher", default="", help="the VQ-KD teacher export (default: ft_pretrained's best)"
+  )
   parser.add_argument("--seg_steps", type=int, default=600)
   parser.add_argument("--seg_batch_size", type=int, default=16)
   parser.add_argument("--seg_train", type=int, default=10000, help="train mosaics")
@@ -412,6 +478,7 @@ def main() -> None:
     raise SystemExit(f"Unknown ablations {unknown}; choose from {', '.join(ABLATIONS)}.")
   all_stages = list(STAGES) + [s for a in args.ablations for s in ablation_stages(a)]
   all_stages += list(SEG_STAGES) if args.segmentation else []
+  all_stages += list(V2_STAGES) if args.v2 else []
   stages = [s for s in args.stages.split(",") if s] or all_stages
   unknown = sorted(set(stages) - set(all_stages))
   if unknown:
@@ -450,6 +517,8 @@ def main() -> None:
     print_segmentation_table(args, timings)
   if args.ablations:
     print_ablation_table(args)
+  if args.v2:
+    print_v2_table(args)
 
 
 if __name__ == "__main__":

@@ -10,7 +10,8 @@ r"""Convert PyTorch weights to this project's Orbax params exports.
   python -m beit_jax.convert teacher SRC.pth OUT_DIR --kind=clip|dino [--num_heads=N]
 
 `beit`: a unilm BEiT checkpoint (`beit_{base,large}_patch16_*_pt22k*.pth`,
-`beit_base_patch16_224_pt1k_800ep.pth`, `backbone.`-prefixed backbones; a whole
+`beit_base_patch16_224_pt1k_800ep.pth`, `backbone.`-prefixed backbones; BEiT v2's
+`beitv2_*.pth`, its pretraining checkpoints without their patch-aggregation head; a whole
 segmentation checkpoint, with its neck and heads, is refused here: see `segmentation`), a timm
 BEiT state dict, or a `.pth` written by `torch.save(model.state_dict())`. The file is read
 with `torch.load(weights_only=True)` (no code runs), the architecture is inferred from its
@@ -225,8 +226,15 @@ def main(argv=None) -> None:
     exports.write_tokenizer(args.out, params, config, args.image_size, source=args.encoder)
     print(f"Converted DALL-E dVAE -> {args.out} in {time.perf_counter() - t0:.1f} s; {config}")
     return
-  params, kwargs = beit.unilm_to_flax(beit.load_torch_checkpoint(args.src), args.num_heads)
+  checkpoint = beit.load_torch_checkpoint(args.src)
+  params, kwargs = beit.unilm_to_flax(checkpoint, args.num_heads)
   exports.write_converted_beit(args.out, params, kwargs, source=args.src)
+  dropped = beit.pretraining_only_keys(checkpoint)
+  if dropped:
+    print(
+      f"Dropped {len(dropped)} weights of BEiT v2's patch-aggregation head (pretraining "
+      f"only: {dropped[0]}, ...); the export is the backbone."
+    )
   print(
     f"Converted {args.src} -> {args.out} in {time.perf_counter() - t0:.1f} s; "
     f"architecture: {kwargs}"

@@ -7,7 +7,10 @@ The key map (unilm's `modeling_finetune.py` / timm's `beit.py` names): Linear `w
 their names and shapes. `relative_position_index` buffers (recomputed by the model) and
 timm's non-persistent `k_bias` are dropped. Checkpoint containers (`model` / `state_dict`
 / `module`) and `backbone.` / `module.` prefixes (segmentation and DDP checkpoints) are
-unwrapped.
+unwrapped. A BEiT v2 pretraining checkpoint (unilm `beitv2_*_pt1k*.pth`, `VisionTransformer
+ForMaskedImageModelingCLS`) converts to its backbone: the patch-aggregation weights
+(`cls_pt_layers.*`, and `cls_pt_norm.*` / `cls_pt_lm_head.*` without a shared head) exist for
+pretraining only and are dropped, as unilm's fine-tuning drops them (`pretraining_only_keys`).
 
 The architecture is read from the keys and shapes (`infer_model_kwargs`): width from
 `cls_token`, depth from `blocks.*`, patch size from the conv kernel, grid from
@@ -33,6 +36,8 @@ from beit_jax.models import vit
 CONTAINER_KEYS = ("model", "state_dict", "module")
 PREFIXES = ("module.", "backbone.", "encoder.")
 DROPPED_SUFFIXES = ("relative_position_index", "attn.k_bias")
+# BEiT v2's patch-aggregation head (unilm beit2 `modeling_pretrain.py`): pretraining only.
+V2_PRETRAINING_PREFIXES = ("cls_pt_layers.", "cls_pt_norm.", "cls_pt_lm_head.")
 _HEADS_BY_WIDTH = {d: h for d, _, h in vit.VARIANTS.values()}
 
 
@@ -84,15 +89,27 @@ def unwrap_state_dict(checkpoint: Mapping[str, Any]) -> dict[str, np.ndarray]:
   sd = unwrap_containers(checkpoint)
   out = {}
   for key, value in sd.items():
-    for prefix in PREFIXES:
-      if key.startswith(prefix):
-        key = key[len(prefix) :]
-    if key.endswith(DROPPED_SUFFIXES):
+    key = _strip_prefixes(key)
+    if key.endswith(DROPPED_SUFFIXES) or key.startswith(V2_PRETRAINING_PREFIXES):
       continue
     out[key] = to_numpy(value)
   if "cls_token" not in out:
     raise ValueError(f"Not a BEiT state dict: no 'cls_token' (keys start with {sorted(out)[:5]}).")
   return out
+
+
+def pretraining_only_keys(checkpoint: Mapping[str, Any]) -> list[str]:
+  """The keys of BEiT v2's patch-aggregation head in a checkpoint (`unwrap_state_dict`
+  drops them)."""
+  keys = (_strip_prefixes(k) for k in unwrap_containers(checkpoint))
+  return sorted(k for k in keys if k.startswith(V2_PRETRAINING_PREFIXES))
+
+
+def _strip_prefixes(key: str) -> str:
+  for prefix in PREFIXES:
+    if key.startswith(prefix):
+      key = key[len(prefix) :]
+  return key
 
 
 def _grid_from_table(rows: int) -> int:

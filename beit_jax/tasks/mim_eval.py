@@ -231,9 +231,15 @@ def describe_run(
   commands."""
   _, _, lr = config_lib.effective_lr(config)
   target = f"tokenizer {tokenizer_path}" if tokenizer_path else "pixel-regression target"
+  what = f"BEiT-{config.model.variant} masked image modeling"
+  if config.model.get("patch_aggregation", False):
+    what = (
+      f"BEiT v2-{config.model.variant} masked image modeling with patch aggregation (train "
+      "loss = main head + cls_pt head; the eval and the export are the main head's)"
+    )
   lines = [
-    f"Trained: BEiT-{config.model.variant} masked image modeling, {config.total_steps} steps "
-    f"on {config.data.source} ({num_train} images), {target}, {lr}."
+    f"Trained: {what}, {config.total_steps} steps on {config.data.source} ({num_train} "
+    f"images), {target}, {lr}."
   ]
   e = result.eval
   if e and "patch_mean_loss" in e:

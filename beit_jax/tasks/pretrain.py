@@ -468,6 +468,15 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
     eval_fn=eval_fn if eval_source is not None else None,
     finish=export,
     on_checkpoint=painter,
-    console_keys=("loss", "mlm_acc", "lr", "unigram_loss", "frequent_acc", "patch_mean_loss"),
+    console_keys=(
+      "loss",
+      "mlm_acc",
+      "cls_pt_loss",
+      "cls_pt_acc",
+      "lr",
+      "unigram_loss",
+      "frequent_acc",
+      "patch_mean_loss",
+    ),
     describe=describe,
   )

@@ -246,3 +246,39 @@ def test_cli_with_a_bucket_path_and_no_gcsfs_says_what_to_install(no_gcs_backend
 
   with pytest.raises(SystemExit, match=r"^src='gs://fake-bucket/beit.pth': gs:// paths need gcsfs"):
     convert_cli.main(["beit", "gs://fake-bucket/beit.pth", "/tmp/out"])
+
+
+@pytest.mark.parametrize("shared_lm_head", [True, False])
+def test_a_beit_v2_pretraining_checkpoint_converts_to_its_backbone(
+  tmp_path, capsys, shared_lm_head
+):
+  """unilm `beitv2_*_pt1k*.pth` (`VisionTransformerForMaskedImageModelingCLS`): the
+  patch-aggregation blocks (and, without a shared head, `cls_pt_norm` / `cls_pt_lm_head`)
+  are pretraining-only and dropped; the rest converts exactly as a v1 MIM checkpoint."""
+  import torch
+
+  from beit_jax.convert import __main__ as convert_cli
+
+  model = vit.mim_model("test", image_size=16, patch_size=4, vocab_size=30)
+  sd = random_unilm_state_dict(model, seed=6)
+  extra = {
+    k.replace("blocks.", "cls_pt_layers.", 1): v + 1.0
+    for k, v in sd.items()
+    if k.startswith("blocks.")
+  }
+  if not shared_lm_head:
+    extra.update({f"cls_pt_{k}": v for k, v in sd.items() if k.startswith(("norm.", "lm_head."))})
+  v2 = {**sd, **extra}
+  assert convert.pretraining_only_keys({"model": v2}) == sorted(extra)
+  params, kwargs = convert.unilm_to_flax({"model": v2})
+  want_params, want_kwargs = convert.unilm_to_flax({"model": sd})
+  assert kwargs == want_kwargs
+  jax.tree.map(np.testing.assert_array_equal, params, want_params)
+  src, out = tmp_path / "beitv2.pth", tmp_path / "converted"
+  torch.save({"model": {k: torch.from_numpy(np.ascontiguousarray(v)) for k, v in v2.items()}}, src)
+  convert_cli.main(["beit", str(src), str(out)])
+  assert (
+    f"Dropped {len(extra)} weights of BEiT v2's patch-aggregation head" in capsys.readouterr().out
+  )
+  loaded, loaded_params, _ = exports.load_pretrained(str(out))
+  assert type(loaded) is vit.BEiT and not [k for k in loaded_params if "cls_pt" in k]

@@ -65,7 +65,11 @@ LAYOUTS = {
 def timm_model(layout: str, seed: int = 0) -> timm_beit.Beit:
   """A 2-block timm `Beit` in eval mode with every parameter randomly perturbed."""
   torch.manual_seed(seed)
-  model = timm_beit.Beit(depth=2, mlp_ratio=4.0, drop_path_rate=0.0, **LAYOUTS[layout])
+  return perturbed(timm_beit.Beit(depth=2, mlp_ratio=4.0, drop_path_rate=0.0, **LAYOUTS[layout]))
+
+
+def perturbed(model: timm_beit.Beit) -> timm_beit.Beit:
+  """`model` in eval mode with every parameter randomly perturbed."""
   with torch.no_grad():
     for name, p in model.named_parameters():
       p.add_(torch.randn_like(p) * 0.02)  # Zero-initialised biases / tables matter too.
@@ -174,3 +178,25 @@ def test_flax_to_unilm_loads_back_into_timm(case):
     np.testing.assert_array_equal(fresh.state_dict()[key].numpy(), value.numpy(), err_msg=key)
   _, back = timm_outputs(fresh, x)
   assert max_diff(back, logits) <= 1e-6
+
+
+def test_timms_beitv2_models_convert_equal():
+  """timm's registered `beitv2_base_patch16_224` / `beitv2_large_patch16_224` definitions
+  (BEiT v2 backbones: per-block rel-pos, LayerScale 1e-5, mean pooling), 2 blocks at 32 px:
+  pooled features and logits of the converted model equal timm's."""
+  import timm
+
+  for name, width in (("beitv2_base_patch16_224", 768), ("beitv2_large_patch16_224", 1024)):
+    torch.manual_seed(3)
+    model = perturbed(
+      timm.create_model(name, pretrained=False, depth=2, img_size=32, num_classes=6)
+    )
+    x = np.random.default_rng(2).normal(size=(BATCH, 32, 32, 3)).astype(np.float32)
+    pooled, logits = timm_outputs(model, x)
+    params, kwargs = convert.unilm_to_flax(model.state_dict())
+    assert (
+      kwargs["embed_dim"] == width and kwargs["use_rel_pos_bias"] and kwargs["use_mean_pooling"]
+    )
+    assert not kwargs["use_abs_pos_emb"] and kwargs["init_values"] > 0
+    got_pooled, got_logits = flax_outputs(params, kwargs, x)
+    assert max_diff(got_pooled, pooled) <= TOL and max_diff(got_logits, logits) <= TOL, name

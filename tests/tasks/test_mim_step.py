@@ -6,6 +6,8 @@ the extra blocks (a resume needs them), and the v2 configs are unilm's PRETRAINI
 import json
 import math
 import os
+import signal
+import time
 
 import jax
 import jax.numpy as jnp
@@ -124,38 +126,51 @@ def test_v2_base_config_is_unilms_pretraining_rows():
     config_lib.load_config_file(V2_BASE, "schedule=800")
 
 
-def test_v2_pretraining_on_a_vqkd_export_exports_a_beit_and_resumes(tmp_path):
+def test_v2_pretraining_on_a_vqkd_export_killed_resumes_bit_identically(tmp_path):
   """configs/pretrain_v2_small.py shrunk (32 px, patch 8 -> 4x4) on a converted tiny VQ-KD
   (32 px -> 4x4 codes of 64): both heads' losses are logged, the export is a plain BEiT,
-  and a longer rerun resumes from the checkpoint (which holds the extra blocks)."""
+  and a run killed after a checkpoint (which holds the extra blocks: the resume restores
+  them) ends with the same export, bit for bit, as one that ran straight through."""
   src, tok = str(tmp_path / "vqkd.pth"), str(tmp_path / "vqkd")
   torch.save({"model": torch_vqkd.random_model(seed=5).unilm_state_dict()}, src)
   convert_cli.main(["vqkd", src, tok, "--encoder_heads=2", "--decoder_heads=2"])
-  workdir, cache = str(tmp_path / "run"), str(tmp_path / "jax_cache")
   tiny = [a for a in TINY if not a.startswith(("--config.input.second_size", "--config.tok"))]
   args = [
-    f"--workdir={workdir}",
+    f"--config={V2_SMALL}:steps=12,variant=test",
     *tiny,
     f"--config.tokenizer.path={tok}",
     "--config.input.second_size=32",
     "--config.model.early_layers=1",
   ]
-  env = dict(JAX_COMPILATION_CACHE_DIR=cache)
-  first = run_main(f"--config={V2_SMALL}:steps=2,variant=test", *args, extra_env=env)
+  env = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
+  straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
+  first = run_main(*args, f"--workdir={straight}", extra_env=env)
   assert first.returncode == 0, first.stderr[-3000:]
-  assert "BEiT v2" in first.stderr
-  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
+  assert "BEiT v2-test masked image modeling with patch aggregation" in first.stderr
+  records = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
   train = [r for r in records if r["split"] == "train"]
-  assert [r["step"] for r in train] == [2]
-  np.testing.assert_allclose(
-    train[0]["loss"], train[0]["mim_loss"] + train[0]["cls_pt_loss"], rtol=1e-5
-  )
+  assert [r["step"] for r in train] == [2, 4, 6, 8, 10, 12]
+  for r in train:
+    np.testing.assert_allclose(r["loss"], r["mim_loss"] + r["cls_pt_loss"], rtol=1e-5)
   assert abs(train[0]["cls_pt_loss"] - math.log(64)) < 1.0
-  model, params, meta = exports.load_pretrained(os.path.join(workdir, "export", "beit"))
+  model, params, meta = exports.load_pretrained(os.path.join(straight, "export", "beit"))
   assert type(model) is vit.BEiT and model.vocab_size == 64 and meta["tokenizer"] == tok
   assert not [k for k in params if k.startswith("cls_pt_layers_")] and "blocks_1" in params
-  again = run_main(f"--config={V2_SMALL}:steps=4,variant=test", *args, extra_env=env)
-  assert again.returncode == 0, again.stderr[-3000:]
-  assert "at step 2" in again.stderr
-  records = [json.loads(line) for line in open(os.path.join(workdir, "metrics.jsonl"))]
-  assert [r["step"] for r in records if r["split"] == "train"] == [2, 4]
+
+  proc = run_main(*args, f"--workdir={killed}", wait=False, extra_env=env)
+  ckpt_dir = os.path.join(killed, "checkpoints")
+  deadline = time.time() + 300
+  while time.time() < deadline and proc.poll() is None:
+    if os.path.isdir(ckpt_dir) and any(s.isdigit() for s in os.listdir(ckpt_dir)):
+      break
+    time.sleep(0.05)
+  proc.send_signal(signal.SIGKILL)
+  proc.wait()
+  saved = max(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+  assert saved < 12, "the run ended before it could be killed"
+  resumed = run_main(*args, f"--workdir={killed}", extra_env=env)
+  assert resumed.returncode == 0, resumed.stderr[-3000:]
+  assert f"at step {saved}" in resumed.stderr
+  _, again, _ = exports.load_pretrained(os.path.join(killed, "export", "beit"))
+  for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(again), strict=True):
+    np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
