@@ -6,10 +6,14 @@ r"""Ahead-of-time compilation of a task's train step for a TPU topology, on a CP
       --config.input.batch_size=64 --num_slices=2
   python -m beit_jax.aot --config=configs/finetune_base.py --topology=v5e-8 --num_classes=1000
   python -m beit_jax.aot --config=configs/dvae_dalle.py --topology=v5e-8
+  python -m beit_jax.aot --config=configs/pretrain_v2_base.py --topology=v5p-64
+  python -m beit_jax.aot --config=configs/vqkd_base.py --topology=v5p-64
 
 Builds the exact step the task of the config runs (pretrain: frozen tokenizer -> BEiT ->
-AdamW; finetune: random erasing, mixup, BEiT classifier, AdamW with layer-wise lr decay;
-dvae: the tokenizer's ELB step; each from the task's own `make_step_parts`), over the
+AdamW, with BEiT v2's patch aggregation when the config has it; finetune: random erasing,
+mixup, BEiT classifier, AdamW with layer-wise lr decay; dvae: the tokenizer's ELB step;
+vqkd: frozen teacher -> VQ-KD -> AdamW + EMA codebook; each from the task's own
+`make_step_parts`), over the
 config's ('data', 'fsdp') mesh on the topology's chips, with its dtype and remat and the
 state donated, from abstract shapes only (no weights, no data), compiles it with the TPU
 compiler for the topology (libtpu's ahead-of-time path: no TPU needed) and prints, per
@@ -23,11 +27,13 @@ max(FLOPs / peak, bytes accessed / HBM bandwidth), which is a lower bound on the
 (an upper bound on the MFU). Each line says which it is.
 
 The tokenizer comes from `config.tokenizer.path` (its metadata only: no weights are read),
-the config's `tokenizer.train` section (quick start), or else the DALL-E dVAE (8192
-tokens, in the model's dtype) at `input.second_size`. dtype 'auto' is bfloat16, and the
-kernels are the TPU's (`ops.compiling_for`), not this host's. Fine-tuning compiles the
-config's architecture with a `--num_classes` head (what a pretrained export would give
-the same shapes).
+the config's `tokenizer.train` section (quick start), or else the paper's at
+`input.second_size`: the DALL-E dVAE (8192 tokens, in the model's dtype), or for a v2
+config unilm's VQ-KD Base (8192 codes). The VQ-KD teacher likewise comes from
+`config.teacher.path`'s metadata, or is CLIP ViT-B/16's image tower. dtype 'auto' is
+bfloat16, and the kernels are the TPU's (`ops.compiling_for`), not this host's.
+Fine-tuning compiles the config's architecture with a `--num_classes` head (what a
+pretrained export would give the same shapes).
 """
 
 from __future__ import annotations
@@ -48,10 +54,11 @@ from jax.sharding import Mesh
 from ml_collections import config_flags
 
 from beit_jax import exports, pixels, tpu
-from beit_jax.models import dvae, ops, precision
+from beit_jax.models import dvae, ops, precision, vqkd
 from beit_jax.models import tokenizer as tokenizer_lib
 from beit_jax.tasks import downstream, finetune, mim_step, pretrain
 from beit_jax.tasks import dvae as dvae_task
+from beit_jax.tasks import vqkd as vqkd_task
 from beit_jax.training import loop
 from beit_jax.training import mesh as mesh_lib
 
@@ -78,18 +85,25 @@ def make_mesh(config: ml_collections.ConfigDict, devices: Sequence[Any], num_sli
 # ----------------------------------------------------------------------------------
 # The step, from abstract shapes.
 # ----------------------------------------------------------------------------------
-def tokenizer_for(config: ml_collections.ConfigDict) -> tuple[dvae.DiscreteVAE, int]:
-  """(the tokenizer model, its view size) without reading any weights."""
+def tokenizer_for(config: ml_collections.ConfigDict) -> tuple[tokenizer_lib.Tokenizer, Any]:
+  """(the tokenizer model, its variables as ShapeDtypeStructs) without reading any weights:
+  the export at `config.tokenizer.path` (dVAE or VQ-KD), the quick start's `tokenizer.train`
+  dVAE, or else the paper's: BEiT v2's VQ-KD (unilm `vqkd_encoder_base_decoder_3x768x12_
+  clip`, 8192 codes) for a `model.patch_aggregation` config, the DALL-E dVAE otherwise."""
   if config.tokenizer.path:
-    meta = exports.read_metadata_of_kind(config.tokenizer.path, (exports.TOKENIZER,), "a dVAE")
-    return dvae.from_config(meta["model"]), meta["image_size"]
+    model, variables, _ = exports.abstract_tokenizer(config.tokenizer.path)
+    return model, variables
   train = pretrain.tokenizer_train_config(config)
   if train is not None:
-    return dvae.from_config(train.model), train.input.image_size
+    model = dvae.from_config(train.model)
+    return model, {"params": exports.tokenizer_abstract_params(model, train.input.image_size)}
   dtype = "bfloat16" if config.model.dtype == "bfloat16" else "float32"
-  return dvae.from_config(
-    dict(arch="dall_e", vocab_size=8192, dtype=dtype)
-  ), config.input.second_size
+  size = config.input.second_size
+  if config.model.get("patch_aggregation", False):
+    model = vqkd.VQKD(image_size=size, num_codes=8192, dtype=precision.compute_dtype(dtype))
+    return model, exports.vqkd_abstract_variables(model)
+  model = dvae.from_config(dict(arch="dall_e", vocab_size=8192, dtype=dtype))
+  return model, {"params": exports.tokenizer_abstract_params(model, size)}
 
 
 @dataclasses.dataclass
@@ -117,7 +131,7 @@ def for_tpu(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
 def compile_step(
   config: ml_collections.ConfigDict, mesh: Mesh, num_classes: int = 1000
 ) -> Compiled:
-  """The task's jitted train step (`config.task`: pretrain, finetune or dvae), lowered and
+  """The task's jitted train step (`config.task`: one of `TASKS`), lowered and
   compiled for `mesh`'s (TPU) devices, with the TPU's kernels (`ops.compiling_for('tpu')`)
   and dtype. `num_classes` is the fine-tuning head's (ImageNet-1k's by default)."""
   config = for_tpu(config)
@@ -208,7 +222,7 @@ class AbstractStep:
   parts: Any = None  # The task's StepParts.
 
 
-TASKS = ("pretrain", "finetune", "dvae")
+TASKS = ("pretrain", "finetune", "dvae", "vqkd")
 
 
 def abstract_step(
@@ -219,14 +233,20 @@ def abstract_step(
   mesh_lib.check_batch_size(config.input.batch_size, mesh)
   replicated = mesh_lib.replicated(mesh)
   if config.task == "pretrain":
-    tokenizer, tokenizer_size = tokenizer_for(config)
+    tokenizer, tokenizer_variables = tokenizer_for(config)
     parts = pretrain.make_step_parts(
       config, tokenizer, config.model.vocab_size or tokenizer.vocab_size
     )
     state = jax.eval_shape(parts.init_fn)
-    tokenizer_params = {"params": exports.tokenizer_abstract_params(tokenizer, tokenizer_size)}
-    extra, extra_name = (tokenizer_params,), "tokenizer"
+    extra, extra_name = (tokenizer_variables,), "tokenizer"
     shapes = pretrain.batch_shapes(config)
+  elif config.task == "vqkd":
+    tokenizer = None
+    spec, features_fn, teacher_params = vqkd_task.abstract_teacher(config)
+    parts = vqkd_task.make_step_parts(config, spec, features_fn)
+    state = jax.eval_shape(parts.init_fn)
+    extra, extra_name = (teacher_params,), "teacher"
+    shapes = vqkd_task.batch_shapes(config)
   elif config.task == "finetune":
     tokenizer = None
     dtype = precision.compute_dtype(config.model.dtype)
@@ -415,6 +435,10 @@ def format_report(r: Report, topology: str, config: ml_collections.ConfigDict) -
 def model_name(config: ml_collections.ConfigDict) -> str:
   if config.task == "dvae":
     return f"dVAE ({config.model.arch})"
+  if config.task == "vqkd":
+    return f"VQ-KD ({config.model.variant})"
+  if config.model.get("patch_aggregation", False):
+    return f"BEiT v2-{config.model.variant}"
   return f"BEiT-{config.model.variant}"
 
 

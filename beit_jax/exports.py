@@ -174,12 +174,32 @@ def load_tokenizer(
 ) -> tuple[dvae.DiscreteVAE | vqkd.VQKD, dict[str, Any], dict[str, Any]]:
   """(model, variables, metadata) of a tokenizer export: a dVAE's ``{'params'}`` or a
   VQ-KD's ``{'params', 'codebook'}``; `beit_jax.models.tokenizer.tokenize` takes either."""
+  model, abstract, metadata = abstract_tokenizer(directory)
+  if metadata["kind"] == VQKD_TOKENIZER:  # Stored as {'params', 'codebook'}.
+    return model, load_params_onto(directory, abstract, sharding), metadata
+  # A dVAE export stores the params tree itself.
+  return model, {"params": load_params_onto(directory, abstract["params"], sharding)}, metadata
+
+
+def abstract_tokenizer(
+  directory: str | os.PathLike,
+) -> tuple[dvae.DiscreteVAE | vqkd.VQKD, dict[str, Any], dict[str, Any]]:
+  """(model, variables as ShapeDtypeStructs, metadata) of a tokenizer export, from its
+  metadata alone (no weights are read)."""
   metadata = read_metadata_of_kind(directory, TOKENIZER_KINDS, "a visual tokenizer")
   if metadata["kind"] == VQKD_TOKENIZER:
-    return load_vqkd(directory, sharding)
+    model = vqkd.VQKD(**metadata["model_kwargs"])
+    return model, vqkd_abstract_variables(model), metadata
   model = dvae.from_config(metadata["model"])
-  abstract = tokenizer_abstract_params(model, metadata["image_size"])
-  return model, {"params": load_params_onto(directory, abstract, sharding)}, metadata
+  return model, {"params": tokenizer_abstract_params(model, metadata["image_size"])}, metadata
+
+
+def vqkd_abstract_variables(model: vqkd.VQKD) -> dict[str, Any]:
+  """ShapeDtypeStructs of a VQ-KD's variables: ``{'params', 'codebook'}``."""
+  return {
+    "params": vqkd.abstract_params(model),
+    "codebook": jax.ShapeDtypeStruct((model.num_codes, model.code_dim), jnp.float32),
+  }
 
 
 def write_vqkd(
@@ -220,11 +240,7 @@ def load_vqkd(
   """(model, variables {'params', 'codebook'}, metadata) of a VQ-KD export."""
   metadata = read_metadata_of_kind(directory, (VQKD_TOKENIZER,), "a VQ-KD tokenizer")
   model = vqkd.VQKD(**metadata["model_kwargs"])
-  abstract = {
-    "params": vqkd.abstract_params(model),
-    "codebook": jax.ShapeDtypeStruct((model.num_codes, model.code_dim), jnp.float32),
-  }
-  return model, load_params_onto(directory, abstract, sharding), metadata
+  return model, load_params_onto(directory, vqkd_abstract_variables(model), sharding), metadata
 
 
 def write_teacher(

@@ -185,6 +185,42 @@ def test_the_dvae_step_compiles():
   assert "dvae dVAE (compact)" in aot.format_report(r, topology, aot.for_tpu(config))
 
 
+def test_the_vqkd_step_compiles_with_the_default_clip_teacher():
+  """The vqkd task's own step: without a teacher path, unilm's default teacher (CLIP
+  ViT-B/16's image tower) at the tokenizer's view, its params the step's replicated
+  argument; the codebook statistics ride in the state."""
+  chip, topology = tpu.parse_topology("v5e:2x2")
+  config = config_lib.load_config_file(os.path.join(CONFIGS, "vqkd_small.py"))
+  config.input.update(image_size=32, batch_size=8)
+  config.model.update(variant="test", patch_size=16, num_codes=64)
+  mesh = aot.make_mesh(config, tpu.topology_devices(topology), 1)
+  result = aot.compile_step(config, mesh)
+  assert result.extra_name == "teacher" and set(result.batch) == {"image"}
+  assert result.extra[0]["head"]["kernel"].shape == (768, 512)  # CLIP's projection
+  assert result.state.batch_stats["codebook"].shape == (64, 32)
+  r = aot.report(result, chip)
+  assert r.fits and r.extra_bytes >= 4 * 85e6  # the f32 ViT-B teacher, replicated
+  assert "vqkd VQ-KD (test)" in aot.format_report(r, topology, aot.for_tpu(config))
+
+
+def test_the_v2_pretrain_step_compiles_with_a_vqkd_tokenizer():
+  """configs/pretrain_v2_small.py at 32 px: patch aggregation's extra blocks in the state,
+  the paper's VQ-KD Base (8192 codes) as the tokenizer when no export is given."""
+  chip, topology = tpu.parse_topology("v5e:2x2")
+  config = config_lib.load_config_file(os.path.join(CONFIGS, "pretrain_v2_small.py"))
+  config.input.update(image_size=32, second_size=32, batch_size=8)
+  config.model.update(variant="test", early_layers=1)
+  config.mask.update(num_patches=6, min_patches=2)
+  mesh = aot.make_mesh(config, tpu.topology_devices(topology), 1)
+  result = aot.compile_step(config, mesh)
+  assert "cls_pt_layers_1" in result.state.params
+  assert result.state.params["lm_head"]["kernel"].shape == (32, 8192)
+  assert set(result.extra[0]) == {"params", "codebook"}
+  r = aot.report(result, chip)
+  assert r.fits
+  assert "pretrain BEiT v2-test" in aot.format_report(r, topology, aot.for_tpu(config))
+
+
 def test_a_step_the_compiler_refuses_is_reported_with_its_bytes():
   """At a batch whose temporaries exceed HBM the TPU compiler stops (RESOURCE_EXHAUSTED)
   instead of reporting memory: the tool says it does not fit, with the compiler's bytes."""

@@ -42,7 +42,7 @@ from absl import logging
 from beit_jax import config_lib, exports, pixels
 from beit_jax.data import pipeline, sources, transforms
 from beit_jax.models import codebook as codebook_lib
-from beit_jax.models import precision, teacher, vqkd
+from beit_jax.models import precision, teacher, vit, vqkd
 from beit_jax.models import vector_quantizer as vq
 from beit_jax.training import checkpointing, loop, optim
 from beit_jax.training import mesh as mesh_lib
@@ -94,23 +94,48 @@ def teacher_spec(config: ml_collections.ConfigDict) -> TeacherSpec:
   )
 
 
-def load_teacher(path: str, spec: TeacherSpec, sharding: Any) -> tuple[Callable, Any]:
-  """`(features(params, uint8 images) -> (B, N, width) float32, params)` of the teacher."""
-  if spec.kind == exports.TEACHER:
-    model, params, _ = exports.load_teacher(path, sharding)
+def teacher_features(model: teacher.Teacher | vit.BEiT, spec: TeacherSpec) -> Callable:
+  """`features(params, uint8 images) -> (B, N, width) float32` of a teacher model."""
+  if isinstance(model, teacher.Teacher):
 
     def features(params, images):
       scaled = teacher.scale_images(pixels.to_unit(images) * 2.0 - 1.0, model.kind)
       return model.apply({"params": params}, scaled)
 
-    return features, params
-  model, params, _ = exports.load_beit(path, sharding)
+    return features
 
   def beit_features(params, images):
     x = pixels.normalize(images, spec.input_norm)
     return model.apply({"params": params}, x, method=teacher.beit_patch_features)
 
-  return beit_features, params
+  return beit_features
+
+
+def load_teacher(path: str, spec: TeacherSpec, sharding: Any) -> tuple[Callable, Any]:
+  """`(features(params, uint8 images) -> (B, N, width) float32, params)` of the teacher."""
+  if spec.kind == exports.TEACHER:
+    model, params, _ = exports.load_teacher(path, sharding)
+  else:
+    model, params, _ = exports.load_beit(path, sharding)
+  return teacher_features(model, spec), params
+
+
+def abstract_teacher(config: ml_collections.ConfigDict) -> tuple[TeacherSpec, Callable, Any]:
+  """(spec, features fn, params as ShapeDtypeStructs) of `config.teacher.path` from its
+  metadata alone (no weights are read; for ahead-of-time compilation); without a path,
+  unilm's default teacher, CLIP ViT-B/16's image tower at the tokenizer's view size."""
+  size = config.input.image_size
+  if not config.teacher.path:
+    model = teacher.Teacher(kind="clip", image_size=size, patch_size=16)
+    spec = TeacherSpec(exports.TEACHER, "clip", size, size // 16, teacher.out_dim(model), "")
+    return spec, teacher_features(model, spec), teacher.abstract_params(model)
+  spec = teacher_spec(config)
+  meta = exports.read_metadata_of_kind(config.teacher.path, TEACHER_KINDS, "a teacher")
+  if spec.kind == exports.TEACHER:
+    model = teacher.Teacher(**meta["model_kwargs"])
+    return spec, teacher_features(model, spec), teacher.abstract_params(model)
+  model = vit.BEiT(**meta["model_kwargs"])
+  return spec, teacher_features(model, spec), vit.abstract_params(model)
 
 
 # ----------------------------------------------------------------------------------
@@ -339,6 +364,12 @@ def evaluate(eval_step, state: TrainState, eval_iter, batch_sharding, teacher_pa
     unused_codes=int(np.sum(counts == 0)),
     **{k: float(v) for k, v in codebook_lib.codebook_stats(counts).items()},
   )
+
+
+def batch_shapes(config: ml_collections.ConfigDict) -> dict[str, tuple[tuple[int, ...], Any]]:
+  """(shape, dtype) of each array of a global train batch, as the pipeline makes them."""
+  size = config.input.image_size
+  return {IMAGE_KEY: ((config.input.batch_size, size, size, 3), jnp.uint8)}
 
 
 def next_config(config: ml_collections.ConfigDict) -> str:
