@@ -174,3 +174,24 @@ def test_v2_pretraining_on_a_vqkd_export_killed_resumes_bit_identically(tmp_path
   _, again, _ = exports.load_pretrained(os.path.join(killed, "export", "beit"))
   for x, y in zip(jax.tree.leaves(params), jax.tree.leaves(again), strict=True):
     np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+
+
+@pytest.mark.parametrize(
+  "overrides, message",
+  [
+    (dict(early_layers=6), "config.model.early_layers=6 must be in 1..5"),
+    (dict(early_layers=-1), "config.model.early_layers=-1"),
+    (dict(head_layers=0), "config.model.head_layers=0"),
+  ],
+)
+def test_bad_patch_aggregation_settings_are_refused_by_the_config_check(overrides, message):
+  """Checked in `pretrain.check_config`, which the job runs before it compiles or writes
+  anything (the CLI path is tests/tasks/test_pretrain_task.py's bad-settings test)."""
+  config = config_lib.load_config_file(V2_SMALL)  # mini: 6 blocks
+  config.model.update(overrides)
+  with pytest.raises(ValueError, match=message.replace(".", r"\.")):
+    pretrain.check_config(config)
+  pixels = config_lib.load_config_file(V2_SMALL)
+  pixels.target = "pixels"
+  with pytest.raises(ValueError, match="patch_aggregation=True predicts tokens"):
+    pretrain.check_config(pixels)
