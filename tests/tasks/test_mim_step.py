@@ -6,8 +6,6 @@ the extra blocks (a resume needs them), and the v2 configs are unilm's PRETRAINI
 import json
 import math
 import os
-import signal
-import time
 
 import jax
 import jax.numpy as jnp
@@ -22,6 +20,7 @@ from beit_jax.tasks import mim_step, pretrain
 from beit_jax.training import optim
 from beit_jax.training.train_state import TrainState
 from tests.models import torch_vqkd
+from tests.tasks.kill import kill_after_first_checkpoint
 from tests.tasks.test_pretrain_task import ROOT, TINY, VOCAB, run_main, tiny_batch
 
 V2_BASE = os.path.join(ROOT, "configs", "pretrain_v2_base.py")
@@ -158,15 +157,7 @@ def test_v2_pretraining_on_a_vqkd_export_killed_resumes_bit_identically(tmp_path
   assert not [k for k in params if k.startswith("cls_pt_layers_")] and "blocks_1" in params
 
   proc = run_main(*args, f"--workdir={killed}", wait=False, extra_env=env)
-  ckpt_dir = os.path.join(killed, "checkpoints")
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.isdir(ckpt_dir) and any(s.isdigit() for s in os.listdir(ckpt_dir)):
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  saved = max(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+  saved = kill_after_first_checkpoint(proc, os.path.join(killed, "checkpoints"))
   assert saved < 12, "the run ended before it could be killed"
   resumed = run_main(*args, f"--workdir={killed}", extra_env=env)
   assert resumed.returncode == 0, resumed.stderr[-3000:]

@@ -4,10 +4,8 @@ export as pretraining targets, and bad settings refused before anything is writt
 
 import json
 import os
-import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +22,7 @@ from beit_jax.tasks import vqkd as vqkd_task
 from beit_jax.training import loop
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training.train_state import init_sharded
+from tests.tasks.kill import kill_after_first_checkpoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = os.path.join(ROOT, "configs", "vqkd_small.py")
@@ -222,15 +221,7 @@ def test_cli_run_killed_resumes_bit_identically_and_exports_pretraining_targets(
 
   killed = str(tmp_path / "killed")
   proc = run_main(*args, *steps, f"--workdir={killed}", wait=False, cache=cache)
-  ckpt_dir = os.path.join(killed, "checkpoints")
-  deadline = time.time() + 300
-  while time.time() < deadline and proc.poll() is None:
-    if os.path.isdir(ckpt_dir) and any(s.isdigit() for s in os.listdir(ckpt_dir)):
-      break
-    time.sleep(0.05)
-  proc.send_signal(signal.SIGKILL)
-  proc.wait()
-  saved = max(int(s) for s in os.listdir(ckpt_dir) if s.isdigit())
+  saved = kill_after_first_checkpoint(proc, os.path.join(killed, "checkpoints"))
   assert saved < 24, "the run ended before it could be killed"
   resumed = run_main(*args, *steps, f"--workdir={killed}", cache=cache)
   assert resumed.returncode == 0, resumed.stderr[-3000:]
