@@ -107,11 +107,20 @@ def missing_inputs_message(config: ml_collections.ConfigDict) -> str | None:
   if predicts_pixels(config):
     pass  # Pixel regression needs no tokenizer.
   elif not config.tokenizer.path and tokenizer_train_config(config) is None:
+    if config.model.get("patch_aggregation", False):
+      how = (
+        "a VQ-KD tokenizer: `python -m beit_jax.main --config=configs/vqkd_base.py` (or "
+        "configs/vqkd_small.py), or unilm's released one converted by `python -m "
+        "beit_jax.convert vqkd`"
+      )
+    else:
+      how = (
+        "e.g. `python -m beit_jax.main --config=configs/dvae_dalle.py`, or the official "
+        "DALL-E dVAE converted by `python -m beit_jax.convert dalle`"
+      )
     problems.append(
       "config.tokenizer.path is empty. Pass the export of a trained tokenizer "
-      "(--config.tokenizer.path=RUN/export/tokenizer, written by e.g. `python -m "
-      "beit_jax.main --config=configs/dvae_dalle.py`) or the official DALL-E dVAE "
-      "converted to that format."
+      f"(--config.tokenizer.path=RUN/export/tokenizer): {how}."
     )
   elif config.tokenizer.path and not exports.is_export(config.tokenizer.path):
     problems.append(

@@ -186,3 +186,8 @@ def test_bad_patch_aggregation_settings_are_refused_by_the_config_check(override
   pixels.target = "pixels"
   with pytest.raises(ValueError, match="patch_aggregation=True predicts tokens"):
     pretrain.check_config(pixels)
+
+
+def test_v2_config_without_a_tokenizer_says_how_to_get_a_vqkd():
+  with pytest.raises(FileNotFoundError, match="a VQ-KD tokenizer: `python -m beit_jax.main"):
+    pretrain.check_config(config_lib.load_config_file(V2_SMALL))
