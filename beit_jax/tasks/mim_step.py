@@ -76,17 +76,19 @@ def init_params(model: vit.BEiT, rng: jax.Array) -> Any:
   return model.init(rng, jnp.zeros((1, size, size, 3), jnp.float32))["params"]
 
 
+def eval_model(model: vit.BEiT) -> vit.BEiT:
+  """The plain MIM BEiT inside (BEiT v2's without the extra blocks): what the MIM eval and
+  pictures apply to the full params (a v2 model's extra blocks are unused there)."""
+  if isinstance(model, beit_v2.BEiTv2):
+    return beit_v2.backbone_model(model)
+  return model
+
+
 def backbone(model: vit.BEiT, params: Any) -> tuple[vit.BEiT, Any]:
   """(model, params) of the plain MIM BEiT inside: BEiT v2's without the extra blocks."""
   if isinstance(model, beit_v2.BEiTv2):
-    return beit_v2.backbone_model(model), beit_v2.backbone_params(params)
+    return eval_model(model), beit_v2.backbone_params(params)
   return model, params
-
-
-def eval_model(model: vit.BEiT) -> vit.BEiT:
-  """The model the MIM eval and pictures apply to the full params: the backbone's head (a
-  v2 model's extra blocks are unused params there)."""
-  return backbone(model, {})[0]
 
 
 # ----------------------------------------------------------------------------------

@@ -392,7 +392,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> loop.
   num_params = sum(x.size for x in jax.tree.leaves(state.params))
   logging.info(
     "%s-%s MIM: %s params, %d patches, %d masked (%s), compute %s",
-    "BEiT v2" if plain is not model else "BEiT",
+    "BEiT v2" if isinstance(model, beit_v2.BEiTv2) else "BEiT",
     config.model.variant,
     f"{num_params:,}",
     model.num_patches,
