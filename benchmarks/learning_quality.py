@@ -351,7 +351,7 @@ def print_ablation_table(args) -> None:
   print(row("none (random init, same fine-tuning / probe)", None, "ft_scratch", "lp_random"))
 
 
-def print_v2_table(args) -> None:
+def print_v2_table(args, timings: dict) -> None:
   """BEiT v1 against v2 at the same ViT and budgets: fine-tune top-1, best probe block, the
   tokenizer's codebook use on the val split and the MIM stage's own val figure."""
 
@@ -364,10 +364,14 @@ def print_v2_table(args) -> None:
     lp_text = f"{100 * lp['best_top1']:.2f}% (block {lp['best_layer']})" if lp else "-"
     use = f"{100 * t['usage']:.1f}%" if "usage" in t else "-"
     mim_text = f"loss {mim['loss']:.3f}, mlm_acc {100 * mim['mlm_acc']:.1f}%" if mim else "-"
-    return f"| {label} | {ft_text} | {lp_text} | {use} | {mim_text} |"
+    seconds = [timings.get(s) for s in (tok, pre, ft_stage, lp_stage)]
+    wall = fmt_minutes(sum(seconds)) if all(seconds) else "-"
+    return f"| {label} | {ft_text} | {lp_text} | {use} | {mim_text} | {wall} |"
 
-  print("\n| pretraining (Tiny-ImageNet-100) | fine-tune top-1 | linear probe, best block ")
-  print("| tokenizer codebook use | MIM val (main head) |\n|---|---|---|---|---|")
+  print(
+    "\n| pretraining (Tiny-ImageNet-100) | fine-tune top-1 | linear probe, best block "
+    "| tokenizer codebook use | MIM val (main head) | wall (4 stages) |\n|---|---|---|---|---|---|"
+  )
   print(row("BEiT v1 (dVAE tokens)", "tokenizer", "pretrain", "ft_pretrained", "lp_pretrained"))
   print(row("BEiT v2 (VQ-KD codes, patch aggregation)", "vqkd", "pretrain_v2", "ft_v2", "lp_v2"))
   teacher = args.v2_teacher or w("ft_pretrained/export/best")
@@ -518,7 +522,7 @@ def main() -> None:
   if args.ablations:
     print_ablation_table(args)
   if args.v2:
-    print_v2_table(args)
+    print_v2_table(args, timings)
 
 
 if __name__ == "__main__":
