@@ -141,9 +141,8 @@ def test_v2_pretraining_on_a_vqkd_export_killed_resumes_bit_identically(tmp_path
     "--config.input.second_size=32",
     "--config.model.early_layers=1",
   ]
-  env = dict(JAX_COMPILATION_CACHE_DIR=str(tmp_path / "jax_cache"))
   straight, killed = str(tmp_path / "straight"), str(tmp_path / "killed")
-  first = run_main(*args, f"--workdir={straight}", extra_env=env)
+  first = run_main(*args, f"--workdir={straight}")
   assert first.returncode == 0, first.stderr[-3000:]
   assert "BEiT v2-test masked image modeling with patch aggregation" in first.stderr
   records = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
@@ -156,10 +155,10 @@ def test_v2_pretraining_on_a_vqkd_export_killed_resumes_bit_identically(tmp_path
   assert type(model) is vit.BEiT and model.vocab_size == 64 and meta["tokenizer"] == tok
   assert not [k for k in params if k.startswith("cls_pt_layers_")] and "blocks_1" in params
 
-  proc = run_main(*args, f"--workdir={killed}", wait=False, extra_env=env)
+  proc = run_main(*args, f"--workdir={killed}", wait=False)
   saved = kill_after_first_checkpoint(proc, os.path.join(killed, "checkpoints"))
   assert saved < 12, "the run ended before it could be killed"
-  resumed = run_main(*args, f"--workdir={killed}", extra_env=env)
+  resumed = run_main(*args, f"--workdir={killed}")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"at step {saved}" in resumed.stderr
   _, again, _ = exports.load_pretrained(os.path.join(killed, "export", "beit"))

@@ -4,8 +4,8 @@ padding and the majority baseline; bad input; the CLI on the built-in mosaics (t
 pictures, exports) and a SIGTERM-stopped run resumed bit for bit.
 
 The CLI runs use BEiT-test (2 blocks, features of blocks (0, 0, 1, 1)) on 32 px crops (patch 8:
-a 4x4 grid), one device with XLA's fast CPU compile, and share one persistent XLA cache (the
-same train step compiles once for the three runs).
+a 4x4 grid), one device with XLA's fast CPU compile; the session's persistent XLA cache
+(tests/conftest.py) compiles the same train step once for the three runs.
 """
 
 import json
@@ -384,18 +384,7 @@ def test_bad_settings_exit_2_with_one_error_line_before_anything_is_written(tmp_
 # The CLI: train, evaluate, draw, export; stop and resume.
 # ----------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
-def xla_cache(tmp_path_factory):
-  """A persistent XLA cache for the CLI runs of this file (set in the environment the
-  subprocesses inherit; this process's JAX read its settings at import)."""
-  with pytest.MonkeyPatch.context() as mp:
-    mp.setenv("JAX_COMPILATION_CACHE_DIR", str(tmp_path_factory.mktemp("xla_cache")))
-    mp.setenv("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
-    mp.setenv("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
-    yield
-
-
-@pytest.fixture(scope="module")
-def straight(tmp_path_factory, xla_cache):
+def straight(tmp_path_factory):
   """The uninterrupted CLI run: (workdir, completed process)."""
   workdir = tmp_path_factory.mktemp("segment") / "straight"
   return workdir, run_main(CONFIG, *TINY, f"--workdir={workdir}", devices=ONE_FAST_DEVICE)

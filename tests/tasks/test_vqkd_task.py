@@ -4,7 +4,6 @@ export as pretraining targets, and bad settings refused before anything is writt
 
 import json
 import os
-import subprocess
 import sys
 
 import jax
@@ -23,25 +22,12 @@ from beit_jax.training import loop
 from beit_jax.training import mesh as mesh_lib
 from beit_jax.training.train_state import init_sharded
 from tests.tasks.kill import kill_after_first_checkpoint
+from tests.tasks.test_pretrain_task import run_main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SMALL = os.path.join(ROOT, "configs", "vqkd_small.py")
 BASE = os.path.join(ROOT, "configs", "vqkd_base.py")
 SIZE, PATCH, CODES = 16, 4, 32  # 16 px views -> 4x4 codes of 32.
-
-
-def run_main(*args, wait=True, cache=None):
-  """The CLI on 8 fake devices; `cache`: a JAX compilation cache folder shared by the runs
-  of one test (the same programs compile once)."""
-  env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=8", JAX_PLATFORMS="cpu")
-  if cache:
-    env["JAX_COMPILATION_CACHE_DIR"] = str(cache)
-  cmd = [sys.executable, "-m", "beit_jax.main", *args]
-  if not wait:
-    return subprocess.Popen(
-      cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
-    )
-  return subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
 
 
 def beit_teacher(directory, num_classes=5, image_size=SIZE, patch=PATCH) -> str:
@@ -204,9 +190,8 @@ def test_cli_run_killed_resumes_bit_identically_and_exports_pretraining_targets(
   teacher = beit_teacher(str(tmp_path / "teacher"))
   args = [*TINY, f"--config.teacher.path={teacher}"]
   steps = ["--config.total_steps=24", "--config.ckpt.every=6", "--config.log_every=6"]
-  cache = tmp_path / "jax_cache"
   straight = str(tmp_path / "straight")
-  first = run_main(*args, *steps, f"--workdir={straight}", cache=cache)
+  first = run_main(*args, *steps, f"--workdir={straight}")
   assert first.returncode == 0, first.stderr[-3000:]
   records = [json.loads(line) for line in open(os.path.join(straight, "metrics.jsonl"))]
   train = [r for r in records if r["split"] == "train"]
@@ -220,10 +205,10 @@ def test_cli_run_killed_resumes_bit_identically_and_exports_pretraining_targets(
   assert "a VQ-KD tokenizer (test), 32 codes" in summary and "cosine similarity" in summary
 
   killed = str(tmp_path / "killed")
-  proc = run_main(*args, *steps, f"--workdir={killed}", wait=False, cache=cache)
+  proc = run_main(*args, *steps, f"--workdir={killed}", wait=False)
   saved = kill_after_first_checkpoint(proc, os.path.join(killed, "checkpoints"))
   assert saved < 24, "the run ended before it could be killed"
-  resumed = run_main(*args, *steps, f"--workdir={killed}", cache=cache)
+  resumed = run_main(*args, *steps, f"--workdir={killed}")
   assert resumed.returncode == 0, resumed.stderr[-3000:]
   assert f"at step {saved}" in resumed.stderr
   (_, a, meta), (_, b, _) = _export(straight), _export(killed)
